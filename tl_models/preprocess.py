@@ -1,0 +1,104 @@
+"""Image bytes -> model input with numpy and PIL only (no torch), shared by training, BentoML and Triton.
+
+The pipeline reproduces torchvision's ``ImageClassification`` eval transform on PIL images exactly:
+resize the shorter side, centre-crop, keep uint8 RGB (normalisation lives inside the backbone graph).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST}
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into a model input: not an image, truncated, empty or too large."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval transform of a backbone: resize shorter side, centre-crop, then normalise inside the graph."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        return cls(resize_size=int(data["resize_size"]), crop_size=int(data["crop_size"]),
+                   mean=tuple(data["mean"]), std=tuple(data["std"]),
+                   interpolation=data.get("interpolation", "bilinear"))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image (EXIF rotation applied); raise ImageError on bad input."""
+    if not data:
+        raise ImageError("empty input: expected encoded image bytes (JPEG or PNG)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image: the bytes are not a format PIL can decode (send JPEG or PNG)") from None
+    except Exception as exc:  # PIL raises many types for malformed headers
+        raise ImageError(f"cannot read image header: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"zero-size image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} = {width * height} pixels "
+                         f"exceeds the limit of {max_pixels} pixels")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except Exception as exc:
+        raise ImageError(f"cannot decode image ({image.format}): {exc}") from None
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's rule: the shorter side becomes ``size``, the longer keeps the aspect ratio (truncated)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def transform_image(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """Resize + centre-crop an RGB PIL image; returns uint8 CHW (3×crop×crop)."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    new_w, new_h = _resized_size(*image.size, spec.resize_size)
+    image = image.resize((new_w, new_h), resample=_RESAMPLE[spec.interpolation])
+    crop = spec.crop_size
+    if new_w < crop or new_h < crop:
+        raise ImageError(f"image {new_w}x{new_h} is smaller than the crop {crop} after resizing")
+    top = int(round((new_h - crop) / 2.0))
+    left = int(round((new_w - crop) / 2.0))
+    image = image.crop((left, top, left + crop, top + crop))
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def preprocess_bytes(data: bytes, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> uint8 CHW model input."""
+    return transform_image(decode_image(data, max_pixels), spec)
+
+
+def preprocess_file(path: str | Path, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image file -> uint8 CHW model input."""
+    return preprocess_bytes(Path(path).read_bytes(), spec, max_pixels)
+
+
+def normalize(batch: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """uint8 N×3×H×W -> float32 normalised batch, the same arithmetic the backbone graph applies."""
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+    return (batch.astype(np.float32) - mean) / std
