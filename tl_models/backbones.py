@@ -38,6 +38,7 @@ class BackboneSpec:
     embedding_dim: int
     classifier: str                 # dotted path of the module replaced by Identity
     last_stage: tuple[str, ...]     # dotted paths unfrozen by --unfreeze-last
+    onnx_exporter: str = "torchscript"  # "dynamo" where the TorchScript exporter lacks an op
 
     def preprocessing(self, weights: WeightsEnum | None = None) -> Preprocessing:
         """Eval preprocessing from the weights' own transforms (DEFAULT's when weights are not an enum)."""
@@ -63,7 +64,7 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in [
     BackboneSpec("regnet_y_400mf", tvm.regnet_y_400mf, tvm.RegNet_Y_400MF_Weights, 440, "fc",
                  ("trunk_output.block4",)),
     BackboneSpec("vit_b_16", tvm.vit_b_16, tvm.ViT_B_16_Weights, 768, "heads",
-                 ("encoder.layers.encoder_layer_11", "encoder.ln")),
+                 ("encoder.layers.encoder_layer_11", "encoder.ln"), onnx_exporter="dynamo"),
 ]}
 
 

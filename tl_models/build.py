@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import BuildDir, BuildError, atomic_save_torch
-from .backbones import LoadedBackbone, load_backbone, unfreeze_last_stage
+from .artifacts import BuildDir, BuildError, atomic_save_torch, atomic_write_json
+from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
+from .export import BACKBONE_ONNX, FUSED_ONNX, HEAD_ONNX, build_metadata, export_backbone, export_head, fuse
+from .parity import BATCH_SIZES, ParityReport, Tolerance, run_parity
 from .data import load_image_folder, stratified_split
 from .features import FeatureCache, default_cache_dir, load_images
 from .heads import HeadSpec, build_head
@@ -53,6 +56,8 @@ class BuildOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache_dir: Path | None = None
     progress: bool = True
+    export: bool = True
+    tolerance: Tolerance = field(default_factory=Tolerance)
 
 
 @dataclass
@@ -140,6 +145,14 @@ def build(options: BuildOptions) -> BuildReport:
         staged = build_dir.staging_dir()
         try:
             entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
+            if options.export:
+                new_backbone = BACKBONE_ONNX not in manifest["top_files"]
+                report = export_and_check(build_dir, manifest, backbone.module, [(entry, head, staged)],
+                                          new_backbone, options.tolerance)
+                if new_backbone:
+                    manifest["top_files"].append(BACKBONE_ONNX)
+                entry["files"] = sorted(p.name for p in staged.iterdir())
+                entry["parity"] = {"passed": report.passed, "max_abs_diff": max(c.max_abs_diff for c in report.checks)}
             manifest["heads"].append(entry)
             manifest = build_dir.commit(manifest, staged, entry["path"])
         finally:
@@ -167,6 +180,79 @@ def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: in
                  "train": n_train, "val": n_val, "skipped": len(data.skipped)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def export_and_check(build_dir: BuildDir, manifest: dict, backbone: torch.nn.Module,
+                     heads: list[tuple[dict, torch.nn.Module, Path]], with_backbone: bool,
+                     tolerance: Tolerance, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ParityReport:
+    """Export backbone.onnx (if ``with_backbone``) and each head's head.onnx + model.onnx into its folder, then
+    run parity on what was exported; ParityError past tolerance. Each head folder gets its parity.json."""
+    backbone_path = build_dir.path / BACKBONE_ONNX
+    if with_backbone:
+        export_backbone(backbone, manifest["input_size"], backbone_path, build_metadata(manifest),
+                        get_spec(manifest["backbone"]).onnx_exporter)
+    graphs = {}
+    for entry, head, folder in heads:
+        meta = build_metadata(manifest, entry)
+        export_head(head, manifest["embedding_dim"], folder / HEAD_ONNX, meta)
+        fuse(backbone_path, folder / HEAD_ONNX, folder / FUSED_ONNX, meta)
+        graphs[f"{entry['name']}:{entry['version']}"] = (head, str(folder / HEAD_ONNX), str(folder / FUSED_ONNX))
+    report = run_parity(backbone, manifest["input_size"], str(backbone_path) if with_backbone else None, graphs,
+                        tolerance, batch_sizes)
+    for entry, _, folder in heads:
+        label = f"{entry['name']}:{entry['version']}"
+        own = [c for c in report.checks if c.graph == "backbone" or c.graph.startswith(label + "/")]
+        atomic_write_json(folder / "parity.json", ParityReport(tolerance, own, report.providers).to_dict())
+    log.info("parity (PyTorch vs ONNX Runtime):\n%s", report.table())
+    report.raise_on_failure()
+    return report
+
+
+def reexport(path: str | Path, tolerance: Tolerance = Tolerance()) -> ParityReport:
+    """`tl-models export`: export every graph of a build again; files are swapped in only after parity passes."""
+    build_dir = BuildDir(path)
+    with build_dir.lock():
+        manifest = build_dir.manifest()
+        build_dir.verify(manifest)
+        backbone = load_build_backbone(build_dir, manifest)
+        scratch = build_dir.staging_dir()
+        try:
+            folders = {e["path"]: scratch / e["path"] for e in manifest["heads"]}
+            for folder in folders.values():
+                folder.mkdir(parents=True)
+            heads = [(e, load_head_module(build_dir, e), folders[e["path"]]) for e in manifest["heads"]]
+            report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance)
+            rewritten = [BACKBONE_ONNX]
+            for rel, folder in folders.items():
+                for file in folder.iterdir():
+                    rewritten.append(f"{rel}/{file.name}")
+                entry = next(e for e in manifest["heads"] if e["path"] == rel)
+                entry["files"] = sorted(set(entry["files"]) | {f.name for f in folder.iterdir()})
+            for rel in rewritten:
+                os.replace(scratch / rel, build_dir.path / rel)
+            if BACKBONE_ONNX not in manifest["top_files"]:
+                manifest["top_files"].append(BACKBONE_ONNX)
+            build_dir.commit(manifest, rewritten=tuple(rewritten))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
+                 batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ParityReport:
+    """`tl-models parity`: compare a build's ONNX files against its PyTorch modules; writes parity.json."""
+    build_dir = BuildDir(path)
+    manifest = build_dir.manifest()
+    build_dir.verify(manifest)
+    if BACKBONE_ONNX not in manifest["top_files"]:
+        raise BuildError(f"{path} has no ONNX export; run `tl-models export {path}`")
+    backbone = load_build_backbone(build_dir, manifest)
+    graphs = {f"{e['name']}:{e['version']}": (load_head_module(build_dir, e), str(build_dir.path / e["path"] / HEAD_ONNX),
+                                              str(build_dir.path / e["path"] / FUSED_ONNX)) for e in manifest["heads"]}
+    report = run_parity(backbone.module, manifest["input_size"], str(build_dir.path / BACKBONE_ONNX), graphs,
+                        tolerance, batch_sizes)
+    atomic_write_json(build_dir.path / "parity.json", report.to_dict())
+    return report
 
 
 def load_head_module(build_dir: BuildDir, entry: dict) -> torch.nn.Module:

@@ -29,6 +29,23 @@ def _add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--unfreeze-last", action="store_true", help="also fine-tune the backbone's last stage")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default $TL_MODELS_CACHE or ~/.cache/tl-models)")
+    parser.add_argument("--no-export", action="store_true", help="skip ONNX export and parity")
+    _add_tolerance_args(parser)
+
+
+def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
+    from .parity import FP32
+
+    parser.add_argument("--atol", type=float, default=FP32["atol"], help="parity: absolute tolerance")
+    parser.add_argument("--rtol", type=float, default=FP32["rtol"], help="parity: relative tolerance")
+    parser.add_argument("--min-agreement", type=float, default=FP32["min_agreement"],
+                        help="parity: minimum top-1 agreement")
+
+
+def _tolerance(args: argparse.Namespace):
+    from .parity import Tolerance
+
+    return Tolerance(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
 
 
 def _build_options(args: argparse.Namespace, data: Path, out: Path, name: str, weights: str | None = None):
@@ -39,7 +56,7 @@ def _build_options(args: argparse.Namespace, data: Path, out: Path, name: str, w
         hidden=args.hidden, dropout=args.dropout, unfreeze_last=args.unfreeze_last, val_fraction=args.val_fraction,
         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                           seed=args.seed),
-        cache_dir=args.cache_dir)
+        cache_dir=args.cache_dir, export=not args.no_export, tolerance=_tolerance(args))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -48,6 +65,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     report = build(_build_options(args, args.data, args.out, args.name))
     print(summary_line(report))
     print(f"build directory: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .build import reexport
+
+    reexport(args.build_dir, _tolerance(args))
+    print(f"exported {args.build_dir}: parity passed")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from .build import check_parity
+
+    report = check_parity(args.build_dir, _tolerance(args), tuple(args.batch_sizes))
+    print(report.table())
+    print(f"report: {args.build_dir / 'parity.json'}")
+    report.raise_on_failure()
+    print("parity passed")
     return 0
 
 
@@ -112,6 +148,17 @@ def make_parser() -> argparse.ArgumentParser:
     _add_build_args(p)
     p.set_defaults(func=cmd_build)
 
+    p = sub.add_parser("export", help="export a build's backbone, heads and fused graphs to ONNX again (+ parity)")
+    p.add_argument("build_dir", type=Path)
+    _add_tolerance_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("parity", help="PyTorch vs ONNX Runtime parity of a build; exits 1 past tolerance")
+    p.add_argument("build_dir", type=Path)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 7, 32])
+    _add_tolerance_args(p)
+    p.set_defaults(func=cmd_parity)
+
     p = sub.add_parser("demo-data", help="write the demo data set (handwritten digits) as an ImageFolder")
     p.add_argument("out", type=Path)
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -148,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from .artifacts import BuildError
     from .backbones import WeightsError
     from .data import DataError
+    from .parity import ParityError
 
     try:
         return args.func(args)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (BuildError, DataError, WeightsError, KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
