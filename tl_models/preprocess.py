@@ -48,6 +48,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty input: expected encoded image bytes (JPEG or PNG)")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc} (limit {max_pixels} pixels)") from None
     except UnidentifiedImageError:
         raise ImageError("not an image: the bytes are not a format PIL can decode (send JPEG or PNG)") from None
     except Exception as exc:  # PIL raises many types for malformed headers

@@ -1,0 +1,137 @@
+"""ONNX export + PyTorch-vs-ONNX Runtime parity over the whole backbone registry, on real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from skimage import data as skdata
+from PIL import Image
+
+from tl_models.backbones import BACKBONES, install_offline_weights, load_backbone
+from tl_models.export import export_backbone, export_head, fuse, read_metadata
+from tl_models.heads import HeadSpec, build_head
+from tl_models.parity import BATCH_SIZES, Tolerance, run_parity
+from tl_models.preprocess import transform_image
+from tl_models.runtime import create_session
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+
+
+def photos(spec) -> np.ndarray:
+    """scikit-image's real photos, preprocessed for ``spec`` (uint8 N×3×H×W)."""
+    images = []
+    for name in PHOTOS:
+        array = getattr(skdata, name)()
+        images.append(transform_image(Image.fromarray(array).convert("RGB"), spec))
+    return np.stack(images)
+
+
+@torch.no_grad()
+def populate_batchnorm(module: torch.nn.Module, images: np.ndarray) -> None:
+    """Random weights leave BatchNorm at mean 0 / var 1; set real statistics with train-mode passes, then eval."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the passes
+    module.train()
+    noise = np.random.default_rng(0).integers(0, 256, (8, *images.shape[1:]), dtype=np.uint8)
+    for batch in (images, noise):
+        module(torch.from_numpy(batch))
+    module.eval()
+
+
+def spread_head(embedding_dim: int, classes: int = 5) -> torch.nn.Module:
+    """A freshly initialised mlp head whose logits are not near zero."""
+    torch.manual_seed(0)
+    head = build_head(HeadSpec("mlp", embedding_dim, classes, hidden=64))
+    for layer in head:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=1.0 / layer.in_features ** 0.5 * 3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    return head.eval()
+
+
+def export_all(backbone, head, tmp_path, meta=None):
+    meta = meta or {"labels": [str(i) for i in range(5)]}
+    paths = tmp_path / "backbone.onnx", tmp_path / "head.onnx", tmp_path / "model.onnx"
+    size = [3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size]
+    export_backbone(backbone.module, size,
+                    paths[0], meta, backbone.spec.onnx_exporter)
+    export_head(head, backbone.spec.embedding_dim, paths[1], {**meta, "head": "h:1"})
+    fuse(paths[0], paths[1], paths[2], {**meta, "head": "h:1"})
+    return [str(p) for p in paths]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_exports_with_parity(name, tmp_path):
+    backbone = load_backbone(name, "none", seed=0)
+    images = photos(backbone.preprocessing)
+    populate_batchnorm(backbone.module, images)
+    head = spread_head(backbone.spec.embedding_dim)
+    backbone_path, head_path, fused_path = export_all(backbone, head, tmp_path)
+    size = [3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size]
+    report = run_parity(backbone.module, size, backbone_path, {"h:1": (head, head_path, fused_path)},
+                        Tolerance(), BATCH_SIZES, images=images)
+    assert report.passed, report.table()
+    assert {c.batch for c in report.checks} == set(BATCH_SIZES)
+    assert len(report.checks) == 3 * len(BATCH_SIZES)
+    for check in report.checks:
+        if check.batch > 1:  # distinct photos in the batch: outputs must differ between images
+            assert check.reference_spread > 1e-2, f"{check.graph}/{check.output} has no spread: {check}"
+    for path in (backbone_path, head_path, fused_path):
+        model = onnx.load(path)
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch_dim.dim_param, f"{path}: batch axis is not dynamic"
+    assert read_metadata(fused_path)["head"] == "h:1"
+
+
+@pytest.fixture(scope="module")
+def imagenet_mobilenet():
+    install_offline_weights()
+    backbone = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
+    import torchvision
+
+    classifier = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").classifier.eval()
+    return backbone, classifier
+
+
+def test_mobilenet_v2_imagenet_top1_agrees_on_real_photos(imagenet_mobilenet, tmp_path):
+    backbone, classifier = imagenet_mobilenet
+    backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
+    images = photos(backbone.preprocessing)
+    report = run_parity(backbone.module, [3, 224, 224], backbone_path, {"imagenet": (classifier, head_path, fused_path)},
+                        Tolerance(), (len(PHOTOS),), images=images)
+    assert report.passed, report.table()
+    fused = create_session(fused_path).run(None, {"image": images})[0]
+    assert all(c.top1_agreement == 1.0 for c in report.checks if c.top1_agreement is not None)
+    assert 281 <= fused[PHOTOS.index("chelsea")].argmax() <= 285, "chelsea the cat is not classified as a cat"
+
+
+def test_backbone_then_head_equals_fused(imagenet_mobilenet, tmp_path):
+    backbone, classifier = imagenet_mobilenet
+    backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
+    images = photos(backbone.preprocessing)
+    embedding = create_session(backbone_path).run(None, {"image": images})[0]
+    chained = create_session(head_path).run(None, {"embedding": embedding})[0]
+    fused = create_session(fused_path).run(None, {"image": images})[0]
+    np.testing.assert_allclose(fused, chained, atol=1e-4, rtol=1e-3)
+    assert (fused.argmax(1) == chained.argmax(1)).all()
+    assert fused.std() > 1.0
+
+
+def test_parity_fails_loudly_on_a_wrong_graph(imagenet_mobilenet, tmp_path):
+    """A head exported from different weights must fail parity with a message naming the output."""
+    from tl_models.parity import ParityError
+
+    backbone, classifier = imagenet_mobilenet
+    backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
+    tampered = build_head(HeadSpec("linear", 1280, 1000)).eval()
+    report = run_parity(backbone.module, [3, 224, 224], None, {"imagenet": (tampered, head_path, fused_path)},
+                        Tolerance(), (2,), images=photos(backbone.preprocessing))
+    assert not report.passed
+    with pytest.raises(ParityError, match=r"imagenet/(head|fused)/logits at batch 2: max abs diff"):
+        report.raise_on_failure()

@@ -1,0 +1,63 @@
+"""ONNX Runtime session factory: provider choice, overrides, and logging of what was really obtained."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, TensorProto
+
+from tl_models.runtime import active_provider, create_session, gpu_count, resolve_providers
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    path = tmp_path_factory.mktemp("onnx") / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), path)
+    return path
+
+
+def test_explicit_and_env_overrides(monkeypatch):
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers(["trt", "cuda"]) == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                  "CPUExecutionProvider"]
+    monkeypatch.setenv("TL_MODELS_PROVIDERS", "cuda,cpu")
+    assert resolve_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="unknown execution provider 'tpu'"):
+        resolve_providers("tpu")
+
+
+def test_default_order_follows_the_machine(monkeypatch):
+    monkeypatch.delenv("TL_MODELS_PROVIDERS", raising=False)
+    providers = resolve_providers()
+    assert providers[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in providers) == (gpu_count() > 0)
+
+
+def test_session_logs_the_provider_it_got(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="tl_models.runtime"):
+        session = create_session(tiny_model, providers="cpu", threads=1)
+    assert active_provider(session) == "CPUExecutionProvider"
+    assert "providers ['CPUExecutionProvider']" in caplog.text
+    out = session.run(None, {"x": np.array([[-1, 2, -3, 4]], dtype=np.float32)})[0]
+    assert out.tolist() == [[0, 2, 0, 4]]
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="checks the fallback on a machine without a GPU")
+def test_fallback_from_gpu_to_cpu_is_a_warning(tiny_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="tl_models.runtime"):
+        session = create_session(tiny_model, providers="cuda")
+    assert active_provider(session) == "CPUExecutionProvider"
+    assert "fell back to ['CPUExecutionProvider']" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA device")
+def test_cuda_provider_on_gpu(tiny_model):
+    session = create_session(tiny_model, providers="cuda")
+    assert active_provider(session) == "CUDAExecutionProvider"
