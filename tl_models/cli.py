@@ -99,11 +99,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .build import build, summary_line
     from .data import write_demo_dataset
 
+    import shutil
+
     data = write_demo_dataset(args.out / "data")
     reports = {}
     for weights in (args.weights, "none"):
         print(f"\n== build: {args.backbone} with weights {weights} ==")
         out = args.out / ("build" if weights == args.weights else "build-random-weights")
+        shutil.rmtree(out, ignore_errors=True)  # the demo's own output: start each run fresh
         reports[weights] = build(_build_options(args, data, out, args.name, weights))
     print("\n== what transfer learning bought ==")
     for weights, report in reports.items():
