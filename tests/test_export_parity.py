@@ -135,3 +135,39 @@ def test_parity_fails_loudly_on_a_wrong_graph(imagenet_mobilenet, tmp_path):
     assert not report.passed
     with pytest.raises(ParityError, match=r"imagenet/(head|fused)/logits at batch 2: max abs diff"):
         report.raise_on_failure()
+
+
+def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mobilenet, tmp_path):
+    """fp16 graphs for GPU serving: fp16 weights, unchanged I/O types, logits within 1% of the largest, top-1 >= 99%.
+
+    fp16 sessions can crash on some CPUs, so ONNX Runtime runs in a subprocess."""
+    import json
+    import subprocess
+    import sys
+
+    from tl_models.export import to_fp16
+    from tl_models.parity import FP16, compare
+
+    backbone, classifier = imagenet_mobilenet
+    _, _, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
+    fp16_path = tmp_path / "model.fp16.onnx"
+    to_fp16(fused_path, fp16_path, {})
+    model = onnx.load(str(fp16_path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer) > 50
+    assert read_metadata(fp16_path)["precision"] == "fp16"
+
+    images = photos(backbone.preprocessing)
+    np.save(tmp_path / "images.npy", images)
+    script = (f"import numpy as np; from tl_models.runtime import create_session; "
+              f"s = create_session({str(fp16_path)!r}); "
+              f"np.save({str(tmp_path / 'out.npy')!r}, s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        pytest.skip(f"fp16 session cannot run on this machine's CPU: {run.stderr[-300:]}")
+    with torch.inference_mode():
+        reference = classifier(backbone.module(torch.from_numpy(images))).numpy()
+    check = compare("fused-fp16", "logits", reference, np.load(tmp_path / "out.npy"), Tolerance(**FP16), True)
+    assert check.passed, json.dumps(check.__dict__)
+    assert check.max_abs_diff > 0  # really ran in fp16

@@ -17,8 +17,10 @@ import torch
 from . import __version__
 from .artifacts import BuildDir, BuildError, atomic_save_torch, atomic_write_json
 from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
-from .export import BACKBONE_ONNX, FUSED_ONNX, HEAD_ONNX, build_metadata, export_backbone, export_head, fuse
-from .parity import BATCH_SIZES, ParityReport, Tolerance, run_parity
+from .export import (BACKBONE_FP16, BACKBONE_ONNX, FUSED_FP16, FUSED_ONNX, HEAD_ONNX, build_metadata, export_backbone,
+                     export_head, fuse, to_fp16)
+from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
+from .runtime import gpu_count
 from .data import load_image_folder, stratified_split
 from .features import FeatureCache, default_cache_dir, load_images
 from .heads import HeadSpec, build_head
@@ -208,8 +210,9 @@ def export_and_check(build_dir: BuildDir, manifest: dict, backbone: torch.nn.Mod
     return report
 
 
-def reexport(path: str | Path, tolerance: Tolerance = Tolerance()) -> ParityReport:
-    """`tl-models export`: export every graph of a build again; files are swapped in only after parity passes."""
+def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False) -> ParityReport:
+    """`tl-models export`: export every graph of a build again (and fp16 copies of the backbone and fused graphs
+    when ``fp16``); files are swapped in only after parity passes."""
     build_dir = BuildDir(path)
     with build_dir.lock():
         manifest = build_dir.manifest()
@@ -222,7 +225,10 @@ def reexport(path: str | Path, tolerance: Tolerance = Tolerance()) -> ParityRepo
                 folder.mkdir(parents=True)
             heads = [(e, load_head_module(build_dir, e), folders[e["path"]]) for e in manifest["heads"]]
             report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance)
-            rewritten = [BACKBONE_ONNX]
+            top = [BACKBONE_ONNX] + ([BACKBONE_FP16] if fp16 else [])
+            if fp16:
+                export_fp16(scratch, manifest, backbone.module, heads)
+            rewritten = list(top)
             for rel, folder in folders.items():
                 for file in folder.iterdir():
                     rewritten.append(f"{rel}/{file.name}")
@@ -230,11 +236,28 @@ def reexport(path: str | Path, tolerance: Tolerance = Tolerance()) -> ParityRepo
                 entry["files"] = sorted(set(entry["files"]) | {f.name for f in folder.iterdir()})
             for rel in rewritten:
                 os.replace(scratch / rel, build_dir.path / rel)
-            if BACKBONE_ONNX not in manifest["top_files"]:
-                manifest["top_files"].append(BACKBONE_ONNX)
+            manifest["top_files"] += [name for name in top if name not in manifest["top_files"]]
             build_dir.commit(manifest, rewritten=tuple(rewritten))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def export_fp16(root: Path, manifest: dict, backbone: torch.nn.Module,
+                heads: list[tuple[dict, torch.nn.Module, Path]]) -> ParityReport | None:
+    """backbone.fp16.onnx and each head's model.fp16.onnx from the fp32 graphs under ``root``; their parity
+    (within 1% of the largest output, top-1 agreement >= 99%) is checked where a GPU runs them, else skipped."""
+    to_fp16(root / BACKBONE_ONNX, root / BACKBONE_FP16, {})
+    graphs = {}
+    for entry, head, folder in heads:
+        to_fp16(folder / FUSED_ONNX, folder / FUSED_FP16, {})
+        graphs[f"{entry['name']}:{entry['version']}"] = (head, str(folder / HEAD_ONNX), str(folder / FUSED_FP16))
+    if gpu_count() == 0:
+        log.warning("fp16 parity skipped: no GPU here, and fp16 is for GPU serving (CPU kernels are slow or missing)")
+        return None
+    report = run_parity(backbone, manifest["input_size"], str(root / BACKBONE_FP16), graphs, Tolerance(**FP16))
+    log.info("fp16 parity (PyTorch fp32 vs ONNX Runtime fp16):\n%s", report.table())
+    report.raise_on_failure()
     return report
 
 

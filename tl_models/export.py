@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 OPSET = 20
 IMAGE, EMBEDDING, LOGITS = "image", "embedding", "logits"
 BACKBONE_ONNX, HEAD_ONNX, FUSED_ONNX = "backbone.onnx", "head.onnx", "model.onnx"
+BACKBONE_FP16, FUSED_FP16 = "backbone.fp16.onnx", "model.fp16.onnx"
 
 
 def _trace(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
@@ -85,6 +86,14 @@ def fuse(backbone_path: str | Path, head_path: str | Path, path: str | Path, met
     for node in fused.graph.node:
         node.output[:] = [LOGITS if o == f"head/{LOGITS}" else o for o in node.output]
     _finish(fused, Path(path), {**metadata, "graph": "fused"})
+
+
+def to_fp16(source: str | Path, path: str | Path, metadata: dict) -> None:
+    """fp16 copy of a graph for GPU serving: weights and compute in fp16, inputs and outputs keep their types."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    _finish(model, Path(path), {**read_metadata(source), **metadata, "precision": "fp16"})
 
 
 def build_metadata(manifest: dict, head: dict | None = None) -> dict:
