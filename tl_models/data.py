@@ -29,14 +29,17 @@ class ImageFolderData:
     paths: list[Path]
     targets: list[int]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    _hash: str | None = field(default=None, repr=False)
 
     def content_hash(self) -> str:
         """sha256 over (relative path, class, file sha256) of every image: the data part of the cache key."""
-        digest = hashlib.sha256()
-        for path, target in zip(self.paths, self.targets):
-            digest.update(f"{path.relative_to(self.root)}\0{self.classes[target]}\0".encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
+        if self._hash is None:
+            digest = hashlib.sha256()
+            for path, target in zip(self.paths, self.targets):
+                digest.update(f"{path.relative_to(self.root)}\0{self.classes[target]}\0".encode())
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            self._hash = digest.hexdigest()
+        return self._hash
 
 
 def _check_image(path: Path) -> str | None:
