@@ -139,6 +139,91 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_triton(args: argparse.Namespace) -> int:
+    from .triton import RepositoryOptions, parse_weights, write_repository
+
+    options = RepositoryOptions(flavour=args.flavour, gpu=args.gpu, tensorrt=args.tensorrt,
+                               max_batch_size=args.max_batch_size, instances=args.instances,
+                               weights=parse_weights(args.weights) if args.weights else None)
+    repo = write_repository(args.build_dir, args.repo, options)
+    print(f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}): "
+          f"{', '.join(repo.models)}")
+    print(f"live heads: {', '.join(f'{h}:{v}' for h, v in sorted(repo.live.items()))}; router model: {repo.name}")
+    return 0
+
+
+def cmd_triton_serve(args: argparse.Namespace) -> int:
+    from .triton_server import TritonServerError, serve
+
+    def announce(server) -> None:
+        print(f"tritonserver pid {server.pid} ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
+              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+
+    try:
+        return serve(args.repo, announce, http_port=args.http_port, grpc_port=args.grpc_port,
+                     metrics_port=args.metrics_port, tritonserver=args.tritonserver, workdir=args.workdir,
+                     timeout=args.timeout)
+    except TritonServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_triton_swap(args: argparse.Namespace) -> int:
+    from .triton import parse_weights
+    from .triton_swap import TritonSwapError, swap
+
+    try:
+        result = swap(args.url, args.repo, args.name, args.head, args.version,
+                      parse_weights(args.weights) if args.weights else None, drain=args.drain)
+    except TritonSwapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: head {result.head} now serves version {result.new_version} "
+          f"(was {result.old_version}); weights {result.route.weights}, route revision {result.route.revision}")
+    return 0
+
+
+def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
+    """`package triton`, `triton serve`, `triton swap`."""
+    if "package" not in sub.choices:
+        sub.add_parser("package", help="package a build for serving").add_subparsers(dest="target", required=True)
+    package = next(a for a in sub.choices["package"]._actions if isinstance(a, argparse._SubParsersAction))
+    p = package.add_parser("triton", help="write the build's Triton model repository entries")
+    p.add_argument("build_dir", type=Path)
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--flavour", choices=["onnxruntime", "python"], default="python",
+                   help="ONNX steps on the onnxruntime backend (NGC container) or the python backend + ONNX Runtime")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU for the ONNX steps")
+    device.add_argument("--cpu", dest="gpu", action="store_false", help="instance_group KIND_CPU (default)")
+    p.add_argument("--tensorrt", action="store_true", help="TensorRT fp16 accelerator (onnxruntime flavour, --gpu)")
+    p.add_argument("--weights", help="A/B weights, e.g. a=90,b=10 (default: equal, or the live route's)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--instances", type=int, default=1, help="instances per model")
+    p.set_defaults(func=cmd_package_triton)
+
+    triton = sub.add_parser("triton", help="run and operate Triton").add_subparsers(dest="triton", required=True)
+    p = triton.add_parser("serve", help="start tritonserver (bundled in nvidia-pytriton) on a model repository")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--tritonserver", type=Path, help="another tritonserver binary (default: the bundled one)")
+    p.add_argument("--workdir", type=Path, help="where the bundled server is copied (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    p.set_defaults(func=cmd_triton_serve)
+
+    p = triton.add_parser("swap", help="make a head version live: load, repoint ensembles and route, unload the old")
+    p.add_argument("--url", default="127.0.0.1:8000", help="Triton HTTP address")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
+    p.add_argument("--name", required=True, help="build name (the router model)")
+    p.add_argument("--head", required=True)
+    p.add_argument("--version", type=int, help="default: the highest version in the repository")
+    p.add_argument("--weights", help="new A/B weights, e.g. a=90,b=10")
+    p.add_argument("--drain", type=float, default=2.0, help="seconds without traffic before the old version unloads")
+    p.set_defaults(func=cmd_triton_swap)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-models", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -190,6 +275,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=300, help="images used (both runs use the same ones)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_train)
+    _add_triton_parsers(sub)
     return parser
 
 

@@ -1,0 +1,270 @@
+"""A real tritonserver (bundled in nvidia-pytriton) serving a real build, over HTTP and gRPC.
+
+One module-scoped server on free ports with the python flavour; the build has heads ``a`` (versions 1 and 2)
+and ``b``. Answers are compared with ONNX Runtime run directly on the build's backbone.onnx + head.onnx.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from helpers import serving_build
+from tl_models.backbones import install_offline_weights
+from tl_models.build import BuildOptions, build
+from tl_models.cli import main as cli_main
+from tl_models.preprocess import Preprocessing, preprocess_bytes
+from tl_models.routing import RoutingState
+from tl_models.runtime import create_session
+from tl_models.train import TrainConfig
+from tl_models.triton import RepositoryOptions, write_repository
+from tl_models.triton_server import start
+
+pytestmark = pytest.mark.slow
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Build (a:1, b:1), package, build a:2, package again (a:1 stays live), start tritonserver."""
+    root = tmp_path_factory.mktemp("triton")
+    install_offline_weights()  # mobilenet_v2 ImageNet weights into torch's hub cache (offline)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
+        out = serving_build(root)
+        repo = root / "model_repository"
+        write_repository(out, repo, RepositoryOptions(flavour="python", weights={"a": 90, "b": 10}))
+        build(BuildOptions(data=root / "data", out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
+                           head="linear", name="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
+                           progress=False))
+        packaged = write_repository(out, repo, RepositoryOptions(flavour="python"))
+        assert packaged.live == {"a": 1, "b": 1} and (repo / "build_head_a" / "2" / "model.onnx").is_file()
+    server = start(repo, workdir=root / "tritonserver")  # its log stays in the pytest temp dir
+    yield {"server": server, "build": out, "repo": repo, "name": packaged.name, "data": root / "data"}
+    pid = server.pid
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """Direct ONNX Runtime: backbone.onnx then heads/<name>/<version>/head.onnx, as (bytes -> logits)."""
+    import json
+
+    manifest = json.loads((served["build"] / "manifest.json").read_text())
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    backbone = create_session(served["build"] / "backbone.onnx")
+    heads = {(h["name"], h["version"]): create_session(served["build"] / h["path"] / "head.onnx")
+             for h in manifest["heads"]}
+
+    def run(images: list[bytes], head: str, version: int) -> np.ndarray:
+        batch = np.stack([preprocess_bytes(data, spec) for data in images])
+        embedding = backbone.run(None, {"image": batch})[0]
+        return heads[(head, version)].run(None, {"embedding": embedding})[0]
+
+    run.labels = manifest["labels"]
+    run.spec = spec
+    return run
+
+
+@pytest.fixture(scope="module")
+def images(served) -> list[bytes]:
+    """One PNG per class of the demo digits."""
+    return [sorted(d.iterdir())[0].read_bytes() for d in sorted(p for p in served["data"].iterdir() if p.is_dir())]
+
+
+def live(served, head: str) -> int:
+    return RoutingState(served["repo"] / served["name"] / "route.json", poll=0).current().versions[head]
+
+
+def url(served, protocol: str) -> str:
+    return served["server"].http_url if protocol == "http" else served["server"].grpc_url
+
+
+def bytes_input(module, data: list[bytes], name: str = "image_bytes"):
+    tensor = module.InferInput(name, [len(data), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(data, dtype=np.object_).reshape(-1, 1))
+    return tensor
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bytes_ensemble_matches_onnxruntime_and_gives_topk_labels(served, reference, images, protocol):
+    module = CLIENTS[protocol]
+    client = module.InferenceServerClient(url(served, protocol))
+    model, version = f"{served['name']}_a", live(served, "a")
+    expected = reference(images, "a", version)
+    for index, data in enumerate(images):
+        logits = client.infer(model, [bytes_input(module, [data])],
+                              outputs=[module.InferRequestedOutput("logits")]).as_numpy("logits")
+        np.testing.assert_allclose(logits[0], expected[index], atol=1e-4, rtol=0)
+        top = client.infer(model, [bytes_input(module, [data])],
+                           outputs=[module.InferRequestedOutput("logits", class_count=3)]).as_numpy("logits")
+        entries = [item.decode().split(":") for item in top.reshape(-1)]
+        order = np.argsort(-expected[index])[:3]
+        assert [int(i) for _, i, _ in entries] == order.tolist()
+        assert [label for *_, label in entries] == [reference.labels[i] for i in order]
+        np.testing.assert_allclose([float(s) for s, _, _ in entries], expected[index][order], atol=1e-4)
+    assert (expected.argmax(1) == np.arange(len(images))).mean() >= 0.5, "the head should know its digits"
+
+
+def test_tensor_ensemble_gives_the_same_answers(served, reference, images):
+    client = grpcclient.InferenceServerClient(served["server"].grpc_url)
+    batch = np.stack([preprocess_bytes(data, reference.spec) for data in images])
+    tensor = grpcclient.InferInput("image", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch)
+    logits = client.infer(f"{served['name']}_a_tensor", [tensor]).as_numpy("logits")
+    np.testing.assert_allclose(logits, reference(images, "a", live(served, "a")), atol=1e-4, rtol=0)
+    from_bytes = client.infer(f"{served['name']}_a", [bytes_input(grpcclient, images)]).as_numpy("logits")
+    np.testing.assert_allclose(logits, from_bytes, atol=1e-5, rtol=0)
+
+
+def test_dynamic_batching_under_16_concurrent_clients(served, images):
+    backbone = f"{served['name']}_backbone"
+    admin = httpclient.InferenceServerClient(served["server"].http_url)
+
+    def counts() -> tuple[int, int]:
+        stats = admin.get_inference_statistics(backbone)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
+    before = counts()
+    errors: list[Exception] = []
+
+    def client_loop(seed: int) -> None:
+        client = httpclient.InferenceServerClient(served["server"].http_url)
+        for i in range(6):
+            try:
+                client.infer(f"{served['name']}_b", [bytes_input(httpclient, [images[(seed + i) % len(images)]])])
+            except Exception as exc:  # collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = counts()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert not errors
+    assert inferences == 16 * 6
+    assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} inferences"
+
+
+def test_router_split_sticky_key_and_explicit_head(served, reference, images):
+    name, module = served["name"], grpcclient
+    client = module.InferenceServerClient(served["server"].grpc_url)
+    outputs = [module.InferRequestedOutput("logits"), module.InferRequestedOutput("head")]
+    results: list = []
+    done = threading.Semaphore(0)
+
+    def callback(result, error):
+        results.append(error or result)
+        done.release()
+
+    for i in range(2000):
+        client.async_infer(name, [bytes_input(module, [images[i % len(images)]])], callback, outputs=outputs)
+        if i >= 64:  # at most 64 requests in flight
+            done.acquire()
+    for _ in range(min(2000, 64)):
+        done.acquire()
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert not failures, failures[:3]
+    heads = Counter(r.as_numpy("head")[0, 0].decode() for r in results)
+    share = heads[f"a:{live(served, 'a')}"] / 2000
+    assert abs(share - 0.90) <= 0.03, heads
+    assert heads[f"a:{live(served, 'a')}"] + heads[f"b:{live(served, 'b')}"] == 2000
+
+    def ask(data: bytes, key: str | None = None, head: str | None = None):
+        inputs = [bytes_input(module, [data])]
+        if key is not None:
+            inputs.append(bytes_input(module, [key.encode()], "route_key"))
+        if head is not None:
+            inputs.append(bytes_input(module, [head.encode()], "route_head"))
+        result = client.infer(name, inputs, outputs=outputs)
+        return result.as_numpy("logits")[0], result.as_numpy("head")[0, 0].decode()
+
+    for key in ("user-1", "user-2", "user-3"):
+        assert len({ask(images[0], key=key)[1] for _ in range(10)}) == 1, f"key {key} is not sticky"
+    logits, head = ask(images[3], head="b")
+    assert head == f"b:{live(served, 'b')}"
+    np.testing.assert_allclose(logits, reference([images[3]], "b", live(served, "b"))[0], atol=1e-4, rtol=0)
+    with pytest.raises(InferenceServerException, match="unknown head 'zzz'"):
+        ask(images[0], head="zzz")
+
+
+@pytest.mark.parametrize("model_suffix", ["_a", ""])
+def test_bad_request_gets_an_error_and_its_neighbours_are_answered(served, reference, images, model_suffix):
+    model = served["name"] + model_suffix
+    client = httpclient.InferenceServerClient(served["server"].http_url, concurrency=16)
+    with pytest.raises(InferenceServerException, match="not an image"):
+        client.infer(model, [bytes_input(httpclient, [b"this is not an image"])])
+    answer = client.infer(model, [bytes_input(httpclient, [images[1]])]).as_numpy("logits")
+    assert answer.shape == (1, len(reference.labels))
+    batch = [images[i % len(images)] for i in range(15)] + [b"\x89PNG truncated"]
+    pending = [client.async_infer(model, [bytes_input(httpclient, [data])]) for data in batch]
+    outcomes = []
+    for request in pending:
+        try:
+            outcomes.append(request.get_result().as_numpy("logits"))
+        except InferenceServerException as exc:
+            outcomes.append(exc)
+    assert all(isinstance(o, np.ndarray) for o in outcomes[:15])
+    assert isinstance(outcomes[15], InferenceServerException)
+
+
+def test_swap_under_load_loses_no_request(served, reference, images):
+    name, repo = served["name"], served["repo"]
+    assert live(served, "a") == 1
+    stop = threading.Event()
+    answers: list[tuple[str, str]] = []
+    failures: list[Exception] = []
+
+    def load(model: str, protocol: str) -> None:
+        module = CLIENTS[protocol]
+        client = module.InferenceServerClient(url(served, protocol))
+        outputs = [module.InferRequestedOutput("logits")] + ([module.InferRequestedOutput("head")] if model == name else [])
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                inputs = [bytes_input(module, [images[i % len(images)]])]
+                if model == name and i % 2:
+                    inputs.append(bytes_input(module, [b"a"], "route_head"))
+                result = client.infer(model, inputs, outputs=outputs)
+                answers.append((model, result.as_numpy("head")[0, 0].decode() if model == name else "ensemble"))
+            except Exception as exc:  # every failure is a defect of the swap
+                failures.append(exc)
+
+    threads = [threading.Thread(target=load, args=(model, protocol))
+               for model in (name, f"{name}_a") for protocol in ("http", "grpc")]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    code = cli_main(["triton", "swap", "--url", served["server"].http_url, "--repo", str(repo), "--name", name,
+                     "--head", "a", "--version", "2", "--weights", "a=50,b=50", "--drain", "1.5"])
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert code == 0
+    assert not failures, failures[:3]
+    seen = Counter(head for model, head in answers if model == name)
+    assert seen["a:1"] > 0 and seen["a:2"] > 0, seen
+    assert sum(1 for model, _ in answers if model != name) > 10
+    admin = httpclient.InferenceServerClient(served["server"].http_url)
+    assert admin.is_model_ready(f"{name}_head_a", "2") and not admin.is_model_ready(f"{name}_head_a", "1")
+    route = RoutingState(repo / name / "route.json", poll=0).current()
+    assert route.versions["a"] == 2 and route.weights == {"a": 50.0, "b": 50.0}
+    logits = admin.infer(f"{name}_a", [bytes_input(httpclient, images[:4])]).as_numpy("logits")
+    np.testing.assert_allclose(logits, reference(images[:4], "a", 2), atol=1e-4, rtol=0)
+    assert np.abs(reference(images[:4], "a", 2) - reference(images[:4], "a", 1)).max() > 1e-2, \
+        "versions 1 and 2 of head a must differ, or this test proves nothing"

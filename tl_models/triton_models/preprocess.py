@@ -1,0 +1,45 @@
+"""Triton python-backend model ``preprocess``: encoded image bytes (TYPE_STRING) -> uint8 N×3×H×W.
+
+Copied as ``model.py`` into the model repository by ``tl-models package triton``. Decoding and resizing are
+``tl_models.preprocess`` (the same code as training and BentoML). A request that is not an image gets its own
+INVALID_ARG error response; the other requests of the batch are answered.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_bytes
+
+
+class TritonPythonModel:
+    """bytes -> image tensor, one response per request, in order."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.spec = Preprocessing.from_dict(json.loads(params["preprocessing"]))
+        self.max_pixels = int(params.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            try:
+                images = np.stack([preprocess_bytes(bytes(item), self.spec, self.max_pixels)
+                                   for item in data.reshape(-1)])
+            except ImageError as exc:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            tensor = pb_utils.Tensor(self.output_name, images.reshape(data.shape[0], *images.shape[1:]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def finalize(self) -> None:
+        self.spec = None

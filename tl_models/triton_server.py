@@ -1,0 +1,222 @@
+"""Start a real ``tritonserver`` on a model repository: the one bundled in ``nvidia-pytriton`` or a given binary.
+
+The bundled server (Triton 2.51, python backend only) is copied to a work dir with the python-backend stub of
+the running Python X.Y; ``LD_LIBRARY_PATH`` gets pytriton's libraries and the Python LIBDIR (the stub needs
+``libpython3.X.so``), ``PATH`` the running Python's ``bin`` and ``PYTHONPATH`` this project and its
+site-packages, so a ``model.py`` imports numpy, onnxruntime and tl_models. Models load in explicit
+model-control mode; :func:`start` returns once ``/v2/health/ready`` answers 200.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TritonServerError(RuntimeError):
+    """tritonserver could not be found, prepared or started, or did not become ready."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bundled_root() -> Path:
+    """``pytriton/tritonserver`` of the installed nvidia-pytriton wheel (not imported: only located)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError("nvidia-pytriton is not installed: `pip install nvidia-pytriton` "
+                                "(it bundles tritonserver), or pass --tritonserver PATH")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise TritonServerError(f"no tritonserver binary under {root}")
+    return root
+
+
+def prepare_bundled(workdir: Path) -> Path:
+    """Copy the bundled server to ``workdir/tritonserver`` with the stub for this Python; returns that dir."""
+    source = bundled_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonServerError(f"nvidia-pytriton has no python-backend stub for Python {version} ({stub})")
+    target = workdir / "tritonserver"
+    if not (target / "backends" / "python" / stub.name).is_file():
+        staging = Path(tempfile.mkdtemp(dir=workdir, prefix=".tritonserver-"))
+        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy2(stub, staging / "backends" / "python" / stub.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def server_environment(bundled: bool) -> dict[str, str]:
+    """Environment for tritonserver and its python-backend stubs (see the module docstring)."""
+    env = dict(os.environ)
+    lib_dirs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if bundled:
+        lib_dirs.insert(0, str(bundled_root().parent.parent / "nvidia_pytriton.libs"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in lib_dirs if d] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    project = Path(__file__).resolve().parent.parent
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    python_path = [str(project)] + list(dict.fromkeys(site)) + [env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in python_path if p)
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver: its URLs, PID and log; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
+
+    process: subprocess.Popen
+    repo: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    workdir: Path
+    _own_workdir: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def http_url(self) -> str:
+        """host:port for ``tritonclient.http`` (prefix ``http://`` for curl)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server by its PID; its python-backend stubs go with it. Returns the exit code."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver %d ignored SIGTERM for %.0f s: killing its process group", self.pid, timeout)
+                os.killpg(self.pid, signal.SIGKILL)  # the group this launcher created with start_new_session
+                self.process.wait(10)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
+          metrics_port: int | None = None, tritonserver: str | Path | None = None,
+          workdir: str | Path | None = None, load: tuple[str, ...] = ("*",), timeout: float = 180.0,
+          extra_args: tuple[str, ...] = ()) -> TritonServer:
+    """Start tritonserver on ``repo`` (explicit model control, ``load`` models at start); wait until ready."""
+    repo = Path(repo).resolve()
+    if not repo.is_dir():
+        raise TritonServerError(f"model repository {repo} does not exist: run `tl-models package triton` first")
+    own = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="tl-triton-")) if own else Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ports = [p or _free_port() for p in (http_port, grpc_port, metrics_port)]
+    if tritonserver is None:
+        bundled = prepare_bundled(work)
+        binary = bundled / "bin" / "tritonserver"
+        backend_args = [f"--backend-directory={bundled / 'backends'}", f"--cache-directory={bundled / 'caches'}"]
+    else:
+        bundled, binary, backend_args = None, Path(tritonserver), []
+        if not os.access(binary, os.X_OK):
+            raise TritonServerError(f"{binary} is not an executable tritonserver")
+    command = [str(binary), f"--model-repository={repo}", *backend_args, "--model-control-mode=explicit",
+               *[f"--load-model={name}" for name in load], "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+               f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
+               "--exit-on-error=true", *extra_args]
+    log_path = work / "tritonserver.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=server_environment(bundled is not None), start_new_session=True)
+    server = TritonServer(process, repo, *ports, log_path=log_path, workdir=work, _own_workdir=own)
+    log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not server.alive():
+                raise TritonServerError(f"tritonserver exited with code {process.returncode} before it was ready:\n"
+                                        f"{server.log_tail()}")
+            if _ready(ports[0]):
+                return server
+            time.sleep(0.25)
+        raise TritonServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{server.log_tail()}")
+    except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
+        server.stop()
+        raise
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(repo: str | Path, announce=print, **kwargs) -> int:
+    """Start (see :func:`start`), call ``announce(server)``, run until SIGINT/SIGTERM, stop the server.
+
+    Returns 0 after a signal, else the exit code of a server that ended by itself.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server = start(repo, **kwargs)
+        try:
+            announce(server)
+            while server.alive():
+                time.sleep(0.5)
+            return server.process.returncode or 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            server.stop()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
