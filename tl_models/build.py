@@ -110,6 +110,9 @@ def _check_compatible(manifest: dict, options: BuildOptions, backbone: LoadedBac
     if options.unfreeze_last:
         raise BuildError("--unfreeze-last fine-tunes the backbone, which the heads already in "
                          f"{options.out} share: use a new --out")
+    if any(head["train"].get("unfreeze_last") for head in manifest["heads"]):
+        raise BuildError(f"{options.out} holds a backbone fine-tuned with --unfreeze-last; a new head would train "
+                         f"on features of the original {backbone.weights_id} weights: use a new --out")
 
 
 def build(options: BuildOptions) -> BuildReport:

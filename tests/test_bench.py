@@ -1,0 +1,46 @@
+"""``bench_train`` on a tiny setting: it runs both trainings in full and reports positive, consistent figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tl_models.bench import bench_train, subset
+from tl_models.data import DataError, load_image_folder
+
+FIELDS = {"backbone", "weights", "images", "classes", "epochs", "train_images", "val_images", "batch_size",
+          "preprocess_s", "extract_s", "cached_train_s", "cached_total_s", "nocache_train_s",
+          "speedup_train_only", "speedup_with_extraction", "val_accuracy_cached", "val_accuracy_nocache",
+          "max_abs_feature_diff"}
+
+
+def test_bench_train_writes_its_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bench.json"
+    returned = bench_train(None, "resnet18", "none", epochs=2, images=20, json_path=path)
+    figures = json.loads(path.read_text())
+    assert figures == pytest.approx(returned)
+    assert FIELDS <= set(figures)
+    assert (figures["backbone"], figures["weights"]) == ("resnet18", "none:seed=0")
+    assert (figures["images"], figures["classes"], figures["epochs"]) == (20, 10, 2)
+    assert figures["train_images"] + figures["val_images"] == 20
+    for key in ("preprocess_s", "extract_s", "cached_train_s", "nocache_train_s"):
+        assert figures[key] > 0, key
+    assert figures["cached_total_s"] == pytest.approx(figures["extract_s"] + figures["cached_train_s"])
+    assert figures["speedup_train_only"] == pytest.approx(figures["nocache_train_s"] / figures["cached_train_s"])
+    assert figures["speedup_with_extraction"] == pytest.approx(figures["nocache_train_s"] / figures["cached_total_s"])
+    assert figures["max_abs_feature_diff"] < 1e-3  # the no-cache run left the backbone as it was
+    out = capsys.readouterr().out
+    assert "ratio no-cache / cached, training alone" in out and "with extraction" in out
+
+
+def test_subset_keeps_every_class(demo_data: Path) -> None:
+    data = load_image_folder(demo_data)
+    picked = subset(data, 25)
+    assert len(picked.paths) == 25
+    assert sorted(set(picked.targets)) == list(range(10))
+    assert subset(data, 25).paths == picked.paths
+    assert len(subset(data, 10_000).paths) == 80
+    with pytest.raises(DataError, match="at least 20 images"):
+        subset(data, 15)

@@ -1,0 +1,382 @@
+"""The build stage end to end on real digits and real ImageNet weights: frozen backbone, feature cache,
+head versions, failure and SIGKILL safety, compatibility checks, the manifest, the CLI, reproducibility."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tl_models.artifacts
+import tl_models.build
+import tl_models.features
+from tl_models.artifacts import MANIFEST, BuildDir, BuildError, file_sha256
+from tl_models.backbones import load_backbone
+from tl_models.build import BuildReport
+from tl_models.cli import main
+from tl_models.data import DataError
+
+WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+QuickBuild = Callable[..., BuildReport]
+RunCli = Callable[..., tuple[int, str, str]]
+
+
+def _subset(source: Path, target: Path, classes: list[str], per_class: int) -> Path:
+    """Copy the first ``per_class`` images of ``classes`` into a new ImageFolder."""
+    for cls in classes:
+        (target / cls).mkdir(parents=True)
+        for path in sorted((source / cls).iterdir())[:per_class]:
+            shutil.copyfile(path, target / cls / path.name)
+    return target
+
+
+def _fresh_state() -> dict[str, torch.Tensor]:
+    return load_backbone("mobilenet_v2", "IMAGENET1K_V1").module.state_dict()
+
+
+def _saved_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+
+
+def _head_state(out: Path, entry: dict) -> dict[str, torch.Tensor]:
+    return torch.load(out / entry["path"] / "head.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base_build(demo_data: Path, quick_build: QuickBuild, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One committed build (head 'a' v1, linear, 10 epochs) that tests copy instead of rebuilding."""
+    out = tmp_path_factory.mktemp("base") / "out"
+    quick_build(demo_data, out, name="a", epochs=10)
+    return out
+
+
+@pytest.fixture
+def built(base_build: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the base build."""
+    return Path(shutil.copytree(base_build, tmp_path / "out"))
+
+
+def _tripwire(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the backbone ran although the feature cache should have been hit")
+
+
+# (a) the frozen backbone is bit-identical after training
+
+
+def test_backbone_state_is_bit_identical_after_training(base_build: Path) -> None:
+    before, after = _fresh_state(), _saved_state(base_build)
+    assert list(after) == list(before)
+    assert sum(k.endswith("num_batches_tracked") for k in after) > 30  # BatchNorm buffers are part of the check
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        assert torch.equal(after[key], value), key
+
+
+def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
+    """--unfreeze-last trains features.17/18 only; no BatchNorm statistic moves anywhere."""
+    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=4)
+    report = quick_build(small, tmp_path / "out", unfreeze_last=True, epochs=1)
+    assert report.head["train"]["unfreeze_last"] is True
+    backbone = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
+    before, after = backbone.module.state_dict(), _saved_state(tmp_path / "out")
+    params = {name for name, _ in backbone.module.named_parameters()}
+    prefixes = tuple(f"features.{path}." for path in backbone.spec.last_stage)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed, "--unfreeze-last trained nothing"
+    assert all(key.startswith(prefixes) and key in params for key in changed), sorted(changed)
+    for prefix in prefixes:
+        assert any(key.startswith(prefix) for key in changed), prefix
+    buffers = [key for key in before if key.endswith(BN_BUFFERS)]
+    assert any(key.startswith(prefixes) for key in buffers)
+    assert not [key for key in buffers if key in changed]
+
+    # the saved backbone is fine-tuned: a head trained on the original weights' cached features would not fit it
+    with pytest.raises(BuildError, match="fine-tuned with --unfreeze-last"):
+        quick_build(small, tmp_path / "out", name="second")
+
+
+# (b) the feature cache is hit by the second head
+
+
+def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickBuild, fresh_cache: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _subset(demo_data, tmp_path / "data", ["1", "7"], per_class=4)
+    out = tmp_path / "out"
+    first = quick_build(data, out, name="a")
+    assert first.cache_hit is False
+    assert len(list((fresh_cache / "features").glob("*.npy"))) == 1
+
+    monkeypatch.setattr(tl_models.features, "embed", _tripwire)
+    second = quick_build(data, out, name="b", head="mlp")
+    assert second.cache_hit is True
+    assert second.head["train"]["feature_cache_hit"] is True
+    assert "feature cache hit" in tl_models.build.summary_line(second)
+
+    # the key covers weights and data: a change of either runs the backbone again
+    with pytest.raises(AssertionError, match="backbone ran"):
+        quick_build(data, tmp_path / "other-weights", weights="none")
+    changed = shutil.copytree(data, tmp_path / "changed")
+    Image.new("RGB", (64, 64), "white").save(next((changed / "7").iterdir()))
+    with pytest.raises(AssertionError, match="backbone ran"):
+        quick_build(changed, tmp_path / "other-data")
+
+
+# (c) heads and versions
+
+
+def test_second_head_and_new_version_leave_other_heads_untouched(demo_data: Path, quick_build: QuickBuild,
+        built: Path) -> None:
+    out = built
+    quick_build(demo_data, out, name="b", head="mlp")
+    files_before = dict(BuildDir(out).manifest()["files"])
+    disk_before = {rel: file_sha256(out / rel) for rel in files_before}
+    assert disk_before == files_before
+
+    report = quick_build(demo_data, out, name="a", seed=1)
+    manifest = report.manifest
+    assert [(h["name"], h["version"], h["kind"]) for h in manifest["heads"]] == \
+        [("a", 1, "linear"), ("b", 1, "mlp"), ("a", 2, "linear")]
+    assert report.head["path"] == "heads/a/2"
+    for rel, digest in files_before.items():
+        assert manifest["files"][rel] == digest
+        assert file_sha256(out / rel) == digest
+    assert any(rel.startswith("heads/a/2/") for rel in manifest["files"])
+    build_dir = BuildDir(out)
+    build_dir.verify()
+    assert build_dir.head("a")["version"] == 2
+    assert build_dir.head("a", 1)["version"] == 1
+    with pytest.raises(BuildError, match="no head 'c'"):
+        build_dir.head("c")
+
+
+# (d) a failed build leaves the previous build intact
+
+
+def _raise(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("injected failure")
+
+
+@pytest.mark.parametrize("where", ["staging", "manifest"])
+def test_failed_build_keeps_the_previous_manifest(demo_data: Path, quick_build: QuickBuild, built: Path,
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A failure while the head is staged, or after it was moved into place but before the manifest is
+    written, leaves the committed manifest and its files as they were."""
+    out = built
+    manifest_bytes = (out / MANIFEST).read_bytes()
+    with monkeypatch.context() as patch:
+        if where == "staging":
+            patch.setattr(tl_models.build, "plot_confusion", _raise)
+        else:
+            patch.setattr(tl_models.artifacts, "atomic_write_json", _raise)
+        for name in ("a", "b"):
+            with pytest.raises(RuntimeError, match="injected failure"):
+                quick_build(demo_data, out, name=name)
+    assert (out / MANIFEST).read_bytes() == manifest_bytes
+    build_dir = BuildDir(out)
+    build_dir.verify()
+    assert [(h["name"], h["version"]) for h in build_dir.manifest()["heads"]] == [("a", 1)]
+    assert not list((out / "heads").glob(".staging-*"))
+    with pytest.raises(BuildError):
+        build_dir.head("b")
+
+    report = quick_build(demo_data, out, name="a")  # the next build works and never reuses an orphan's number
+    assert report.head["version"] == (2 if where == "staging" else 3)
+    build_dir.verify()
+    versions = [(h["name"], h["version"]) for h in build_dir.manifest()["heads"]]
+    assert versions == [("a", 1), ("a", report.head["version"])]
+
+
+# (e) a build killed by SIGKILL
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("tl-models")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tl_models.cli"]
+
+
+def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, quick_build: QuickBuild, built: Path,
+        tmp_path: Path) -> None:
+    out = built  # the base build also filled the session feature cache that the subprocess reads
+    manifest_bytes = (out / MANIFEST).read_bytes()
+    command = _cli() + ["build", "--data", str(demo_data), "--out", str(out), "--name", "b", "--head", "mlp",
+                        "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--epochs", "3"]
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy())
+        try:
+            deadline, killed = time.monotonic() + 240, False
+            while proc.poll() is None and time.monotonic() < deadline:
+                if list((out / "heads").glob(".staging-*")):  # the head is being written: the riskiest moment
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.005)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = (tmp_path / "stderr.txt").read_text()
+    assert killed and proc.returncode == -signal.SIGKILL, \
+        f"the build was not killed while staging its head (rc {proc.returncode}):\n{log}"
+
+    assert (out / MANIFEST).read_bytes() == manifest_bytes
+    build_dir = BuildDir(out)
+    build_dir.verify()
+    assert [h["name"] for h in build_dir.manifest()["heads"]] == ["a"]
+    assert not (out / "heads" / "b").exists()
+
+    report = quick_build(demo_data, out, name="b", head="mlp")  # the directory is not stuck (lock, leftovers)
+    assert report.head["version"] == 1
+    assert not list((out / "heads").glob(".staging-*"))
+    build_dir.verify()
+    assert [h["name"] for h in build_dir.manifest()["heads"]] == ["a", "b"]
+
+
+# (f) an incompatible second build
+
+
+def test_incompatible_second_build_is_refused(demo_data: Path, quick_build: QuickBuild, built: Path,
+        tmp_path: Path) -> None:
+    out = built
+    manifest_bytes = (out / MANIFEST).read_bytes()
+    with pytest.raises(BuildError, match="heads share one backbone"):
+        quick_build(demo_data, out, name="b", backbone="resnet18", weights="none")
+    with pytest.raises(BuildError, match="MobileNet_V2_Weights.IMAGENET1K_V1.*not mobilenet_v2 with none"):
+        quick_build(demo_data, out, name="b", weights="none")
+    relabelled = shutil.copytree(demo_data, tmp_path / "relabelled")
+    (relabelled / "9").rename(relabelled / "nine")
+    with pytest.raises(BuildError, match="labels"):
+        quick_build(relabelled, out, name="b")
+    with pytest.raises(BuildError, match="--unfreeze-last"):
+        quick_build(demo_data, out, name="b", unfreeze_last=True)
+    assert (out / MANIFEST).read_bytes() == manifest_bytes
+    BuildDir(out).verify()
+
+
+def test_tampered_build_is_refused(demo_data: Path, quick_build: QuickBuild, built: Path) -> None:
+    out = built
+    head_file = out / "heads" / "a" / "1" / "head.pt"
+    head_file.write_bytes(head_file.read_bytes() + b"\0")
+    with pytest.raises(BuildError, match="sha256"):
+        BuildDir(out).verify()
+    with pytest.raises(BuildError, match="sha256"):
+        quick_build(demo_data, out, name="b")
+
+
+# (g) the manifest
+
+
+def test_manifest_has_every_required_key(demo_data: Path, quick_build: QuickBuild, built: Path) -> None:
+    out = built
+    quick_build(demo_data, out, name="b", head="mlp", epochs=10)
+    manifest = BuildDir(out).manifest()
+    assert manifest["backbone"] == "mobilenet_v2"
+    assert manifest["weights"] == WEIGHTS_ID
+    assert manifest["embedding_dim"] == 1280
+    assert manifest["input_size"] == [3, 224, 224]
+    assert manifest["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert manifest["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert manifest["labels"] == [str(i) for i in range(10)]
+    assert {"torch", "torchvision", "tl_models"} <= set(manifest["versions"])
+    assert [(h["name"], h["version"], h["kind"]) for h in manifest["heads"]] == [("a", 1, "linear"), ("b", 1, "mlp")]
+    for head in manifest["heads"]:
+        accuracy = head["metrics"]["val_accuracy"]
+        assert isinstance(accuracy, float)
+        assert accuracy >= 0.5, head["name"]  # real ImageNet features on real digits: far above chance (0.1)
+        assert np.asarray(head["metrics"]["confusion_matrix"]).sum() == head["data"]["val"] == 20
+        assert head["data"]["train"] == 60
+        assert {"head.pt", "history.json", "curves.png", "confusion.png"} <= set(head["files"])
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST, ".lock"}
+    assert set(manifest["files"]) == on_disk
+    for rel, digest in manifest["files"].items():
+        assert len(digest) == 64 and digest == file_sha256(out / rel), rel
+
+
+# (h) the command line
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture) -> Iterator[RunCli]:
+    """``run_cli(*argv) -> (exit code, stdout, stderr)`` in-process; undoes main()'s logging setup."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_cli_build_on_bad_data_fails_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "data" / "only-class").mkdir(parents=True)
+    result = subprocess.run(_cli() + ["build", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                                      "--weights", "none", "--no-export"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") or "\nerror: " in result.stderr, result.stderr
+    assert "one class (only-class)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
+    (["--weights", "IMAGENET9"], "unknown weights 'IMAGENET9'"),
+    (["--name", "../up"], "invalid head name"),
+    (["--weights", "missing.pth"], "does not exist"),
+])
+def test_cli_errors_are_one_line(demo_data: Path, tmp_path: Path, run_cli: RunCli, args: list[str],
+        message: str) -> None:
+    code, _, err = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--no-export", *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_cli_build_succeeds(demo_data: Path, offline_weights: list[Path], tmp_path: Path, run_cli: RunCli) -> None:
+    code, out, _ = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"),
+                           "--weights", "IMAGENET1K_V1", "--epochs", "2", "--no-export", "--name", "cli")
+    assert code == 0
+    assert "cli v1 (linear) on mobilenet_v2" in out
+    BuildDir(tmp_path / "out").verify()
+
+
+def test_build_raises_data_error_before_touching_out(tmp_path: Path, quick_build: QuickBuild) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError):
+        quick_build(tmp_path / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# (i) reproducibility
+
+
+def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
+    kwargs = dict(head="mlp", hidden=64, dropout=0.3, epochs=4)
+    first = quick_build(demo_data, tmp_path / "one", **kwargs)
+    second = quick_build(demo_data, tmp_path / "two", **kwargs)
+    other = quick_build(demo_data, tmp_path / "three", seed=1, **kwargs)
+    a, b, c = (_head_state(tmp_path / d, r.head) for d, r in
+               (("one", first), ("two", second), ("three", other)))
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.head["metrics"] == second.head["metrics"]
+    assert (tmp_path / "one" / "heads/default/1/history.json").read_text() == \
+        (tmp_path / "two" / "heads/default/1/history.json").read_text()
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal
