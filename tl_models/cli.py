@@ -132,6 +132,61 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_bento(args: argparse.Namespace) -> int:
+    import os
+
+    from .bento import package_build
+
+    report = package_build(args.build_dir)
+    print(f"build {report.build!r} in the BentoML model store ({os.environ.get('BENTOML_HOME') or '~/bentoml'}):")
+    for tag in report.created:
+        print(f"  created {tag}")
+    for tag in report.existing:
+        print(f"  kept    {tag}")
+    print("serve it: tl-models serve bento --bento NAME  (or: bentoml serve service:Classifier)")
+    return 0
+
+
+def cmd_serve_bento(args: argparse.Namespace) -> int:
+    """Replace this process with `bentoml serve service:Classifier` for a build directory or a stored build."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "service.py").is_file():
+        raise ValueError(f"service.py not found next to {Path(__file__).parent}: run from a source checkout")
+    env = dict(os.environ)
+    settings = {"TL_MODELS_BUILD": args.build_dir and args.build_dir.resolve(), "TL_MODELS_BENTO": args.bento,
+                "TL_MODELS_WORKERS": args.workers, "TL_MODELS_WEIGHTS": args.weights,
+                "TL_MODELS_STATE_DIR": args.state_dir and args.state_dir.resolve()}
+    env.update({name: str(value) for name, value in settings.items() if value is not None})
+    command = [sys.executable, "-m", "bentoml", "serve", "service:Classifier", "--host", args.host,
+               "--port", str(args.port), "--working-dir", str(root)]
+    print(" ".join(command), flush=True)
+    os.execve(sys.executable, command, env)
+
+
+def _add_bento_parsers(sub: argparse._SubParsersAction) -> None:
+    """`package bento` and `serve bento`."""
+    for command, text in (("package", "package a build for serving"), ("serve", "serve a build")):
+        if command not in sub.choices:
+            sub.add_parser(command, help=text).add_subparsers(dest="target", required=True)
+    package, serve = (next(a for a in sub.choices[c]._actions if isinstance(a, argparse._SubParsersAction))
+                      for c in ("package", "serve"))
+    p = package.add_parser("bento", help="save the build's backbone and heads into the BentoML model store")
+    p.add_argument("build_dir", type=Path)
+    p.set_defaults(func=cmd_package_bento)
+
+    p = serve.add_parser("bento", help="run the BentoML service (`bentoml serve service:Classifier`) on a build")
+    p.add_argument("build_dir", type=Path, nargs="?", help="a build directory (default: a build of the model store)")
+    p.add_argument("--bento", help="build name in the BentoML model store (when it holds several)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--workers", type=int, help="worker processes (default 1)")
+    p.add_argument("--weights", help="initial A/B weights, e.g. a=90,b=10 (when no route exists yet)")
+    p.add_argument("--state-dir", type=Path, help="route and head catalog shared by the workers")
+    p.set_defaults(func=cmd_serve_bento)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from .bench import bench_train
 
@@ -228,6 +283,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-models", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_bento_parsers(sub)
 
     p = sub.add_parser("build", help="train a head on a frozen backbone and write a build directory")
     p.add_argument("--data", type=Path, required=True, help="ImageFolder: DATA/<class>/<image>")

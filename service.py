@@ -1,0 +1,129 @@
+"""BentoML service `Classifier`: HTTP over tl_models.serving (backbone + heads, A/B split, live head swap).
+
+Serve a packaged build (`tl-models package bento BUILD_DIR`) or a build directory (TL_MODELS_BUILD=DIR):
+
+    bentoml serve service:Classifier
+
+Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_STATE_DIR
+(route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
+TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from pathlib import Path
+from typing import Awaitable
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tl_models import bento, serving
+from tl_models.runtime import gpu_count
+
+
+def _error(ctx: bentoml.Context, status: int, message: str) -> dict:
+    ctx.response.status_code = status
+    return {"error": message, "status": status}
+
+
+async def _answer(ctx: bentoml.Context, call: Awaitable[dict]) -> dict:
+    """Await a core call; client mistakes (ServingError) become their 4xx answer with a clear message."""
+    try:
+        return await call
+    except serving.ServingError as exc:
+        return _error(ctx, exc.status, exc.message)
+
+
+def _routing(ctx: bentoml.Context) -> dict[str, str | None]:
+    headers = ctx.request.headers
+    return {"key": headers.get("x-tl-key"), "head": headers.get("x-tl-head")}
+
+
+def _admin_denied(ctx: bentoml.Context) -> dict | None:
+    """None when the request carries the admin token (``Authorization: Bearer`` or ``X-TL-Admin-Token``)."""
+    token = os.environ.get("TL_MODELS_ADMIN_TOKEN", "")
+    if not token:
+        return _error(ctx, 401, "admin endpoints are disabled: start the service with TL_MODELS_ADMIN_TOKEN set")
+    headers = ctx.request.headers
+    given = headers.get("x-tl-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return _error(ctx, 401, "admin token missing or wrong: send 'Authorization: Bearer <TL_MODELS_ADMIN_TOKEN>'")
+    return None
+
+
+async def _heads(_: Request) -> JSONResponse:
+    core = bentoml.get_current_service().core
+    return JSONResponse(await asyncio.to_thread(core.status))
+
+
+read_routes = Starlette(routes=[Route("/heads", _heads, methods=["GET"])])
+
+
+@bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")), traffic={"timeout": 60},
+                 labels={"project": "tl-models"}, **({"resources": {"gpu": 1}} if gpu_count() else {}))
+@bentoml.asgi_app(read_routes, path="/")
+class Classifier:
+    """Image classification: one shared backbone, heads chosen per request by weight, key or X-TL-Head."""
+
+    def __init__(self) -> None:
+        backbone, heads = bento.serving_sources()
+        config = serving.ServingConfig.from_env(bento.default_state_dir(backbone))
+        self.core = serving.Classifier(backbone, heads, config)
+        self.core.warm_up()
+
+    def __is_ready__(self) -> bool:
+        return self.core.ready
+
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
+        """An image upload (JPEG/PNG) -> top-k labels with scores, and the head (name, version) that answered."""
+        return await _answer(ctx, self.core.classify(image.read_bytes(), top_k=top_k, **_routing(ctx)))
+
+    @bentoml.api(route="/predict")
+    async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
+        """A preprocessed tensor (N×3×H×W pixel values 0..255) -> logits and top-k per image, from one head."""
+        return await _answer(ctx, self.core.predict(tensor, top_k=top_k, **_routing(ctx)))
+
+    @bentoml.api(route="/embed")
+    async def embed(self, image: Path, ctx: bentoml.Context = None) -> dict:
+        """An image upload -> the backbone embedding."""
+        return await _answer(ctx, self.core.embed(image.read_bytes()))
+
+    @bentoml.api(route="/admin/weights")
+    async def set_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
+        """Set the traffic split, e.g. {"weights": {"a": 90, "b": 10}} (admin token required)."""
+        return _admin_denied(ctx) or await _answer(ctx, self.core.set_weights(weights))
+
+    @bentoml.api(route="/admin/load")
+    async def load_head(self, head: str = "", version: int | None = None, tag: str | None = None,
+                        build_dir: str | None = None, live: bool = True, weight: float | None = None,
+                        ctx: bentoml.Context = None) -> dict:
+        """Load a head version from the store (``tag``, or ``head`` + ``version`` of the served build) or from
+        a build directory (``build_dir`` + ``head`` [+ ``version``]) and, if ``live``, route its name to it."""
+        return _admin_denied(ctx) or await _answer(ctx, self._load(head, version, tag, build_dir, live, weight))
+
+    async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
+                    weight: float | None) -> dict:
+        if build_dir:
+            source = serving.head_source_from_build(build_dir, head, version)
+        elif tag or (head and version is not None):
+            source = bento.stored_head(tag or bento.head_tag(self.core.backbone_source.build, head, version))
+        else:
+            raise serving.ServingError("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
+                                       "or {\"build_dir\": ..., \"head\": ...}")
+        return await self.core.load(source, live=live, weight=weight)
+
+    @bentoml.api(route="/admin/retire")
+    async def retire_head(self, head: str, ctx: bentoml.Context = None) -> dict:
+        """Take a head out of the route; its share of traffic goes to the remaining heads."""
+        return _admin_denied(ctx) or await _answer(ctx, self.core.retire(head))
+
+
+Classifier.models.extend(bento.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
