@@ -71,7 +71,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .build import reexport
 
-    reexport(args.build_dir, _tolerance(args))
+    reexport(args.build_dir, _tolerance(args), fp16=args.fp16)
     print(f"exported {args.build_dir}: parity passed")
     return 0
 
@@ -294,6 +294,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a build's backbone, heads and fused graphs to ONNX again (+ parity)")
     p.add_argument("build_dir", type=Path)
+    p.add_argument("--fp16", action="store_true",
+                   help="also write fp16 graphs for GPU serving (parity checked where a GPU is present)")
     _add_tolerance_args(p)
     p.set_defaults(func=cmd_export)
 
