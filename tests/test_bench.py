@@ -44,3 +44,17 @@ def test_subset_keeps_every_class(demo_data: Path) -> None:
     assert len(subset(data, 10_000).paths) == 80
     with pytest.raises(DataError, match="at least 20 images"):
         subset(data, 15)
+
+
+def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tl_models.bench import bench_runtime
+
+    path = tmp_path / "runtime.json"
+    figures = bench_runtime(("resnet18",), (1, 2), seconds=0.05, json_path=path)
+    assert json.loads(path.read_text()) == pytest.approx(figures)
+    assert [(r["backbone"], r["batch"]) for r in figures["rows"]] == [("resnet18", 1), ("resnet18", 2)]
+    for row in figures["rows"]:
+        assert row["torch_images_per_s"] > 0 and row["ort_images_per_s"] > 0
+        assert row["ort_over_torch"] == pytest.approx(row["ort_images_per_s"] / row["torch_images_per_s"])
+        assert row["provider"] == "CPUExecutionProvider" or row["provider"].startswith(("CUDA", "Tensorrt"))
+    assert "resnet18 batch 2" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 ``bench_train``: head training on cached embeddings (one backbone pass over the data, then epochs on
 D-dim vectors) against the same training with the frozen backbone run on every batch of every epoch.
+``bench_runtime``: backbone images/s in ONNX Runtime against PyTorch eager, per batch size.
 """
 
 from __future__ import annotations
@@ -147,3 +148,52 @@ def bench_train(data: str | Path | None, backbone: str = "mobilenet_v2", weights
 def _embeddings(module: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     """Embeddings of a few images recomputed after both runs (the cache must still describe the backbone)."""
     return module(torch.from_numpy(pixels)).numpy()
+
+
+def _images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, ms per call) of ``run()`` over at least ``seconds`` and 3 calls, after 2 warm-up calls."""
+    for _ in range(2):
+        run()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        run()
+        calls += 1
+    elapsed = time.perf_counter() - start
+    return calls * batch / elapsed, 1000.0 * elapsed / calls
+
+
+def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"), batches: tuple[int, ...] = (1, 32),
+                  seconds: float = 3.0, providers: str | None = None,
+                  json_path: str | Path | None = None) -> dict:
+    """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run."""
+    from .export import export_backbone
+    from .runtime import active_provider, create_session
+
+    figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds, "rows": []}
+    with tempfile.TemporaryDirectory(prefix="tl-models-bench-") as tmp:
+        for name in backbones:
+            loaded = load_backbone(name, "none")
+            size = [3, loaded.preprocessing.crop_size, loaded.preprocessing.crop_size]
+            path = Path(tmp) / f"{name}.onnx"
+            export_backbone(loaded.module, size, path, {"backbone": name}, loaded.spec.onnx_exporter)
+            session = create_session(path, providers)
+            for batch in batches:
+                pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
+                tensor = torch.from_numpy(pixels)
+
+                @torch.inference_mode()
+                def eager() -> None:
+                    loaded.module(tensor)
+
+                torch_ips, torch_ms = _images_per_second(eager, batch, seconds)
+                ort_ips, ort_ms = _images_per_second(lambda: session.run(None, {"image": pixels}), batch, seconds)
+                figures["rows"].append({"backbone": name, "batch": batch, "provider": active_provider(session),
+                                        "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
+                                        "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms,
+                                        "ort_over_torch": ort_ips / torch_ips})
+    rows = [(f"{r['backbone']} batch {r['batch']}: torch {r['torch_images_per_s']:.1f} img/s, "
+             f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s",
+             f"{r['ort_over_torch']:.2f}x") for r in figures["rows"]]
+    print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads", rows))
+    _write_json(json_path, figures)
+    return figures

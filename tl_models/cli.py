@@ -279,6 +279,13 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_triton_swap)
 
 
+def cmd_bench_runtime(args: argparse.Namespace) -> int:
+    from .bench import bench_runtime
+
+    bench_runtime(tuple(args.backbones), tuple(args.batches), args.seconds, args.providers, args.json)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-models", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -333,6 +340,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=300, help="images used (both runs use the same ones)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_train)
+    p = bench.add_parser("runtime", help="ONNX Runtime vs PyTorch eager backbone throughput")
+    p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v3_large"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    p.add_argument("--providers", help="e.g. cuda,cpu (default: best available)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=cmd_bench_runtime)
     _add_triton_parsers(sub)
     return parser
 
