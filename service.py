@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tl_models import bento, serving
+from tl_models import bento, serving, serving_heads
 from tl_models.runtime import gpu_count
 
 
@@ -37,7 +37,7 @@ async def _answer(ctx: bentoml.Context, call: Awaitable[dict]) -> dict:
     """Await a core call; client mistakes (ServingError) become their 4xx answer with a clear message."""
     try:
         return await call
-    except serving.ServingError as exc:
+    except serving_heads.ServingError as exc:
         return _error(ctx, exc.status, exc.message)
 
 
@@ -112,11 +112,11 @@ class Classifier:
     async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
                     weight: float | None) -> dict:
         if build_dir:
-            source = serving.head_source_from_build(build_dir, head, version)
+            source = serving_heads.head_source_from_build(build_dir, head, version)
         elif tag or (head and version is not None):
             source = bento.stored_head(tag or bento.head_tag(self.core.backbone_source.build, head, version))
         else:
-            raise serving.ServingError("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
+            raise serving_heads.ServingError("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
                                        "or {\"build_dir\": ..., \"head\": ...}")
         return await self.core.load(source, live=live, weight=weight)
 

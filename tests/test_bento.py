@@ -33,7 +33,8 @@ from tl_models.backbones import install_offline_weights
 from tl_models.build import BuildOptions, build
 from tl_models.preprocess import Preprocessing, preprocess_bytes
 from tl_models.routing import Route
-from tl_models.serving import Classifier, ServingConfig, ServingError, head_source_from_build, sources_from_build
+from tl_models.serving import Classifier, ServingConfig
+from tl_models.serving_heads import ServingError, head_source_from_build, sources_from_build
 from tl_models.train import TrainConfig
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 import torch
-import torchvision.models as tvm
 from PIL import Image
 from skimage import data as skdata
 

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -72,6 +72,18 @@ def atomic_save_torch(path: str | Path, obj: object) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if missing), across processes."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class BuildDir:
     """A build directory: read and verify its manifest, stage and commit head versions under a lock."""
 
@@ -114,16 +126,9 @@ class BuildDir:
             raise BuildError(f"no head {name!r}" + (f" version {version}" if version else "") + f" in {self.path}")
         return max(heads, key=lambda h: h["version"])
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> AbstractContextManager[None]:
         """Exclusive lock so two builds into one directory cannot interleave."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.path / ".lock")
 
     def next_version(self, name: str, manifest: dict | None) -> int:
         """1 + the highest version of ``name`` in the manifest or on disk (orphans of killed builds count)."""

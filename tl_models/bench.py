@@ -7,7 +7,6 @@ D-dim vectors) against the same training with the frozen backbone run on every b
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random

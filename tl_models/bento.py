@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import BuildDir, BuildError
-from .serving import BACKBONE_ONNX, HEAD_ONNX, BackboneSource, HeadSource, ServingError, sources_from_build
+from .serving_heads import BACKBONE_ONNX, HEAD_ONNX, BackboneSource, HeadSource, ServingError, sources_from_build
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,16 @@ model) applies the same weights; readers re-check the file at most every ``poll`
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import random
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from .artifacts import atomic_write_json
+from .artifacts import atomic_write_json, file_lock
 
 
 class RoutingError(ValueError):
@@ -71,6 +68,20 @@ class Route:
         return asdict(self)
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``"a=90,b=10"`` -> ``{"a": 90.0, "b": 10.0}``; RoutingError for anything else."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise RoutingError(f"bad weight {item!r}: write head=weight, e.g. a=90,b=10")
+    return weights
+
+
 def _key_point(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64
 
@@ -107,20 +118,10 @@ class RoutingState:
                 self._stamp = stamp
             return self._cached
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def update(self, weights: dict[str, float] | None = None, versions: dict[str, int] | None = None,
                retire: tuple[str, ...] = ()) -> Route:
         """Change weights and/or live versions, drop retired heads; validated, then written atomically."""
-        with self._exclusive():
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
             self._checked = 0.0
             old = self.current()
             new_versions = {**old.versions, **(versions or {})}

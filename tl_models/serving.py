@@ -18,150 +18,29 @@ Client mistakes raise :class:`ServingError` with a 4xx status; the service turns
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
 import os
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import BuildDir, BuildError, atomic_write_bytes, atomic_write_json, file_sha256
+from .artifacts import BuildError, atomic_write_bytes, file_sha256
+from .batching import MicroBatcher
+from .metrics import Metrics
 from .preprocess import ImageError, Preprocessing, preprocess_bytes
-from .routing import Route, RoutingError, RoutingState
+from .routing import Route, RoutingError, RoutingState, parse_weights
 from .runtime import create_session
+from .serving_heads import (HEAD_ONNX, BackboneSource, HeadCatalog, HeadSource, LoadedHead, ServingError,
+                            load_head, read_verified)
 
 log = logging.getLogger(__name__)
 
-# File names of tl_models.export (not imported here: it pulls in torch, which serving does without).
-BACKBONE_ONNX, HEAD_ONNX = "backbone.onnx", "head.onnx"
 MAX_TENSOR_BATCH = 256
-
-
-class ServingError(Exception):
-    """A request the service refuses; ``status`` is the HTTP status to answer with (4xx: the client's mistake)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class BackboneSource:
-    """Where a backbone graph lives and what it expects."""
-
-    path: str
-    sha256: str
-    preprocessing: dict
-    labels: tuple[str, ...]
-    build: str
-    origin: str
-
-
-@dataclass(frozen=True)
-class HeadSource:
-    """Where one head version's ``head.onnx`` lives, its sha256, labels and the backbone it was trained on."""
-
-    name: str
-    version: int
-    path: str
-    sha256: str
-    labels: tuple[str, ...]
-    backbone_sha256: str
-    origin: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.version}"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "labels": list(self.labels)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HeadSource":
-        return cls(name=data["name"], version=int(data["version"]), path=data["path"], sha256=data["sha256"],
-                   labels=tuple(data["labels"]), backbone_sha256=data["backbone_sha256"], origin=data["origin"])
-
-
-# ---------------------------------------------------------------- build directories as a source
-
-def sources_from_build(path: str | Path) -> tuple[BackboneSource, list[HeadSource]]:
-    """The backbone and every exported head version of a build directory (as recorded in its manifest)."""
-    build = BuildDir(path)
-    manifest = build.manifest()
-    if BACKBONE_ONNX not in manifest.get("files", {}):
-        raise BuildError(f"{build.path} has no {BACKBONE_ONNX}; run `tl-models export {build.path}` first")
-    backbone = BackboneSource(path=str(build.path / BACKBONE_ONNX), sha256=manifest["files"][BACKBONE_ONNX],
-                              preprocessing=manifest["preprocessing"], labels=tuple(manifest["labels"]),
-                              build=manifest["name"], origin=f"build:{build.path.resolve()}")
-    heads = [_head_from_manifest(build, manifest, entry) for entry in manifest["heads"]
-             if f"{entry['path']}/{HEAD_ONNX}" in manifest["files"]]
-    return backbone, heads
-
-
-def head_source_from_build(path: str | Path, name: str, version: int | None = None) -> HeadSource:
-    """One head version of a build directory (the latest when ``version`` is None); ServingError 404 if absent."""
-    build = BuildDir(path)
-    try:
-        manifest = build.manifest()
-        entry = build.head(name, version, manifest)
-    except BuildError as exc:
-        raise ServingError(str(exc), 404) from None
-    if f"{entry['path']}/{HEAD_ONNX}" not in manifest["files"]:
-        raise ServingError(f"head {name}:{entry['version']} of {build.path} has no {HEAD_ONNX}; "
-                           f"run `tl-models export {build.path}`", 404)
-    return _head_from_manifest(build, manifest, entry)
-
-
-def _head_from_manifest(build: BuildDir, manifest: dict, entry: dict) -> HeadSource:
-    rel = f"{entry['path']}/{HEAD_ONNX}"
-    return HeadSource(name=entry["name"], version=int(entry["version"]), path=str(build.path / rel),
-                      sha256=manifest["files"][rel], labels=tuple(manifest["labels"]),
-                      backbone_sha256=manifest["files"].get(BACKBONE_ONNX, ""),
-                      origin=f"build:{build.path.resolve()}")
-
-
-# ---------------------------------------------------------------- heads
-
-@dataclass
-class LoadedHead:
-    """A validated head session: ``embedding (N×D) -> logits (N×C)``."""
-
-    source: HeadSource
-    session: object
-    input_name: str
-    output_name: str
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def version(self) -> int:
-        return self.source.version
-
-    def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: embeddings.astype(np.float32, copy=False)})[0]
-
-    def answer(self, logits: np.ndarray, top_k: int) -> list[dict]:
-        """Top-k labels with softmax scores per row, and which head answered."""
-        scores = softmax(logits)
-        k = max(1, min(top_k, scores.shape[1]))
-        answers = []
-        for row in scores:
-            order = np.argsort(-row, kind="stable")[:k]
-            answers.append({"head": self.name, "version": self.version,
-                            "predictions": [{"label": self.source.labels[i], "score": float(row[i])} for i in order]})
-        return answers
 
 
 def _blank_image(image_format: str) -> bytes:
@@ -173,234 +52,6 @@ def _blank_image(image_format: str) -> bytes:
     Image.new("RGB", (32, 32)).save(buffer, format=image_format)
     return buffer.getvalue()
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
-    """The bytes of a model file after checking its sha256 (ServingError 422 when missing or different)."""
-    import hashlib
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ServingError(f"{what}: cannot read {path}: {exc.strerror}", 422) from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != sha256:
-        raise ServingError(f"{what}: {path} fails its sha256 check (expected {sha256[:12]}…, got {actual[:12]}…)", 422)
-    return data
-
-
-def load_head(source: HeadSource, data: bytes, embedding_dim: int, backbone_sha256: str,
-              providers: str | None = None) -> LoadedHead:
-    """Create and validate a head session from verified bytes; ServingError (409/422) on any mismatch."""
-    what = f"head {source.key}"
-    if source.backbone_sha256 and source.backbone_sha256 != backbone_sha256:
-        raise ServingError(f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
-                           f"this service runs {backbone_sha256[:12]}…)", 409)
-    try:
-        session = create_session(data, providers=providers, name=f"head {source.key}")
-    except Exception as exc:  # ORT raises its own exception types for malformed graphs
-        raise ServingError(f"{what}: not a loadable ONNX model: {exc}", 422) from None
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ServingError(f"{what}: expected one input and one output, got {len(inputs)} and {len(outputs)}", 422)
-    shape = inputs[0].shape
-    if len(shape) != 2 or shape[1] != embedding_dim:
-        raise ServingError(f"{what}: takes input of shape {shape}, the backbone produces embeddings of "
-                           f"dimension {embedding_dim}", 422)
-    head = LoadedHead(source, session, inputs[0].name, outputs[0].name)
-    try:
-        logits = head.logits(np.zeros((2, embedding_dim), dtype=np.float32))
-    except Exception as exc:
-        raise ServingError(f"{what}: test run failed: {exc}", 422) from None
-    if logits.shape != (2, len(source.labels)) or not np.isfinite(logits).all():
-        raise ServingError(f"{what}: produced logits of shape {logits.shape} for {len(source.labels)} labels", 422)
-    return head
-
-
-class HeadCatalog:
-    """``name:version -> HeadSource`` in a JSON file of the state directory, shared by every worker."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._cache: dict[str, HeadSource] = {}
-        self._stamp: tuple | None = None
-        self._lock = threading.Lock()
-
-    def entries(self) -> dict[str, HeadSource]:
-        """All entries (re-read when the file changed)."""
-        with self._lock:
-            try:
-                stat = self.path.stat()
-            except FileNotFoundError:
-                return {}
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if stamp != self._stamp:
-                data = json.loads(self.path.read_text())
-                self._cache = {key: HeadSource.from_dict(value) for key, value in data.items()}
-                self._stamp = stamp
-            return dict(self._cache)
-
-    def get(self, name: str, version: int) -> HeadSource | None:
-        return self.entries().get(f"{name}:{version}")
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive lock across processes (state changes by admin calls and startup are serialised)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def put(self, sources: Sequence[HeadSource], overwrite: bool = False) -> None:
-        """Add entries (call under :meth:`locked`); ServingError 409 for a known version with other bytes."""
-        entries = self.entries()
-        for source in sources:
-            known = entries.get(source.key)
-            if known is not None and known.sha256 != source.sha256 and not overwrite:
-                raise ServingError(f"head {source.key} is already known with another head.onnx "
-                                   f"(sha256 {known.sha256[:12]}…, from {known.origin}); "
-                                   "give the new head a new version", 409)
-            entries[source.key] = source
-        atomic_write_json(self.path, {key: value.to_dict() for key, value in sorted(entries.items())})
-
-
-# ---------------------------------------------------------------- adaptive batching
-
-class MicroBatcher:
-    """Adaptive batching of backbone passes inside one worker.
-
-    Requests that arrive while a pass runs wait and go together into the next pass (up to ``max_batch``
-    images), so a lone request never waits and a busy worker runs full batches. Inputs are validated before
-    they are queued; if a pass fails anyway, its requests are re-run one by one so that only the culprit fails.
-    """
-
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16,
-                 on_batch: Callable[[int], None] | None = None):
-        self._run = run
-        self.max_batch = max_batch
-        self._on_batch = on_batch
-        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
-
-    async def submit(self, batch: np.ndarray) -> np.ndarray:
-        """Run ``batch`` (N×...) through ``run`` together with whatever else is queued; returns its N outputs."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((batch, future))
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._drain())
-        return await future
-
-    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        jobs, size = [], 0
-        while self._pending:
-            batch, future = self._pending[0]
-            if future.done():  # the client went away
-                self._pending.pop(0)
-                continue
-            if jobs and size + len(batch) > self.max_batch:
-                break
-            jobs.append(self._pending.pop(0))
-            size += len(batch)
-        return jobs
-
-    async def _drain(self) -> None:
-        while self._pending:
-            jobs = self._take()
-            if not jobs:
-                continue
-            try:
-                outputs = await asyncio.to_thread(self._run_jobs, [batch for batch, _ in jobs])
-            except Exception as exc:
-                if len(jobs) == 1:
-                    _settle(jobs[0][1], error=exc)
-                    continue
-                for batch, future in jobs:  # isolate the failure: neighbours still get answers
-                    try:
-                        _settle(future, await asyncio.to_thread(self._run_jobs, [batch]))
-                    except Exception as single:
-                        _settle(future, error=single)
-                continue
-            start = 0
-            for batch, future in jobs:
-                _settle(future, outputs[start:start + len(batch)])
-                start += len(batch)
-
-    def _run_jobs(self, batches: list[np.ndarray]) -> np.ndarray:
-        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
-        return self._run(batch)
-
-
-def _settle(future: asyncio.Future, result: object = None, error: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-# ---------------------------------------------------------------- metrics
-
-class Metrics:
-    """Per-head Prometheus metrics. prometheus_client is imported on first use: BentoML sets
-    PROMETHEUS_MULTIPROC_DIR in its workers, and the client must see it to aggregate across workers."""
-
-    _instance: "Metrics | None" = None
-
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
-
-        labels = ["head", "version", "endpoint"]
-        self.requests = Counter("tl_models_head_requests", "Requests routed to a head", labels)
-        self.errors = Counter("tl_models_head_errors", "Requests routed to a head that failed",
-                              labels + ["reason"])
-        self.latency = Histogram("tl_models_head_request_duration_seconds",
-                                 "Time from routing to answer, per head", labels,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch = Histogram("tl_models_backbone_batch_size", "Images per backbone pass (adaptive batching)",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-
-    @classmethod
-    def get(cls) -> "Metrics":
-        """The process-wide instance (metrics can be registered only once per process)."""
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    @staticmethod
-    def request_counts() -> dict[str, dict[str, float]]:
-        """``head -> version -> requests``, summed over every worker of the server."""
-        from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
-
-        registry = REGISTRY
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        counts: dict[str, dict[str, float]] = {}
-        for family in registry.collect():
-            if family.name != "tl_models_head_requests":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    by_version = counts.setdefault(sample.labels["head"], {})
-                    version = sample.labels["version"]
-                    by_version[version] = by_version.get(version, 0.0) + sample.value
-        return counts
-
-
-# ---------------------------------------------------------------- the classifier
 
 @dataclass
 class ServingConfig:
@@ -424,19 +75,6 @@ class ServingConfig:
                    route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")), providers=env.get("TL_MODELS_PROVIDERS"),
                    threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None)
 
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``"a=90,b=10"`` -> ``{"a": 90.0, "b": 10.0}``."""
-    weights = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise ValueError(f"bad weights {text!r}: use name=weight pairs, e.g. a=90,b=10")
-    return weights
 
 
 class Classifier:
