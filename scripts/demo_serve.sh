@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-BUILD=build/demo/build
+BUILD=build/demo/digits
 PORT=${DEMO_PORT:-3917}
-IMAGE=$(ls build/demo/data/7/*.png | head -n 1)
+IMAGES=(build/demo/data/7/*.png)
+IMAGE=${IMAGES[0]}
 export BENTOML_HOME="$PWD/build/demo/bentoml" BENTOML_DO_NOT_TRACK=true
 
 "$BIN/tl-models" serve bento "$BUILD" --port "$PORT" > build/demo/bentoml.log 2>&1 &

@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reports = {}
     for weights in (args.weights, "none"):
         print(f"\n== build: {args.backbone} with weights {weights} ==")
-        out = args.out / ("build" if weights == args.weights else "build-random-weights")
+        out = args.out / ("digits" if weights == args.weights else "digits-random-weights")
         shutil.rmtree(out, ignore_errors=True)  # the demo's own output: start each run fresh
         reports[weights] = build(_build_options(args, data, out, args.name, weights))
     print("\n== what transfer learning bought ==")
