@@ -11,7 +11,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from helpers import serving_build
 from tl_models.backbones import install_offline_weights
 from tl_models.cli import main as cli_main
-from tl_models.triton import (RepositoryOptions, TritonConfigError, model_names, parse_weights, validate_config,
+from tl_models.routing import RoutingError, parse_weights
+from tl_models.triton import (RepositoryOptions, TritonConfigError, model_names, validate_config,
                               write_repository)
 
 ONNX_STEPS = ("build_backbone", "build_head_a", "build_head_b")
@@ -135,5 +136,5 @@ def test_names_and_weights():
     with pytest.raises(TritonConfigError, match="clashing Triton model names"):
         model_names("m", ["backbone", "x"])
     assert parse_weights("a=90, b=10") == {"a": 90.0, "b": 10.0}
-    with pytest.raises(TritonConfigError, match="bad weight"):
+    with pytest.raises(RoutingError, match="bad weight"):
         parse_weights("a:90")

@@ -195,7 +195,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_package_triton(args: argparse.Namespace) -> int:
-    from .triton import RepositoryOptions, parse_weights, write_repository
+    from .routing import parse_weights
+    from .triton import RepositoryOptions, write_repository
 
     options = RepositoryOptions(flavour=args.flavour, gpu=args.gpu, tensorrt=args.tensorrt,
                                max_batch_size=args.max_batch_size, instances=args.instances,
@@ -224,7 +225,7 @@ def cmd_triton_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_swap(args: argparse.Namespace) -> int:
-    from .triton import parse_weights
+    from .routing import parse_weights
     from .triton_swap import TritonSwapError, swap
 
     try:

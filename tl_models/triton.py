@@ -75,20 +75,6 @@ class Repository:
     live: dict[str, int] = field(default_factory=dict)
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """``"a=90,b=10"`` -> ``{"a": 90.0, "b": 10.0}``."""
-    weights = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise TritonConfigError(f"bad weight {item!r}: write head=weight, e.g. a=90,b=10")
-    return weights
-
-
 # ---------------------------------------------------------------- names
 
 

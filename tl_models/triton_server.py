@@ -93,6 +93,7 @@ class TritonServer:
     metrics_port: int
     log_path: Path
     workdir: Path
+    exit_timeout: int = 10
     _own_workdir: bool = field(default=False, repr=False)
 
     @property
@@ -121,8 +122,13 @@ class TritonServer:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """Stop the server by its PID; its python-backend stubs go with it. Returns the exit code."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the server by its PID; its python-backend stubs go with it. Returns the exit code.
+
+        Triton drains for up to ``exit_timeout`` s (in-flight requests, open HTTP connections); past
+        ``timeout`` (default: that + 20 s) the process group this launcher created is killed.
+        """
+        timeout = self.exit_timeout + 20.0 if timeout is None else timeout
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -153,7 +159,7 @@ def _ready(port: int) -> bool:
 def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
           metrics_port: int | None = None, tritonserver: str | Path | None = None,
           workdir: str | Path | None = None, load: tuple[str, ...] = ("*",), timeout: float = 180.0,
-          extra_args: tuple[str, ...] = ()) -> TritonServer:
+          exit_timeout: int = 10, extra_args: tuple[str, ...] = ()) -> TritonServer:
     """Start tritonserver on ``repo`` (explicit model control, ``load`` models at start); wait until ready."""
     repo = Path(repo).resolve()
     if not repo.is_dir():
@@ -173,12 +179,13 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
     command = [str(binary), f"--model-repository={repo}", *backend_args, "--model-control-mode=explicit",
                *[f"--load-model={name}" for name in load], "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
                f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
-               "--exit-on-error=true", *extra_args]
+               "--exit-on-error=true", f"--exit-timeout-secs={exit_timeout}", *extra_args]
     log_path = work / "tritonserver.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=server_environment(bundled is not None), start_new_session=True)
-    server = TritonServer(process, repo, *ports, log_path=log_path, workdir=work, _own_workdir=own)
+    server = TritonServer(process, repo, *ports, log_path=log_path, workdir=work, exit_timeout=exit_timeout,
+                          _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     deadline = time.monotonic() + timeout
     try:
