@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from tl_models.build import BuildOptions, build
 from tl_models.data import write_demo_dataset
 from tl_models.train import TrainConfig
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serving_build(root: Path, per_class: int = 10) -> Path:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -27,7 +26,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 from skimage import data as skdata
 
-from helpers import free_port, serving_build
+from helpers import serving_build
+from tl_models import bento_server
 from tl_models.artifacts import BuildDir, file_sha256
 from tl_models.backbones import install_offline_weights
 from tl_models.build import BuildOptions, build
@@ -111,38 +111,15 @@ def deployment(tmp_path_factory) -> Deployment:
 
 @pytest.fixture(scope="module")
 def server(deployment) -> Server:
-    port = free_port()
     env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
            "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1"}
-    log_path = deployment.root / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Classifier", "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=32))
+    process = bento_server.start(env, log_path=deployment.root / "serve.log")
+    client = httpx.Client(base_url=process.url, timeout=60, limits=httpx.Limits(max_connections=32))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield Server(url, client)
+        yield Server(process.url, client)
     finally:
         client.close()
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        process.stop()
 
 
 # ---------------------------------------------------------------- helpers

@@ -151,16 +151,10 @@ def cmd_serve_bento(args: argparse.Namespace) -> int:
     """Replace this process with `bentoml serve service:Classifier` for a build directory or a stored build."""
     import os
 
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "service.py").is_file():
-        raise ValueError(f"service.py not found next to {Path(__file__).parent}: run from a source checkout")
-    env = dict(os.environ)
-    settings = {"TL_MODELS_BUILD": args.build_dir and args.build_dir.resolve(), "TL_MODELS_BENTO": args.bento,
-                "TL_MODELS_WORKERS": args.workers, "TL_MODELS_WEIGHTS": args.weights,
-                "TL_MODELS_STATE_DIR": args.state_dir and args.state_dir.resolve()}
-    env.update({name: str(value) for name, value in settings.items() if value is not None})
-    command = [sys.executable, "-m", "bentoml", "serve", "service:Classifier", "--host", args.host,
-               "--port", str(args.port), "--working-dir", str(root)]
+    from .bento_server import serve_command, service_environment
+
+    env = service_environment(args.build_dir, args.bento, args.workers, args.weights, args.state_dir)
+    command = serve_command(args.host, args.port)
     print(" ".join(command), flush=True)
     os.execve(sys.executable, command, env)
 

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,17 +24,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import server_process
+
 log = logging.getLogger(__name__)
 
 
 class TritonServerError(RuntimeError):
     """tritonserver could not be found, prepared or started, or did not become ready."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bundled_root() -> Path:
@@ -117,10 +112,7 @@ class TritonServer:
         return self.process.poll() is None
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+        return server_process.log_tail(self.log_path, chars)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server by its PID; its python-backend stubs go with it. Returns the exit code.
@@ -128,15 +120,7 @@ class TritonServer:
         Triton drains for up to ``exit_timeout`` s (in-flight requests, open HTTP connections); past
         ``timeout`` (default: that + 20 s) the process group this launcher created is killed.
         """
-        timeout = self.exit_timeout + 20.0 if timeout is None else timeout
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver %d ignored SIGTERM for %.0f s: killing its process group", self.pid, timeout)
-                os.killpg(self.pid, signal.SIGKILL)  # the group this launcher created with start_new_session
-                self.process.wait(10)
+        server_process.stop(self.process, self.exit_timeout + 20.0 if timeout is None else timeout, "tritonserver")
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode
@@ -167,7 +151,7 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="tl-triton-")) if own else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ports = [p or _free_port() for p in (http_port, grpc_port, metrics_port)]
+    ports = [p or server_process.free_port() for p in (http_port, grpc_port, metrics_port)]
     if tritonserver is None:
         bundled = prepare_bundled(work)
         binary = bundled / "bin" / "tritonserver"
@@ -187,16 +171,10 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
     server = TritonServer(process, repo, *ports, log_path=log_path, workdir=work, exit_timeout=exit_timeout,
                           _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            if not server.alive():
-                raise TritonServerError(f"tritonserver exited with code {process.returncode} before it was ready:\n"
-                                        f"{server.log_tail()}")
-            if _ready(ports[0]):
-                return server
-            time.sleep(0.25)
-        raise TritonServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{server.log_tail()}")
+        server_process.wait_ready(process, lambda: _ready(ports[0]), timeout, "tritonserver", log_path,
+                                  TritonServerError)
+        return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
         server.stop()
         raise

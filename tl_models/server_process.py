@@ -1,0 +1,64 @@
+"""What every server launcher here shares: a free loopback port, waiting for readiness, stopping by PID.
+
+A server runs in its own session (``start_new_session=True``), so its process group is its own and can be
+killed whole (workers, python-backend stubs) when SIGTERM is not honoured in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    """The last ``chars`` characters of a server log ("" when there is none yet)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return ""
+
+
+def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout: float, what: str, log_path: Path,
+               error: type[Exception]) -> None:
+    """Poll ``ready()`` until it is true; raise ``error`` (with the log tail) if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"{what} exited with code {process.returncode} before it was ready:\n{log_tail(log_path)}")
+        if ready():
+            return
+        time.sleep(0.25)
+    raise error(f"{what} was not ready after {timeout:.0f} s:\n{log_tail(log_path)}")
+
+
+def stop(process: subprocess.Popen, timeout: float, what: str, group: bool = False) -> int | None:
+    """SIGTERM the server (its whole process group if ``group``); past ``timeout`` s SIGKILL the group.
+
+    Returns the exit code.
+    """
+    if process.poll() is None:
+        try:
+            (os.killpg if group else os.kill)(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s %d ignored SIGTERM for %.0f s: killing its process group", what, process.pid, timeout)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        except ProcessLookupError:
+            process.wait(10)
+    return process.returncode
