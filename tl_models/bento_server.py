@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,14 +78,6 @@ def serve_command(host: str, port: int) -> list[str]:
             "--working-dir", str(PROJECT)]
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 def start(env: dict[str, str], port: int | None = None, log_path: str | Path | None = None,
           timeout: float = 300.0) -> BentoServer:
     """Start ``bentoml serve`` with ``env`` (see :func:`service_environment`) on 127.0.0.1; wait for ``/readyz``."""
@@ -100,7 +90,7 @@ def start(env: dict[str, str], port: int | None = None, log_path: str | Path | N
     server = BentoServer(process, port, log_path)
     log.info("bentoml serve pid %d on %s, log %s", server.pid, server.url, log_path)
     try:
-        server_process.wait_ready(process, lambda: _ready(server.url), timeout, "bentoml serve", log_path,
+        server_process.wait_ready(process, f"{server.url}/readyz", timeout, "bentoml serve", log_path,
                                   BentoServerError)
         return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind

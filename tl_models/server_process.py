@@ -12,8 +12,9 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# loopback never goes through a proxy: urlopen's global opener keeps whatever *_proxy variables held at its
+# first use (a test that blocks downloads with http_proxy=127.0.0.1:9 would make every later check fail)
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET ``url`` (a loopback health endpoint) answers 200; False on any connection failure."""
+    try:
+        with _LOOPBACK.open(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 def log_tail(path: Path, chars: int = 4000) -> str:
     """The last ``chars`` characters of a server log ("" when there is none yet)."""
     try:
@@ -33,14 +48,15 @@ def log_tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
-def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout: float, what: str, log_path: Path,
+def wait_ready(process: subprocess.Popen, ready_url: str, timeout: float, what: str, log_path: Path,
                error: type[Exception]) -> None:
-    """Poll ``ready()`` until it is true; raise ``error`` (with the log tail) if the process dies or time runs out."""
+    """Poll ``ready_url`` until it answers 200; raise ``error`` (with the log tail) if the process dies or time
+    runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise error(f"{what} exited with code {process.returncode} before it was ready:\n{log_tail(log_path)}")
-        if ready():
+        if http_ok(ready_url):
             return
         time.sleep(0.25)
     raise error(f"{what} was not ready after {timeout:.0f} s:\n{log_tail(log_path)}")

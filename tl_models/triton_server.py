@@ -19,8 +19,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,14 +130,6 @@ class TritonServer:
         self.stop()
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
           metrics_port: int | None = None, tritonserver: str | Path | None = None,
           workdir: str | Path | None = None, load: tuple[str, ...] = ("*",), timeout: float = 180.0,
@@ -172,8 +162,8 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
                           _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     try:
-        server_process.wait_ready(process, lambda: _ready(ports[0]), timeout, "tritonserver", log_path,
-                                  TritonServerError)
+        server_process.wait_ready(process, f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout, "tritonserver",
+                                  log_path, TritonServerError)
         return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
         server.stop()
