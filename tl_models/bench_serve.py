@@ -191,12 +191,13 @@ def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> d
         "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token})
 
 
-def _servers(options: ServeBenchOptions, build_dir: Path, workdir: Path, stack: ExitStack,
+def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
              started: list[dict]) -> dict[str, Callable[[], Caller]]:
-    """A caller factory per server stack; starts (and registers the stop of) the servers whose URL is not given."""
+    """A caller factory per ``wanted`` server stack; starts (and registers the stop of) the servers whose URL is
+    not given."""
     manifest = BuildDir(build_dir).manifest()
     callers: dict[str, Callable[[], Caller]] = {}
-    if "bentoml-http" in options.stacks:
+    if "bentoml-http" in wanted:
         url = options.bento_url
         if url is None:
             options.progress("[bench serve] starting bentoml serve")
@@ -206,7 +207,7 @@ def _servers(options: ServeBenchOptions, build_dir: Path, workdir: Path, stack: 
             started.append({"server": "bentoml", "pid": server.pid})
             url = server.url
         callers["bentoml-http"] = lambda url=url: BentoCaller(url)
-    triton = [s for s in ("triton-http", "triton-grpc") if s in options.stacks]
+    triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
     urls = {"triton-http": options.triton_http_url, "triton-grpc": options.triton_grpc_url}
     if any(urls[s] is None for s in triton):
         from .triton import RepositoryOptions, write_repository
@@ -436,10 +437,12 @@ def bench_serve(options: ServeBenchOptions) -> dict:
         figures["in_process"] = in_process(build_dir, options.batches, options.seconds, options.stacks,
                                            options.progress)
         figures["servers"] = []
-        with ExitStack() as servers:
-            for stack, connect in _servers(options, build_dir, workdir, servers, started).items():
-                figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
-                                              options.max_requests, options.progress)
+        for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
+            wanted = tuple(s for s in group if s in options.stacks)
+            with ExitStack() as servers:
+                for stack, connect in _servers(options, wanted, build_dir, workdir, servers, started).items():
+                    figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
+                                                  options.max_requests, options.progress)
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
         _ratios(figures)
