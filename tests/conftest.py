@@ -101,10 +101,12 @@ def deployment(tmp_path_factory) -> Deployment:
 
 
 @pytest.fixture(scope="session")
-def server(deployment) -> Server:
-    """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``."""
+def server(deployment, tmp_path_factory) -> Server:
+    """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``; bodies up to 8 MiB,
+    tensors of up to 4 images, builds loadable from this session's temp dirs only."""
     env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
-           "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1"}
+           "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1", "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
+           "TL_MODELS_MAX_TENSOR_BATCH": "4", "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp())}
     process = bento_server.start(env, log_path=deployment.root / "serve.log")
     client = httpx.Client(base_url=process.url, timeout=60, limits=httpx.Limits(max_connections=32))
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,40 @@ class Server:
         data = {"top_k": str(top_k)} if top_k is not None else {}
         return self.client.post("/classify", files={"image": ("x.png", image, "image/png")}, data=data,
                                 headers=headers or {})
+
+
+@dataclass
+class Call:
+    """One /classify call made by :func:`load_until`: when, the status (None: no answer) and the body."""
+
+    start: float
+    end: float
+    status: int | None
+    body: dict | str
+
+
+def load_until(server: Server, images: list[bytes], stop: threading.Event,
+               threads: int = 8) -> tuple[list[Call], list[threading.Thread]]:
+    """Client threads sending /classify (each with its own sticky key) until ``stop`` is set."""
+    calls: list[Call] = []
+
+    def worker(index: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            j = 0
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    r = client.post("/classify", files={"image": ("x.png", images[j % len(images)], "image/png")},
+                                    headers={"X-TL-Key": f"client-{index}-{j}"})
+                    calls.append(Call(start, time.monotonic(), r.status_code, r.json()))
+                except httpx.HTTPError as exc:
+                    calls.append(Call(start, time.monotonic(), None, repr(exc)))
+                j += 1
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    return calls, pool
 
 
 class DirectOnnx:

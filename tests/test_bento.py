@@ -14,7 +14,6 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 from skimage import data as skdata
 
-from helpers import REPO, Deployment, DirectOnnx, Server
+from helpers import RELIABILITY, REPO, Call, Deployment, DirectOnnx, Server, load_until
 from tl_models.artifacts import file_sha256
 from tl_models.preprocess import preprocess_bytes
 from tl_models.routing import Route
@@ -66,38 +65,6 @@ def hammer(server: Server, images: list[bytes], n: int, threads: int, headers=la
     """``n`` concurrent /classify calls from ``threads`` client threads."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda i: server.classify(images[i % len(images)], headers(i)), range(n)))
-
-
-@dataclass
-class Call:
-    start: float
-    end: float
-    status: int | None
-    body: dict | str
-
-
-def load_until(server: Server, images: list[bytes], stop: threading.Event,
-               threads: int = 8) -> tuple[list[Call], list[threading.Thread]]:
-    """Client threads sending /classify (each with its own sticky key) until ``stop`` is set."""
-    calls: list[Call] = []
-
-    def worker(index: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            j = 0
-            while not stop.is_set():
-                start = time.monotonic()
-                try:
-                    r = client.post("/classify", files={"image": ("x.png", images[j % len(images)], "image/png")},
-                                    headers={"X-TL-Key": f"client-{index}-{j}"})
-                    calls.append(Call(start, time.monotonic(), r.status_code, r.json()))
-                except httpx.HTTPError as exc:
-                    calls.append(Call(start, time.monotonic(), None, repr(exc)))
-                j += 1
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    return calls, pool
 
 
 def swap_under_load(server: Server, images: list[bytes], body: dict) -> tuple[list[Call], float, float, dict]:
@@ -352,6 +319,8 @@ def test_swap_under_load_loses_nothing_and_then_only_the_new_head_answers(server
 
 def _check_swap(calls: list[Call], swap_start: float, swap_end: float, old: int, new: int) -> None:
     failed = [c for c in calls if c.status != 200]
+    RELIABILITY["requests during swaps"] += len(calls)
+    RELIABILITY["failed requests during swaps"] += len(failed)
     assert not failed, failed[:5]
     before = [c.body["version"] for c in calls if c.end < swap_start and c.body["head"] == "a"]
     after = [c.body["version"] for c in calls if c.start > swap_end and c.body["head"] == "a"]

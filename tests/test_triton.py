@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from helpers import bytes_input, live, url
+from helpers import RELIABILITY, bytes_input, live, url
 from tl_models.cli import main as cli_main
 from tl_models.preprocess import preprocess_bytes
 from tl_models.routing import RoutingState
@@ -188,6 +188,8 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     stop.set()
     for thread in threads:
         thread.join()
+    RELIABILITY["requests during swaps"] += len(answers) + len(failures)
+    RELIABILITY["failed requests during swaps"] += len(failures)
     assert code == 0
     assert not failures, failures[:3]
     seen = Counter(head for model, head in answers if model == name)
