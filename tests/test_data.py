@@ -88,7 +88,7 @@ def test_class_with_one_image(tmp_path: Path) -> None:
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path: Path) -> None:
-    """Non-images, corrupt, truncated and empty files are skipped with a reason; the good ones all load."""
+    """Non-images, corrupt, truncated, empty and tiny files are skipped with a reason; the good ones all load."""
     _folder(tmp_path, {"cat": 3, "dog": 2})
     bad = {
         tmp_path / "cat" / "readme.txt": b"hello",
@@ -98,6 +98,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path: Path) -> None:
         tmp_path / "dog" / "truncated.png": _encoded("PNG")[:300],
         tmp_path / "dog" / "truncated.jpg": _encoded("JPEG")[:400],
         tmp_path / "cat" / "nested" / "garbage.bmp": b"BM" + bytes(10),
+        tmp_path / "dog" / "tiny.png": _encoded("PNG", size=4),  # the servers refuse it: too small
     }
     for path, payload in bad.items():
         path.parent.mkdir(parents=True, exist_ok=True)

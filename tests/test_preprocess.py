@@ -99,3 +99,11 @@ def test_pixel_limit_is_configurable():
     with pytest.raises(ImageError, match="exceeds the limit of 5000 pixels"):
         decode_image(data, max_pixels=5000)
     assert decode_image(data, max_pixels=10000).size == (100, 100)
+
+
+@pytest.mark.parametrize("size, message", [((1, 1), "too small: 1x1"), ((7, 300), "too small"),
+                                           ((10, 1001), "aspect ratio beyond 100:1")])
+def test_tiny_and_needle_shaped_images_are_refused(size, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(encoded(Image.new("RGB", size)))
+    assert decode_image(encoded(Image.new("RGB", (8, 800)))).size == (8, 800)

@@ -6,7 +6,6 @@ and ``b``. Answers are compared with ONNX Runtime run directly on the build's ba
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -17,84 +16,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from helpers import serving_build
-from tl_models.backbones import install_offline_weights
-from tl_models.build import BuildOptions, build
+from helpers import RELIABILITY, bytes_input, live, url
 from tl_models.cli import main as cli_main
-from tl_models.preprocess import Preprocessing, preprocess_bytes
+from tl_models.preprocess import preprocess_bytes
 from tl_models.routing import RoutingState
-from tl_models.runtime import create_session
-from tl_models.train import TrainConfig
-from tl_models.triton import RepositoryOptions, write_repository
-from tl_models.triton_server import start
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Build (a:1, b:1), package, build a:2, package again (a:1 stays live), start tritonserver."""
-    root = tmp_path_factory.mktemp("triton")
-    install_offline_weights()  # mobilenet_v2 ImageNet weights into torch's hub cache (offline)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
-        out = serving_build(root)
-        repo = root / "model_repository"
-        write_repository(out, repo, RepositoryOptions(flavour="python", weights={"a": 90, "b": 10}))
-        build(BuildOptions(data=root / "data", out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           head="linear", name="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
-                           progress=False))
-        packaged = write_repository(out, repo, RepositoryOptions(flavour="python"))
-        assert packaged.live == {"a": 1, "b": 1} and (repo / "build_head_a" / "2" / "model.onnx").is_file()
-    # a generous start-up bound: on a loaded 2-core CI machine each python-backend stub takes seconds to start
-    server = start(repo, workdir=root / "tritonserver", timeout=600)  # its log stays in the pytest temp dir
-    yield {"server": server, "build": out, "repo": repo, "name": packaged.name, "data": root / "data"}
-    pid = server.pid
-    server.stop()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-
-
-@pytest.fixture(scope="module")
-def reference(served):
-    """Direct ONNX Runtime: backbone.onnx then heads/<name>/<version>/head.onnx, as (bytes -> logits)."""
-    import json
-
-    manifest = json.loads((served["build"] / "manifest.json").read_text())
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
-    backbone = create_session(served["build"] / "backbone.onnx")
-    heads = {(h["name"], h["version"]): create_session(served["build"] / h["path"] / "head.onnx")
-             for h in manifest["heads"]}
-
-    def run(images: list[bytes], head: str, version: int) -> np.ndarray:
-        batch = np.stack([preprocess_bytes(data, spec) for data in images])
-        embedding = backbone.run(None, {"image": batch})[0]
-        return heads[(head, version)].run(None, {"embedding": embedding})[0]
-
-    run.labels = manifest["labels"]
-    run.spec = spec
-    return run
-
-
-@pytest.fixture(scope="module")
-def images(served) -> list[bytes]:
-    """One PNG per class of the demo digits."""
-    return [sorted(d.iterdir())[0].read_bytes() for d in sorted(p for p in served["data"].iterdir() if p.is_dir())]
-
-
-def live(served, head: str) -> int:
-    return RoutingState(served["repo"] / served["name"] / "route.json", poll=0).current().versions[head]
-
-
-def url(served, protocol: str) -> str:
-    return served["server"].http_url if protocol == "http" else served["server"].grpc_url
-
-
-def bytes_input(module, data: list[bytes], name: str = "image_bytes"):
-    tensor = module.InferInput(name, [len(data), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(data, dtype=np.object_).reshape(-1, 1))
-    return tensor
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -259,6 +188,8 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     stop.set()
     for thread in threads:
         thread.join()
+    RELIABILITY["requests during swaps"] += len(answers) + len(failures)
+    RELIABILITY["failed requests during swaps"] += len(failures)
     assert code == 0
     assert not failures, failures[:3]
     seen = Counter(head for model, head in answers if model == name)

@@ -194,9 +194,11 @@ def head_source(model) -> HeadSource:
 
 def stored_head(tag: str) -> HeadSource:
     """A head model of the store by tag; ServingError 404 when it is missing or not a tl-models head."""
+    from bentoml.exceptions import BentoMLException
+
     try:
         model = _get(tag)
-    except ValueError as exc:
+    except (ValueError, BentoMLException) as exc:  # BentoML raises either for a malformed tag
         raise ServingError(f"bad model tag {tag!r}: {exc}") from None
     if model is None:
         raise ServingError(f"no model {tag} in the BentoML store", 404)

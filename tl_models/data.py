@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .preprocess import ImageError, decode_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -43,16 +45,12 @@ class ImageFolderData:
 
 
 def _check_image(path: Path) -> str | None:
-    """None when PIL can decode the file, else the reason it cannot."""
+    """None when the file decodes as serving decodes it (``tl_models.preprocess``), else the reason it does not:
+    training skips what the servers would refuse (unreadable, truncated, too small, too large, needle-shaped)."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-            if image.width < 1 or image.height < 1:
-                return "zero-size image"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        decode_image(path.read_bytes())
+    except (ImageError, OSError) as exc:
+        return str(exc)
     return None
 
 

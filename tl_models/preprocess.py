@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+MIN_SIDE = 8  # pixels: anything smaller carries no picture worth classifying
+MAX_ASPECT_RATIO = 100  # longer side / shorter side: resizing the shorter side must not blow up the longer
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
 
@@ -55,11 +57,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Exception as exc:  # PIL raises many types for malformed headers
         raise ImageError(f"cannot read image header: {exc}") from None
     width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageError(f"zero-size image ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} = {width * height} pixels "
                          f"exceeds the limit of {max_pixels} pixels")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"image too small: {width}x{height} (each side needs at least {MIN_SIDE} pixels)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"image {width}x{height} has an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

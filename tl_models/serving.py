@@ -32,15 +32,13 @@ import numpy as np
 from .artifacts import BuildError, atomic_write_bytes, file_sha256
 from .batching import MicroBatcher
 from .metrics import Metrics
-from .preprocess import ImageError, Preprocessing, preprocess_bytes
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_bytes
 from .routing import Route, RoutingError, RoutingState, parse_weights
 from .runtime import create_session
 from .serving_heads import (HEAD_ONNX, BackboneSource, HeadCatalog, HeadSource, LoadedHead, ServingError,
-                            load_head, read_verified)
+                            check_head_name, load_head, read_verified)
 
 log = logging.getLogger(__name__)
-
-MAX_TENSOR_BATCH = 256
 
 
 def _blank_image(image_format: str) -> bytes:
@@ -65,15 +63,22 @@ class ServingConfig:
     providers: str | None = None
     threads: int | None = None
     warmup_batches: tuple[int, ...] = field(default=(1,))
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_tensor_batch: int = 256
+    build_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, default_state_dir: Path) -> "ServingConfig":
         env = os.environ
+        roots = env.get("TL_MODELS_BUILD_ROOTS")
         return cls(state_dir=Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir),
                    weights=parse_weights(env["TL_MODELS_WEIGHTS"]) if env.get("TL_MODELS_WEIGHTS") else None,
                    top_k=int(env.get("TL_MODELS_TOP_K", "5")), max_batch=int(env.get("TL_MODELS_MAX_BATCH", "16")),
                    route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")), providers=env.get("TL_MODELS_PROVIDERS"),
-                   threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None)
+                   threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
+                   max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+                   max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
+                   build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),))
 
 
 
@@ -186,7 +191,7 @@ class Classifier:
     def preprocess(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> uint8 3×H×W; ServingError 400 with the reason for anything that is no image."""
         try:
-            return preprocess_bytes(data, self.spec)
+            return preprocess_bytes(data, self.spec, self.config.max_pixels)
         except ImageError as exc:
             raise ServingError(f"bad image: {exc}") from None
 
@@ -198,8 +203,8 @@ class Classifier:
             array = array[None]
         if array.ndim != 4 or tuple(array.shape[1:]) != self.input_size:
             raise ServingError(f"tensor must have shape N×{expected} (or {expected}), got {tuple(array.shape)}")
-        if not 1 <= len(array) <= MAX_TENSOR_BATCH:
-            raise ServingError(f"tensor batch must hold 1 to {MAX_TENSOR_BATCH} images, got {len(array)}")
+        if not 1 <= len(array) <= self.config.max_tensor_batch:
+            raise ServingError(f"tensor batch must hold 1 to {self.config.max_tensor_batch} images, got {len(array)}")
         if array.dtype == np.uint8:
             return np.ascontiguousarray(array)
         if array.dtype.kind not in "iuf":
@@ -307,6 +312,7 @@ class Classifier:
         return self.status()
 
     def _load(self, source: HeadSource, live: bool, weight: float | None) -> None:
+        check_head_name(source.name)  # it becomes a directory name in the state directory
         head, data = self._validated(source)  # raises before anything changed
         known = self.catalog.get(source.name, source.version)
         if known is not None and known.sha256 != source.sha256:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -74,6 +75,29 @@ class HeadSource:
                    labels=tuple(data["labels"]), backbone_sha256=data["backbone_sha256"], origin=data["origin"])
 
 
+_HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def check_head_name(name: str) -> str:
+    """``name`` when it is a safe head name (letters, digits, '_', '.', '-'; no path parts), else ServingError 400.
+
+    Head names become file names in the state directory and parts of model tags: nothing that could walk out."""
+    if not _HEAD_NAME.fullmatch(name) or ".." in name:
+        raise ServingError(f"bad head name {name!r}: use up to 63 letters, digits, '_', '.' and '-' "
+                           "(no path separators, no '..')")
+    return name
+
+
+def confined(path: str | Path, roots: Sequence[Path]) -> Path:
+    """``path`` resolved (symlinks too) when it lies inside one of ``roots``; ServingError 403 otherwise."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        allowed = ", ".join(str(root) for root in roots) or "none"
+        raise ServingError(f"{path} is outside the directories this service loads builds from ({allowed}; "
+                           "set TL_MODELS_BUILD_ROOTS)", 403)
+    return resolved
+
+
 # ---------------------------------------------------------------- build directories as a source
 
 def sources_from_build(path: str | Path) -> tuple[BackboneSource, list[HeadSource]]:
@@ -92,6 +116,7 @@ def sources_from_build(path: str | Path) -> tuple[BackboneSource, list[HeadSourc
 
 def head_source_from_build(path: str | Path, name: str, version: int | None = None) -> HeadSource:
     """One head version of a build directory (the latest when ``version`` is None); ServingError 404 if absent."""
+    check_head_name(name)
     build = BuildDir(path)
     try:
         manifest = build.manifest()
@@ -101,7 +126,9 @@ def head_source_from_build(path: str | Path, name: str, version: int | None = No
     if f"{entry['path']}/{HEAD_ONNX}" not in manifest["files"]:
         raise ServingError(f"head {name}:{entry['version']} of {build.path} has no {HEAD_ONNX}; "
                            f"run `tl-models export {build.path}`", 404)
-    return _head_from_manifest(build, manifest, entry)
+    source = _head_from_manifest(build, manifest, entry)
+    confined(source.path, [build.path])  # a manifest entry must not point outside its build directory
+    return source
 
 
 def _head_from_manifest(build: BuildDir, manifest: dict, entry: dict) -> HeadSource:

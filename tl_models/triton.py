@@ -4,7 +4,8 @@ For a build named NAME (``manifest["name"]``) the repository holds::
 
     preprocess/               python: image_bytes (TYPE_STRING) -> image (uint8 3×H×W), tl_models.preprocess
     NAME_backbone/1/          image -> embedding (ONNX: onnxruntime backend, or python backend + ONNX Runtime)
-    NAME_head_<head>/<v>/     embedding -> logits, one Triton version per head version, labels.txt
+    NAME_head_<head>/<v>/     embedding -> logits, one Triton version per head version (model.onnx and its
+                              sha256 in model.onnx.sha256, checked before a swap loads it), labels.txt
     NAME_<head>/              ensemble image_bytes -> preprocess -> backbone -> head (pinned live version)
     NAME_<head>_tensor/       ensemble image -> backbone -> head
     NAME/                     python router (BLS): A/B split of tl_models.routing over ``NAME/route.json``
@@ -16,6 +17,7 @@ hidden temp directory inside the repository and renamed into place, so it appear
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ from .routing import Route, RoutingState
 FLAVOURS = ("python", "onnxruntime")
 PREPROCESS = "preprocess"
 CONFIG, LABELS, ROUTE_FILE, ONNX_FILE = "config.pbtxt", "labels.txt", "route.json", "model.onnx"
+SHA256_FILE = ONNX_FILE + ".sha256"
 IMAGE_BYTES, ROUTE_KEY, ROUTE_HEAD, HEAD = "image_bytes", "route_key", "route_head", "head"
 MODELS_DIR = Path(__file__).parent / "triton_models"
 
@@ -405,7 +408,8 @@ def _labels(manifest: dict) -> bytes:
 
 
 def _version_files(onnx_path: Path, options: RepositoryOptions) -> dict[str, bytes]:
-    files = {ONNX_FILE: onnx_path.read_bytes()}
+    data = onnx_path.read_bytes()
+    files = {ONNX_FILE: data, SHA256_FILE: hashlib.sha256(data).hexdigest().encode()}  # checked by swap
     if options.flavour == "python":
         files["model.py"] = (MODELS_DIR / "onnx_model.py").read_bytes()
     return files

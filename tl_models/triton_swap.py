@@ -7,20 +7,29 @@
    its poll interval;
 4. once the old version has seen no traffic for ``drain`` seconds, the version_policy drops it and ``load``
    unloads it (in-flight requests finish first; the router retries a straggler on the new route).
+
+Before step 1 the new version's ``model.onnx`` is checked against the sha256 recorded when it was packaged and
+loaded once with ONNX Runtime here (a corrupt or truncated file is refused before Triton sees it). If
+step 1, 2 or 3 fails, every config changed so far is put back and reloaded: the previous versions, ensembles and
+route stay in force (Triton keeps serving a model whose reload failed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from .routing import Route, RoutingState
-from .triton import CONFIG, ROUTE_FILE, ensemble_model, head_model, read_config, write_config
+from .runtime import create_session
+from .triton import (CONFIG, ONNX_FILE, ROUTE_FILE, SHA256_FILE, ensemble_model, head_model, read_config,
+                     write_config)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +60,55 @@ def _load(client: InferenceServerClient, model: str) -> None:
         raise TritonSwapError(f"Triton failed to load {model}: {exc.message()}") from None
 
 
-def _set_versions(client: InferenceServerClient, model_dir: Path, versions: list[int]) -> None:
-    """Write the head's version_policy and (re)load it: Triton loads added versions and unloads dropped ones."""
+def _reconfigure(client: InferenceServerClient, model_dir: Path, change: Callable, undo: list) -> None:
+    """Apply ``change`` to a model's config, write it and (re)load the model; the original config goes on
+    ``undo`` first, so a failure at any point can be rolled back by :func:`_roll_back`."""
     config = read_config(model_dir)
-    del config.version_policy.specific.versions[:]
-    config.version_policy.specific.versions.extend(versions)
+    undo.append((model_dir, read_config(model_dir)))
+    change(config)
     write_config(model_dir, config)
     _load(client, model_dir.name)
+
+
+def _set_versions(client: InferenceServerClient, model_dir: Path, versions: list[int], undo: list) -> None:
+    """The head's version_policy becomes ``versions``: Triton loads added versions and unloads dropped ones."""
+
+    def change(config) -> None:
+        del config.version_policy.specific.versions[:]
+        config.version_policy.specific.versions.extend(versions)
+
+    _reconfigure(client, model_dir, change, undo)
+
+
+def _roll_back(client: InferenceServerClient, undo: list) -> None:
+    """Put back the configs on ``undo`` (latest first) and reload their models; log what cannot be restored."""
+    for model_dir, config in reversed(undo):
+        try:
+            write_config(model_dir, config)
+            client.load_model(model_dir.name)
+            log.info("rolled back %s", model_dir.name)
+        except Exception as exc:  # keep restoring the others; the message names what is left
+            log.error("could not roll back %s: %s", model_dir.name, exc)
+
+
+def _check_model(version_dir: Path) -> None:
+    """The version's model.onnx must match the sha256 recorded when it was packaged and load in ONNX Runtime
+    here: Triton must never be asked to load a broken version (a failed version stays in its repository index
+    and keeps the server's strict readiness at false until a restart)."""
+    recorded = version_dir / SHA256_FILE
+    if not recorded.is_file():
+        raise TritonSwapError(f"{version_dir} has no {SHA256_FILE}: package its build again with "
+                              "`tl-models package triton`")
+    expected = recorded.read_text().strip()
+    actual = hashlib.sha256((version_dir / ONNX_FILE).read_bytes()).hexdigest()
+    if actual != expected:
+        raise TritonSwapError(f"{version_dir / ONNX_FILE} fails its sha256 check (expected {expected[:12]}…, "
+                              f"got {actual[:12]}…): refused; the live version keeps serving")
+    try:
+        create_session(version_dir / ONNX_FILE, providers="cpu", threads=1, name=str(version_dir))
+    except Exception as exc:  # ONNX Runtime raises its own types for malformed graphs
+        raise TritonSwapError(f"{version_dir / ONNX_FILE} is not a loadable ONNX model ({exc}): refused; "
+                              "the live version keeps serving") from None
 
 
 def _inference_count(client: InferenceServerClient, model: str, version: int) -> int:
@@ -98,31 +149,46 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
     current = state.current()
     old = current.versions.get(head)
     Route(current.weights if weights is None else weights, {**current.versions, head: version}).validate()
+    _check_model(model_dir / str(version))
     client = client_for(url)
     if not client.is_server_ready():
         raise TritonSwapError(f"Triton at {url} is not ready")
 
-    _set_versions(client, model_dir, sorted({v for v in (old, version) if v is not None}))
-    if not client.is_model_ready(model, str(version)):
-        raise TritonSwapError(f"{model} version {version} is not ready after loading: does the server at {url} "
-                              f"serve {repo.resolve()}?")
-    log.info("loaded %s version %d", model, version)
-    for tensor in (False, True):
-        ensemble_dir = repo / ensemble_model(name, head, tensor)
-        if (ensemble_dir / CONFIG).is_file():
-            config = read_config(ensemble_dir)
-            for step in config.ensemble_scheduling.step:
-                if step.model_name == model:
-                    step.model_version = version
-            write_config(ensemble_dir, config)
-            _load(client, ensemble_dir.name)
-            log.info("repointed ensemble %s at %s version %d", ensemble_dir.name, model, version)
-    route = state.update(weights=weights, versions={head: version})
-    log.info("route revision %d: versions %s, weights %s", route.revision, route.versions, route.weights)
+    undo: list = []
+    try:
+        route = _repoint(client, repo, name, head, model, model_dir, old, version, state, weights, undo)
+    except BaseException:
+        _roll_back(client, undo)
+        raise
     if old is not None and old != version:
         _drain(client, model, old, quiet=max(drain, 0.5), timeout=timeout)
-        _set_versions(client, model_dir, [version])
+        _set_versions(client, model_dir, [version], [])
         if client.is_model_ready(model, str(old)):
             raise TritonSwapError(f"{model} version {old} is still loaded after the unload request")
         log.info("unloaded %s version %d", model, old)
     return SwapResult(head, old, version, route)
+
+
+def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, model: str, model_dir: Path,
+             old: int | None, version: int, state: RoutingState, weights: dict[str, float] | None,
+             undo: list) -> Route:
+    """Steps 1-3: load the new version next to the old, repoint the ensembles, then the route."""
+    _set_versions(client, model_dir, sorted({v for v in (old, version) if v is not None}), undo)
+    if not client.is_model_ready(model, str(version)):
+        raise TritonSwapError(f"{model} version {version} is not ready after loading: does the server serve "
+                              f"{repo.resolve()}?")
+    log.info("loaded %s version %d", model, version)
+    for tensor in (False, True):
+        ensemble_dir = repo / ensemble_model(name, head, tensor)
+        if (ensemble_dir / CONFIG).is_file():
+
+            def repoint(config) -> None:
+                for step in config.ensemble_scheduling.step:
+                    if step.model_name == model:
+                        step.model_version = version
+
+            _reconfigure(client, ensemble_dir, repoint, undo)
+            log.info("repointed ensemble %s at %s version %d", ensemble_dir.name, model, version)
+    route = state.update(weights=weights, versions={head: version})
+    log.info("route revision %d: versions %s, weights %s", route.revision, route.versions, route.weights)
+    return route

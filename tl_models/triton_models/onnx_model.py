@@ -38,6 +38,8 @@ class TritonPythonModel:
             return f"input {self.input_name!r} must be {np.dtype(self.dtype).name}, got {array.dtype.name}"
         if array.ndim != len(self.dims) + 1 or any(d != -1 and d != s for d, s in zip(self.dims, array.shape[1:])):
             return f"input {self.input_name!r} must have shape [N, {', '.join(map(str, self.dims))}], got {list(array.shape)}"
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return f"input {self.input_name!r} holds NaN or infinite values"
         return None
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

@@ -35,7 +35,10 @@ def _first_string(request: "pb_utils.InferenceRequest", name: str) -> str | None
     if not len(values):
         return None
     value = values[0]
-    return (value.decode() if isinstance(value, bytes) else str(value)) or None
+    try:
+        return (value.decode() if isinstance(value, bytes) else str(value)) or None
+    except UnicodeDecodeError:
+        raise RoutingError(f"{name} must be UTF-8 text, got {value[:32]!r}") from None
 
 
 def _error(message: str, code: int | None = None) -> "pb_utils.InferenceResponse":
