@@ -13,6 +13,7 @@ from typing import Callable, Iterable, TypeVar
 import psutil
 
 from helpers import RELIABILITY, RELIABILITY_NOTES
+from tl_models.server_process import tree_rss
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,18 +23,6 @@ SOAK_SECONDS = float(os.environ.get("TL_MODELS_SOAK_SECONDS", "60"))
 SOAK_WARM_UP_SECONDS = 10.0  # allocators and thread pools settle at this concurrency first
 SOAK_CONCURRENCY = 32
 MAX_MEMORY_GROWTH = 0.10
-
-
-def tree_rss(pid: int) -> int:
-    """Resident memory in bytes of a process and all its descendants (server, workers, backend stubs)."""
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def tree_pids(pid: int) -> set[int]:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import bento_server, triton_server
+from . import bento_server, server_process, triton_server
 from .artifacts import BuildDir
 from .bench import format_table, images_per_second, write_json
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
@@ -172,20 +172,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes summed over a process and all its descendants (shared pages count once per process)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
 def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> dict[str, str]:
     return bento_server.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
         "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token})
@@ -331,7 +317,7 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
         try:
             point = measure(f"bentoml-http {served} head(s)", lambda: BentoCaller(server.url), images, (1,),
                             options.seconds, options.max_requests, options.progress)[0]
-            figures["heads"][str(served)] = {"rss_bytes": tree_rss(server.pid), **point}
+            figures["heads"][str(served)] = {"rss_bytes": server_process.tree_rss(server.pid), **point}
             if served == count:
                 options.progress(f"[bench serve] heads part: swapping in {swap_head}:{swap_version} under load")
                 figures["swap"] = swap_under_load(server.url, token, copy, swap_head, swap_version, images)

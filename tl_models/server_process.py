@@ -78,3 +78,18 @@ def stop(process: subprocess.Popen, timeout: float, what: str, group: bool = Fal
         except ProcessLookupError:
             process.wait(10)
     return process.returncode
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes summed over a process and all its descendants (workers, backend stubs); shared pages
+    count once per process."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
