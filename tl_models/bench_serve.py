@@ -173,8 +173,10 @@ def _ms(value: float | None) -> str:
 
 
 def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> dict[str, str]:
+    """The service on ``build_dir``; ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
     return bento_server.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
-        "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token})
+        "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token,
+        "TL_MODELS_BUILD_ROOTS": str(workdir.resolve())})
 
 
 def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
