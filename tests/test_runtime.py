@@ -61,3 +61,13 @@ def test_fallback_from_gpu_to_cpu_is_a_warning(tiny_model, caplog):
 def test_cuda_provider_on_gpu(tiny_model):
     session = create_session(tiny_model, providers="cuda")
     assert active_provider(session) == "CUDAExecutionProvider"
+
+
+def test_serving_sessions_can_stop_spinning(tiny_model):
+    """Servers share the CPU between sessions and request handling: their sessions must not busy-wait."""
+    entry = "session.intra_op.allow_spinning"
+    quiet = create_session(tiny_model, providers="cpu", threads=1, spin=False).get_session_options()
+    assert quiet.get_session_config_entry(entry) == "0" and quiet.intra_op_num_threads == 1
+    default = create_session(tiny_model, providers="cpu").get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
+        default.get_session_config_entry(entry)

@@ -68,13 +68,19 @@ def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
 
 
 def create_session(model: str | Path | bytes, providers: str | list[str] | None = None,
-                   threads: int | None = None, name: str | None = None) -> ort.InferenceSession:
-    """An InferenceSession with full graph optimisation; logs the providers it really got."""
+                   threads: int | None = None, name: str | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An InferenceSession with full graph optimisation; logs the providers it really got.
+
+    ``spin=False`` stops the intra-op threads busy-waiting between runs: a server's sessions share the CPU with
+    its HTTP/gRPC handling and with each other, where a spinning thread only takes a core from the one working.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = threads if threads is not None else int(os.environ.get("TL_MODELS_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = resolve_providers(providers)
     label = name or (Path(model).name if not isinstance(model, bytes) else "<bytes>")
     source = model if isinstance(model, bytes) else str(model)

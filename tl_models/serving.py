@@ -90,7 +90,8 @@ class Classifier:
         self.config = config
         self.backbone_source = backbone
         data = read_verified(backbone.path, backbone.sha256, "backbone")
-        self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone")
+        self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone",
+                                       spin=False)
         self._input = self.backbone.get_inputs()[0]
         self._output = self.backbone.get_outputs()[0]
         self.spec = Preprocessing.from_dict(backbone.preprocessing)

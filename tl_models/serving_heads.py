@@ -202,7 +202,8 @@ def load_head(source: HeadSource, data: bytes, embedding_dim: int, backbone_sha2
         raise ServingError(f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
                            f"this service runs {backbone_sha256[:12]}…)", 409)
     try:
-        session = create_session(data, providers=providers, name=f"head {source.key}")
+        # one thread: a head is a D×C matmul; a pool thread of its own would only spin beside the backbone
+        session = create_session(data, providers=providers, threads=1, name=f"head {source.key}")
     except Exception as exc:  # ORT raises its own exception types for malformed graphs
         raise ServingError(f"{what}: not a loadable ONNX model: {exc}", 422) from None
     inputs, outputs = session.get_inputs(), session.get_outputs()

@@ -254,8 +254,10 @@ def _params(**values: object) -> dict:
             for key, value in values.items()}
 
 
-def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dict, versions: list[int]) -> dict:
-    """Backbone or head: onnxruntime_onnx platform, or the python backend running ONNX Runtime."""
+def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dict, versions: list[int],
+                     threads: int = 0) -> dict:
+    """Backbone or head: onnxruntime_onnx platform, or the python backend running ONNX Runtime (``threads``
+    intra-op threads, 0: ONNX Runtime's default; never spinning, since the stubs share the CPU)."""
     config = {"name": model, "input": [inp], "output": [out], **_served(options, options.gpu),
               "version_policy": {"specific": {"versions": versions}},
               "model_warmup": _zero_warmup(inp["name"], inp["data_type"], inp["dims"])}
@@ -265,7 +267,7 @@ def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dic
             config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{
                 "name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}}]}}
     else:
-        config.update(backend="python", parameters=_params(onnx_file=ONNX_FILE, threads="0"))
+        config.update(backend="python", parameters=_params(onnx_file=ONNX_FILE, threads=str(threads), spin="0"))
     return config
 
 
@@ -460,7 +462,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
         versions = {int(h["version"]): _version_files(build.path / h["path"] / HEAD_ONNX, options)
                     for h in manifest["heads"] if h["name"] == head}
         write_model(repo, onnx_step_config(head_model(name, head), options, _tensor(EMBEDDING, "TYPE_FP32", [dim]),
-                                           _tensor(LOGITS, "TYPE_FP32", [classes], labels=True), [live[head]]),
+                                           _tensor(LOGITS, "TYPE_FP32", [classes], labels=True), [live[head]],
+                                           threads=1),  # a D×C matmul: a thread pool would only get in the way
                     {LABELS: labels}, versions)
     write_model(repo, onnx_step_config(backbone_model(name), options, _tensor(IMAGE, "TYPE_UINT8", size),
                                        _tensor(EMBEDDING, "TYPE_FP32", [dim]), [1]),

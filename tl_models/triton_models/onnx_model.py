@@ -26,7 +26,8 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(params.get("threads", "0")) or None
         label = f"{args['model_name']}:{args['model_version']}"
-        self.session = create_session(version_dir / params.get("onnx_file", "model.onnx"), threads=threads, name=label)
+        self.session = create_session(version_dir / params.get("onnx_file", "model.onnx"), threads=threads, name=label,
+                                      spin=params.get("spin", "0") == "1")
         pb_utils.Logger.log_info(f"{label}: ONNX Runtime providers {self.session.get_providers()}")
         spec = config["input"][0]
         self.input_name, self.output_name = spec["name"], config["output"][0]["name"]
