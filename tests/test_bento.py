@@ -29,17 +29,12 @@ from tl_models.artifacts import file_sha256
 from tl_models.preprocess import preprocess_bytes
 from tl_models.routing import Route
 from tl_models.serving import Classifier, ServingConfig
-from tl_models.serving_heads import ServingError, head_source_from_build, sources_from_build
+from tl_models.serving_heads import ServingError, head_source_from_build, softmax, sources_from_build
 
 pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------- helpers
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
-    return exp / exp.sum(axis=-1, keepdims=True)
-
 
 
 def photo_jpeg() -> bytes:

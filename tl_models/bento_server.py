@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from . import server_process
 
@@ -26,36 +27,16 @@ class BentoServerError(RuntimeError):
 
 
 @dataclass
-class BentoServer:
+class BentoServer(server_process.ServerProcess):
     """A running ``bentoml serve``: its URL, PID and log; ``stop()`` ends it and its workers."""
 
-    process: subprocess.Popen
     port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    what: ClassVar[str] = "bentoml serve"
+    group: ClassVar[bool] = True  # the arbiter and its workers
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return server_process.log_tail(self.log_path, chars)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server's process group (arbiter and workers); SIGKILL past ``timeout``."""
-        return server_process.stop(self.process, timeout, "bentoml serve", group=True)
-
-    def __enter__(self) -> "BentoServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def service_environment(build_dir: str | Path | None = None, bento: str | None = None, workers: int | None = None,
@@ -87,7 +68,7 @@ def start(env: dict[str, str], port: int | None = None, log_path: str | Path | N
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(serve_command("127.0.0.1", port), cwd=PROJECT, env=env, stdout=log_file,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    server = BentoServer(process, port, log_path)
+    server = BentoServer(process, log_path, port)
     log.info("bentoml serve pid %d on %s, log %s", server.pid, server.url, log_path)
     try:
         server_process.wait_ready(process, f"{server.url}/readyz", timeout, "bentoml serve", log_path,

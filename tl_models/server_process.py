@@ -1,4 +1,5 @@
-"""What every server launcher here shares: a free loopback port, waiting for readiness, stopping by PID.
+"""What every server launcher here shares: a free loopback port, waiting for readiness, the running server
+(:class:`ServerProcess`) and stopping it by PID.
 
 A server runs in its own session (``start_new_session=True``), so its process group is its own and can be
 killed whole (workers, python-backend stubs) when SIGTERM is not honoured in time.
@@ -14,7 +15,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def wait_ready(process: subprocess.Popen, ready_url: str, timeout: float, what: 
     raise error(f"{what} was not ready after {timeout:.0f} s:\n{log_tail(log_path)}")
 
 
-def stop(process: subprocess.Popen, timeout: float, what: str, group: bool = False) -> int | None:
+def terminate(process: subprocess.Popen, timeout: float, what: str, group: bool = False) -> int | None:
     """SIGTERM the server (its whole process group if ``group``); past ``timeout`` s SIGKILL the group.
 
     Returns the exit code.
@@ -78,6 +81,36 @@ def stop(process: subprocess.Popen, timeout: float, what: str, group: bool = Fal
         except ProcessLookupError:
             process.wait(10)
     return process.returncode
+
+
+@dataclass
+class ServerProcess:
+    """A server a launcher here started: its process and log. Leaving it as a context manager stops it."""
+
+    process: subprocess.Popen
+    log_path: Path
+    what: ClassVar[str] = "server"
+    group: ClassVar[bool] = False  # SIGTERM the whole process group (e.g. workers), not the server alone
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return log_tail(self.log_path, chars)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server; SIGKILL its process group past ``timeout`` s. Returns the exit code."""
+        return terminate(self.process, timeout, self.what, self.group)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def tree_rss(pid: int) -> int:

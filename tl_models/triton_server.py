@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from . import server_process
 
@@ -76,22 +77,17 @@ def server_environment(bundled: bool) -> dict[str, str]:
 
 
 @dataclass
-class TritonServer:
+class TritonServer(server_process.ServerProcess):
     """A running tritonserver: its URLs, PID and log; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
 
-    process: subprocess.Popen
     repo: Path
     http_port: int
     grpc_port: int
     metrics_port: int
-    log_path: Path
     workdir: Path
     exit_timeout: int = 10
     _own_workdir: bool = field(default=False, repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    what: ClassVar[str] = "tritonserver"
 
     @property
     def http_url(self) -> str:
@@ -106,28 +102,16 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return server_process.log_tail(self.log_path, chars)
-
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server by its PID; its python-backend stubs go with it. Returns the exit code.
 
         Triton drains for up to ``exit_timeout`` s (in-flight requests, open HTTP connections); past
         ``timeout`` (default: that + 20 s) the process group this launcher created is killed.
         """
-        server_process.stop(self.process, self.exit_timeout + 20.0 if timeout is None else timeout, "tritonserver")
+        super().stop(self.exit_timeout + 20.0 if timeout is None else timeout)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode
-
-    def __enter__(self) -> "TritonServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
@@ -158,7 +142,7 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=server_environment(bundled is not None), start_new_session=True)
-    server = TritonServer(process, repo, *ports, log_path=log_path, workdir=work, exit_timeout=exit_timeout,
+    server = TritonServer(process, log_path, repo, *ports, workdir=work, exit_timeout=exit_timeout,
                           _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     try:

@@ -16,7 +16,6 @@ route stay in force (Triton keeps serving a model whose reload failed).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Callable
 from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from .artifacts import file_sha256
 from .routing import Route, RoutingState
 from .runtime import create_session
 from .triton import (CONFIG, ONNX_FILE, ROUTE_FILE, SHA256_FILE, ensemble_model, head_model, read_config,
@@ -100,7 +100,7 @@ def _check_model(version_dir: Path) -> None:
         raise TritonSwapError(f"{version_dir} has no {SHA256_FILE}: package its build again with "
                               "`tl-models package triton`")
     expected = recorded.read_text().strip()
-    actual = hashlib.sha256((version_dir / ONNX_FILE).read_bytes()).hexdigest()
+    actual = file_sha256(version_dir / ONNX_FILE)
     if actual != expected:
         raise TritonSwapError(f"{version_dir / ONNX_FILE} fails its sha256 check (expected {expected[:12]}…, "
                               f"got {actual[:12]}…): refused; the live version keeps serving")
