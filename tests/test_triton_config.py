@@ -52,6 +52,7 @@ def test_every_config_parses_and_serves_as_promised(build_dir, tmp_path, flavour
             assert steps[-1].model_version == 1
         else:
             assert config.HasField("dynamic_batching") and len(config.instance_group) == 1
+            assert config.dynamic_batching.max_queue_delay_microseconds == 0  # no hop of the chain waits
             assert name == "build" or len(config.model_warmup) == 1, f"{name} has no warmup"
         for output in config.output:
             if output.label_filename:
@@ -80,14 +81,19 @@ def test_tensorrt_accelerator_needs_the_onnxruntime_flavour_on_gpu(build_dir, tm
     with pytest.raises(TritonConfigError, match="needs --flavour onnxruntime --gpu"):
         write_repository(build_dir, tmp_path / "nope", RepositoryOptions(flavour="onnxruntime", tensorrt=True))
     assert not (tmp_path / "nope").exists()
+    with pytest.raises(TritonConfigError, match="max queue delay"):
+        write_repository(build_dir, tmp_path / "nope", RepositoryOptions(max_queue_delay_us=-1))
+    assert not (tmp_path / "nope").exists()
 
 
 def test_cli_package_triton_gpu(build_dir, tmp_path, capsys):
     repo = tmp_path / "cli-repo"
     code = cli_main(["package", "triton", str(build_dir), "--repo", str(repo), "--flavour", "onnxruntime", "--gpu",
-                     "--weights", "a=90,b=10"])
+                     "--weights", "a=90,b=10", "--max-queue-delay-us", "100"])
     assert code == 0 and "build_head_a" in capsys.readouterr().out
-    assert "kind: KIND_GPU" in (repo / "build_backbone" / "config.pbtxt").read_text()
+    backbone = configs(repo)["build_backbone"]
+    assert backbone.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert backbone.dynamic_batching.max_queue_delay_microseconds == 100
     route = json.loads((repo / "build" / "route.json").read_text())
     assert route["weights"] == {"a": 90, "b": 10} and route["versions"] == {"a": 1, "b": 1}
 

@@ -194,6 +194,7 @@ def cmd_package_triton(args: argparse.Namespace) -> int:
 
     options = RepositoryOptions(flavour=args.flavour, gpu=args.gpu, tensorrt=args.tensorrt,
                                max_batch_size=args.max_batch_size, instances=args.instances,
+                               max_queue_delay_us=args.max_queue_delay_us,
                                weights=parse_weights(args.weights) if args.weights else None)
     repo = write_repository(args.build_dir, args.repo, options)
     print(f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}): "
@@ -250,6 +251,8 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="A/B weights, e.g. a=90,b=10 (default: equal, or the live route's)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--instances", type=int, default=1, help="instances per model")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="dynamic batching: how long a request may wait for more to fill a batch (0: not at all)")
     p.set_defaults(func=cmd_package_triton)
 
     triton = sub.add_parser("triton", help="run and operate Triton").add_subparsers(dest="triton", required=True)

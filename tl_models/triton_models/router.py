@@ -1,11 +1,12 @@
-"""Triton python-backend model ``NAME``: the A/B router (BLS) over preprocess -> backbone -> head.
+"""Triton python-backend model ``NAME``: the A/B router (BLS) over backbone -> head.
 
 Copied as ``model.py`` by ``tl-models package triton``. Per request it picks a head with ``tl_models.routing``
-(explicit ``route_head``, else the weighted split, sticky on ``route_key``), preprocesses the request's images,
-runs the backbone once for the whole batch, then each chosen head version on its rows, and answers ``logits``
-plus ``head`` ("name:version"). The route file is re-read every ``poll`` seconds, so ``tl-models triton swap``
-repoints live traffic; a head call that fails because its version was just unloaded is retried once on the
-route in force. Bad requests get their own error response; the rest of the batch is answered.
+(explicit ``route_head``, else the weighted split, sticky on ``route_key``), preprocesses the request's images
+itself (``tl_models.preprocess`` in a thread: one hop fewer than calling the ``preprocess`` model, which the
+ensembles use), runs the backbone once for the whole batch, then each chosen head version on its rows, and
+answers ``logits`` plus ``head`` ("name:version"). The route file is re-read every ``poll`` seconds, so
+``tl-models triton swap`` repoints live traffic; a head call that fails because its version was just unloaded is
+retried once on the route in force. Bad requests get their own error response; the rest of the batch is answered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_bytes
 from tl_models.routing import RoutingError, RoutingState
 
 IMAGE_BYTES, ROUTE_KEY, ROUTE_HEAD = "image_bytes", "route_key", "route_head"
@@ -55,7 +57,8 @@ class TritonPythonModel:
         route_file = Path(params["route_file"])
         self.route_file = route_file if route_file.is_absolute() else Path(args["model_repository"]) / route_file
         self.routing = RoutingState(self.route_file, poll=float(params.get("poll", "0.2")))
-        self.preprocess = params["preprocess_model"]
+        self.spec = Preprocessing.from_dict(json.loads(params["preprocessing"]))
+        self.max_pixels = int(params.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.backbone = params["backbone_model"]
         self.head_prefix = params["head_prefix"]
         self.chunk = max(1, int(config.get("max_batch_size", 0)) or 1)
@@ -76,13 +79,15 @@ class TritonPythonModel:
                                        for c in chunks))
         return np.concatenate(parts)
 
+    def _images(self, data: np.ndarray) -> np.ndarray:
+        return np.stack([preprocess_bytes(bytes(item), self.spec, self.max_pixels) for item in data.reshape(-1)])
+
     async def _prepare(self, request: "pb_utils.InferenceRequest") -> tuple[str, int, np.ndarray]:
-        """Route one request and preprocess its images; RoutingError / StepError for a bad request."""
+        """Route one request and preprocess its images; RoutingError / ImageError for a bad request."""
         head, version = self.routing.current().choose(_first_string(request, ROUTE_KEY),
                                                       _first_string(request, ROUTE_HEAD))
-        images = await self._infer(self.preprocess, -1, [pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES)],
-                                   IMAGE)
-        return head, version, images
+        data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy()
+        return head, version, await asyncio.to_thread(self._images, data)  # PIL releases the GIL
 
     async def _head(self, head: str, version: int, embeddings: np.ndarray) -> tuple[int, np.ndarray]:
         try:
@@ -98,7 +103,7 @@ class TritonPythonModel:
         prepared = await asyncio.gather(*(self._prepare(r) for r in requests), return_exceptions=True)
         good = []
         for index, item in enumerate(prepared):
-            if isinstance(item, (RoutingError, StepError)):
+            if isinstance(item, (RoutingError, ImageError)):
                 responses[index] = _error(str(item))
             elif isinstance(item, BaseException):
                 responses[index] = _error(f"router: {item!r}", pb_utils.TritonError.INTERNAL)
