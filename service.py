@@ -6,7 +6,8 @@ Serve a packaged build (`tl-models package bento BUILD_DIR`) or a build director
 
 Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_STATE_DIR
 (route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
-TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K; limits (README,
+TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
+(0: no log line per request; /metrics still counts every request); limits (README,
 "Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
 TL_MODELS_BUILD_ROOTS.
 """
@@ -74,6 +75,7 @@ http_limits.refuse_remote_files()
 
 @bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
                  traffic={"timeout": float(os.environ.get("TL_MODELS_TIMEOUT", "60"))},
+                 logging={"access": {"enabled": os.environ.get("TL_MODELS_ACCESS_LOG", "1") != "0"}},
                  labels={"project": "tl-models"}, **({"resources": {"gpu": 1}} if gpu_count() else {}))
 @bentoml.asgi_app(read_routes, path="/")
 class Classifier:
