@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript"):
+    for noisy in ("onnx_ir", "onnxscript", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .artifacts import BuildError
     from .backbones import WeightsError
