@@ -94,7 +94,7 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
 
     in_process = {(r["stack"], r["batch"]) for r in figures["in_process"]}
     assert in_process == {("onnxruntime", 1), ("onnxruntime", 2), ("torch", 1), ("torch", 2)}
-    assert all(r["throughput"] > 0 for r in figures["in_process"])
+    assert all(r["throughput"] > 0 and r["cpu_ms_per_image"] > 0 for r in figures["in_process"])
     rows = {(r["stack"], r["concurrency"]): r for r in figures["servers"]}
     assert set(rows) == {("bentoml-http", 1), ("bentoml-http", 3), ("triton-http", 1), ("triton-http", 3)}
     for row in rows.values():
@@ -103,8 +103,10 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert bento["errors"] == 0 and bento["throughput"] > 0 and bento["p50_ms"] <= bento["p99_ms"]
     assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
     assert "overhead_ms" in rows[("bentoml-http", 1)]
+    assert bento["server_cpu_ms_per_request"] > 0  # the server it started: its process tree's CPU per request
     triton = rows[("triton-http", 3)]  # pointed at a closed port: every request is an error, none crashed the run
     assert triton["errors"] == triton["requests"] > 0 and triton["throughput"] == 0
+    assert triton["server_cpu_ms_per_request"] is None  # a server given by URL: its CPU is not ours to read
 
     heads = figures["heads_cost"]
     assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2 ** 20 for h in heads["heads"].values())

@@ -142,8 +142,11 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
         for batch in batches:
             progress(f"[bench serve] {stack} in process: batch {batch}")
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
+            cpu, wall = time.process_time(), time.perf_counter()
             ips, ms = images_per_second(lambda: run(pixels), batch, seconds)
+            busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
             rows.append({"stack": stack, "batch": batch, "throughput": ips, "ms_per_batch": ms,
+                         "cpu_ms_per_image": 1000.0 * busy / ips,
                          "threads": torch.get_num_threads() if stack == "torch" else None,
                          "provider": active_provider(session) if stack == "onnxruntime" else "torch eager"})
     return rows
@@ -153,16 +156,24 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
 
 
 def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], concurrency: tuple[int, ...],
-            seconds: float, max_requests: int, progress: Callable[[str], None]) -> list[dict]:
-    """One point per concurrency (after a short warm-up at that concurrency): throughput, latency, errors."""
+            seconds: float, max_requests: int, progress: Callable[[str], None],
+            server_pid: int | None = None) -> list[dict]:
+    """One point per concurrency (after a short warm-up at that concurrency): throughput, latency, errors, and
+    for a server started here (``server_pid``) the CPU its process tree spent per request."""
     rows = []
     for clients in concurrency:
         progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
         drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
+        cpu = server_process.tree_cpu_seconds(server_pid) if server_pid else None
         row = {"stack": stack, "concurrency": clients,
                **summarize(*drive(connect, images, clients, seconds, max_requests))}
+        server_cpu = None
+        if cpu is not None and row["requests"]:
+            server_cpu = 1000.0 * (server_process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
+        row["server_cpu_ms_per_request"] = server_cpu
         progress(f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
                  f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU" +
+                 (f", server {server_cpu:.1f} CPU-ms per request" if server_cpu is not None else "") +
                  (f" (first: {row['first_error']})" if row["first_error"] else ""))
         rows.append(row)
     return rows
@@ -181,23 +192,24 @@ def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> d
 
 
 def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
-             started: list[dict]) -> dict[str, Callable[[], Caller]]:
-    """A caller factory per ``wanted`` server stack; starts (and registers the stop of) the servers whose URL is
-    not given."""
+             started: list[dict]) -> dict[str, tuple[Callable[[], Caller], int | None]]:
+    """A caller factory per ``wanted`` server stack, with the PID of the server if started here; starts (and
+    registers the stop of) the servers whose URL is not given."""
     manifest = BuildDir(build_dir).manifest()
-    callers: dict[str, Callable[[], Caller]] = {}
+    callers: dict[str, tuple[Callable[[], Caller], int | None]] = {}
     if "bentoml-http" in wanted:
-        url = options.bento_url
+        url, pid = options.bento_url, None
         if url is None:
             options.progress("[bench serve] starting bentoml serve")
             server = bento_server.start(_bento_env(build_dir, workdir / "state-main", workdir, secrets.token_hex(8)),
                                         log_path=workdir / "bento-main.log", timeout=options.start_timeout)
             stack.callback(server.stop)
             started.append({"server": "bentoml", "pid": server.pid})
-            url = server.url
-        callers["bentoml-http"] = lambda url=url: BentoCaller(url)
+            url, pid = server.url, server.pid
+        callers["bentoml-http"] = (lambda url=url: BentoCaller(url)), pid
     triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
     urls = {"triton-http": options.triton_http_url, "triton-grpc": options.triton_grpc_url}
+    pids: dict[str, int | None] = {name: None for name in triton}
     if any(urls[s] is None for s in triton):
         from .triton import RepositoryOptions, write_repository
 
@@ -206,11 +218,13 @@ def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Pat
         server = triton_server.start(repo.path, workdir=workdir / "tritonserver", timeout=options.start_timeout)
         stack.callback(server.stop)
         started.append({"server": "tritonserver", "pid": server.pid})
+        pids = {name: None if urls[name] else server.pid for name in triton}
         urls = {"triton-http": urls["triton-http"] or server.http_url,
                 "triton-grpc": urls["triton-grpc"] or server.grpc_url}
     model = options.triton_model or manifest["name"]
     for name in triton:
-        callers[name] = lambda protocol=name.split("-")[1], address=urls[name]: TritonCaller(protocol, address, model)
+        protocol = name.split("-")[1]
+        callers[name] = (lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url, model)), pids[name]
     return callers
 
 
@@ -373,9 +387,11 @@ def targets(figures: dict) -> list[dict]:
 
 def _table(figures: dict) -> str:
     rows = [(f"{r['stack']} in process, batch {r['batch']}",
-             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch") for r in figures["in_process"]]
+             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img")
+            for r in figures["in_process"]]
     for r in figures["servers"]:
-        extra = f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
+        extra = f", server {r['server_cpu_ms_per_request']:.1f} CPU-ms/req" if r.get("server_cpu_ms_per_request") else ""
+        extra += f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
         extra += f", overhead {r['overhead_ms']:+.1f} ms" if "overhead_ms" in r else ""
         rows.append((f"{r['stack']}, concurrency {r['concurrency']}",
                      f"{r['throughput']:.1f} req/s, p50/p90/p99 {_ms(r['p50_ms'])}/{_ms(r['p90_ms'])}/"
@@ -429,9 +445,9 @@ def bench_serve(options: ServeBenchOptions) -> dict:
         for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
             wanted = tuple(s for s in group if s in options.stacks)
             with ExitStack() as servers:
-                for stack, connect in _servers(options, wanted, build_dir, workdir, servers, started).items():
+                for stack, (connect, pid) in _servers(options, wanted, build_dir, workdir, servers, started).items():
                     figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
-                                                  options.max_requests, options.progress)
+                                                  options.max_requests, options.progress, pid)
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
         _ratios(figures)

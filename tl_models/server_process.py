@@ -113,6 +113,21 @@ class ServerProcess:
         self.stop()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its living descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def tree_rss(pid: int) -> int:
     """Resident bytes summed over a process and all its descendants (workers, backend stubs); shared pages
     count once per process."""
