@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,6 +97,11 @@ def transform_image(image: Image.Image, spec: Preprocessing) -> np.ndarray:
 def preprocess_bytes(data: bytes, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> uint8 CHW model input."""
     return transform_image(decode_image(data, max_pixels), spec)
+
+
+def preprocess_many(items: Iterable[bytes], spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Several encoded images -> uint8 N×3×H×W; ImageError for the first that is not a usable image."""
+    return np.stack([preprocess_bytes(bytes(item), spec, max_pixels) for item in items])
 
 
 def preprocess_file(path: str | Path, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

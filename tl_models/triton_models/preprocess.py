@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_bytes
+from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_many
 
 
 class TritonPythonModel:
@@ -31,8 +30,7 @@ class TritonPythonModel:
         for request in requests:
             data = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
             try:
-                images = np.stack([preprocess_bytes(bytes(item), self.spec, self.max_pixels)
-                                   for item in data.reshape(-1)])
+                images = preprocess_many(data.reshape(-1), self.spec, self.max_pixels)
             except ImageError as exc:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_bytes
+from tl_models.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, preprocess_many
 from tl_models.routing import RoutingError, RoutingState
 
 IMAGE_BYTES, ROUTE_KEY, ROUTE_HEAD = "image_bytes", "route_key", "route_head"
@@ -79,15 +79,13 @@ class TritonPythonModel:
                                        for c in chunks))
         return np.concatenate(parts)
 
-    def _images(self, data: np.ndarray) -> np.ndarray:
-        return np.stack([preprocess_bytes(bytes(item), self.spec, self.max_pixels) for item in data.reshape(-1)])
-
     async def _prepare(self, request: "pb_utils.InferenceRequest") -> tuple[str, int, np.ndarray]:
         """Route one request and preprocess its images; RoutingError / ImageError for a bad request."""
         head, version = self.routing.current().choose(_first_string(request, ROUTE_KEY),
                                                       _first_string(request, ROUTE_HEAD))
         data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy()
-        return head, version, await asyncio.to_thread(self._images, data)  # PIL releases the GIL
+        images = await asyncio.to_thread(preprocess_many, data.reshape(-1), self.spec, self.max_pixels)
+        return head, version, images  # in a thread: PIL releases the GIL while it decodes and resizes
 
     async def _head(self, head: str, version: int, embeddings: np.ndarray) -> tuple[int, np.ndarray]:
         try:
