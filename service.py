@@ -143,3 +143,5 @@ class Classifier:
 
 Classifier.add_asgi_middleware(http_limits.BodyLimit, max_bytes=http_limits.max_request_bytes())
 Classifier.models.extend(bento.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
+for _api in Classifier.apis.values():  # every answer is a JSON object: spares BentoML a JSON-schema build per response
+    _api.output_spec.media_type = "application/json"
