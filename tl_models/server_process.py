@@ -17,7 +17,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +116,26 @@ class ServerProcess:
         self.stop()
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by a process and its living descendants."""
+def _tree_sum(pid: int, measure: Callable[["psutil.Process"], float]) -> float:
+    """``measure`` summed over a process and its living descendants (one that exits meanwhile counts 0)."""
     import psutil
 
     root = psutil.Process(pid)
     total = 0.0
     for process in [root, *root.children(recursive=True)]:
         try:
-            times = process.cpu_times()
+            total += measure(process)
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its living descendants."""
+    return _tree_sum(pid, lambda process: (times := process.cpu_times()).user + times.system)
 
 
 def tree_rss(pid: int) -> int:
     """Resident bytes summed over a process and all its descendants (workers, backend stubs); shared pages
     count once per process."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return int(_tree_sum(pid, lambda process: process.memory_info().rss))
