@@ -25,9 +25,9 @@ from typing import Callable
 from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from .artifacts import file_sha256
 from .routing import Route, RoutingState
 from .runtime import create_session
+from .serving_heads import ServingError, read_verified
 from .triton import (CONFIG, ONNX_FILE, ROUTE_FILE, SHA256_FILE, ensemble_model, head_model, read_config,
                      write_config)
 
@@ -64,7 +64,9 @@ def _reconfigure(client: InferenceServerClient, model_dir: Path, change: Callabl
     """Apply ``change`` to a model's config, write it and (re)load the model; the original config goes on
     ``undo`` first, so a failure at any point can be rolled back by :func:`_roll_back`."""
     config = read_config(model_dir)
-    undo.append((model_dir, read_config(model_dir)))
+    original = type(config)()
+    original.CopyFrom(config)
+    undo.append((model_dir, original))
     change(config)
     write_config(model_dir, config)
     _load(client, model_dir.name)
@@ -99,13 +101,13 @@ def _check_model(version_dir: Path) -> None:
     if not recorded.is_file():
         raise TritonSwapError(f"{version_dir} has no {SHA256_FILE}: package its build again with "
                               "`tl-models package triton`")
-    expected = recorded.read_text().strip()
-    actual = file_sha256(version_dir / ONNX_FILE)
-    if actual != expected:
-        raise TritonSwapError(f"{version_dir / ONNX_FILE} fails its sha256 check (expected {expected[:12]}…, "
-                              f"got {actual[:12]}…): refused; the live version keeps serving")
+    try:  # read once: the bytes checked are the bytes loaded
+        data = read_verified(version_dir / ONNX_FILE, recorded.read_text().strip(),
+                             f"{version_dir.parent.name} version {version_dir.name}")
+    except ServingError as exc:
+        raise TritonSwapError(f"{exc.message}: refused; the live version keeps serving") from None
     try:
-        create_session(version_dir / ONNX_FILE, providers="cpu", threads=1, name=str(version_dir))
+        create_session(data, providers="cpu", threads=1, name=str(version_dir))
     except Exception as exc:  # ONNX Runtime raises its own types for malformed graphs
         raise TritonSwapError(f"{version_dir / ONNX_FILE} is not a loadable ONNX model ({exc}): refused; "
                               "the live version keeps serving") from None
