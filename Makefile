@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/tl-models demo --out build/demo
-	$(BIN)/tl-models package triton build/demo/digits --repo model_repository
+	$(BIN)/tl-models triton package build/demo/digits --repo model_repository
 	bash scripts/demo_serve.sh
 
 test: $(STAMP)

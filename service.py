@@ -1,6 +1,6 @@
-"""BentoML service `Classifier`: HTTP over tl_models.serving (backbone + heads, A/B split, live head swap).
+"""BentoML service `Classifier`: HTTP over tl_models.bento (backbone + heads, A/B split, live head swap).
 
-Serve a packaged build (`tl-models package bento BUILD_DIR`) or a build directory (TL_MODELS_BUILD=DIR):
+Serve a packaged build (`tl-models bento package BUILD_DIR`) or a build directory (TL_MODELS_BUILD=DIR):
 
     bentoml serve service:Classifier
 
@@ -27,9 +27,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tl_models import bento, http_limits, serving, serving_heads
-from tl_models.artifacts import BuildError
-from tl_models.runtime import gpu_count
+from tl_models.bento import limits, store
+from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.core.errors import BadRequest, UserError, http_status
+from tl_models.core.heads import confined, head_source_from_build
+from tl_models.core.names import check_name
+from tl_models.core.runtime import gpu_count
 
 
 def _error(ctx: bentoml.Context, status: int, message: str) -> dict:
@@ -38,11 +41,11 @@ def _error(ctx: bentoml.Context, status: int, message: str) -> dict:
 
 
 async def _answer(ctx: bentoml.Context, call: Awaitable[dict]) -> dict:
-    """Await a core call; client mistakes (ServingError) become their 4xx answer with a clear message."""
+    """Await an engine call; a user error becomes the answer its class maps to (tl_models.core.errors)."""
     try:
         return await call
-    except serving_heads.ServingError as exc:
-        return _error(ctx, exc.status, exc.message)
+    except UserError as exc:
+        return _error(ctx, http_status(exc), exc.message)
 
 
 def _routing(ctx: bentoml.Context) -> dict[str, str | None]:
@@ -63,14 +66,14 @@ def _admin_denied(ctx: bentoml.Context) -> dict | None:
 
 
 async def _heads(_: Request) -> JSONResponse:
-    core = bentoml.get_current_service().core
-    return JSONResponse(await asyncio.to_thread(core.status))
+    engine = bentoml.get_current_service().engine
+    return JSONResponse(await asyncio.to_thread(engine.status))
 
 
 read_routes = Starlette(routes=[Route("/heads", _heads, methods=["GET"])])
 
 
-http_limits.refuse_remote_files()
+limits.refuse_remote_files()
 
 
 @bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
@@ -82,33 +85,32 @@ class Classifier:
     """Image classification: one shared backbone, heads chosen per request by weight, key or X-TL-Head."""
 
     def __init__(self) -> None:
-        backbone, heads = bento.serving_sources()
-        config = serving.ServingConfig.from_env(bento.default_state_dir(backbone))
-        self.core = serving.Classifier(backbone, heads, config)
-        self.core.warm_up()
+        backbone, heads = store.serving_sources()
+        self.engine = ServingEngine(backbone, heads, ServingConfig.from_env(store.default_state_dir(backbone)))
+        self.engine.warm_up()
 
     def __is_ready__(self) -> bool:
-        return self.core.ready
+        return self.engine.ready
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
         """An image upload (JPEG/PNG) -> top-k labels with scores, and the head (name, version) that answered."""
-        return await _answer(ctx, self.core.classify(image.read_bytes(), top_k=top_k, **_routing(ctx)))
+        return await _answer(ctx, self.engine.classify(image.read_bytes(), top_k=top_k, **_routing(ctx)))
 
     @bentoml.api(route="/predict")
     async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
         """A preprocessed tensor (N×3×H×W pixel values 0..255) -> logits and top-k per image, from one head."""
-        return await _answer(ctx, self.core.predict(tensor, top_k=top_k, **_routing(ctx)))
+        return await _answer(ctx, self.engine.predict(tensor, top_k=top_k, **_routing(ctx)))
 
     @bentoml.api(route="/embed")
     async def embed(self, image: Path, ctx: bentoml.Context = None) -> dict:
         """An image upload -> the backbone embedding."""
-        return await _answer(ctx, self.core.embed(image.read_bytes()))
+        return await _answer(ctx, self.engine.embed(image.read_bytes()))
 
     @bentoml.api(route="/admin/weights")
     async def set_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
         """Set the traffic split, e.g. {"weights": {"a": 90, "b": 10}} (admin token required)."""
-        return _admin_denied(ctx) or await _answer(ctx, self.core.set_weights(weights))
+        return _admin_denied(ctx) or await _answer(ctx, self.engine.set_weights(weights))
 
     @bentoml.api(route="/admin/load")
     async def load_head(self, head: str = "", version: int | None = None, tag: str | None = None,
@@ -121,27 +123,22 @@ class Classifier:
     async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
                     weight: float | None) -> dict:
         if build_dir:
-            build_dir = serving_heads.confined(build_dir, self.core.config.build_roots)
-            source = serving_heads.head_source_from_build(build_dir, head, version)
+            source = head_source_from_build(confined(build_dir, self.engine.config.build_roots), head, version)
         elif tag or (head and version is not None):
-            try:
-                tag = tag or bento.head_tag(self.core.backbone_source.build, serving_heads.check_head_name(head),
-                                            version)
-            except BuildError as exc:  # no valid model tag can be made of this head name
-                raise serving_heads.ServingError(str(exc)) from None
-            source = bento.stored_head(tag)
+            source = store.stored_head(tag or store.head_tag(self.engine.backbone_source.build, check_name(head),
+                                                             version))
         else:
-            raise serving_heads.ServingError("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
-                                       "or {\"build_dir\": ..., \"head\": ...}")
-        return await self.core.load(source, live=live, weight=weight)
+            raise BadRequest("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
+                             "or {\"build_dir\": ..., \"head\": ...}")
+        return await self.engine.load(source, live=live, weight=weight)
 
     @bentoml.api(route="/admin/retire")
     async def retire_head(self, head: str, ctx: bentoml.Context = None) -> dict:
         """Take a head out of the route; its share of traffic goes to the remaining heads."""
-        return _admin_denied(ctx) or await _answer(ctx, self.core.retire(head))
+        return _admin_denied(ctx) or await _answer(ctx, self.engine.retire(head))
 
 
-Classifier.add_asgi_middleware(http_limits.BodyLimit, max_bytes=http_limits.max_request_bytes())
-Classifier.models.extend(bento.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
+Classifier.add_asgi_middleware(limits.BodyLimit, max_bytes=limits.max_request_bytes())
+Classifier.models.extend(store.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
 for _api in Classifier.apis.values():  # every answer is a JSON object: spares BentoML a JSON-schema build per response
     _api.output_spec.media_type = "application/json"

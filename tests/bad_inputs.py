@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-# what a refused image's message says (tl_models.preprocess.ImageError texts)
+# what a refused image's message says (tl_models.core.preprocess.ImageError texts)
 NOT_AN_IMAGE = r"not an image|cannot (read|decode) image|truncated"
 
 

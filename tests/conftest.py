@@ -16,14 +16,15 @@ import pytest
 
 from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, Server, serving_build
 from tl_models import bento_server
-from tl_models.backbones import install_offline_weights
-from tl_models.build import BuildOptions, BuildReport, build
-from tl_models.data import write_demo_dataset
-from tl_models.preprocess import Preprocessing, preprocess_bytes
-from tl_models.runtime import create_session
-from tl_models.train import TrainConfig
-from tl_models.triton import RepositoryOptions, write_repository
-from tl_models.triton_server import start as start_triton
+from tl_models.build.backbones import install_offline_weights
+from tl_models.build.pipeline import BuildOptions, BuildReport, build
+from tl_models.build.data import write_demo_dataset
+from tl_models.core.preprocess import Preprocessing, preprocess_bytes
+from tl_models.core.runtime import create_session
+from tl_models.build.config import TrainConfig
+from tl_models.triton.config import RepositoryOptions
+from tl_models.triton.repository import write_repository
+from tl_models.triton.launcher import start as start_triton
 
 
 @pytest.fixture(scope="session", autouse=True)

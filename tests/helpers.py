@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 
-from tl_models.artifacts import BuildDir
-from tl_models.bento_server import BentoServer
-from tl_models.build import BuildOptions, build
-from tl_models.data import write_demo_dataset
-from tl_models.preprocess import Preprocessing
-from tl_models.routing import RoutingState
-from tl_models.train import TrainConfig
+from tl_models.core.manifest import BuildDir
+from tl_models.bento.launcher import BentoServer
+from tl_models.build.pipeline import BuildOptions, build
+from tl_models.build.data import write_demo_dataset
+from tl_models.core.preprocess import Preprocessing
+from tl_models.core.routing import RoutingState
+from tl_models.build.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"

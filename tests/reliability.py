@@ -13,7 +13,7 @@ from typing import Callable, Iterable, TypeVar
 import psutil
 
 from helpers import RELIABILITY, RELIABILITY_NOTES
-from tl_models.server_process import tree_rss
+from tl_models.core.process import tree_rss
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_models.bench import bench_train, subset
-from tl_models.data import DataError, load_image_folder
+from tl_models.bench.offline import bench_train, subset
+from tl_models.build.data import DataError, load_image_folder
 
 FIELDS = {"backbone", "weights", "images", "classes", "epochs", "train_images", "val_images", "batch_size",
           "preprocess_s", "extract_s", "cached_train_s", "cached_total_s", "nocache_train_s",
@@ -47,7 +47,7 @@ def test_subset_keeps_every_class(demo_data: Path) -> None:
 
 
 def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tl_models.bench import bench_runtime
+    from tl_models.bench.offline import bench_runtime
 
     path = tmp_path / "runtime.json"
     figures = bench_runtime(("resnet18",), (1, 2), seconds=0.05, json_path=path)

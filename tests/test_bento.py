@@ -25,11 +25,12 @@ from PIL import Image
 from skimage import data as skdata
 
 from helpers import RELIABILITY, REPO, Call, Deployment, DirectOnnx, Server, load_until
-from tl_models.artifacts import file_sha256
-from tl_models.preprocess import preprocess_bytes
-from tl_models.routing import Route
-from tl_models.serving import Classifier, ServingConfig
-from tl_models.serving_heads import ServingError, head_source_from_build, softmax, sources_from_build
+from tl_models.core.files import file_sha256
+from tl_models.core.preprocess import preprocess_bytes
+from tl_models.core.routing import Route
+from tl_models.bento.engine import Classifier, ServingConfig
+from tl_models.core.errors import ServingError
+from tl_models.core.heads import head_source_from_build, softmax, sources_from_build
 
 pytestmark = pytest.mark.slow
 

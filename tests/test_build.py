@@ -18,14 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-import tl_models.artifacts
-import tl_models.build
-import tl_models.features
-from tl_models.artifacts import MANIFEST, BuildDir, BuildError, file_sha256
-from tl_models.backbones import load_backbone
-from tl_models.build import BuildReport
+import tl_models.core.manifest
+import tl_models.build.pipeline
+import tl_models.build.features
+from tl_models.core.names import MANIFEST
+from tl_models.core.manifest import BuildDir
+from tl_models.core.errors import BuildError
+from tl_models.core.files import file_sha256
+from tl_models.build.backbones import load_backbone
+from tl_models.build.pipeline import BuildReport
 from tl_models.cli import main
-from tl_models.data import DataError
+from tl_models.build.data import DataError
 
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -118,11 +121,11 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
     assert first.cache_hit is False
     assert len(list((fresh_cache / "features").glob("*.npy"))) == 1
 
-    monkeypatch.setattr(tl_models.features, "embed", _tripwire)
+    monkeypatch.setattr(tl_models.build.features, "embed", _tripwire)
     second = quick_build(data, out, name="b", head="mlp")
     assert second.cache_hit is True
     assert second.head["train"]["feature_cache_hit"] is True
-    assert "feature cache hit" in tl_models.build.summary_line(second)
+    assert "feature cache hit" in tl_models.build.pipeline.summary_line(second)
 
     # the key covers weights and data: a change of either runs the backbone again
     with pytest.raises(AssertionError, match="backbone ran"):
@@ -177,9 +180,9 @@ def test_failed_build_keeps_the_previous_manifest(demo_data: Path, quick_build: 
     manifest_bytes = (out / MANIFEST).read_bytes()
     with monkeypatch.context() as patch:
         if where == "staging":
-            patch.setattr(tl_models.build, "plot_confusion", _raise)
+            patch.setattr(tl_models.build.pipeline, "plot_confusion", _raise)
         else:
-            patch.setattr(tl_models.artifacts, "atomic_write_json", _raise)
+            patch.setattr(tl_models.core.manifest, "atomic_write_json", _raise)
         for name in ("a", "b"):
             with pytest.raises(RuntimeError, match="injected failure"):
                 quick_build(demo_data, out, name=name)

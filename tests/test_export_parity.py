@@ -9,12 +9,12 @@ import torch
 from skimage import data as skdata
 from PIL import Image
 
-from tl_models.backbones import BACKBONES, install_offline_weights, load_backbone
-from tl_models.export import export_backbone, export_head, fuse, read_metadata
-from tl_models.heads import HeadSpec, build_head
-from tl_models.parity import BATCH_SIZES, Tolerance, run_parity
-from tl_models.preprocess import transform_image
-from tl_models.runtime import create_session
+from tl_models.build.backbones import BACKBONES, install_offline_weights, load_backbone
+from tl_models.build.export import export_backbone, export_head, fuse, read_metadata
+from tl_models.build.architectures import HeadSpec, build_head
+from tl_models.build.parity import BATCH_SIZES, Tolerance, run_parity
+from tl_models.core.preprocess import transform_image
+from tl_models.core.runtime import create_session
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 
@@ -125,7 +125,7 @@ def test_backbone_then_head_equals_fused(imagenet_mobilenet, tmp_path):
 
 def test_parity_fails_loudly_on_a_wrong_graph(imagenet_mobilenet, tmp_path):
     """A head exported from different weights must fail parity with a message naming the output."""
-    from tl_models.parity import ParityError
+    from tl_models.build.parity import ParityError
 
     backbone, classifier = imagenet_mobilenet
     backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
@@ -145,8 +145,8 @@ def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mob
     import subprocess
     import sys
 
-    from tl_models.export import to_fp16
-    from tl_models.parity import FP16, compare
+    from tl_models.build.export import to_fp16
+    from tl_models.build.parity import FP16, compare
 
     backbone, classifier = imagenet_mobilenet
     _, _, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
@@ -160,7 +160,7 @@ def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mob
 
     images = photos(backbone.preprocessing)
     np.save(tmp_path / "images.npy", images)
-    script = (f"import numpy as np; from tl_models.runtime import create_session; "
+    script = (f"import numpy as np; from tl_models.core.runtime import create_session; "
               f"s = create_session({str(fp16_path)!r}); "
               f"np.save({str(tmp_path / 'out.npy')!r}, s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tl_models.http_limits import BodyLimit
+from tl_models.bento.limits import BodyLimit
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING_PATH = ["service.py", "tl_models/serving.py", "tl_models/serving_heads.py", "tl_models/bento.py",

@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.backbones import get_spec
-from tl_models.preprocess import (ImageError, decode_image, normalize, preprocess_bytes, preprocess_file,
-                                  transform_image)
+from tl_models.build.backbones import get_spec
+from tl_models.core.preprocess import (ImageError, decode_image, normalize, preprocess_bytes, preprocess_file, transform_image)
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -47,7 +46,7 @@ def test_training_and_serving_paths_give_identical_tensors(tmp_path):
 
 def test_backbone_graph_normalisation_matches_numpy():
     """The normalisation inside the backbone module is the arithmetic of preprocess.normalize."""
-    from tl_models.backbones import NormalizedBackbone
+    from tl_models.build.backbones import NormalizedBackbone
 
     spec = get_spec("mobilenet_v2").preprocessing()
     module = NormalizedBackbone(torch.nn.Identity(), spec)

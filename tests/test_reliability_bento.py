@@ -18,9 +18,9 @@ import pytest
 from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
-from tl_models.artifacts import file_sha256
-from tl_models.preprocess import preprocess_bytes
-from tl_models.serving_heads import softmax
+from tl_models.core.files import file_sha256
+from tl_models.core.preprocess import preprocess_bytes
+from tl_models.core.heads import softmax
 
 pytestmark = pytest.mark.slow
 

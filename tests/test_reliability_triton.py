@@ -21,8 +21,9 @@ from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, bytes_input, live, url
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 from tl_models import triton_swap
-from tl_models.routing import RoutingState
-from tl_models.triton import CONFIG, SHA256_FILE, read_config
+from tl_models.core.routing import RoutingState
+from tl_models.core.names import CONFIG, VERSION_SHA256
+from tl_models.triton.config import read_config
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -183,11 +184,11 @@ def test_a_bad_head_file_is_refused_by_the_swap_and_the_live_version_keeps_servi
     try:
         onnx = (version_dir / "model.onnx").read_bytes()
         if fault == "wrong sha256":
-            (version_dir / SHA256_FILE).write_text("0" * 64)
+            (version_dir / VERSION_SHA256).write_text("0" * 64)
         else:
             data = b"\x08\x07garbage" * 64 if fault == "corrupt" else onnx[: len(onnx) // 2]
             (version_dir / "model.onnx").write_bytes(data)
-            (version_dir / SHA256_FILE).write_text(hashlib.sha256(data).hexdigest())
+            (version_dir / VERSION_SHA256).write_text(hashlib.sha256(data).hexdigest())
         before = _swap_state(served)
         old = live(served, "a")
         with pytest.raises(triton_swap.TritonSwapError, match=message):

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, TensorProto
 
-from tl_models.runtime import active_provider, create_session, gpu_count, resolve_providers
+from tl_models.core.runtime import active_provider, create_session, gpu_count, resolve_providers
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_default_order_follows_the_machine(monkeypatch):
 
 
 def test_session_logs_the_provider_it_got(tiny_model, caplog):
-    with caplog.at_level(logging.INFO, logger="tl_models.runtime"):
+    with caplog.at_level(logging.INFO, logger="tl_models.core.runtime"):
         session = create_session(tiny_model, providers="cpu", threads=1)
     assert active_provider(session) == "CPUExecutionProvider"
     assert "providers ['CPUExecutionProvider']" in caplog.text
@@ -50,7 +50,7 @@ def test_session_logs_the_provider_it_got(tiny_model, caplog):
 
 @pytest.mark.skipif(gpu_count() > 0, reason="checks the fallback on a machine without a GPU")
 def test_fallback_from_gpu_to_cpu_is_a_warning(tiny_model, caplog):
-    with caplog.at_level(logging.WARNING, logger="tl_models.runtime"):
+    with caplog.at_level(logging.WARNING, logger="tl_models.core.runtime"):
         session = create_session(tiny_model, providers="cuda")
     assert active_provider(session) == "CPUExecutionProvider"
     assert "fell back to ['CPUExecutionProvider']" in caplog.text

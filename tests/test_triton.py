@@ -18,8 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import RELIABILITY, bytes_input, live, url
 from tl_models.cli import main as cli_main
-from tl_models.preprocess import preprocess_bytes
-from tl_models.routing import RoutingState
+from tl_models.core.preprocess import preprocess_bytes
+from tl_models.core.routing import RoutingState
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -123,7 +123,7 @@ def test_router_split_sticky_key_and_explicit_head(served, reference, images):
         return result.as_numpy("logits")[0], result.as_numpy("head")[0, 0].decode()
 
     route = RoutingState(served["repo"] / name / "route.json", poll=0).current()
-    for key in (f"user-{n}" for n in range(20)):  # sticky: the head tl_models.routing picks for the key, every time
+    for key in (f"user-{n}" for n in range(20)):  # sticky: the head tl_models.core.routing picks for the key, every time
         expected_head = "{}:{}".format(*route.choose(key))
         assert {ask(images[0], key=key)[1] for _ in range(3)} == {expected_head}, f"key {key} is not sticky"
     logits, head = ask(images[3], head="b")

@@ -9,11 +9,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from helpers import serving_build
-from tl_models.backbones import install_offline_weights
+from tl_models.build.backbones import install_offline_weights
 from tl_models.cli import main as cli_main
-from tl_models.routing import RoutingError, parse_weights
-from tl_models.triton import (RepositoryOptions, TritonConfigError, model_names, validate_config,
-                              write_repository)
+from tl_models.core.routing import RoutingError, parse_weights
+from tl_models.triton.config import RepositoryOptions, TritonConfigError, model_names, validate_config
+from tl_models.triton.repository import write_repository
 
 ONNX_STEPS = ("build_backbone", "build_head_a", "build_head_b")
 ENSEMBLES = ("build_a", "build_a_tensor", "build_b", "build_b_tensor")

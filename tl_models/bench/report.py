@@ -1,0 +1,67 @@
+"""What every benchmark shares: timing images/s, a two-column table, JSON figures and the serving plot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..core.files import atomic_write_json
+
+
+def images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, ms per call) of ``run()`` over at least ``seconds`` and 3 calls, after 2 warm-up calls."""
+    for _ in range(2):
+        run()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        run()
+        calls += 1
+    elapsed = time.perf_counter() - start
+    return calls * batch / elapsed, 1000.0 * elapsed / calls
+
+
+def format_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A title line and two aligned columns."""
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([title] + [f"  {label:<{width}}  {value:>10}" for label, value in rows])
+
+
+def write_json(path: str | Path | None, figures: dict) -> None:
+    """Write ``figures`` to ``path`` atomically (nothing when ``path`` is None) and say where."""
+    if path is not None:
+        atomic_write_json(path, figures)
+        print(f"figures written to {path}")
+
+
+def plot_serving(figures: dict, path: str | Path) -> None:
+    """`bench serve`: throughput and p99 latency vs client concurrency, one line per server stack, with the
+    raw ONNX Runtime best (in process) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    stacks = list(dict.fromkeys(row["stack"] for row in figures["servers"]))
+    for stack in stacks:
+        rows = sorted((r for r in figures["servers"] if r["stack"] == stack), key=lambda r: r["concurrency"])
+        level = [r["concurrency"] for r in rows]
+        rate_ax.plot(level, [r["throughput"] for r in rows], marker="o", label=stack)
+        p99_ax.plot(level, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in rows], marker="o",
+                    label=stack)
+    if "ort_best" in figures:
+        best = figures["ort_best"]
+        rate_ax.axhline(best["throughput"], color="grey", linestyle="--",
+                        label=f"ONNX Runtime in process, batch {best['batch']}")
+    for ax, label in ((rate_ax, "requests/s (1 image each)"), (p99_ax, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("client concurrency")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    rate_ax.set_ylim(bottom=0)
+    fig.suptitle(f"{figures['backbone']}: serving on {figures['cpu_count']} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

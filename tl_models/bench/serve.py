@@ -1,0 +1,466 @@
+"""`tl-models bench serve`: what serving costs on top of the model, for one build, every stack in one run.
+
+In process (the ceiling): ONNX Runtime on the build's fused graph (backbone + head, the nodes the servers run)
+and PyTorch eager, at batch 1, 8 and 32. Over loopback (:mod:`tl_models.bench.loadgen`): the BentoML service
+(``POST /classify``) and the Triton router over HTTP and gRPC, at client concurrency 1, 8 and 32. Then the
+cost of heads: RSS of the BentoML server's process tree and its p50 with 1 head and with N heads on one
+backbone, and a live head swap (``/admin/load``) under load. Servers are started and stopped here unless
+their URLs are given. Figures: a table, JSON (``json_path``) and a PNG (``plot_path``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..bento import launcher as bento_server
+from ..core import process as server_process
+from ..core.errors import UserError
+from ..triton import launcher as triton_server
+from ..core.manifest import BuildDir, HeadEntry, Manifest
+from .report import format_table, images_per_second, write_json
+from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
+
+IN_PROCESS = ("onnxruntime", "torch")
+SERVERS = ("bentoml-http", "triton-http", "triton-grpc")
+STACKS = IN_PROCESS + SERVERS
+TARGETS = {"throughput_ratio": 0.8, "overhead_ms": 5.0, "heads_memory": 1.10, "swap_s": 1.0}
+
+
+class BenchServeError(UserError):
+    """A setting that cannot be benchmarked (bad option, build unusable for the heads part)."""
+
+
+@dataclass
+class ServeBenchOptions:
+    """What `tl-models bench serve` takes; :meth:`check` rejects bad values with a clear message."""
+
+    build_dir: Path | None = None
+    backbone: str = "mobilenet_v2"
+    weights: str = "IMAGENET1K_V1"
+    data: Path | None = None
+    stacks: tuple[str, ...] = STACKS
+    batches: tuple[int, ...] = (1, 8, 32)
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 5.0
+    max_requests: int = 5000
+    heads: int = 10
+    bento_url: str | None = None
+    triton_http_url: str | None = None
+    triton_grpc_url: str | None = None
+    triton_model: str | None = None
+    workdir: Path | None = None
+    start_timeout: float = 600.0
+    json_path: Path | None = None
+    plot_path: Path | None = None
+    progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
+
+    def check(self) -> "ServeBenchOptions":
+        unknown = [s for s in self.stacks if s not in STACKS]
+        if unknown or not self.stacks:
+            raise BenchServeError(f"unknown stack(s) {unknown or '(none given)'}; choose from {', '.join(STACKS)}")
+        for what, values in (("batch", self.batches), ("concurrency", self.concurrency)):
+            if not values or min(values) < 1:
+                raise BenchServeError(f"every {what} must be at least 1, got {list(values)}")
+        if self.seconds <= 0 or self.max_requests < 1:
+            raise BenchServeError(f"seconds must be > 0 and max requests >= 1, got {self.seconds}, {self.max_requests}")
+        if self.heads == 1 or self.heads < 0:
+            raise BenchServeError(f"heads must be 0 (skip the heads part) or at least 2, got {self.heads}")
+        if self.build_dir is not None and not BuildDir(self.build_dir).exists():
+            raise BenchServeError(f"{self.build_dir} is not a build directory (no manifest.json)")
+        return self
+
+
+# ---------------------------------------------------------------- the build and the images
+
+
+def _default_build(options: ServeBenchOptions, data: Path, workdir: Path) -> Path:
+    """Heads ``a`` (linear) and ``b`` (mlp) on ``data``, exported with parity checked (like the tests' build)."""
+    from ..build.pipeline import BuildOptions, build
+    from ..build.config import TrainConfig
+
+    out = workdir / "build"
+    for name, kind in (("a", "linear"), ("b", "mlp")):
+        options.progress(f"[bench serve] building head {name} ({kind}) on {options.backbone} [{options.weights}]")
+        build(BuildOptions(data=data, out=out, backbone=options.backbone, weights=options.weights, kind=kind,
+                           head=name, hidden=256, train=TrainConfig(epochs=15), cache_dir=workdir / "cache",
+                           progress=False))
+    return out
+
+
+def _images(data: Path, count: int = 20) -> list[bytes]:
+    paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise BenchServeError(f"no PNG/JPEG images under {data}")
+    return [p.read_bytes() for p in paths[:: max(1, len(paths) // count)][:count]]
+
+
+def _first_head(manifest: Manifest) -> HeadEntry:
+    """The latest version of the build's first head (what the in-process stacks run)."""
+    return manifest.head(manifest.heads[0].name)
+
+
+# ---------------------------------------------------------------- in process
+
+
+def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks: tuple[str, ...],
+               progress: Callable[[str], None]) -> list[dict]:
+    """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
+    servers run) and PyTorch eager (backbone + head) per batch."""
+    import torch
+
+    from ..build.export import fuse
+    from ..build.pipeline import load_build_backbone, load_head_module
+    from ..core.names import BACKBONE_ONNX, HEAD_ONNX
+    from ..core.runtime import active_provider, create_session
+
+    build = BuildDir(build_dir)
+    manifest = build.manifest()
+    head = _first_head(manifest)
+    size = tuple(manifest.input_size)
+    runners: dict[str, Callable[[np.ndarray], object]] = {}
+    if "onnxruntime" in stacks:
+        session = create_session(fuse(build.file(BACKBONE_ONNX), build.file(head.rel(HEAD_ONNX)), {}))
+        name = session.get_inputs()[0].name
+        runners["onnxruntime"] = lambda pixels: session.run(None, {name: pixels})
+    if "torch" in stacks:
+        model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
+
+        @torch.inference_mode()
+        def eager(pixels: np.ndarray) -> object:
+            return model(torch.from_numpy(pixels))
+
+        runners["torch"] = eager
+    rows = []
+    for stack, run in runners.items():
+        for batch in batches:
+            progress(f"[bench serve] {stack} in process: batch {batch}")
+            pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
+            cpu, wall = time.process_time(), time.perf_counter()
+            ips, ms = images_per_second(lambda: run(pixels), batch, seconds)
+            busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
+            rows.append({"stack": stack, "batch": batch, "throughput": ips, "ms_per_batch": ms,
+                         "cpu_ms_per_image": 1000.0 * busy / ips,
+                         "threads": torch.get_num_threads() if stack == "torch" else None,
+                         "provider": active_provider(session) if stack == "onnxruntime" else "torch eager"})
+    return rows
+
+
+# ---------------------------------------------------------------- over loopback
+
+
+def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], concurrency: tuple[int, ...],
+            seconds: float, max_requests: int, progress: Callable[[str], None],
+            server_pid: int | None = None) -> list[dict]:
+    """One point per concurrency (after a short warm-up at that concurrency): throughput, latency, errors, and
+    for a server started here (``server_pid``) the CPU its process tree spent per request."""
+    rows = []
+    for clients in concurrency:
+        progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
+        drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
+        cpu = server_process.tree_cpu_seconds(server_pid) if server_pid else None
+        row = {"stack": stack, "concurrency": clients,
+               **summarize(*drive(connect, images, clients, seconds, max_requests))}
+        server_cpu = None
+        if cpu is not None and row["requests"]:
+            server_cpu = 1000.0 * (server_process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
+        row["server_cpu_ms_per_request"] = server_cpu
+        progress(f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
+                 f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU" +
+                 (f", server {server_cpu:.1f} CPU-ms per request" if server_cpu is not None else "") +
+                 (f" (first: {row['first_error']})" if row["first_error"] else ""))
+        rows.append(row)
+    return rows
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> dict[str, str]:
+    """The service on ``build_dir`` as deployed for throughput (no access log line per request);
+    ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
+    return bento_server.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
+        "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token,
+        "TL_MODELS_BUILD_ROOTS": str(workdir.resolve()), "TL_MODELS_ACCESS_LOG": "0"})
+
+
+def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
+             started: list[dict]) -> dict[str, tuple[Callable[[], Caller], int | None]]:
+    """A caller factory per ``wanted`` server stack, with the PID of the server if started here; starts (and
+    registers the stop of) the servers whose URL is not given."""
+    manifest = BuildDir(build_dir).manifest()
+    callers: dict[str, tuple[Callable[[], Caller], int | None]] = {}
+    if "bentoml-http" in wanted:
+        url, pid = options.bento_url, None
+        if url is None:
+            options.progress("[bench serve] starting bentoml serve")
+            server = bento_server.start(_bento_env(build_dir, workdir / "state-main", workdir, secrets.token_hex(8)),
+                                        log_path=workdir / "bento-main.log", timeout=options.start_timeout)
+            stack.callback(server.stop)
+            started.append({"server": "bentoml", "pid": server.pid})
+            url, pid = server.url, server.pid
+        callers["bentoml-http"] = (lambda url=url: BentoCaller(url)), pid
+    triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
+    urls = {"triton-http": options.triton_http_url, "triton-grpc": options.triton_grpc_url}
+    pids: dict[str, int | None] = {name: None for name in triton}
+    if any(urls[s] is None for s in triton):
+        from ..triton.config import RepositoryOptions
+        from ..triton.repository import write_repository
+
+        options.progress("[bench serve] writing the Triton model repository and starting tritonserver")
+        repo = write_repository(build_dir, workdir / "model_repository", RepositoryOptions(flavour="python"))
+        server = triton_server.start(repo.path, workdir=workdir / "tritonserver", timeout=options.start_timeout)
+        stack.callback(server.stop)
+        started.append({"server": "tritonserver", "pid": server.pid})
+        pids = {name: None if urls[name] else server.pid for name in triton}
+        urls = {"triton-http": urls["triton-http"] or server.http_url,
+                "triton-grpc": urls["triton-grpc"] or server.grpc_url}
+    model = options.triton_model or manifest.name
+    for name in triton:
+        protocol = name.split("-")[1]
+        callers[name] = (lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url, model)), pids[name]
+    return callers
+
+
+# ---------------------------------------------------------------- heads: memory, latency, live swap
+
+
+def _weights_argument(weights_id: str) -> tuple[str, int]:
+    """The ``--weights`` value and seed that reproduce a manifest's weights id (new heads must match it)."""
+    if weights_id.startswith("none:seed="):
+        return "none", int(weights_id.split("=", 1)[1])
+    if weights_id.startswith("torchvision:"):
+        return weights_id.rsplit(".", 1)[-1], 0
+    raise BenchServeError(f"the heads part adds heads to a copy of the build, which needs its weights again; "
+                          f"{weights_id!r} cannot be reloaded by name: use --heads 0")
+
+
+def _check_heads_data(manifest: Manifest, data: Path) -> None:
+    """The heads part adds heads trained on ``data`` to a copy of the build: its classes must be the labels."""
+    from ..build.data import load_image_folder
+
+    _weights_argument(manifest.weights)
+    classes = load_image_folder(data).classes
+    if classes != manifest.labels:
+        raise BenchServeError(f"the heads part trains new heads on {data}, whose classes {classes} are not the "
+                              f"build's labels {manifest.labels}: pass --data with the build's data, or --heads 0")
+
+
+def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
+                 progress: Callable[[str], None]) -> tuple[Path, dict[str, int], tuple[str, int]]:
+    """A copy of the build with at least ``count`` heads (new linear heads trained on ``data``'s cached
+    features) and one new version of its first head. Returns the copy, the live version of each head before
+    the swap, and the (head, version) to swap in."""
+    from ..build.pipeline import BuildOptions, build
+    from ..build.config import TrainConfig
+
+    copy = workdir / "heads-build"
+    shutil.copytree(build_dir, copy)
+    manifest = BuildDir(copy).manifest()
+    weights, seed = _weights_argument(manifest.weights)
+    live = manifest.latest_versions()
+
+    def add(name: str, epochs: int) -> int:
+        report = build(BuildOptions(data=data, out=copy, backbone=manifest.backbone, weights=weights,
+                                    kind="linear", head=name, train=TrainConfig(epochs=epochs, seed=seed),
+                                    cache_dir=workdir / "cache", progress=False))
+        return report.head.version
+
+    for index in range(len(live), count):
+        progress(f"[bench serve] heads part: training head {index + 1} of {count}")
+        live[f"bench-head-{index}"] = add(f"bench-head-{index}", 10)
+    first = next(iter(live))
+    progress(f"[bench serve] heads part: training a new version of head {first} (to swap in)")
+    return copy, live, (first, add(first, 5))
+
+
+def swap_under_load(url: str, token: str, build_dir: Path, head: str, version: int, images: list[bytes],
+                    clients: int = 8, before: float = 1.0, after: float = 1.0) -> dict:
+    """``/admin/load`` of ``head:version`` from ``build_dir`` while ``clients`` threads send ``X-TL-Head: head``
+    requests; the swap's wall time, failed requests (all, and while the swap ran) and who answered after it."""
+    import httpx
+
+    stop, result = threading.Event(), {}
+
+    def load() -> None:
+        result["records"] = drive(lambda: BentoCaller(url, {"X-TL-Head": head}), images, clients, stop=stop)[0]
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    time.sleep(before)
+    begin = time.perf_counter()
+    response = httpx.post(f"{url}/admin/load", json={"build_dir": str(build_dir), "head": head, "version": version},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    end = time.perf_counter()
+    time.sleep(after)
+    stop.set()
+    thread.join()
+    records = result["records"]
+    during = [r for r in records if r.end >= begin and r.start <= end]
+    later = [r for r in records if r.start > end and r.error is None]
+    return {"head": head, "version": version, "status": response.status_code, "swap_s": end - begin,
+            "clients": clients, "requests": len(records), "failed": sum(r.error is not None for r in records),
+            "requests_during_swap": len(during), "failed_during_swap": sum(r.error is not None for r in during),
+            "new_version_share_after": (sum(r.answer.get("version") == version for r in later) / len(later)
+                                        if later else None)}
+
+
+def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], options: ServeBenchOptions,
+               workdir: Path, started: list[dict]) -> dict:
+    """RSS and p50 (concurrency 1) of the BentoML service routing 1 head vs ``count`` heads of one build,
+    and a live head swap under load on the ``count``-head service."""
+    from ..core.routing import RoutingState
+
+    copy, live, (swap_head, swap_version) = _heads_build(build_dir, data, count, workdir, options.progress)
+    figures: dict = {"heads": {}}
+    for served in (1, count):
+        names = list(live)[:served]
+        state = workdir / f"state-{served}-heads"
+        state.mkdir(parents=True)
+        RoutingState(state / "route.json").update(weights={n: 1.0 for n in names},
+                                                   versions={n: live[n] for n in names})
+        token = secrets.token_hex(8)
+        options.progress(f"[bench serve] heads part: bentoml serve with {served} head(s)")
+        server = bento_server.start(_bento_env(copy, state, workdir, token), log_path=workdir / f"bento-{served}.log",
+                                    timeout=options.start_timeout)
+        started.append({"server": f"bentoml ({served} heads)", "pid": server.pid})
+        try:
+            point = measure(f"bentoml-http {served} head(s)", lambda: BentoCaller(server.url), images, (1,),
+                            options.seconds, options.max_requests, options.progress)[0]
+            figures["heads"][str(served)] = {"rss_bytes": server_process.tree_rss(server.pid), **point}
+            if served == count:
+                options.progress(f"[bench serve] heads part: swapping in {swap_head}:{swap_version} under load")
+                figures["swap"] = swap_under_load(server.url, token, copy, swap_head, swap_version, images)
+        finally:
+            server.stop()
+    one, many = figures["heads"]["1"], figures["heads"][str(count)]
+    figures["memory_ratio"] = many["rss_bytes"] / one["rss_bytes"]
+    figures["p50_delta_ms"] = (many["p50_ms"] - one["p50_ms"]) if None not in (many["p50_ms"], one["p50_ms"]) else None
+    return figures
+
+
+# ---------------------------------------------------------------- ratios, targets, output
+
+
+def _ratios(figures: dict) -> None:
+    """Server throughput / raw ORT best, and p50 at concurrency 1 minus raw ORT batch-1 ms, on each server row."""
+    ort = [r for r in figures["in_process"] if r["stack"] == "onnxruntime"]
+    if not ort:
+        return
+    best = max(ort, key=lambda r: r["throughput"])
+    figures["ort_best"] = {"batch": best["batch"], "throughput": best["throughput"]}
+    single = next((r for r in ort if r["batch"] == 1), None)
+    for row in figures["servers"]:
+        row["vs_ort_best"] = row["throughput"] / best["throughput"]
+        if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
+            row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
+
+
+def targets(figures: dict) -> list[dict]:
+    """The issue's CPU targets, each with the measured value and whether it was met."""
+    out = []
+    top = max((r["concurrency"] for r in figures["servers"]), default=None)
+    for row in figures["servers"]:
+        if row["concurrency"] == top and "vs_ort_best" in row:
+            out.append({"target": f"{row['stack']}: throughput at concurrency {top} >= "
+                                  f"{TARGETS['throughput_ratio']}x raw ORT best", "value": row["vs_ort_best"],
+                        "met": row["vs_ort_best"] >= TARGETS["throughput_ratio"] and row["errors"] == 0})
+        if "overhead_ms" in row:
+            out.append({"target": f"{row['stack']}: serving overhead at concurrency 1 <= {TARGETS['overhead_ms']} ms "
+                                  "p50", "value": row["overhead_ms"], "met": row["overhead_ms"] <= TARGETS["overhead_ms"]})
+    heads = figures.get("heads_cost")
+    if heads:
+        out.append({"target": f"{figures['heads_count']} heads cost <= 10% more memory than 1 head",
+                    "value": heads["memory_ratio"], "met": heads["memory_ratio"] <= TARGETS["heads_memory"]})
+        swap = heads["swap"]
+        out.append({"target": "head swap under load < 1 s with zero failed requests", "value": swap["swap_s"],
+                    "met": swap["status"] == 200 and swap["swap_s"] < TARGETS["swap_s"] and swap["failed"] == 0})
+    return out
+
+
+def _table(figures: dict) -> str:
+    rows = [(f"{r['stack']} in process, batch {r['batch']}",
+             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img")
+            for r in figures["in_process"]]
+    for r in figures["servers"]:
+        extra = f", server {r['server_cpu_ms_per_request']:.1f} CPU-ms/req" if r.get("server_cpu_ms_per_request") else ""
+        extra += f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
+        extra += f", overhead {r['overhead_ms']:+.1f} ms" if "overhead_ms" in r else ""
+        rows.append((f"{r['stack']}, concurrency {r['concurrency']}",
+                     f"{r['throughput']:.1f} req/s, p50/p90/p99 {_ms(r['p50_ms'])}/{_ms(r['p90_ms'])}/"
+                     f"{_ms(r['p99_ms'])}, {r['errors']} errors / {r['requests']}, clients "
+                     f"{r['client_cpu_share']:.0%} CPU{extra}"))
+    heads = figures.get("heads_cost")
+    if heads:
+        for count, point in heads["heads"].items():
+            rows.append((f"bentoml, {count} head(s)",
+                         f"RSS {point['rss_bytes'] / 2 ** 20:.0f} MiB, p50 {_ms(point['p50_ms'])}"))
+        swap = heads["swap"]
+        rows.append((f"live swap of {swap['head']}:{swap['version']} under {swap['clients']} clients",
+                     f"{swap['swap_s'] * 1000:.0f} ms (HTTP {swap['status']}), {swap['failed']} failed of "
+                     f"{swap['requests']} ({swap['failed_during_swap']} of {swap['requests_during_swap']} during it)"))
+    for target in figures["targets"]:
+        rows.append((f"target: {target['target']}", f"{'met' if target['met'] else 'MISSED'} ({target['value']:.2f})"))
+    title = (f"bench serve: {figures['backbone']} [{figures['weights']}], {figures['cpu_count']} CPU cores, "
+             f"{figures['seconds']:g} s or {figures['max_requests']} requests per point")
+    return format_table(title, rows)
+
+
+def bench_serve(options: ServeBenchOptions) -> dict:
+    """Run every selected stack on one build (see the module docstring); returns the figures (also printed,
+    written as JSON and plotted when asked). Servers started here are stopped before it returns."""
+    options.check()
+    with ExitStack() as cleanup:
+        if options.workdir is None:
+            workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tl-models-bench-serve-")))
+        else:
+            workdir = Path(options.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        data = options.data
+        if data is None:
+            from ..build.data import write_demo_dataset
+
+            data = write_demo_dataset(workdir / "data", per_class=20)
+        build_dir = Path(options.build_dir) if options.build_dir else _default_build(options, data, workdir)
+        manifest = BuildDir(build_dir).manifest()
+        images = _images(data)
+        if options.heads:
+            _check_heads_data(manifest, data)  # before minutes of measurements, not after
+        started: list[dict] = []
+        figures: dict = {"benchmark": "serve", "build": str(build_dir), "backbone": manifest.backbone,
+                         "weights": manifest.weights, "head": _first_head(manifest).name,
+                         "cpu_count": os.cpu_count(), "seconds": options.seconds, "max_requests": options.max_requests,
+                         "images": {"count": len(images), "mean_bytes": float(np.mean([len(i) for i in images]))},
+                         "heads_count": options.heads, "servers_started": started}
+        figures["in_process"] = in_process(build_dir, options.batches, options.seconds, options.stacks,
+                                           options.progress)
+        figures["servers"] = []
+        for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
+            wanted = tuple(s for s in group if s in options.stacks)
+            with ExitStack() as servers:
+                for stack, (connect, pid) in _servers(options, wanted, build_dir, workdir, servers, started).items():
+                    figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
+                                                  options.max_requests, options.progress, pid)
+        if options.heads:
+            figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
+        _ratios(figures)
+        figures["targets"] = targets(figures)
+    print(_table(figures))
+    write_json(options.json_path, figures)
+    if options.plot_path is not None:
+        from .report import plot_serving
+
+        plot_serving(figures, options.plot_path)
+        print(f"plot written to {options.plot_path}")
+    return figures

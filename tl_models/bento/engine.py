@@ -1,0 +1,230 @@
+"""The request path of the BentoML service: one backbone session, adaptive batching, routing to a head.
+
+No BentoML in here: ``service.py`` maps HTTP onto :class:`ServingEngine`, which
+
+* runs one backbone session, loaded and warmed up once; concurrent requests share backbone passes through
+  :class:`MicroBatcher` (whatever queued up while a pass ran goes into the next one);
+* routes every request through :mod:`tl_models.core.routing` (weighted sticky split, ``X-TL-Head`` override)
+  to a head of its :class:`HeadRegistry`, which admits heads and runs the admin operations.
+
+Errors are :mod:`tl_models.core.errors`: the service answers each with the status of that module's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from ..core.errors import BadRequest, NotFound, UserError
+from ..core.heads import BackboneSource, HeadSource, LoadedHead, read_verified
+from ..core.names import EMBEDDING, IMAGE
+from ..core.preprocess import (DEFAULT_MAX_PIXELS, ImageError, Preprocessing, blank_image, preprocess_bytes,
+                               tensor_problem)
+from ..core.routing import parse_weights
+from ..core.runtime import create_session
+from .batching import MicroBatcher
+from .metrics import Metrics
+from .registry import HeadRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingConfig:
+    """Knobs of the engine, read from ``TL_MODELS_*`` environment variables by :meth:`from_env`."""
+
+    state_dir: Path
+    weights: dict[str, float] | None = None
+    top_k: int = 5
+    max_batch: int = 16
+    route_poll: float = 0.0
+    providers: str | None = None
+    threads: int | None = None
+    warmup_batches: tuple[int, ...] = field(default=(1,))
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_tensor_batch: int = 256
+    build_roots: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_env(cls, default_state_dir: Path) -> "ServingConfig":
+        env = os.environ
+        roots = env.get("TL_MODELS_BUILD_ROOTS")
+        return cls(state_dir=Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir),
+                   weights=parse_weights(env["TL_MODELS_WEIGHTS"]) if env.get("TL_MODELS_WEIGHTS") else None,
+                   top_k=int(env.get("TL_MODELS_TOP_K", "5")), max_batch=int(env.get("TL_MODELS_MAX_BATCH", "16")),
+                   route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")), providers=env.get("TL_MODELS_PROVIDERS"),
+                   threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
+                   max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+                   max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
+                   build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),))
+
+
+class ServingEngine:
+    """One backbone session, the worker's :class:`HeadRegistry` and the three request endpoints."""
+
+    def __init__(self, backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig):
+        self.ready = False
+        self.config = config
+        self.backbone_source = backbone
+        data = read_verified(backbone.path, backbone.sha256, "backbone")
+        self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone",
+                                       spin=False)
+        self.spec = Preprocessing.from_dict(backbone.preprocessing)
+        self.input_size = (3, self.spec.crop_size, self.spec.crop_size)
+        self.embedding_dim = int(self._run_backbone(np.zeros((1, *self.input_size), np.uint8)).shape[1])
+        self.metrics = Metrics.get()
+        self.batcher = MicroBatcher(self._run_backbone, config.max_batch, self.metrics.batch.observe)
+        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone.sha256, config.providers,
+                                  config.route_poll)
+        route = self.heads.bootstrap(heads, config.weights, backbone.build)
+        log.info("serving %s: heads %s, weights %s", backbone.build, route.versions, route.weights)
+
+    def warm_up(self) -> None:
+        """Run the backbone at the warm-up batch sizes and every loaded head once; then the engine is ready."""
+        for size in sorted({*self.config.warmup_batches, self.config.max_batch}):
+            self._run_backbone(np.zeros((size, *self.input_size), np.uint8))
+        for image_format in ("PNG", "JPEG"):  # loads PIL's decoders now rather than in the first request
+            self.preprocess(blank_image(32, image_format))
+        for head in self.heads.loaded():
+            head.logits(np.zeros((1, self.embedding_dim), np.float32))
+        self.ready = True
+
+    def _run_backbone(self, images: np.ndarray) -> np.ndarray:
+        return self.backbone.run([EMBEDDING], {IMAGE: images})[0]
+
+    async def resolve(self, key: str | None = None, head: str | None = None, endpoint: str = "") -> LoadedHead:
+        """The head (and version) that answers one request: ``head`` if given, else the weighted split."""
+        route = self.heads.routing.current()
+        try:
+            name, version = route.choose(key=key or None, head=head or None)
+        except UserError as exc:
+            reason = "unknown_head" if isinstance(exc, NotFound) else "no_route"
+            self.metrics.errors.labels("", "", endpoint, reason).inc()
+            raise
+        loaded = self.heads.cached(name, version) or await asyncio.to_thread(self.heads.head, name, version)
+        self.heads.follow(route)
+        return loaded
+
+    # -- requests
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> uint8 3×H×W; ImageError (400) with the reason for anything that is no image."""
+        try:
+            return preprocess_bytes(data, self.spec, self.config.max_pixels)
+        except ImageError as exc:
+            raise ImageError(f"bad image: {exc}") from None
+
+    def tensor_input(self, tensor: np.ndarray) -> np.ndarray:
+        """A client tensor (N×3×H×W or 3×H×W; uint8, or integer/float pixel values 0..255) -> uint8 batch."""
+        array = np.asarray(tensor)
+        if array.ndim == 3:
+            array = array[None]
+        problem = tensor_problem(array, "tensor", self.input_size)
+        if problem:
+            raise BadRequest(problem)
+        if not 1 <= len(array) <= self.config.max_tensor_batch:
+            raise BadRequest(f"tensor batch must hold 1 to {self.config.max_tensor_batch} images, got {len(array)}")
+        if array.dtype == np.uint8:
+            return np.ascontiguousarray(array)
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise BadRequest(f"tensor values must be pixel values in 0..255 (normalisation happens in the "
+                             f"model), got {low}..{high}")
+        return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
+
+    @asynccontextmanager
+    async def _observed(self, head: LoadedHead, endpoint: str) -> AsyncIterator[None]:
+        labels = (head.name, str(head.version), endpoint)
+        self.metrics.requests.labels(*labels).inc()
+        start = time.perf_counter()
+        try:
+            yield
+        except UserError:
+            self.metrics.errors.labels(*labels, "bad_input").inc()
+            raise
+        except Exception:
+            self.metrics.errors.labels(*labels, "internal").inc()
+            raise
+        finally:
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+    def _top_k(self, top_k: int | None) -> int:
+        top_k = self.config.top_k if top_k is None else top_k
+        if top_k < 1:
+            raise BadRequest(f"top_k must be at least 1, got {top_k}")
+        return top_k
+
+    async def classify(self, data: bytes, key: str | None = None, head: str | None = None,
+                       top_k: int | None = None) -> dict:
+        """One encoded image -> top-k labels and scores from the routed head."""
+        k = self._top_k(top_k)
+        chosen = await self.resolve(key, head, "classify")
+        async with self._observed(chosen, "classify"):
+            image = await asyncio.to_thread(self.preprocess, data)
+            embedding = await self.batcher.submit(image[None])
+            return chosen.answer(chosen.logits(embedding), k)[0]
+
+    async def predict(self, tensor: np.ndarray, key: str | None = None, head: str | None = None,
+                      top_k: int | None = None) -> dict:
+        """A preprocessed tensor batch -> logits and top-k per image, all from one routed head."""
+        k = self._top_k(top_k)
+        chosen = await self.resolve(key, head, "predict")
+        async with self._observed(chosen, "predict"):
+            batch = self.tensor_input(tensor)
+            logits = chosen.logits(await self.batcher.submit(batch))
+            answers = chosen.answer(logits, k)
+            return {"head": chosen.name, "version": chosen.version, "logits": logits.tolist(),
+                    "predictions": [a["predictions"] for a in answers]}
+
+    async def embed(self, data: bytes) -> dict:
+        """One encoded image -> its backbone embedding."""
+        image = await asyncio.to_thread(self.preprocess, data)
+        embedding = await self.batcher.submit(image[None])
+        return {"embedding": embedding[0].tolist(), "dim": self.embedding_dim}
+
+    # -- admin: the registry changes state; every answer is the new status
+
+    def status(self) -> dict:
+        """Live heads with versions, weights, traffic shares and request counts (all workers)."""
+        route = self.heads.routing.current()
+        counts = Metrics.request_counts()
+        total = sum(w for w in route.weights.values() if w > 0)
+        catalog = self.heads.catalog.entries()
+        heads = []
+        for name in sorted(route.versions):
+            version = route.versions[name]
+            weight = route.weights.get(name, 0.0)
+            by_version = counts.get(name, {})
+            source = catalog.get(f"{name}:{version}")
+            heads.append({"name": name, "version": version, "weight": weight,
+                          "share": weight / total if total else 0.0, "requests": sum(by_version.values()),
+                          "requests_by_version": by_version, "origin": source.origin if source else None})
+        return {"ready": self.ready, "build": self.backbone_source.build, "revision": route.revision,
+                "backbone": {"origin": self.backbone_source.origin, "sha256": self.backbone_source.sha256,
+                             "embedding_dim": self.embedding_dim, "input_size": list(self.input_size)},
+                "heads": heads, "available": sorted(catalog)}
+
+    async def set_weights(self, weights: dict[str, float]) -> dict:
+        """Replace the traffic weights (every named head must be live)."""
+        if not weights:
+            raise BadRequest("give at least one weight, e.g. {\"a\": 90, \"b\": 10}")
+        await asyncio.to_thread(self.heads.set_weights, weights)
+        return self.status()
+
+    async def load(self, source: HeadSource, live: bool = True, weight: float | None = None) -> dict:
+        """Admit a head version and (``live``) route its name to it; see :meth:`HeadRegistry.load`."""
+        await asyncio.to_thread(self.heads.load, source, live, weight)
+        return self.status()
+
+    async def retire(self, name: str) -> dict:
+        """Take a head out of the route; its requests go to the other heads."""
+        await asyncio.to_thread(self.heads.retire, name)
+        return self.status()

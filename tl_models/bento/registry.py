@@ -1,0 +1,146 @@
+"""The heads of a BentoML worker: admitted head sessions, the shared route, the head catalog, and the admin
+operations that change them (load, weights, retire). Every change is serialised across workers by the catalog's
+lock; every head enters only through :func:`tl_models.core.heads.admit_head`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from ..core.errors import BuildError, Conflict, NotFound, Unavailable, UserError
+from ..core.files import atomic_write_bytes, file_sha256
+from ..core.heads import HeadSource, LoadedHead, admit_head, read_verified
+from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
+from ..core.routing import Route, RoutingState
+from .catalog import HeadCatalog
+
+log = logging.getLogger(__name__)
+
+
+class HeadRegistry:
+    """``(name, version) -> LoadedHead`` for one worker, over a route and a catalog shared by all workers."""
+
+    def __init__(self, state_dir: Path, embedding_dim: int, backbone_sha256: str, providers: str | None = None,
+                 route_poll: float = 0.0):
+        self.state_dir = state_dir
+        self.embedding_dim = embedding_dim
+        self.backbone_sha256 = backbone_sha256
+        self.providers = providers
+        self.catalog = HeadCatalog(state_dir / "heads.json")
+        self.routing = RoutingState(state_dir / ROUTE_FILE, poll=route_poll)
+        self._loaded: dict[tuple[str, int], LoadedHead] = {}
+        self._lock = threading.Lock()
+        self._revision = -1
+
+    def bootstrap(self, heads: Sequence[HeadSource], weights: dict[str, float] | None, build: str) -> Route:
+        """Record the declared heads, create the route (latest version of each head) if none exists, load the
+        routed heads; BuildError when a routed head cannot be loaded."""
+        if not heads and not self.routing.path.exists():
+            raise BuildError(f"no heads to serve for build {build!r}")
+        with self.catalog.locked():
+            self.catalog.put(heads)
+            if not self.routing.path.exists():
+                latest: dict[str, int] = {}
+                for head in heads:
+                    latest[head.name] = max(latest.get(head.name, 0), head.version)
+                self.routing.update(weights=weights or {name: 1.0 for name in latest}, versions=latest)
+        route = self.routing.current()
+        try:
+            for name, version in route.versions.items():
+                self.head(name, version)
+        except UserError as exc:
+            raise BuildError(f"cannot load the routed heads from {self.state_dir}: {exc.message} "
+                             "(remove that state directory or point TL_MODELS_STATE_DIR elsewhere)") from None
+        self._revision = route.revision
+        return route
+
+    def loaded(self) -> list[LoadedHead]:
+        return list(self._loaded.values())
+
+    def head(self, name: str, version: int) -> LoadedHead:
+        """The loaded head version, admitting it from the catalog first if this worker has not yet (blocking)."""
+        head = self._loaded.get((name, version))
+        if head is not None:
+            return head
+        with self._lock:
+            head = self._loaded.get((name, version))
+            if head is None:
+                source = self.catalog.get(name, version)
+                if source is None:
+                    raise Unavailable(f"head {name}:{version} is routed but missing from the head catalog "
+                                      f"{self.catalog.path}")
+                head = admit_head(source, self.embedding_dim, self.backbone_sha256, self.providers)
+                self._loaded[(name, version)] = head
+                log.info("loaded head %s from %s", source.key, source.origin)
+        return head
+
+    def cached(self, name: str, version: int) -> LoadedHead | None:
+        """The loaded head version, or None when this worker has not loaded it yet."""
+        return self._loaded.get((name, version))
+
+    def follow(self, route: Route) -> None:
+        """Drop head versions a newer route no longer names (requests in flight keep their reference)."""
+        if route.revision == self._revision:
+            return
+        with self._lock:
+            for key in [k for k in self._loaded if route.versions.get(k[0]) != k[1]]:
+                del self._loaded[key]
+            self._revision = route.revision
+
+    # -- admin (each call runs under the catalog lock: changes from all workers are serialised)
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Replace the traffic weights (every named head must be live)."""
+        with self.catalog.locked():
+            self._update_route(weights=weights)
+
+    def load(self, source: HeadSource, live: bool = True, weight: float | None = None) -> None:
+        """Admit a head version, record it in the catalog and (``live``) route its name to it; the old version
+        of that name is dropped only after the route points at the new one."""
+        data = read_verified(source.path, source.sha256, f"head {source.key}")
+        head = admit_head(source, self.embedding_dim, self.backbone_sha256, self.providers, data)
+        with self.catalog.locked():
+            known = self.catalog.get(source.name, source.version)
+            if known is not None and known.sha256 != source.sha256:
+                raise Conflict(f"head {source.key} is already known with another {HEAD_ONNX} (from {known.origin}); "
+                               "give the new head a new version")
+            if source.origin.startswith("build:"):
+                head.source = source = self._stash(source, data)
+            self.catalog.put([source])
+            with self._lock:
+                self._loaded[(source.name, source.version)] = head
+            if live:
+                route = RoutingState(self.routing.path, poll=0).current()  # fresh read: no cached weights
+                weights = None
+                if weight is not None or source.name not in route.weights:
+                    default = 0.0 if any(w > 0 for w in route.weights.values()) else 1.0
+                    weights = {**route.weights, source.name: default if weight is None else weight}
+                self._update_route(versions={source.name: source.version}, weights=weights)
+        log.info("head %s loaded from %s%s", source.key, source.origin, " and live" if live else "")
+
+    def retire(self, name: str) -> None:
+        """Take a head out of the route (weights and live version); its requests go to the other heads."""
+        with self.catalog.locked():
+            route = RoutingState(self.routing.path, poll=0).current()
+            if name not in route.versions:
+                raise NotFound(f"cannot retire unknown head {name!r}; live heads: "
+                               f"{', '.join(sorted(route.versions)) or 'none'}")
+            if not any(w > 0 for n, w in route.weights.items() if n != name):
+                raise Conflict(f"retiring {name!r} would leave no head with traffic weight: "
+                               "give another head a weight first")
+            self._update_route(retire=(name,))
+
+    def _update_route(self, **changes) -> Route:
+        route = self.routing.update(**changes)
+        self.follow(route)
+        return route
+
+    def _stash(self, source: HeadSource, data: bytes) -> HeadSource:
+        """Copy a build directory's head.onnx into the state directory, so every worker loads the same bytes
+        even if the build directory changes later."""
+        target = self.state_dir / HEADS_DIR / source.name / str(source.version) / HEAD_ONNX
+        if not target.is_file() or file_sha256(target) != source.sha256:
+            atomic_write_bytes(target, data)
+        return HeadSource.from_dict(source.to_dict(), path=str(target))

@@ -1,0 +1,158 @@
+"""PyTorch vs ONNX Runtime parity: named tolerances, a JSON report, and an error that shows the worst difference.
+
+Pass criterion per output (numpy ``allclose`` semantics): ``|onnx - torch| <= atol + rtol * |torch|``
+everywhere, every value finite, and top-1 agreement of logits at least ``min_agreement``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..core.names import EMBEDDING, IMAGE, LOGITS
+
+FP32 = {"atol": 1e-4, "rtol": 1e-3, "min_agreement": 1.0}
+FP16 = {"atol": 0.0, "rtol": 0.0, "min_agreement": 0.99, "atol_of_max": 0.01}
+BATCH_SIZES = (1, 7, 32)
+
+
+class ParityError(AssertionError):
+    """ONNX Runtime outputs differ from PyTorch past tolerance; the message names the output and the worst case."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Tolerances of one parity check."""
+
+    atol: float = FP32["atol"]
+    rtol: float = FP32["rtol"]
+    min_agreement: float = FP32["min_agreement"]
+    atol_of_max: float = 0.0  # adds this fraction of the largest reference magnitude to atol (fp16: 1%)
+
+
+@dataclass
+class OutputCheck:
+    """One output at one batch size: worst differences, top-1 agreement, finiteness, verdict."""
+
+    graph: str
+    output: str
+    batch: int
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float | None
+    finite: bool
+    reference_spread: float
+    passed: bool
+    worst_index: list[int] = field(default_factory=list)
+
+
+def compare(graph: str, output: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance,
+            classify: bool) -> OutputCheck:
+    """Compare one ONNX Runtime output against its PyTorch reference."""
+    reference = np.asarray(reference, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if reference.shape != actual.shape:
+        raise ParityError(f"{graph}/{output}: shape {actual.shape} from ONNX Runtime, {reference.shape} from PyTorch")
+    finite = bool(np.isfinite(actual).all() and np.isfinite(reference).all())
+    diff = np.abs(actual - reference)
+    atol = tolerance.atol + tolerance.atol_of_max * float(np.abs(reference).max(initial=0.0))
+    rel = diff / np.maximum(np.abs(reference), max(atol, 1e-12))
+    excess = diff - (atol + tolerance.rtol * np.abs(reference))
+    agreement = float((actual.argmax(1) == reference.argmax(1)).mean()) if classify else None
+    passed = finite and bool((excess <= 0).all()) and (agreement is None or agreement >= tolerance.min_agreement)
+    worst = np.unravel_index(int(np.nanargmax(excess)), excess.shape) if excess.size else ()
+    return OutputCheck(graph, output, int(reference.shape[0]), float(np.nanmax(diff)), float(np.nanmax(rel)),
+                       agreement, finite, float(reference.std(axis=0).mean()) if len(reference) > 1 else 0.0,
+                       passed, [int(i) for i in worst])
+
+
+@dataclass
+class ParityReport:
+    """All checks of one run, with the tolerance used."""
+
+    tolerance: Tolerance
+    checks: list[OutputCheck] = field(default_factory=list)
+    providers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tolerance": asdict(self.tolerance), "providers": self.providers,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def table(self) -> str:
+        """Human-readable table, one row per graph/output/batch."""
+        rows = [f"{'graph':<28} {'output':<10} {'batch':>5} {'max abs':>10} {'max rel':>10} {'top-1':>7}  result"]
+        for c in self.checks:
+            top1 = f"{c.top1_agreement:.3f}" if c.top1_agreement is not None else "-"
+            verdict = "ok" if c.passed else ("NON-FINITE" if not c.finite else "FAIL")
+            rows.append(f"{c.graph:<28} {c.output:<10} {c.batch:>5} {c.max_abs_diff:>10.2e} "
+                        f"{c.max_rel_diff:>10.2e} {top1:>7}  {verdict}")
+        rows.append(f"tolerance: {self.tolerance_text()}")
+        return "\n".join(rows)
+
+    def raise_on_failure(self) -> None:
+        """ParityError naming the failing output and its worst difference."""
+        failed = [c for c in self.checks if not c.passed]
+        if not failed:
+            return
+        worst = max(failed, key=lambda c: c.max_abs_diff if np.isfinite(c.max_abs_diff) else np.inf)
+        detail = "non-finite values" if not worst.finite else (
+            f"max abs diff {worst.max_abs_diff:.3e} (max rel {worst.max_rel_diff:.3e}) at index {worst.worst_index}")
+        if worst.top1_agreement is not None and worst.top1_agreement < self.tolerance.min_agreement:
+            detail += f", top-1 agreement {worst.top1_agreement:.3f} < {self.tolerance.min_agreement:g}"
+        raise ParityError(f"parity failed for {worst.graph}/{worst.output} at batch {worst.batch}: {detail} "
+                          f"({self.tolerance_text()}); {len(failed)} of {len(self.checks)} checks failed")
+
+    def tolerance_text(self) -> str:
+        t = self.tolerance
+        extra = f" + {t.atol_of_max:g} x max|reference|" if t.atol_of_max else ""
+        return f"atol {t.atol:g}{extra}, rtol {t.rtol:g}, top-1 agreement >= {t.min_agreement:g}"
+
+
+def parity_inputs(batch: int, input_size: list[int], images: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """uint8 batch: the given images repeated to ``batch``, else seeded random pixels."""
+    if images is not None:
+        return np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
+    return np.random.default_rng(seed + batch).integers(0, 256, (batch, *input_size), dtype=np.uint8)
+
+
+def run_parity(backbone, input_size: list[int], backbone_onnx: str | None, heads: dict[str, tuple],
+               tolerance: Tolerance = Tolerance(), batch_sizes: tuple[int, ...] = BATCH_SIZES,
+               images: np.ndarray | None = None, providers: str | list[str] | None = None) -> ParityReport:
+    """Check backbone.onnx (if given), and per head ``label -> (torch head, head.onnx, fused graph: a path or its
+    bytes)``, at each batch size.
+
+    ``backbone`` is the PyTorch backbone module (uint8 image -> embedding); head inputs are its embeddings.
+    """
+    import torch
+
+    from ..core.runtime import active_provider, create_session
+
+    report = ParityReport(tolerance)
+    sessions = {}
+    if backbone_onnx:
+        sessions["backbone"] = create_session(backbone_onnx, providers)
+    for label, (_, head_path, fused_path) in heads.items():
+        sessions[f"{label}/head"] = create_session(head_path, providers)
+        sessions[f"{label}/fused"] = create_session(fused_path, providers)
+    report.providers = {name: active_provider(s) for name, s in sessions.items()}
+    for batch in batch_sizes:
+        x = parity_inputs(batch, input_size, images)
+        with torch.inference_mode():
+            embedding = backbone(torch.from_numpy(x)).numpy()
+        if backbone_onnx:
+            report.checks.append(compare("backbone", EMBEDDING, embedding,
+                                         sessions["backbone"].run(None, {IMAGE: x})[0], tolerance, False))
+        for label, (head, _, _) in heads.items():
+            with torch.inference_mode():
+                logits = head(torch.from_numpy(embedding)).numpy()
+            report.checks.append(compare(f"{label}/head", LOGITS, logits,
+                                         sessions[f"{label}/head"].run(None, {EMBEDDING: embedding})[0],
+                                         tolerance, True))
+            report.checks.append(compare(f"{label}/fused", LOGITS, logits,
+                                         sessions[f"{label}/fused"].run(None, {IMAGE: x})[0], tolerance, True))
+    return report

@@ -1,0 +1,327 @@
+"""The build pipeline: ImageFolder -> frozen backbone features (cached) -> trained head -> build directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..core.errors import BuildError
+from ..core.files import atomic_write_bytes, atomic_write_json
+from ..core.manifest import BuildDir, HeadEntry, Manifest
+from ..core.names import (BACKBONE_FP16, BACKBONE_ONNX, BACKBONE_PT, CONFUSION_PNG, CURVES_PNG, FUSED_FP16,
+                          FUSED_ONNX, HEAD_ONNX, HEAD_PT, HEADS_DIR, HISTORY_JSON, PARITY_JSON, check_name)
+from ..core.preprocess import Preprocessing
+from ..core.runtime import gpu_count
+from .architectures import HeadSpec, build_head
+from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
+from .data import load_image_folder, stratified_split
+from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
+from .features import FeatureCache, default_cache_dir, load_images
+from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
+from .plots import plot_confusion, plot_curves
+from .config import TrainConfig
+from .train import fit
+
+log = logging.getLogger(__name__)
+
+
+def atomic_save_torch(path: str | Path, obj: object) -> None:
+    """Atomically ``torch.save`` an object (state_dicts only: they load back with weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class BuildOptions:
+    """Everything `tl-models build` takes."""
+
+    data: Path
+    out: Path
+    backbone: str = "mobilenet_v2"
+    weights: str = "DEFAULT"
+    kind: str = "linear"
+    head: str = "default"
+    hidden: int = 512
+    dropout: float = 0.0
+    unfreeze_last: bool = False
+    val_fraction: float = 0.2
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: Path | None = None
+    progress: bool = True
+    export: bool = True
+    fused: bool = False
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+
+@dataclass
+class BuildReport:
+    """What a build produced: the head entry, whether the feature cache was hit, the manifest."""
+
+    head: HeadEntry
+    cache_hit: bool
+    manifest: Manifest
+
+
+def _library_versions() -> dict:
+    import torchvision
+
+    return {"tl_models": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def _new_manifest(options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> Manifest:
+    prep = backbone.preprocessing
+    name = re.sub(r"[^a-z0-9_-]", "_", options.out.resolve().name.lower()).lstrip("_-")[:63]
+    return Manifest(name=check_name(name, "build name (from the --out folder's name)"), backbone=backbone.spec.name,
+                    weights=backbone.weights_id, embedding_dim=backbone.spec.embedding_dim,
+                    input_size=[3, prep.crop_size, prep.crop_size], mean=list(prep.mean), std=list(prep.std),
+                    preprocessing=prep.to_dict(), labels=labels, top_files=[BACKBONE_PT], versions=_library_versions())
+
+
+def _check_compatible(manifest: Manifest, options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> None:
+    if manifest.backbone != backbone.spec.name or manifest.weights != backbone.weights_id:
+        raise BuildError(f"{options.out} holds heads for {manifest.backbone} with weights {manifest.weights}, "
+                         f"not {backbone.spec.name} with {backbone.weights_id}: heads share one backbone, "
+                         "use another --out")
+    if manifest.labels != labels:
+        raise BuildError(f"{options.out} has labels {manifest.labels}, the data has {labels}: "
+                         "heads of one build share their labels, use another --out")
+    if options.unfreeze_last:
+        raise BuildError("--unfreeze-last fine-tunes the backbone, which the heads already in "
+                         f"{options.out} share: use a new --out")
+    if any(head.train.get("unfreeze_last") for head in manifest.heads):
+        raise BuildError(f"{options.out} holds a backbone fine-tuned with --unfreeze-last; a new head would train "
+                         f"on features of the original {backbone.weights_id} weights: use a new --out")
+
+
+def build(options: BuildOptions) -> BuildReport:
+    """Train one head and commit it into the build directory (a new head, or a new version of one).
+
+    A first build that fails leaves no folder behind (or, in a folder that existed, none of its own files)."""
+    check_name(options.head)
+    data = load_image_folder(options.data)
+    backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
+    build_dir = BuildDir(options.out)
+    created = not build_dir.path.exists()
+    first = not build_dir.exists()
+    try:
+        with build_dir.lock():
+            return _build_locked(options, build_dir, data, backbone)
+    except BaseException:
+        if first and not build_dir.exists():
+            _remove_partial(build_dir, created)
+        raise
+
+
+def _remove_partial(build_dir: BuildDir, created: bool) -> None:
+    """Undo a failed first build: the folder it created, or the files it wrote into an existing one."""
+    if created:
+        shutil.rmtree(build_dir.path, ignore_errors=True)
+        return
+    for name in (BACKBONE_PT, BACKBONE_ONNX, BACKBONE_FP16, ".lock"):
+        (build_dir.path / name).unlink(missing_ok=True)
+    shutil.rmtree(build_dir.path / HEADS_DIR, ignore_errors=True)
+
+
+def _build_locked(options: BuildOptions, build_dir: BuildDir, data, backbone: LoadedBackbone) -> BuildReport:
+    build_dir.clean_staging()
+    manifest = build_dir.manifest() if build_dir.exists() else None
+    if manifest is not None:
+        _check_compatible(manifest, options, backbone, data.classes)
+        build_dir.verify(manifest)
+    spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
+    train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
+    targets = torch.tensor(data.targets)
+    torch.manual_seed(options.train.seed)
+    head = build_head(spec)
+    cache_hit = False
+    if options.unfreeze_last:
+        inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
+        unfreeze_last_stage(backbone)
+        embedder = backbone.module
+    else:
+        cache = FeatureCache(options.cache_dir or default_cache_dir())
+        features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+        inputs, embedder = torch.from_numpy(features), None
+    result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
+                 options.train, embedder=embedder, progress=options.progress)
+    if manifest is None:
+        manifest = _new_manifest(options, backbone, data.classes)
+        atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
+    version = build_dir.next_version(options.head, manifest)
+    staged = build_dir.staging_dir()
+    try:
+        entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
+        if options.export:
+            new_backbone = BACKBONE_ONNX not in manifest.top_files
+            report = export_and_check(build_dir, manifest, backbone.module, [(entry, head, staged)],
+                                      new_backbone, options.tolerance, fused=options.fused)
+            if new_backbone:
+                manifest.top_files.append(BACKBONE_ONNX)
+            entry.files = sorted(p.name for p in staged.iterdir())
+            entry.parity = {"passed": report.passed, "max_abs_diff": max(c.max_abs_diff for c in report.checks)}
+        manifest.heads.append(entry)
+        manifest = build_dir.commit(manifest, staged, entry.path)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    log.info("head %s v%d: val accuracy %.4f", options.head, version, result.metrics["val_accuracy"])
+    return BuildReport(entry, cache_hit, manifest)
+
+
+def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: int, result, data,
+                n_train: int, n_val: int, cache_hit: bool) -> HeadEntry:
+    atomic_save_torch(staged / HEAD_PT, result.head_state)
+    (staged / HISTORY_JSON).write_text(json.dumps(result.history, indent=1))
+    plot_curves(result.history, staged / CURVES_PNG)
+    plot_confusion(result.metrics["confusion_matrix"], data.classes, staged / CONFUSION_PNG)
+    return HeadEntry(
+        name=options.head, version=version, kind=spec.kind, spec=spec.to_dict(),
+        path=f"{HEADS_DIR}/{options.head}/{version}", files=sorted(p.name for p in staged.iterdir()),
+        metrics=result.metrics,
+        train={**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
+        data={"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
+              "train": n_train, "val": n_val, "skipped": len(data.skipped)})
+
+
+HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to
+
+
+def export_and_check(build_dir: BuildDir, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork],
+                     with_backbone: bool, tolerance: Tolerance, batch_sizes: tuple[int, ...] = BATCH_SIZES,
+                     fused: bool = False) -> ParityReport:
+    """Export backbone.onnx (if ``with_backbone``) and each head's head.onnx into its folder, then run parity on
+    what was exported and on the fused graph (backbone + head, composed in memory; written as fused.onnx when
+    ``fused``). ParityError past tolerance. Each head folder gets its parity.json."""
+    backbone_path = build_dir.path / BACKBONE_ONNX
+    if with_backbone:
+        export_backbone(backbone, manifest.input_size, backbone_path, build_metadata(manifest),
+                        get_spec(manifest.backbone).onnx_exporter)
+    graphs = {}
+    for entry, head, folder in heads:
+        meta = build_metadata(manifest, entry)
+        export_head(head, manifest.embedding_dim, folder / HEAD_ONNX, meta)
+        fused_graph = fuse(backbone_path, folder / HEAD_ONNX, meta, folder / FUSED_ONNX if fused else None)
+        graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
+    report = run_parity(backbone, manifest.input_size, str(backbone_path) if with_backbone else None, graphs,
+                        tolerance, batch_sizes)
+    for entry, _, folder in heads:
+        own = [c for c in report.checks if c.graph == "backbone" or c.graph.startswith(entry.key + "/")]
+        atomic_write_json(folder / PARITY_JSON, ParityReport(tolerance, own, report.providers).to_dict())
+    log.info("parity (PyTorch vs ONNX Runtime):\n%s", report.table())
+    report.raise_on_failure()
+    return report
+
+
+def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False,
+             fused: bool = False) -> ParityReport:
+    """`tl-models export`: export every graph of a build again (fused.onnx per head version when ``fused`` or
+    already there; fp16 copies when ``fp16``); files are swapped in only after parity passes."""
+    build_dir = BuildDir(path)
+    with build_dir.lock():
+        manifest = build_dir.verify()
+        backbone = load_build_backbone(build_dir, manifest)
+        scratch = build_dir.staging_dir()
+        try:
+            folders = {e.path: scratch / e.path for e in manifest.heads}
+            for folder in folders.values():
+                folder.mkdir(parents=True)
+            heads = [(e, load_head_module(build_dir, e), folders[e.path]) for e in manifest.heads]
+            fused = fused or any(FUSED_ONNX in e.files for e in manifest.heads)
+            report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance,
+                                      fused=fused)
+            top = [BACKBONE_ONNX] + ([BACKBONE_FP16] if fp16 else [])
+            if fp16:
+                export_fp16(scratch, manifest, backbone.module, heads, fused)
+            rewritten = list(top)
+            for entry, _, folder in heads:
+                rewritten += [entry.rel(file.name) for file in folder.iterdir()]
+                entry.files = sorted(set(entry.files) | {f.name for f in folder.iterdir()})
+            for rel in rewritten:
+                os.replace(scratch / rel, build_dir.path / rel)
+            manifest.top_files += [name for name in top if name not in manifest.top_files]
+            build_dir.commit(manifest, rewritten=tuple(rewritten))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def export_fp16(root: Path, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork],
+                fused: bool = False) -> ParityReport | None:
+    """backbone.fp16.onnx from the fp32 graph under ``root`` (and fused.fp16.onnx per head when ``fused``); the
+    fused fp16 graphs' parity (within 1% of the largest output, top-1 agreement >= 99%) is checked where a GPU runs
+    them, else skipped."""
+    to_fp16(root / BACKBONE_ONNX, root / BACKBONE_FP16, {})
+    graphs = {}
+    for entry, head, folder in heads:
+        fused_graph = fuse(root / BACKBONE_FP16, folder / HEAD_ONNX, build_metadata(manifest, entry),
+                           folder / FUSED_FP16 if fused else None)
+        graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
+    if gpu_count() == 0:
+        log.warning("fp16 parity skipped: no GPU here, and fp16 is for GPU serving (CPU kernels are slow or missing)")
+        return None
+    report = run_parity(backbone, manifest.input_size, str(root / BACKBONE_FP16), graphs, Tolerance(**FP16))
+    log.info("fp16 parity (PyTorch fp32 vs ONNX Runtime fp16):\n%s", report.table())
+    report.raise_on_failure()
+    return report
+
+
+def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
+                 batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ParityReport:
+    """`tl-models parity`: compare a build's ONNX files (and each fused backbone + head graph) against its PyTorch
+    modules; writes parity.json."""
+    build_dir = BuildDir(path)
+    manifest = build_dir.verify()
+    if BACKBONE_ONNX not in manifest.top_files:
+        raise BuildError(f"{path} has no ONNX export; run `tl-models export {path}`")
+    backbone = load_build_backbone(build_dir, manifest)
+    graphs = {}
+    for entry in manifest.heads:
+        head_path = build_dir.file(entry.rel(HEAD_ONNX))
+        graphs[entry.key] = (load_head_module(build_dir, entry), str(head_path),
+                             fuse(build_dir.file(BACKBONE_ONNX), head_path, build_metadata(manifest, entry)))
+    report = run_parity(backbone.module, manifest.input_size, str(build_dir.file(BACKBONE_ONNX)), graphs,
+                        tolerance, batch_sizes)
+    atomic_write_json(build_dir.file(PARITY_JSON), report.to_dict())
+    return report
+
+
+def load_head_module(build_dir: BuildDir, entry: HeadEntry) -> torch.nn.Module:
+    """Rebuild a committed head from its spec and state_dict (weights_only load)."""
+    head = build_head(HeadSpec.from_dict(entry.spec))
+    head.load_state_dict(torch.load(build_dir.file(entry.rel(HEAD_PT)), map_location="cpu", weights_only=True))
+    return head.eval()
+
+
+def load_build_backbone(build_dir: BuildDir, manifest: Manifest) -> LoadedBackbone:
+    """The build's backbone with its saved state_dict (no download: the build is self-contained)."""
+    backbone = load_backbone(manifest.backbone, "none")
+    state = torch.load(build_dir.file(BACKBONE_PT), map_location="cpu", weights_only=True)
+    backbone.module.load_state_dict(state)
+    backbone.weights_id = manifest.weights
+    backbone.preprocessing = Preprocessing.from_dict(manifest.preprocessing)
+    return backbone
+
+
+def summary_line(report: BuildReport) -> str:
+    """One line for the terminal."""
+    head = report.head
+    return (f"{head.name} v{head.version} ({head.kind}) on {report.manifest.backbone} "
+            f"[{report.manifest.weights}]: val accuracy {head.metrics['val_accuracy']:.4f} "
+            f"(feature cache {_cache_word(report)})")
+
+
+def _cache_word(report: BuildReport) -> str:
+    if report.head.train["unfreeze_last"]:
+        return "not used: --unfreeze-last"
+    return "hit" if report.cache_hit else "miss"

@@ -1,0 +1,111 @@
+"""Head training: AdamW + cosine schedule, early stopping on val accuracy, seeded and reproducible.
+
+By default the head trains on cached embeddings. With an ``embedder`` (the backbone) the inputs are
+uint8 images and the backbone runs every step: that is ``--unfreeze-last`` (its last stage trains)
+and the benchmark's no-cache baseline (all frozen). The backbone always stays in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """Best head (and fine-tuned backbone stage) by val accuracy, per-epoch history and final metrics."""
+
+    head_state: dict
+    embedder_state: dict | None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows = true class, columns = predicted)."""
+    predicted = logits.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (targets, predicted), 1)
+    support = confusion.sum(axis=1)
+    per_class = np.divide(np.diag(confusion), support, out=np.zeros(num_classes), where=support > 0)
+    return {"val_accuracy": float((predicted == targets).mean()),
+            "per_class_accuracy": [round(float(v), 6) for v in per_class],
+            "confusion_matrix": confusion.tolist()}
+
+
+def _forward(head: nn.Module, embedder: nn.Module | None, inputs: torch.Tensor) -> torch.Tensor:
+    if embedder is None:
+        return head(inputs)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in embedder.parameters())):
+        features = embedder(inputs)
+    return head(features)
+
+
+@torch.inference_mode()
+def predict(head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = None,
+            batch_size: int = 256) -> torch.Tensor:
+    """Logits for all inputs, head and embedder in eval mode."""
+    head.eval()
+    return torch.cat([_forward(head, embedder, inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+        config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True) -> TrainResult:
+    """Train ``head`` (and any trainable ``embedder`` parameters), keep the best epoch by val accuracy."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    groups = [{"params": list(head.parameters()), "lr": config.lr}]
+    trainable = [p for p in embedder.parameters() if p.requires_grad] if embedder is not None else []
+    if trainable:
+        groups.append({"params": trainable, "lr": config.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
+    loss_fn = nn.CrossEntropyLoss()
+    best = (-1.0, math.inf)
+    result = TrainResult(head_state={}, embedder_state=None)
+    stale = 0
+    bar = tqdm(range(1, config.epochs + 1), desc="train head", unit="epoch", disable=not progress)
+    for epoch in bar:
+        head.train()
+        if embedder is not None:
+            embedder.eval()
+        total = 0.0
+        for batch in torch.randperm(len(x_train), generator=generator).split(config.batch_size):
+            loss = loss_fn(_forward(head, embedder, x_train[batch]), y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+        val_logits = predict(head, x_val, embedder)
+        val_loss = float(loss_fn(val_logits, y_val))
+        val_acc = float((val_logits.argmax(1) == y_val).float().mean())
+        result.history.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
+                               "val_accuracy": val_acc})
+        bar.set_postfix(loss=f"{total / len(x_train):.4f}", val_acc=f"{val_acc:.4f}")
+        if (val_acc, -val_loss) > (best[0], -best[1]):
+            best, stale, result.best_epoch = (val_acc, val_loss), 0, epoch
+            result.head_state = copy.deepcopy(head.state_dict())
+            if trainable:
+                result.embedder_state = copy.deepcopy(embedder.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    head.load_state_dict(result.head_state)
+    if result.embedder_state is not None:
+        embedder.load_state_dict(result.embedder_state)
+    logits = predict(head, x_val, embedder).numpy()
+    result.metrics = classification_metrics(logits, y_val.numpy(), logits.shape[1])
+    result.metrics["best_epoch"] = result.best_epoch
+    return result

@@ -1,0 +1,200 @@
+"""Where backbone and head graphs come from, reading them verified, and the one head admission both servers use.
+
+A head enters service (BentoML's registry, a Triton swap) only through :func:`admit_head`: sha256, ONNX Runtime
+load, one input ``embedding`` and one output ``logits``, embedding size = the backbone's, trained on the same
+backbone, a test run whose logits have one column per label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import BuildError, Conflict, Forbidden, NotFound, Refused
+from .manifest import BuildDir, HeadEntry, Manifest
+from .names import BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
+from .runtime import create_session
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a backbone graph lives and what it expects."""
+
+    path: str
+    sha256: str
+    preprocessing: dict
+    labels: tuple[str, ...]
+    build: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class HeadSource:
+    """Where one head version's graph lives, its sha256, labels and the backbone (sha256) it was trained on."""
+
+    name: str
+    version: int
+    path: str
+    sha256: str
+    labels: tuple[str, ...]
+    backbone_sha256: str
+    origin: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, data: dict, **override: object) -> "HeadSource":
+        values = {**data, **override}
+        return cls(name=values["name"], version=int(values["version"]), path=str(values["path"]),
+                   sha256=values["sha256"], labels=tuple(values["labels"]), backbone_sha256=values["backbone_sha256"],
+                   origin=values["origin"])
+
+
+def confined(path: str | Path, roots: Sequence[Path]) -> Path:
+    """``path`` resolved (symlinks too) when it lies inside one of ``roots``; Forbidden otherwise."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        allowed = ", ".join(str(root) for root in roots) or "none"
+        raise Forbidden(f"{path} is outside the directories this service loads builds from ({allowed}; "
+                        "set TL_MODELS_BUILD_ROOTS)")
+    return resolved
+
+
+# ---------------------------------------------------------------- build directories as a source
+
+def backbone_from_build(build: BuildDir, manifest: Manifest) -> BackboneSource:
+    """The build's backbone.onnx as a serving source; BuildError when the build is not exported."""
+    if BACKBONE_ONNX not in manifest.files:
+        raise BuildError(f"{build.path} has no {BACKBONE_ONNX}; run `tl-models export {build.path}` first")
+    return BackboneSource(path=str(build.file(BACKBONE_ONNX)), sha256=manifest.backbone_sha256(),
+                          preprocessing=manifest.preprocessing, labels=tuple(manifest.labels), build=manifest.name,
+                          origin=f"build:{build.path.resolve()}")
+
+
+def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> HeadSource:
+    """One committed head version of a build as a serving source."""
+    rel = entry.rel(HEAD_ONNX)
+    return HeadSource(name=entry.name, version=entry.version, path=str(build.file(rel)), sha256=manifest.files[rel],
+                      labels=tuple(manifest.labels), backbone_sha256=manifest.backbone_sha256(),
+                      origin=f"build:{build.path.resolve()}")
+
+
+def sources_from_build(path: str | Path) -> tuple[BackboneSource, list[HeadSource]]:
+    """The backbone and every exported head version of a build directory (as recorded in its manifest)."""
+    build = BuildDir(path)
+    manifest = build.manifest()
+    backbone = backbone_from_build(build, manifest)
+    return backbone, [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
+
+
+def head_source_from_build(path: str | Path, name: str, version: int | None = None) -> HeadSource:
+    """One head version of a build directory (the latest when ``version`` is None); NotFound if absent."""
+    check_name(name)
+    build = BuildDir(path)
+    try:
+        manifest = build.manifest()
+        entry = manifest.head(name, version)
+    except BuildError as exc:
+        raise NotFound(exc.message) from None
+    if entry.rel(HEAD_ONNX) not in manifest.files:
+        raise NotFound(f"head {entry.key} of {build.path} has no {HEAD_ONNX}; run `tl-models export {build.path}`")
+    source = head_from_build(build, manifest, entry)
+    confined(source.path, [build.path])  # a manifest entry must not point outside its build directory
+    return source
+
+
+# ---------------------------------------------------------------- reading and admitting
+
+def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
+    """The bytes of a model file after checking its sha256 (Refused when missing or different)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise Refused(f"{what}: cannot read {path}: {exc.strerror}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise Refused(f"{what}: {path} fails its sha256 check (expected {sha256[:12]}…, got {actual[:12]}…)")
+    return data
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class LoadedHead:
+    """An admitted head session: ``embedding (N×D) -> logits (N×C)``."""
+
+    source: HeadSource
+    session: object
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def version(self) -> int:
+        return self.source.version
+
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.session.run([LOGITS], {EMBEDDING: embeddings.astype(np.float32, copy=False)})[0]
+
+    def answer(self, logits: np.ndarray, top_k: int) -> list[dict]:
+        """Top-k labels with softmax scores per row, and which head answered."""
+        scores = softmax(logits)
+        k = max(1, min(top_k, scores.shape[1]))
+        answers = []
+        for row in scores:
+            order = np.argsort(-row, kind="stable")[:k]
+            answers.append({"head": self.name, "version": self.version,
+                            "predictions": [{"label": self.source.labels[i], "score": float(row[i])} for i in order]})
+        return answers
+
+
+def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, providers: str | None = None,
+               data: bytes | None = None) -> LoadedHead:
+    """Read ``source`` (unless its verified ``data`` is given) and admit it; Refused or Conflict with the reason.
+
+    The one admission of both servers: sha256, ONNX Runtime load, input ``embedding`` N×``embedding_dim`` and
+    output ``logits``, trained on the backbone with ``backbone_sha256``, a test run giving one finite logit per
+    label."""
+    what = f"head {source.key}"
+    check_name(source.name)
+    if source.backbone_sha256 != backbone_sha256:
+        raise Conflict(f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
+                       f"this service runs {backbone_sha256[:12]}…)")
+    data = read_verified(source.path, source.sha256, what) if data is None else data
+    try:
+        # one thread: a head is a D×C matmul; a pool thread of its own would only spin beside the backbone
+        session = create_session(data, providers=providers, threads=1, name=what)
+    except Exception as exc:  # ORT raises its own exception types for malformed graphs
+        raise Refused(f"{what}: not a loadable ONNX model: {exc}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    names = ([i.name for i in inputs], [o.name for o in outputs])
+    if names != ([EMBEDDING], [LOGITS]):
+        raise Refused(f"{what}: expected one input {EMBEDDING!r} and one output {LOGITS!r}, got inputs {names[0]} "
+                      f"and outputs {names[1]}")
+    shape = inputs[0].shape
+    if len(shape) != 2 or shape[1] != embedding_dim:
+        raise Refused(f"{what}: takes input of shape {shape}, the backbone produces embeddings of "
+                      f"dimension {embedding_dim}")
+    head = LoadedHead(source, session)
+    try:
+        logits = head.logits(np.zeros((2, embedding_dim), dtype=np.float32))
+    except Exception as exc:
+        raise Refused(f"{what}: test run failed: {exc}") from None
+    if logits.shape != (2, len(source.labels)) or not np.isfinite(logits).all():
+        raise Refused(f"{what}: produced logits of shape {logits.shape} for {len(source.labels)} labels")
+    return head

@@ -1,0 +1,55 @@
+"""One table of names: every file of a build directory and a Triton repository, every tensor, and the one rule
+for head and build names (checked here and nowhere else)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BadRequest
+
+# ---------------------------------------------------------------- a build directory
+MANIFEST = "manifest.json"
+BACKBONE_PT = "backbone.pt"              # backbone state_dict (frozen, or fine-tuned with --unfreeze-last)
+BACKBONE_ONNX = "backbone.onnx"          # image -> embedding
+BACKBONE_FP16 = "backbone.fp16.onnx"     # the same in fp16 (GPU serving), with `tl-models export --fp16`
+HEAD_PT = "head.pt"                      # per head version: head state_dict
+HEAD_ONNX = "head.onnx"                  # per head version: embedding -> logits
+FUSED_ONNX = "fused.onnx"                # per head version, only with --fused: image -> logits in one file
+FUSED_FP16 = "fused.fp16.onnx"           # the same from backbone.fp16.onnx, with --fused --fp16
+PARITY_JSON = "parity.json"
+HISTORY_JSON = "history.json"
+CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"
+HEADS_DIR = "heads"                      # heads/<name>/<version>/
+
+# ---------------------------------------------------------------- tensors (ONNX graphs and Triton models)
+IMAGE = "image"                          # uint8 N×3×H×W RGB
+EMBEDDING = "embedding"                  # float32 N×D
+LOGITS = "logits"                        # float32 N×C
+IMAGE_BYTES = "image_bytes"              # Triton: encoded image, BYTES
+ROUTE_KEY = "route_key"                  # Triton router: sticky split key (optional)
+ROUTE_HEAD = "route_head"                # Triton router: force a head (optional)
+HEAD = "head"                            # Triton router output: "name:version"
+
+# ---------------------------------------------------------------- a Triton model repository
+CONFIG = "config.pbtxt"
+LABELS = "labels.txt"
+ROUTE_FILE = "route.json"
+VERSION_ONNX = "model.onnx"              # the ONNX graph of one Triton model version (a backbone or one head)
+VERSION_SHA256 = VERSION_ONNX + ".sha256"
+VERSION_HEAD = "head.json"               # a head version's source facts (labels, backbone sha256), for admission
+PREPROCESS = "preprocess"                # the shared preprocess model
+
+# ---------------------------------------------------------------- names users choose
+NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def check_name(name: object, what: str = "head name") -> str:
+    """``name`` when it follows :data:`NAME_RULE`, else :class:`~tl_models.core.errors.BadRequest`.
+
+    Head and build names become directory names, Triton model names and BentoML tags (which lowercase): one rule
+    keeps them all valid and distinct, with no path parts."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise BadRequest(f"bad {what} {name!r}: use {NAME_RULE}")
+    return name

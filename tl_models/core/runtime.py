@@ -1,0 +1,100 @@
+"""ONNX Runtime sessions: the one factory for every session in the project.
+
+Provider order is TensorRT > CUDA > CPU where a GPU is visible, overridable with ``providers=`` or
+``TL_MODELS_PROVIDERS`` (comma list of ``tensorrt``, ``cuda``, ``cpu``). The providers a session actually
+got are logged, and a fallback from a requested GPU provider to CPU is a warning, never silent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+           "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@functools.cache
+def gpu_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver or GPU); no torch needed."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    except OSError:
+        return 0
+
+
+def _tensorrt_loadable() -> bool:
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
+    """Providers to ask for, best first: explicit request, else TL_MODELS_PROVIDERS, else what this machine has."""
+    requested = requested if requested is not None else os.environ.get("TL_MODELS_PROVIDERS")
+    if requested:
+        names = requested.split(",") if isinstance(requested, str) else list(requested)
+        providers = []
+        for name in (n.strip() for n in names if n.strip()):
+            provider = ALIASES.get(name.lower(), name)
+            if provider not in ALIASES.values():
+                raise BadRequest(f"unknown execution provider {name!r}; use tensorrt, cuda or cpu")
+            providers.append(provider)
+        return providers if "CPUExecutionProvider" in providers else providers + ["CPUExecutionProvider"]
+    available = set(ort.get_available_providers())
+    providers = []
+    if gpu_count() > 0:
+        if "TensorrtExecutionProvider" in available and _tensorrt_loadable():
+            providers.append("TensorrtExecutionProvider")
+        if "CUDAExecutionProvider" in available:
+            providers.append("CUDAExecutionProvider")
+    return providers + ["CPUExecutionProvider"]
+
+
+def create_session(model: str | Path | bytes, providers: str | list[str] | None = None,
+                   threads: int | None = None, name: str | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An InferenceSession with full graph optimisation; logs the providers it really got.
+
+    ``spin=False`` stops the intra-op threads busy-waiting between runs: a server's sessions share the CPU with
+    its HTTP/gRPC handling and with each other, where a spinning thread only takes a core from the one working.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads if threads is not None else int(os.environ.get("TL_MODELS_THREADS", "0"))
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    wanted = resolve_providers(providers)
+    label = name or (Path(model).name if not isinstance(model, bytes) else "<bytes>")
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+    got = session.get_providers()
+    if wanted[0] in GPU_PROVIDERS and got[0] not in GPU_PROVIDERS:
+        log.warning("ONNX Runtime session %s: asked for %s, fell back to %s", label, wanted, got)
+    else:
+        log.info("ONNX Runtime session %s: providers %s", label, got)
+    return session
+
+
+def active_provider(session: ort.InferenceSession) -> str:
+    """The provider that runs the session's nodes first (what a report should show)."""
+    return session.get_providers()[0]

@@ -1,0 +1,197 @@
+"""Live head swap on a running Triton, through the model-control API and the route file.
+
+1. the head model's version_policy gets old + new version; ``load`` brings the new version up next to the old;
+2. both ensembles of the head are repointed at the new version and reloaded (Triton keeps the old ensemble
+   serving until the new one is ready);
+3. the route file (``tl_models.core.routing``) is repointed, with new weights if given: the router follows within
+   its poll interval;
+4. once the old version has seen no traffic for ``drain`` seconds, the version_policy drops it and ``load``
+   unloads it (in-flight requests finish first; the router retries a straggler on the new route).
+
+Before step 1 the new version goes through the admission BentoML uses too (:func:`tl_models.core.heads.admit_head`:
+the sha256 recorded when it was packaged, ONNX Runtime load, tensor names, embedding size, same backbone, a test
+run), so a corrupt, truncated or foreign file is refused before Triton sees it. If
+step 1, 2 or 3 fails, every config changed so far is put back and reloaded: the previous versions, ensembles and
+route stay in force (Triton keeps serving a model whose reload failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tritonclient.http import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from ..core.errors import UserError
+from ..core.heads import HeadSource, admit_head
+from ..core.names import CONFIG, ROUTE_FILE, VERSION_HEAD, VERSION_ONNX, VERSION_SHA256
+from ..core.routing import Route, RoutingState
+from .config import backbone_model, ensemble_model, head_model, read_config
+from .repository import write_config
+
+log = logging.getLogger(__name__)
+
+
+class TritonSwapError(UserError):
+    """A swap that cannot start or did not complete; the message says which step."""
+
+
+@dataclass
+class SwapResult:
+    """What a swap did."""
+
+    head: str
+    old_version: int | None
+    new_version: int
+    route: Route
+
+
+def client_for(url: str) -> InferenceServerClient:
+    """A tritonclient.http client for ``host:port`` or ``http://host:port``."""
+    return InferenceServerClient(url.split("://", 1)[-1].rstrip("/"), network_timeout=120.0)
+
+
+def _load(client: InferenceServerClient, model: str) -> None:
+    try:
+        client.load_model(model)
+    except InferenceServerException as exc:
+        raise TritonSwapError(f"Triton failed to load {model}: {exc.message()}") from None
+
+
+def _reconfigure(client: InferenceServerClient, model_dir: Path, change: Callable, undo: list) -> None:
+    """Apply ``change`` to a model's config, write it and (re)load the model; the original config goes on
+    ``undo`` first, so a failure at any point can be rolled back by :func:`_roll_back`."""
+    config = read_config(model_dir)
+    original = type(config)()
+    original.CopyFrom(config)
+    undo.append((model_dir, original))
+    change(config)
+    write_config(model_dir, config)
+    _load(client, model_dir.name)
+
+
+def _set_versions(client: InferenceServerClient, model_dir: Path, versions: list[int], undo: list) -> None:
+    """The head's version_policy becomes ``versions``: Triton loads added versions and unloads dropped ones."""
+
+    def change(config) -> None:
+        del config.version_policy.specific.versions[:]
+        config.version_policy.specific.versions.extend(versions)
+
+    _reconfigure(client, model_dir, change, undo)
+
+
+def _roll_back(client: InferenceServerClient, undo: list) -> None:
+    """Put back the configs on ``undo`` (latest first) and reload their models; log what cannot be restored."""
+    for model_dir, config in reversed(undo):
+        try:
+            write_config(model_dir, config)
+            client.load_model(model_dir.name)
+            log.info("rolled back %s", model_dir.name)
+        except Exception as exc:  # keep restoring the others; the message names what is left
+            log.error("could not roll back %s: %s", model_dir.name, exc)
+
+
+def _admit(repo: Path, name: str, version_dir: Path) -> None:
+    """The version must pass the head admission both servers share (sha256 recorded at packaging, ONNX Runtime
+    load, names, the backbone's embedding size and sha256, a test run): Triton must never be asked to load a broken
+    version (a failed version stays in its repository index and keeps strict readiness false until a restart)."""
+    facts, recorded = version_dir / VERSION_HEAD, version_dir / VERSION_SHA256
+    backbone_sha = repo / backbone_model(name) / "1" / VERSION_SHA256
+    if not (facts.is_file() and recorded.is_file() and backbone_sha.is_file()):
+        raise TritonSwapError(f"{version_dir} or its backbone lacks {VERSION_HEAD} / {VERSION_SHA256}: package its "
+                              "build again with `tl-models triton package`")
+    source = HeadSource.from_dict(json.loads(facts.read_text()), path=str(version_dir / VERSION_ONNX),
+                                  sha256=recorded.read_text().strip())
+    embedding_dim = int(read_config(repo / backbone_model(name)).output[0].dims[0])
+    try:
+        admit_head(source, embedding_dim, backbone_sha.read_text().strip(), providers="cpu")
+    except UserError as exc:
+        raise TritonSwapError(f"{exc.message}: refused; the live version keeps serving") from None
+
+
+def _inference_count(client: InferenceServerClient, model: str, version: int) -> int:
+    stats = client.get_inference_statistics(model, str(version))["model_stats"]
+    return sum(int(s["inference_count"]) for s in stats)
+
+
+def _drain(client: InferenceServerClient, model: str, version: int, quiet: float, timeout: float) -> None:
+    """Wait until ``model`` version ``version`` has answered nothing new for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    count, since = _inference_count(client, model, version), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise TritonSwapError(f"{model} version {version} still gets traffic after {timeout:.0f} s: "
+                                  "left loaded; unload it once clients have moved")
+        time.sleep(min(0.2, quiet))
+        now = _inference_count(client, model, version)
+        if now != count:
+            count, since = now, time.monotonic()
+
+
+def swap(url: str, repo: str | Path, name: str, head: str, version: int | None = None,
+         weights: dict[str, float] | None = None, drain: float = 2.0, timeout: float = 120.0) -> SwapResult:
+    """Make ``version`` (default: the highest in the repository) of ``head`` live; see the module docstring."""
+    repo = Path(repo)
+    model = head_model(name, head)
+    model_dir = repo / model
+    if not (model_dir / CONFIG).is_file():
+        raise TritonSwapError(f"no model {model} in {repo}: run `tl-models triton package BUILD --repo {repo}`")
+    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    version = version if version is not None else max(on_disk, default=0)
+    if version not in on_disk:
+        raise TritonSwapError(f"{model} has no version {version} in {repo} (it has {on_disk}): "
+                              "package the build that made it with `tl-models triton package`")
+    state = RoutingState(repo / name / ROUTE_FILE, poll=0)
+    if not state.path.is_file():
+        raise TritonSwapError(f"no route file {state.path}: is {name!r} a build packaged into {repo}?")
+    current = state.current()
+    old = current.versions.get(head)
+    Route(current.weights if weights is None else weights, {**current.versions, head: version}).validate()
+    _admit(repo, name, model_dir / str(version))
+    client = client_for(url)
+    if not client.is_server_ready():
+        raise TritonSwapError(f"Triton at {url} is not ready")
+
+    undo: list = []
+    try:
+        route = _repoint(client, repo, name, head, model, model_dir, old, version, state, weights, undo)
+    except BaseException:
+        _roll_back(client, undo)
+        raise
+    if old is not None and old != version:
+        _drain(client, model, old, quiet=max(drain, 0.5), timeout=timeout)
+        _set_versions(client, model_dir, [version], [])
+        if client.is_model_ready(model, str(old)):
+            raise TritonSwapError(f"{model} version {old} is still loaded after the unload request")
+        log.info("unloaded %s version %d", model, old)
+    return SwapResult(head, old, version, route)
+
+
+def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, model: str, model_dir: Path,
+             old: int | None, version: int, state: RoutingState, weights: dict[str, float] | None,
+             undo: list) -> Route:
+    """Steps 1-3: load the new version next to the old, repoint the ensembles, then the route."""
+    _set_versions(client, model_dir, sorted({v for v in (old, version) if v is not None}), undo)
+    if not client.is_model_ready(model, str(version)):
+        raise TritonSwapError(f"{model} version {version} is not ready after loading: does the server serve "
+                              f"{repo.resolve()}?")
+    log.info("loaded %s version %d", model, version)
+    for tensor in (False, True):
+        ensemble_dir = repo / ensemble_model(name, head, tensor)
+        if (ensemble_dir / CONFIG).is_file():
+
+            def repoint(config) -> None:
+                for step in config.ensemble_scheduling.step:
+                    if step.model_name == model:
+                        step.model_version = version
+
+            _reconfigure(client, ensemble_dir, repoint, undo)
+            log.info("repointed ensemble %s at %s version %d", ensemble_dir.name, model, version)
+    route = state.update(weights=weights, versions={head: version})
+    log.info("route revision %d: versions %s, weights %s", route.revision, route.versions, route.weights)
+    return route
