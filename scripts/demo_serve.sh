@@ -10,7 +10,7 @@ IMAGES=(build/demo/data/7/*.png)
 IMAGE=${IMAGES[0]}
 export BENTOML_HOME="$PWD/build/demo/bentoml" BENTOML_DO_NOT_TRACK=true
 
-"$BIN/tl-models" serve bento "$BUILD" --port "$PORT" > build/demo/bentoml.log 2>&1 &
+"$BIN/tl-models" bento serve "$BUILD" --port "$PORT" > build/demo/bentoml.log 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 180); do

@@ -4,7 +4,6 @@ and the real servers (one ``bentoml serve`` and one tritonserver per session, sh
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -14,13 +13,12 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, Server, serving_build
-from tl_models import bento_server
+from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, DirectOnnx, Server, serving_build
+from tl_models.bento import launcher as bento_server
 from tl_models.build.backbones import install_offline_weights
 from tl_models.build.pipeline import BuildOptions, BuildReport, build
 from tl_models.build.data import write_demo_dataset
-from tl_models.core.preprocess import Preprocessing, preprocess_bytes
-from tl_models.core.runtime import create_session
+from tl_models.core.preprocess import preprocess_bytes
 from tl_models.build.config import TrainConfig
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.repository import write_repository
@@ -91,12 +89,12 @@ def deployment(tmp_path_factory) -> Deployment:
         env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "TL_MODELS_CACHE": str(root / "cache"),
                "BENTOML_DO_NOT_TRACK": "true"}
         deployment = Deployment(root, build_dir, env)
-        out = deployment.cli("package", "bento", str(build_dir))
+        out = deployment.cli("bento", "package", str(build_dir))
         assert re.search(r"created\s+build-backbone:[0-9a-f]{16}", out), out
         assert "build-head-a:v1" in out and "build-head-b:v1" in out
         # a second version of head a, trained after packaging: the swap tests load it from the build dir
         build(BuildOptions(data=root / "data", out=build_dir, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           head="linear", name="a", train=TrainConfig(epochs=15, seed=1), cache_dir=root / "cache",
+                           kind="linear", head="a", train=TrainConfig(epochs=15, seed=1), cache_dir=root / "cache",
                            progress=False))
         yield deployment
 
@@ -130,7 +128,7 @@ def served(tmp_path_factory):
         repo = root / "model_repository"
         write_repository(out, repo, RepositoryOptions(flavour="python", weights={"a": 90, "b": 10}))
         build(BuildOptions(data=root / "data", out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           head="linear", name="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
+                           kind="linear", head="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
                            progress=False))
         packaged = write_repository(out, repo, RepositoryOptions(flavour="python"))
         assert packaged.live == {"a": 1, "b": 1} and (repo / "build_head_a" / "2" / "model.onnx").is_file()
@@ -145,20 +143,14 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(served):
-    """Direct ONNX Runtime: backbone.onnx then heads/<name>/<version>/head.onnx, as (bytes -> logits)."""
-    manifest = json.loads((served["build"] / "manifest.json").read_text())
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
-    backbone = create_session(served["build"] / "backbone.onnx")
-    heads = {(h["name"], h["version"]): create_session(served["build"] / h["path"] / "head.onnx")
-             for h in manifest["heads"]}
+    """The Triton build's ONNX files run directly (``helpers.DirectOnnx``), as (encoded images -> logits)."""
+    direct = DirectOnnx(served["build"])
 
     def run(images: list[bytes], head: str, version: int) -> np.ndarray:
-        batch = np.stack([preprocess_bytes(data, spec) for data in images])
-        embedding = backbone.run(None, {"image": batch})[0]
-        return heads[(head, version)].run(None, {"embedding": embedding})[0]
+        return direct.logits(np.stack([preprocess_bytes(data, direct.spec) for data in images]), head, version)
 
-    run.labels = manifest["labels"]
-    run.spec = spec
+    run.labels = direct.labels
+    run.spec = direct.spec
     return run
 
 

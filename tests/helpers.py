@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 
-from tl_models.core.manifest import BuildDir
+from tl_models.core.manifest import BuildDir, Manifest
+from tl_models.bench.loadgen import BentoCaller, Record, drive
 from tl_models.bento.launcher import BentoServer
 from tl_models.build.pipeline import BuildOptions, build
 from tl_models.build.data import write_demo_dataset
@@ -37,8 +37,8 @@ def serving_build(root: Path, per_class: int = 10) -> Path:
     data = write_demo_dataset(root / "data", per_class=per_class)
     out = root / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
-        build(BuildOptions(data=data, out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1", head=kind,
-                           name=name, train=TrainConfig(epochs=15), cache_dir=root / "cache", progress=False))
+        build(BuildOptions(data=data, out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1", kind=kind,
+                           head=name, train=TrainConfig(epochs=15), cache_dir=root / "cache", progress=False))
     return out
 
 
@@ -53,7 +53,7 @@ class Deployment:
     env: dict[str, str]
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return BuildDir(self.build_dir).manifest()
 
     def images(self, n: int) -> list[bytes]:
@@ -86,44 +86,30 @@ class Server:
     def live(self) -> dict[str, int]:
         return {h["name"]: h["version"] for h in self.heads()["heads"]}
 
+    def reset(self) -> None:
+        """Heads a:1 and b:1 from the store, live with equal weights: set up by each test that asserts versions."""
+        for head in ("a", "b"):
+            response = self.admin("/admin/load", {"head": head, "version": 1})
+            assert response.status_code == 200, response.text
+        response = self.admin("/admin/weights", {"weights": {"a": 1, "b": 1}})
+        assert response.status_code == 200, response.text
+        assert self.live() == {"a": 1, "b": 1}
+
     def classify(self, image: bytes, headers: dict | None = None, top_k: int | None = None) -> httpx.Response:
         data = {"top_k": str(top_k)} if top_k is not None else {}
         return self.client.post("/classify", files={"image": ("x.png", image, "image/png")}, data=data,
                                 headers=headers or {})
 
 
-@dataclass
-class Call:
-    """One /classify call made by :func:`load_until`: when, the status (None: no answer) and the body."""
-
-    start: float
-    end: float
-    status: int | None
-    body: dict | str
-
-
 def load_until(server: Server, images: list[bytes], stop: threading.Event,
-               threads: int = 8) -> tuple[list[Call], list[threading.Thread]]:
-    """Client threads sending /classify (each with its own sticky key) until ``stop`` is set."""
-    calls: list[Call] = []
-
-    def worker(index: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            j = 0
-            while not stop.is_set():
-                start = time.monotonic()
-                try:
-                    r = client.post("/classify", files={"image": ("x.png", images[j % len(images)], "image/png")},
-                                    headers={"X-TL-Key": f"client-{index}-{j}"})
-                    calls.append(Call(start, time.monotonic(), r.status_code, r.json()))
-                except httpx.HTTPError as exc:
-                    calls.append(Call(start, time.monotonic(), None, repr(exc)))
-                j += 1
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    return calls, pool
+                threads: int = 8) -> tuple[list[Record], list[threading.Thread]]:
+    """``threads`` clients (``tl_models.bench.loadgen.drive``) sending /classify until ``stop`` is set; the records
+    (``answer``: the JSON body; ``error``: None on success) are in the list once the returned thread has ended."""
+    records: list[Record] = []
+    runner = threading.Thread(target=lambda: records.extend(
+        drive(lambda: BentoCaller(server.url), images, threads, stop=stop)[0]))
+    runner.start()
+    return records, [runner]
 
 
 class DirectOnnx:
@@ -132,8 +118,8 @@ class DirectOnnx:
     def __init__(self, build_dir: Path):
         self.build_dir = build_dir
         manifest = BuildDir(build_dir).manifest()
-        self.spec = Preprocessing.from_dict(manifest["preprocessing"])
-        self.labels = manifest["labels"]
+        self.spec = Preprocessing.from_dict(manifest.preprocessing)
+        self.labels = manifest.labels
         self.backbone = ort.InferenceSession(str(build_dir / "backbone.onnx"), providers=["CPUExecutionProvider"])
         self._heads: dict[tuple[str, int], ort.InferenceSession] = {}
 

@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from tl_models.core.files import file_sha256
+from tl_models.core.errors import NotFound
 from tl_models.build.backbones import BACKBONES, WeightsError, get_spec, load_backbone
 from tl_models.core.preprocess import transform_image
 
@@ -36,7 +37,7 @@ def test_embedding_dim_matches_the_stripped_model(name: str) -> None:
 
 
 def test_unknown_backbone_names_the_known_ones() -> None:
-    with pytest.raises(KeyError, match="resnet18"):
+    with pytest.raises(NotFound, match="resnet18"):
         get_spec("resnet19")
 
 

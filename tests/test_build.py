@@ -22,7 +22,7 @@ import tl_models.core.manifest
 import tl_models.build.pipeline
 import tl_models.build.features
 from tl_models.core.names import MANIFEST
-from tl_models.core.manifest import BuildDir
+from tl_models.core.manifest import BuildDir, HeadEntry
 from tl_models.core.errors import BuildError
 from tl_models.core.files import file_sha256
 from tl_models.build.backbones import load_backbone
@@ -53,15 +53,15 @@ def _saved_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
 
 
-def _head_state(out: Path, entry: dict) -> dict[str, torch.Tensor]:
-    return torch.load(out / entry["path"] / "head.pt", map_location="cpu", weights_only=True)
+def _head_state(out: Path, entry: HeadEntry) -> dict[str, torch.Tensor]:
+    return torch.load(out / entry.path / "head.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def base_build(demo_data: Path, quick_build: QuickBuild, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One committed build (head 'a' v1, linear, 10 epochs) that tests copy instead of rebuilding."""
     out = tmp_path_factory.mktemp("base") / "out"
-    quick_build(demo_data, out, name="a", epochs=10)
+    quick_build(demo_data, out, head="a", epochs=10)
     return out
 
 
@@ -91,7 +91,7 @@ def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_bui
     """--unfreeze-last trains features.17/18 only; no BatchNorm statistic moves anywhere."""
     small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=4)
     report = quick_build(small, tmp_path / "out", unfreeze_last=True, epochs=1)
-    assert report.head["train"]["unfreeze_last"] is True
+    assert report.head.train["unfreeze_last"] is True
     backbone = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
     before, after = backbone.module.state_dict(), _saved_state(tmp_path / "out")
     params = {name for name, _ in backbone.module.named_parameters()}
@@ -107,7 +107,7 @@ def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_bui
 
     # the saved backbone is fine-tuned: a head trained on the original weights' cached features would not fit it
     with pytest.raises(BuildError, match="fine-tuned with --unfreeze-last"):
-        quick_build(small, tmp_path / "out", name="second")
+        quick_build(small, tmp_path / "out", head="second")
 
 
 # (b) the feature cache is hit by the second head
@@ -117,14 +117,14 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _subset(demo_data, tmp_path / "data", ["1", "7"], per_class=4)
     out = tmp_path / "out"
-    first = quick_build(data, out, name="a")
+    first = quick_build(data, out, head="a")
     assert first.cache_hit is False
     assert len(list((fresh_cache / "features").glob("*.npy"))) == 1
 
     monkeypatch.setattr(tl_models.build.features, "embed", _tripwire)
-    second = quick_build(data, out, name="b", head="mlp")
+    second = quick_build(data, out, head="b", kind="mlp")
     assert second.cache_hit is True
-    assert second.head["train"]["feature_cache_hit"] is True
+    assert second.head.train["feature_cache_hit"] is True
     assert "feature cache hit" in tl_models.build.pipeline.summary_line(second)
 
     # the key covers weights and data: a change of either runs the backbone again
@@ -142,26 +142,26 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
 def test_second_head_and_new_version_leave_other_heads_untouched(demo_data: Path, quick_build: QuickBuild,
         built: Path) -> None:
     out = built
-    quick_build(demo_data, out, name="b", head="mlp")
-    files_before = dict(BuildDir(out).manifest()["files"])
+    quick_build(demo_data, out, head="b", kind="mlp")
+    files_before = dict(BuildDir(out).manifest().files)
     disk_before = {rel: file_sha256(out / rel) for rel in files_before}
     assert disk_before == files_before
 
-    report = quick_build(demo_data, out, name="a", seed=1)
+    report = quick_build(demo_data, out, head="a", seed=1)
     manifest = report.manifest
-    assert [(h["name"], h["version"], h["kind"]) for h in manifest["heads"]] == \
+    assert [(h.name, h.version, h.kind) for h in manifest.heads] == \
         [("a", 1, "linear"), ("b", 1, "mlp"), ("a", 2, "linear")]
-    assert report.head["path"] == "heads/a/2"
+    assert report.head.path == "heads/a/2"
     for rel, digest in files_before.items():
-        assert manifest["files"][rel] == digest
+        assert manifest.files[rel] == digest
         assert file_sha256(out / rel) == digest
-    assert any(rel.startswith("heads/a/2/") for rel in manifest["files"])
+    assert any(rel.startswith("heads/a/2/") for rel in manifest.files)
     build_dir = BuildDir(out)
     build_dir.verify()
-    assert build_dir.head("a")["version"] == 2
-    assert build_dir.head("a", 1)["version"] == 1
+    assert build_dir.manifest().head("a").version == 2
+    assert build_dir.manifest().head("a", 1).version == 1
     with pytest.raises(BuildError, match="no head 'c'"):
-        build_dir.head("c")
+        build_dir.manifest().head("c")
 
 
 # (d) a failed build leaves the previous build intact
@@ -185,20 +185,20 @@ def test_failed_build_keeps_the_previous_manifest(demo_data: Path, quick_build: 
             patch.setattr(tl_models.core.manifest, "atomic_write_json", _raise)
         for name in ("a", "b"):
             with pytest.raises(RuntimeError, match="injected failure"):
-                quick_build(demo_data, out, name=name)
+                quick_build(demo_data, out, head=name)
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     build_dir = BuildDir(out)
     build_dir.verify()
-    assert [(h["name"], h["version"]) for h in build_dir.manifest()["heads"]] == [("a", 1)]
+    assert [(h.name, h.version) for h in build_dir.manifest().heads] == [("a", 1)]
     assert not list((out / "heads").glob(".staging-*"))
     with pytest.raises(BuildError):
-        build_dir.head("b")
+        build_dir.manifest().head("b")
 
-    report = quick_build(demo_data, out, name="a")  # the next build works and never reuses an orphan's number
-    assert report.head["version"] == (2 if where == "staging" else 3)
+    report = quick_build(demo_data, out, head="a")  # the next build works and never reuses an orphan's number
+    assert report.head.version == (2 if where == "staging" else 3)
     build_dir.verify()
-    versions = [(h["name"], h["version"]) for h in build_dir.manifest()["heads"]]
-    assert versions == [("a", 1), ("a", report.head["version"])]
+    versions = [(h.name, h.version) for h in build_dir.manifest().heads]
+    assert versions == [("a", 1), ("a", report.head.version)]
 
 
 # (e) a build killed by SIGKILL
@@ -213,7 +213,7 @@ def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, qui
         tmp_path: Path) -> None:
     out = built  # the base build also filled the session feature cache that the subprocess reads
     manifest_bytes = (out / MANIFEST).read_bytes()
-    command = _cli() + ["build", "--data", str(demo_data), "--out", str(out), "--name", "b", "--head", "mlp",
+    command = _cli() + ["build", "--data", str(demo_data), "--out", str(out), "--head", "b", "--kind", "mlp",
                         "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--epochs", "3"]
     with open(tmp_path / "stderr.txt", "wb") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy())
@@ -237,14 +237,14 @@ def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, qui
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     build_dir = BuildDir(out)
     build_dir.verify()
-    assert [h["name"] for h in build_dir.manifest()["heads"]] == ["a"]
+    assert [h.name for h in build_dir.manifest().heads] == ["a"]
     assert not (out / "heads" / "b").exists()
 
-    report = quick_build(demo_data, out, name="b", head="mlp")  # the directory is not stuck (lock, leftovers)
-    assert report.head["version"] == 1
+    report = quick_build(demo_data, out, head="b", kind="mlp")  # the directory is not stuck (lock, leftovers)
+    assert report.head.version == 1
     assert not list((out / "heads").glob(".staging-*"))
     build_dir.verify()
-    assert [h["name"] for h in build_dir.manifest()["heads"]] == ["a", "b"]
+    assert [h.name for h in build_dir.manifest().heads] == ["a", "b"]
 
 
 # (f) an incompatible second build
@@ -255,15 +255,15 @@ def test_incompatible_second_build_is_refused(demo_data: Path, quick_build: Quic
     out = built
     manifest_bytes = (out / MANIFEST).read_bytes()
     with pytest.raises(BuildError, match="heads share one backbone"):
-        quick_build(demo_data, out, name="b", backbone="resnet18", weights="none")
+        quick_build(demo_data, out, head="b", backbone="resnet18", weights="none")
     with pytest.raises(BuildError, match="MobileNet_V2_Weights.IMAGENET1K_V1.*not mobilenet_v2 with none"):
-        quick_build(demo_data, out, name="b", weights="none")
+        quick_build(demo_data, out, head="b", weights="none")
     relabelled = shutil.copytree(demo_data, tmp_path / "relabelled")
     (relabelled / "9").rename(relabelled / "nine")
     with pytest.raises(BuildError, match="labels"):
-        quick_build(relabelled, out, name="b")
+        quick_build(relabelled, out, head="b")
     with pytest.raises(BuildError, match="--unfreeze-last"):
-        quick_build(demo_data, out, name="b", unfreeze_last=True)
+        quick_build(demo_data, out, head="b", unfreeze_last=True)
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     BuildDir(out).verify()
 
@@ -275,7 +275,7 @@ def test_tampered_build_is_refused(demo_data: Path, quick_build: QuickBuild, bui
     with pytest.raises(BuildError, match="sha256"):
         BuildDir(out).verify()
     with pytest.raises(BuildError, match="sha256"):
-        quick_build(demo_data, out, name="b")
+        quick_build(demo_data, out, head="b")
 
 
 # (g) the manifest
@@ -283,27 +283,27 @@ def test_tampered_build_is_refused(demo_data: Path, quick_build: QuickBuild, bui
 
 def test_manifest_has_every_required_key(demo_data: Path, quick_build: QuickBuild, built: Path) -> None:
     out = built
-    quick_build(demo_data, out, name="b", head="mlp", epochs=10)
+    quick_build(demo_data, out, head="b", kind="mlp", epochs=10)
     manifest = BuildDir(out).manifest()
-    assert manifest["backbone"] == "mobilenet_v2"
-    assert manifest["weights"] == WEIGHTS_ID
-    assert manifest["embedding_dim"] == 1280
-    assert manifest["input_size"] == [3, 224, 224]
-    assert manifest["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    assert manifest["std"] == pytest.approx([0.229, 0.224, 0.225])
-    assert manifest["labels"] == [str(i) for i in range(10)]
-    assert {"torch", "torchvision", "tl_models"} <= set(manifest["versions"])
-    assert [(h["name"], h["version"], h["kind"]) for h in manifest["heads"]] == [("a", 1, "linear"), ("b", 1, "mlp")]
-    for head in manifest["heads"]:
-        accuracy = head["metrics"]["val_accuracy"]
+    assert manifest.backbone == "mobilenet_v2"
+    assert manifest.weights == WEIGHTS_ID
+    assert manifest.embedding_dim == 1280
+    assert manifest.input_size == [3, 224, 224]
+    assert manifest.mean == pytest.approx([0.485, 0.456, 0.406])
+    assert manifest.std == pytest.approx([0.229, 0.224, 0.225])
+    assert manifest.labels == [str(i) for i in range(10)]
+    assert {"torch", "torchvision", "tl_models"} <= set(manifest.versions)
+    assert [(h.name, h.version, h.kind) for h in manifest.heads] == [("a", 1, "linear"), ("b", 1, "mlp")]
+    for head in manifest.heads:
+        accuracy = head.metrics["val_accuracy"]
         assert isinstance(accuracy, float)
-        assert accuracy >= 0.5, head["name"]  # real ImageNet features on real digits: far above chance (0.1)
-        assert np.asarray(head["metrics"]["confusion_matrix"]).sum() == head["data"]["val"] == 20
-        assert head["data"]["train"] == 60
-        assert {"head.pt", "history.json", "curves.png", "confusion.png"} <= set(head["files"])
+        assert accuracy >= 0.5, head.name  # real ImageNet features on real digits: far above chance (0.1)
+        assert np.asarray(head.metrics["confusion_matrix"]).sum() == head.data["val"] == 20
+        assert head.data["train"] == 60
+        assert {"head.pt", "history.json", "curves.png", "confusion.png"} <= set(head.files)
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST, ".lock"}
-    assert set(manifest["files"]) == on_disk
-    for rel, digest in manifest["files"].items():
+    assert set(manifest.files) == on_disk
+    for rel, digest in manifest.files.items():
         assert len(digest) == 64 and digest == file_sha256(out / rel), rel
 
 
@@ -342,22 +342,38 @@ def test_cli_build_on_bad_data_fails_with_a_message(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
     (["--weights", "IMAGENET9"], "unknown weights 'IMAGENET9'"),
-    (["--name", "../up"], "invalid head name"),
+    (["--head", "../up"], "bad head name"),
     (["--weights", "missing.pth"], "does not exist"),
 ])
 def test_cli_errors_are_one_line(demo_data: Path, tmp_path: Path, run_cli: RunCli, args: list[str],
         message: str) -> None:
     code, _, err = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--no-export", *args)
-    assert code == 2
+    assert code == 1
     assert err.startswith("error: ") and message in err, err
 
 
 def test_cli_build_succeeds(demo_data: Path, offline_weights: list[Path], tmp_path: Path, run_cli: RunCli) -> None:
     code, out, _ = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"),
-                           "--weights", "IMAGENET1K_V1", "--epochs", "2", "--no-export", "--name", "cli")
+                           "--weights", "IMAGENET1K_V1", "--epochs", "2", "--no-export", "--head", "cli")
     assert code == 0
     assert "cli v1 (linear) on mobilenet_v2" in out
     BuildDir(tmp_path / "out").verify()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_first_build_leaves_no_partial_folder(demo_data: Path, quick_build: QuickBuild, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, existing: bool) -> None:
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's own file")
+    monkeypatch.setattr(tl_models.build.pipeline, "plot_confusion", _raise)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        quick_build(demo_data, out, head="a")
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
 
 
 def test_build_raises_data_error_before_touching_out(tmp_path: Path, quick_build: QuickBuild) -> None:
@@ -371,7 +387,7 @@ def test_build_raises_data_error_before_touching_out(tmp_path: Path, quick_build
 
 
 def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
-    kwargs = dict(head="mlp", hidden=64, dropout=0.3, epochs=4)
+    kwargs = dict(kind="mlp", hidden=64, dropout=0.3, epochs=4)
     first = quick_build(demo_data, tmp_path / "one", **kwargs)
     second = quick_build(demo_data, tmp_path / "two", **kwargs)
     other = quick_build(demo_data, tmp_path / "three", seed=1, **kwargs)
@@ -379,7 +395,7 @@ def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuil
                (("one", first), ("two", second), ("three", other)))
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert first.head["metrics"] == second.head["metrics"]
+    assert first.head.metrics == second.head.metrics
     assert (tmp_path / "one" / "heads/default/1/history.json").read_text() == \
         (tmp_path / "two" / "heads/default/1/history.json").read_text()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal

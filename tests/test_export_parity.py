@@ -55,12 +55,12 @@ def spread_head(embedding_dim: int, classes: int = 5) -> torch.nn.Module:
 
 def export_all(backbone, head, tmp_path, meta=None):
     meta = meta or {"labels": [str(i) for i in range(5)]}
-    paths = tmp_path / "backbone.onnx", tmp_path / "head.onnx", tmp_path / "model.onnx"
+    paths = tmp_path / "backbone.onnx", tmp_path / "head.onnx", tmp_path / "fused.onnx"
     size = [3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size]
     export_backbone(backbone.module, size,
                     paths[0], meta, backbone.spec.onnx_exporter)
     export_head(head, backbone.spec.embedding_dim, paths[1], {**meta, "head": "h:1"})
-    fuse(paths[0], paths[1], paths[2], {**meta, "head": "h:1"})
+    fuse(paths[0], paths[1], {**meta, "head": "h:1"}, paths[2])
     return [str(p) for p in paths]
 
 

@@ -16,10 +16,8 @@ import pytest
 from tl_models.bento.limits import BodyLimit
 
 REPO = Path(__file__).resolve().parents[1]
-SERVING_PATH = ["service.py", "tl_models/serving.py", "tl_models/serving_heads.py", "tl_models/bento.py",
-                "tl_models/preprocess.py", "tl_models/routing.py", "tl_models/batching.py", "tl_models/metrics.py",
-                "tl_models/http_limits.py", "tl_models/runtime.py", "tl_models/artifacts.py",
-                *sorted(str(p.relative_to(REPO)) for p in (REPO / "tl_models" / "triton_models").glob("*.py"))]
+SERVING_PATH = ["service.py", *sorted(str(p.relative_to(REPO)) for layer in ("core", "bento", "triton/models")
+                                    for p in (REPO / "tl_models" / layer).glob("*.py"))]
 
 
 def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, bytes_input, live, url
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
-from tl_models import triton_swap
+from tl_models.triton import swap as triton_swap
 from tl_models.core.routing import RoutingState
 from tl_models.core.names import CONFIG, VERSION_SHA256
 from tl_models.triton.config import read_config

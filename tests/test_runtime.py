@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper, TensorProto
 
+from tl_models.core.errors import BadRequest
 from tl_models.core.runtime import active_provider, create_session, gpu_count, resolve_providers
 
 
@@ -28,7 +29,7 @@ def test_explicit_and_env_overrides(monkeypatch):
                                                   "CPUExecutionProvider"]
     monkeypatch.setenv("TL_MODELS_PROVIDERS", "cuda,cpu")
     assert resolve_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    with pytest.raises(ValueError, match="unknown execution provider 'tpu'"):
+    with pytest.raises(BadRequest, match="unknown execution provider 'tpu'"):
         resolve_providers("tpu")
 
 

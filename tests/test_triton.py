@@ -182,8 +182,8 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     for thread in threads:
         thread.start()
     time.sleep(2)
-    code = cli_main(["triton", "swap", "--url", served["server"].http_url, "--repo", str(repo), "--name", name,
-                     "--head", "a", "--version", "2", "--weights", "a=50,b=50", "--drain", "1.5"])
+    code = cli_main(["triton", "swap", "--url", f"http://{served['server'].http_url}", "--repo", str(repo),
+                     "--build", name, "--head", "a", "--version", "2", "--split", "a=50,b=50", "--drain", "1.5"])
     time.sleep(2)
     stop.set()
     for thread in threads:

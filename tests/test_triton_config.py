@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from google.protobuf import text_format
@@ -88,8 +90,8 @@ def test_tensorrt_accelerator_needs_the_onnxruntime_flavour_on_gpu(build_dir, tm
 
 def test_cli_package_triton_gpu(build_dir, tmp_path, capsys):
     repo = tmp_path / "cli-repo"
-    code = cli_main(["package", "triton", str(build_dir), "--repo", str(repo), "--flavour", "onnxruntime", "--gpu",
-                     "--weights", "a=90,b=10", "--max-queue-delay-us", "100"])
+    code = cli_main(["triton", "package", str(build_dir), "--repo", str(repo), "--flavour", "onnxruntime", "--gpu",
+                     "--split", "a=90,b=10", "--max-queue-delay-us", "100"])
     assert code == 0 and "build_head_a" in capsys.readouterr().out
     backbone = configs(repo)["build_backbone"]
     assert backbone.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -144,3 +146,26 @@ def test_names_and_weights():
     assert parse_weights("a=90, b=10") == {"a": 90.0, "b": 10.0}
     with pytest.raises(RoutingError, match="bad weight"):
         parse_weights("a:90")
+
+
+PACKAGE_AND_SWAP = """
+import json, sys
+from tl_models.cli import main
+codes = [main(["triton", "package", sys.argv[1], "--repo", sys.argv[2]])]
+try:  # no server listens there: the swap admits the version, then fails to reach Triton
+    codes.append(main(["triton", "swap", "--url", "http://127.0.0.1:9", "--repo", sys.argv[2], "--build", "build",
+                       "--head", "a", "--version", "1"]))
+except Exception as exc:
+    codes.append(type(exc).__name__)
+print(json.dumps([codes, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))]))
+"""
+
+
+def test_triton_package_and_swap_load_no_torch(build_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-c", PACKAGE_AND_SWAP, str(build_dir), str(tmp_path / "repo")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    codes, torch_modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert codes[0] == 0 and codes[1] != 0, (codes, result.stderr[-2000:])
+    assert (tmp_path / "repo" / "build_head_a" / "1" / "head.json").is_file()
+    assert torch_modules == []

@@ -15,9 +15,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
+
+from .errors import BadRequest
 
 if TYPE_CHECKING:
     import psutil
@@ -143,10 +146,6 @@ def tree_rss(pid: int) -> int:
 
 def url_address(url: str, schemes: tuple[str, ...] = ("http",)) -> str:
     """``host:port`` of ``scheme://host:port`` (the scheme one of ``schemes``); BadRequest for anything else."""
-    from urllib.parse import urlsplit
-
-    from .errors import BadRequest
-
     parts = urlsplit(url)
     try:
         port = parts.port
