@@ -108,20 +108,21 @@ class Classifier:
         return await _answer(ctx, self.engine.embed(image.read_bytes()))
 
     @bentoml.api(route="/admin/weights")
-    async def set_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
+    async def admin_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
         """Set the traffic split, e.g. {"weights": {"a": 90, "b": 10}} (admin token required)."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.set_weights(weights))
 
     @bentoml.api(route="/admin/load")
-    async def load_head(self, head: str = "", version: int | None = None, tag: str | None = None,
-                        build_dir: str | None = None, live: bool = True, weight: float | None = None,
-                        ctx: bentoml.Context = None) -> dict:
+    async def admin_load(self, head: str = "", version: int | None = None, tag: str | None = None,
+                         build_dir: str | None = None, live: bool = True, weight: float | None = None,
+                         ctx: bentoml.Context = None) -> dict:
         """Load a head version from the store (``tag``, or ``head`` + ``version`` of the served build) or from
         a build directory (``build_dir`` + ``head`` [+ ``version``]) and, if ``live``, route its name to it."""
         return _admin_denied(ctx) or await _answer(ctx, self._load(head, version, tag, build_dir, live, weight))
 
     async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
                     weight: float | None) -> dict:
+        """Find the head version (a build directory inside the build roots, or the store), then admit it."""
         if build_dir:
             source = head_source_from_build(confined(build_dir, self.engine.config.build_roots), head, version)
         elif tag or (head and version is not None):
@@ -133,7 +134,7 @@ class Classifier:
         return await self.engine.load(source, live=live, weight=weight)
 
     @bentoml.api(route="/admin/retire")
-    async def retire_head(self, head: str, ctx: bentoml.Context = None) -> dict:
+    async def admin_retire(self, head: str, ctx: bentoml.Context = None) -> dict:
         """Take a head out of the route; its share of traffic goes to the remaining heads."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.retire(head))
 

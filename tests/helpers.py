@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import numpy as np
 import onnxruntime as ort
 
@@ -149,3 +151,40 @@ def bytes_input(module, data: list[bytes], name: str = "image_bytes"):
     tensor = module.InferInput(name, [len(data), 1], "BYTES")
     tensor.set_data_from_numpy(np.array(data, dtype=np.object_).reshape(-1, 1))
     return tensor
+
+
+class RouterCaller:
+    """A ``loadgen.drive`` caller for a Triton model over ``protocol``: one image per call; for the router (the
+    build's own name) every other call forces ``route_head``, and the answer is the ``head`` output ("a:2"); for
+    an ensemble the answer is its name."""
+
+    def __init__(self, served: dict, model: str, protocol: str, force_head: str | None = None):
+        self.module = httpclient if protocol == "http" else grpcclient
+        self.client = self.module.InferenceServerClient(url(served, protocol))
+        self.model, self.router, self.force_head, self.calls = model, model == served["name"], force_head, 0
+        self.outputs = [self.module.InferRequestedOutput(n) for n in (("logits", "head") if self.router else ("logits",))]
+
+    def __call__(self, image: bytes) -> str:
+        self.calls += 1
+        inputs = [bytes_input(self.module, [image])]
+        if self.router and self.force_head and self.calls % 2:
+            inputs.append(bytes_input(self.module, [self.force_head.encode()], "route_head"))
+        result = self.client.infer(self.model, inputs, outputs=self.outputs)
+        return result.as_numpy("head")[0, 0].decode() if self.router else self.model
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def load_triton_until(served: dict, images: list[bytes], stop: threading.Event,
+                      force_head: str | None = None) -> tuple[list[Record], list[threading.Thread]]:
+    """One ``loadgen.drive`` client per (router, ensemble ``NAME_a``) x (HTTP, gRPC) until ``stop`` is set; the
+    records are in the list once the returned threads have ended."""
+    records: list[Record] = []
+    threads = [threading.Thread(target=lambda model=model, protocol=protocol: records.extend(drive(
+                   lambda: RouterCaller(served, model, protocol, force_head), images, 1, stop=stop)[0]))
+               for model in (served["name"], f"{served['name']}_a") for protocol in ("http", "grpc")]
+    for thread in threads:
+        thread.start()
+    return records, threads
+

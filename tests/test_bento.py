@@ -25,6 +25,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from helpers import RELIABILITY, REPO, Deployment, DirectOnnx, Server, load_until
+from reliability import burst
 from tl_models.bench.loadgen import Record
 from tl_models.bento.batching import MicroBatcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
@@ -59,10 +60,9 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def hammer(server: Server, images: list[bytes], n: int, threads: int, headers=lambda i: {}) -> list[httpx.Response]:
-    """``n`` concurrent /classify calls from ``threads`` client threads."""
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda i: server.classify(images[i % len(images)], headers(i)), range(n)))
+def hammer(server: Server, images: list[bytes], n: int, threads: int) -> list[httpx.Response]:
+    """``n`` concurrent /classify calls from ``threads`` client threads (``reliability.burst``)."""
+    return burst(lambda i: server.classify(images[i % len(images)]), range(n), threads)
 
 
 def swap_under_load(server: Server, images: list[bytes], body: dict) -> tuple[list[Record], float, float, dict]:
@@ -377,6 +377,7 @@ def test_bentoml_build_bundles_the_models_offline(deployment):
     assert any(re.fullmatch(r"build-backbone:[0-9a-f]{16}", tag) for tag in declared), declared
     source = bentos[0].parent / "src"
     assert (source / "service.py").is_file() and (source / "tl_models" / "bento" / "engine.py").is_file()
+    assert not (source / "tl_models" / "build").exists()  # the bento ships the serving path only (no torch side)
 
     archive = deployment.root / "classifier.tar"  # what ships: the bento with its models (uncompressed: fast)
     result = subprocess.run([sys.executable, "-m", "bentoml", "export", "classifier:latest", str(archive)],

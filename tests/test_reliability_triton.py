@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bad_inputs import bad_images, bad_tensors, odd_images
-from helpers import RELIABILITY, bytes_input, live, url
+from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 from tl_models.triton import swap as triton_swap
 from tl_models.core.routing import RoutingState
@@ -214,24 +214,8 @@ def test_a_swap_failing_half_way_is_rolled_back_without_losing_a_request(served,
         real_load(client, model)
 
     monkeypatch.setattr(triton_swap, "_load", failing_load)
-    stop, failures, answers = threading.Event(), [], []
-
-    def load(model: str, protocol: str) -> None:
-        module = CLIENTS[protocol]
-        client = module.InferenceServerClient(url(served, protocol))
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                client.infer(model, [bytes_input(module, [images[i % len(images)]])])
-                answers.append(model)
-            except Exception as exc:  # every failure is a defect of the swap or its rollback
-                failures.append(exc)
-
-    threads = [threading.Thread(target=load, args=(model, protocol))
-               for model in (name, f"{name}_a") for protocol in ("http", "grpc")]
-    for thread in threads:
-        thread.start()
+    stop = threading.Event()
+    records, threads = load_triton_until(served, images, stop)
     time.sleep(1.5)
     try:
         with pytest.raises(triton_swap.TritonSwapError, match="injected fault"):
@@ -241,10 +225,11 @@ def test_a_swap_failing_half_way_is_rolled_back_without_losing_a_request(served,
         stop.set()
         for thread in threads:
             thread.join()
-    RELIABILITY["requests during swaps"] += len(answers) + len(failures)
+    failures = [r.error for r in records if r.error]
+    RELIABILITY["requests during swaps"] += len(records)
     RELIABILITY["failed requests during swaps"] += len(failures)
     assert not failures, failures[:3]
-    assert len(answers) > 10
+    assert len(records) > 10
     assert _swap_state(served) == before
     client = httpclient.InferenceServerClient(served["server"].http_url)
     assert not client.is_model_ready(f"{name}_head_a", str(new)), "the rolled-back version is still loaded"

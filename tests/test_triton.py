@@ -16,7 +16,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from helpers import RELIABILITY, bytes_input, live, url
+from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
+from tl_models.bench.loadgen import TritonCaller, drive
 from tl_models.cli import main as cli_main
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.routing import RoutingState
@@ -66,22 +67,9 @@ def test_dynamic_batching_under_16_concurrent_clients(served, images):
         return int(stats["inference_count"]), int(stats["execution_count"])
 
     before = counts()
-    errors: list[Exception] = []
-
-    def client_loop(seed: int) -> None:
-        client = httpclient.InferenceServerClient(served["server"].http_url)
-        for i in range(6):
-            try:
-                client.infer(f"{served['name']}_b", [bytes_input(httpclient, [images[(seed + i) % len(images)]])])
-            except Exception as exc:  # collected and asserted below
-                errors.append(exc)
-        client.close()
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    records = drive(lambda: TritonCaller("http", served["server"].http_url, f"{served['name']}_b"), images, 16,
+                    max_requests=16 * 6)[0]
+    errors = [r.error for r in records if r.error]
     after = counts()
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert not errors
@@ -157,30 +145,7 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     name, repo = served["name"], served["repo"]
     assert live(served, "a") == 1
     stop = threading.Event()
-    answers: list[tuple[str, str]] = []
-    failures: list[Exception] = []
-
-    def load(model: str, protocol: str) -> None:
-        module = CLIENTS[protocol]
-        client = module.InferenceServerClient(url(served, protocol))
-        outputs = [module.InferRequestedOutput("logits")] + ([module.InferRequestedOutput("head")] if model == name else [])
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                inputs = [bytes_input(module, [images[i % len(images)]])]
-                if model == name and i % 2:
-                    inputs.append(bytes_input(module, [b"a"], "route_head"))
-                result = client.infer(model, inputs, outputs=outputs)
-                answers.append((model, result.as_numpy("head")[0, 0].decode() if model == name else "ensemble"))
-            except Exception as exc:  # every failure is a defect of the swap
-                failures.append(exc)
-        client.close()
-
-    threads = [threading.Thread(target=load, args=(model, protocol))
-               for model in (name, f"{name}_a") for protocol in ("http", "grpc")]
-    for thread in threads:
-        thread.start()
+    records, threads = load_triton_until(served, images, stop, force_head="a")
     time.sleep(2)
     code = cli_main(["triton", "swap", "--url", f"http://{served['server'].http_url}", "--repo", str(repo),
                      "--build", name, "--head", "a", "--version", "2", "--split", "a=50,b=50", "--drain", "1.5"])
@@ -188,13 +153,14 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     stop.set()
     for thread in threads:
         thread.join()
-    RELIABILITY["requests during swaps"] += len(answers) + len(failures)
+    failures = [r.error for r in records if r.error]
+    RELIABILITY["requests during swaps"] += len(records)
     RELIABILITY["failed requests during swaps"] += len(failures)
     assert code == 0
     assert not failures, failures[:3]
-    seen = Counter(head for model, head in answers if model == name)
+    seen = Counter(r.answer for r in records if r.answer != f"{name}_a")
     assert seen["a:1"] > 0 and seen["a:2"] > 0, seen
-    assert sum(1 for model, _ in answers if model != name) > 10
+    assert sum(1 for r in records if r.answer == f"{name}_a") > 10
     admin = httpclient.InferenceServerClient(served["server"].http_url)
     assert admin.is_model_ready(f"{name}_head_a", "2") and not admin.is_model_ready(f"{name}_head_a", "1")
     route = RoutingState(repo / name / "route.json", poll=0).current()

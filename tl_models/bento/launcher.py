@@ -20,7 +20,7 @@ from ..core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]  # the source checkout: service.py, bentofile.yaml
 
 
 class BentoServerError(UserError):

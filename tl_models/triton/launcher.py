@@ -70,7 +70,7 @@ def server_environment(bundled: bool) -> dict[str, str]:
         lib_dirs.insert(0, str(bundled_root().parent.parent / "nvidia_pytriton.libs"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in lib_dirs if d] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    project = Path(__file__).resolve().parent.parent
+    project = Path(__file__).resolve().parents[2]  # the checkout holding tl_models
     site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     python_path = [str(project)] + list(dict.fromkeys(site)) + [env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in python_path if p)
