@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import tritonclient.http as httpclient
 import numpy as np
 import onnxruntime as ort
 
+from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.bench.loadgen import BentoCaller, Record, drive
 from tl_models.bento.launcher import BentoServer
@@ -57,6 +59,21 @@ class Deployment:
     @property
     def manifest(self) -> Manifest:
         return BuildDir(self.build_dir).manifest()
+
+    def fake_build(self, root: Path, head: str, version: int, head_bytes: bytes, sha: str | None = None,
+                   backbone_sha: str | None = None) -> Path:
+        """A build directory at ``root`` whose only head ``head``:``version`` has ``head_bytes`` as head.onnx (and
+        ``sha`` / ``backbone_sha`` in its manifest instead of the true ones, when given)."""
+        manifest = self.manifest.to_dict()
+        rel = f"heads/{head}/{version}"
+        (root / rel).mkdir(parents=True)
+        (root / rel / "head.onnx").write_bytes(head_bytes)
+        manifest["heads"] = [{**manifest["heads"][0], "name": head, "version": version, "path": rel,
+                              "files": ["head.onnx"]}]
+        manifest["files"] = {"backbone.onnx": backbone_sha or manifest["files"]["backbone.onnx"],
+                             f"{rel}/head.onnx": sha or file_sha256(root / rel / "head.onnx")}
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        return root
 
     def images(self, n: int) -> list[bytes]:
         paths = sorted((self.build_dir.parent / "data").rglob("*.png"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
-import json
 import os
 import re
 import subprocess
@@ -24,13 +23,12 @@ from onnx import TensorProto, helper
 from PIL import Image
 from skimage import data as skdata
 
-from helpers import RELIABILITY, REPO, Deployment, DirectOnnx, Server, load_until
+from helpers import RELIABILITY, REPO, DirectOnnx, Server, load_until
 from reliability import burst
 from tl_models.bench.loadgen import Record
 from tl_models.bento.batching import MicroBatcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
 from tl_models.core.errors import Refused, http_status
-from tl_models.core.files import file_sha256
 from tl_models.core.heads import head_source_from_build, softmax, sources_from_build
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.routing import Route
@@ -251,24 +249,11 @@ def test_admin_needs_the_token_and_changes_nothing_without_it(server):
         [(h["name"], h["version"], h["weight"]) for h in before["heads"]]
 
 
-def _fake_build(deployment: Deployment, root: Path, head_bytes: bytes, sha: str | None = None,
-                backbone_sha: str | None = None) -> Path:
-    """A build directory holding one head ``bad`` v1 with the given head.onnx bytes."""
-    manifest = deployment.manifest
-    (root / "heads" / "bad" / "1").mkdir(parents=True)
-    (root / "heads" / "bad" / "1" / "head.onnx").write_bytes(head_bytes)
-    manifest["heads"] = [{"name": "bad", "version": 1, "path": "heads/bad/1", "files": ["head.onnx"]}]
-    manifest["files"] = {"backbone.onnx": backbone_sha or manifest["files"]["backbone.onnx"],
-                         "heads/bad/1/head.onnx": sha or file_sha256(root / "heads" / "bad" / "1" / "head.onnx")}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def _head_onnx(dim: int, classes: int = 10) -> bytes:
+def _head_onnx(dim: int, classes: int = 10, output: str = "logits") -> bytes:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["embedding", "w"], ["logits"])], "head",
+        [helper.make_node("MatMul", ["embedding", "w"], [output])], "head",
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", classes])],
         [helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.ones(dim * classes, np.float32))])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10).SerializeToString()
 
@@ -276,11 +261,13 @@ def _head_onnx(dim: int, classes: int = 10) -> bytes:
 def test_a_bad_head_is_refused_with_a_clear_error_and_live_heads_keep_serving(server, deployment, tmp_path):
     before = server.heads()
     cases = [
-        (_fake_build(deployment, tmp_path / "garbage", b"not onnx at all"), 422, "not a loadable ONNX model"),
-        (_fake_build(deployment, tmp_path / "dim", _head_onnx(7)), 422, "dimension 1280"),
-        (_fake_build(deployment, tmp_path / "sha", _head_onnx(1280), sha="f" * 64), 422, "sha256"),
-        (_fake_build(deployment, tmp_path / "other", _head_onnx(1280), backbone_sha="e" * 64), 409,
+        (deployment.fake_build(tmp_path / "garbage", "bad", 1, b"not onnx at all"), 422, "not a loadable ONNX model"),
+        (deployment.fake_build(tmp_path / "dim", "bad", 1, _head_onnx(7)), 422, "dimension 1280"),
+        (deployment.fake_build(tmp_path / "sha", "bad", 1, _head_onnx(1280), sha="f" * 64), 422, "sha256"),
+        (deployment.fake_build(tmp_path / "other", "bad", 1, _head_onnx(1280), backbone_sha="e" * 64), 409,
          "another backbone"),
+        (deployment.fake_build(tmp_path / "names", "bad", 1, _head_onnx(1280, output="scores")), 422,
+         "expected one input 'embedding' and one output 'logits'"),
     ]
     for build_dir, status, message in cases:
         response = server.admin("/admin/load", {"build_dir": str(build_dir), "head": "bad"})

@@ -161,14 +161,7 @@ def test_truncated_or_corrupt_head_is_refused_and_the_live_heads_keep_serving(se
     data = source.read_bytes()
     before = _route(server)
     for name, head_bytes, keep_sha in (("truncated", data[: len(data) // 2], False), ("changed", data[:-1] + b"x", True)):
-        root = tmp_path / name
-        manifest = deployment.manifest
-        (root / "heads" / "a" / "9").mkdir(parents=True)
-        (root / "heads" / "a" / "9" / "head.onnx").write_bytes(head_bytes)
-        manifest["heads"] = [{"name": "a", "version": 9, "path": "heads/a/9", "files": ["head.onnx"]}]
-        manifest["files"]["heads/a/9/head.onnx"] = file_sha256(source) if keep_sha else \
-            file_sha256(root / "heads" / "a" / "9" / "head.onnx")
-        (root / "manifest.json").write_text(json.dumps(manifest))
+        root = deployment.fake_build(tmp_path / name, "a", 9, head_bytes, sha=file_sha256(source) if keep_sha else None)
         response = server.admin("/admin/load", {"build_dir": str(root), "head": "a"})
         assert response.status_code == 422, response.text
         assert ("sha256" if keep_sha else "not a loadable ONNX model") in response.json()["error"]
@@ -220,14 +213,14 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers(server, deployment
     calls, pool = load_until(server, images, stop)
     time.sleep(2.0)
     victim = workers[0]
-    killed_at = time.monotonic()
+    killed_at = time.perf_counter()  # the clock of loadgen's records
     os.kill(victim.pid, signal.SIGKILL)
     deadline, replaced_at = killed_at + 60, None
-    while time.monotonic() < deadline and replaced_at is None:
+    while time.perf_counter() < deadline and replaced_at is None:
         time.sleep(0.2)
         current = _workers(server)
         if len(current) == 2 and victim.pid not in {p.pid for p in current}:
-            replaced_at = time.monotonic()
+            replaced_at = time.perf_counter()
     time.sleep(5.0)  # load on the recovered service
     stop.set()
     for thread in pool:
@@ -242,7 +235,7 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers(server, deployment
     assert len(failed) <= 8, failed[:10]  # at most the requests in flight on the killed worker
     assert all(c.start < killed_at + 0.5 for c in failed), [c for c in failed if c.start >= killed_at + 0.5][:5]
     after = [c for c in calls if c.start > replaced_at + 1.0]
-    assert len(after) > 10 and all(c.status == 200 for c in after)
+    assert len(after) > 10 and all(c.error is None for c in after)
     assert server.client.get("/readyz").status_code == 200
     _check_answer(server, DirectOnnx(deployment.build_dir), images[0])
 

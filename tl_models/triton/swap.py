@@ -154,7 +154,11 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
     Route(current.weights if weights is None else weights, {**current.versions, head: version}).validate()
     _admit(repo, name, model_dir / str(version))
     client = client_for(url)
-    if not client.is_server_ready():
+    try:
+        ready = client.is_server_ready()
+    except (OSError, InferenceServerException) as exc:
+        raise TritonSwapError(f"cannot reach Triton at {url}: {exc}") from None
+    if not ready:
         raise TritonSwapError(f"Triton at {url} is not ready")
 
     undo: list = []
