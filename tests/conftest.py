@@ -12,17 +12,17 @@ from typing import Callable, Iterator
 import httpx
 import numpy as np
 import pytest
-
 from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, DirectOnnx, Server, serving_build
+
 from tl_models.bento import launcher as bento_server
 from tl_models.build.backbones import install_offline_weights
-from tl_models.build.pipeline import BuildOptions, BuildReport, build
-from tl_models.build.data import write_demo_dataset
-from tl_models.core.preprocess import preprocess_bytes
 from tl_models.build.config import TrainConfig
+from tl_models.build.data import write_demo_dataset
+from tl_models.build.pipeline import BuildOptions, BuildReport, build
+from tl_models.core.preprocess import preprocess_bytes
 from tl_models.triton.config import RepositoryOptions
-from tl_models.triton.repository import write_repository
 from tl_models.triton.launcher import start as start_triton
+from tl_models.triton.repository import write_repository
 
 
 @pytest.fixture(scope="session", autouse=True)

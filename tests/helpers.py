@@ -11,20 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 import numpy as np
 import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
-from tl_models.core.files import file_sha256
-from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.bench.loadgen import BentoCaller, Record, drive
 from tl_models.bento.launcher import BentoServer
-from tl_models.build.pipeline import BuildOptions, build
+from tl_models.build.config import TrainConfig
 from tl_models.build.data import write_demo_dataset
+from tl_models.build.pipeline import BuildOptions, build
+from tl_models.core.files import file_sha256
+from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.core.preprocess import Preprocessing
 from tl_models.core.routing import RoutingState
-from tl_models.build.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
@@ -179,7 +179,8 @@ class RouterCaller:
         self.module = httpclient if protocol == "http" else grpcclient
         self.client = self.module.InferenceServerClient(url(served, protocol))
         self.model, self.router, self.force_head, self.calls = model, model == served["name"], force_head, 0
-        self.outputs = [self.module.InferRequestedOutput(n) for n in (("logits", "head") if self.router else ("logits",))]
+        names = ("logits", "head") if self.router else ("logits",)
+        self.outputs = [self.module.InferRequestedOutput(n) for n in names]
 
     def __call__(self, image: bytes) -> str:
         self.calls += 1

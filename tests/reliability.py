@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
 import psutil
-
 from helpers import RELIABILITY, RELIABILITY_NOTES
+
 from tl_models.core.process import tree_rss
 
 T = TypeVar("T")

@@ -11,9 +11,9 @@ import torchvision.models as tvm
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.core.files import file_sha256
-from tl_models.core.errors import NotFound
 from tl_models.build.backbones import BACKBONES, WeightsError, get_spec, load_backbone
+from tl_models.core.errors import NotFound
+from tl_models.core.files import file_sha256
 from tl_models.core.preprocess import transform_image
 
 TABBY_TO_EGYPTIAN_CAT = range(281, 286)  # ImageNet classes 281..285: tabby, tiger cat, Persian, Siamese, Egyptian

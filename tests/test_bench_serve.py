@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers import serving_build
-from tl_models.bench.serve import BenchServeError, ServeBenchOptions, bench_serve
+
 from tl_models.bench.loadgen import BentoCaller, TritonCaller, drive, summarize
+from tl_models.bench.serve import BenchServeError, ServeBenchOptions, bench_serve
 from tl_models.core.process import free_port
 
 pytestmark = pytest.mark.slow

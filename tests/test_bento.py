@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from helpers import RELIABILITY, REPO, DirectOnnx, Server, load_until
 from onnx import TensorProto, helper
 from PIL import Image
+from reliability import burst
 from skimage import data as skdata
 
-from helpers import RELIABILITY, REPO, DirectOnnx, Server, load_until
-from reliability import burst
 from tl_models.bench.loadgen import Record
 from tl_models.bento.batching import MicroBatcher
 from tl_models.bento.engine import ServingConfig, ServingEngine

@@ -3,6 +3,7 @@ head versions, failure and SIGKILL safety, compatibility checks, the manifest, t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,17 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-import tl_models.core.manifest
-import tl_models.build.pipeline
 import tl_models.build.features
-from tl_models.core.names import MANIFEST
-from tl_models.core.manifest import BuildDir, HeadEntry
-from tl_models.core.errors import BuildError
-from tl_models.core.files import file_sha256
+import tl_models.build.pipeline
+import tl_models.core.manifest
 from tl_models.build.backbones import load_backbone
+from tl_models.build.data import DataError
 from tl_models.build.pipeline import BuildReport
 from tl_models.cli import main
-from tl_models.build.data import DataError
+from tl_models.core.errors import BuildError
+from tl_models.core.files import file_sha256
+from tl_models.core.manifest import BuildDir, HeadEntry
+from tl_models.core.names import MANIFEST
 
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -399,3 +400,47 @@ def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuil
     assert (tmp_path / "one" / "heads/default/1/history.json").read_text() == \
         (tmp_path / "two" / "heads/default/1/history.json").read_text()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal
+
+
+def test_cli_exit_codes_and_the_old_spelling(deployment, tmp_path: Path, run_cli: RunCli) -> None:
+    """0 done, 1 user error, 2 usage, 3 parity failed; `package triton` still works once, with a warning."""
+    build = shutil.copytree(deployment.build_dir, tmp_path / "build")
+    assert run_cli("parity", str(build), "--batch-sizes", "2")[0] == 0
+    code, _, err = run_cli("parity", str(build), "--batch-sizes", "2", "--atol", "0", "--rtol", "0")
+    assert code == 3 and "parity failed" in err, err
+    code, _, err = run_cli("triton", "swap", "--url", "127.0.0.1:8000", "--build", "build", "--head", "a")
+    assert code == 1 and "bad URL '127.0.0.1:8000'" in err, err
+    with pytest.raises(SystemExit) as usage:
+        run_cli("triton", "unpack", str(build))
+    assert usage.value.code == 2
+    with pytest.warns(FutureWarning, match="tl-models triton package"):
+        code, out, _ = run_cli("package", "triton", str(build), "--repo", str(tmp_path / "repo"))
+    assert code == 0 and "build_head_a" in out
+
+
+def test_the_fused_graph_is_written_only_when_asked(deployment, tmp_path: Path, run_cli: RunCli) -> None:
+    """A build holds the backbone once; `export --fused` adds one fused.onnx per head version, parity-checked."""
+    build = shutil.copytree(deployment.build_dir, tmp_path / "build")
+    versions = sorted(p for p in build.glob("heads/*/*") if p.is_dir())
+    assert versions and not list(build.rglob("fused.onnx")) and not list(build.rglob("model.onnx"))
+    assert run_cli("export", str(build), "--fused")[0] == 0
+    manifest = BuildDir(build).verify()
+    for entry in manifest.heads:
+        assert "fused.onnx" in entry.files and entry.rel("fused.onnx") in manifest.files
+    backbone_size = (build / "backbone.onnx").stat().st_size
+    assert all((v / "fused.onnx").stat().st_size > backbone_size for v in versions)
+
+
+def test_a_manifest_of_an_unknown_format_version_is_refused(built: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(built, tmp_path / "copy")
+    data = json.loads((copy / MANIFEST).read_text())
+    assert data["format_version"] == 2
+    data["format_version"] = 99
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="format version 99; this tl-models reads 1, 2"):
+        BuildDir(copy).manifest()
+    del data["labels"]
+    data["format_version"] = 1
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="labels"):
+        BuildDir(copy).manifest()

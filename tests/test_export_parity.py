@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from skimage import data as skdata
 from PIL import Image
+from skimage import data as skdata
 
+from tl_models.build.architectures import HeadSpec, build_head
 from tl_models.build.backbones import BACKBONES, install_offline_weights, load_backbone
 from tl_models.build.export import export_backbone, export_head, fuse, read_metadata
-from tl_models.build.architectures import HeadSpec, build_head
 from tl_models.build.parity import BATCH_SIZES, Tolerance, run_parity
 from tl_models.core.preprocess import transform_image
 from tl_models.core.runtime import create_session

@@ -11,7 +11,14 @@ from PIL import Image
 from skimage import data as skdata
 
 from tl_models.build.backbones import get_spec
-from tl_models.core.preprocess import (ImageError, decode_image, normalize, preprocess_bytes, preprocess_file, transform_image)
+from tl_models.core.preprocess import (
+    ImageError,
+    decode_image,
+    normalize,
+    preprocess_bytes,
+    preprocess_file,
+    transform_image,
+)
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

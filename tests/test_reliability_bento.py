@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-
 from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
+
 from tl_models.core.files import file_sha256
-from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.heads import softmax
+from tl_models.core.preprocess import preprocess_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,8 @@ def test_truncated_or_corrupt_head_is_refused_and_the_live_heads_keep_serving(se
     source = deployment.build_dir / "heads" / "a" / "2" / "head.onnx"
     data = source.read_bytes()
     before = _route(server)
-    for name, head_bytes, keep_sha in (("truncated", data[: len(data) // 2], False), ("changed", data[:-1] + b"x", True)):
+    for name, head_bytes, keep_sha in (("truncated", data[: len(data) // 2], False),
+                                       ("changed", data[:-1] + b"x", True)):
         root = deployment.fake_build(tmp_path / name, "a", 9, head_bytes, sha=file_sha256(source) if keep_sha else None)
         response = server.admin("/admin/load", {"build_dir": str(root), "head": "a"})
         assert response.status_code == 422, response.text

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, TensorProto
+from onnx import TensorProto, helper
 
 from tl_models.core.errors import BadRequest
 from tl_models.core.runtime import active_provider, create_session, gpu_count, resolve_providers

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
 from tritonclient.utils import InferenceServerException
 
-from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
 from tl_models.bench.loadgen import TritonCaller, drive
 from tl_models.cli import main as cli_main
 from tl_models.core.preprocess import preprocess_bytes
@@ -117,8 +117,9 @@ def test_router_split_sticky_key_and_explicit_head(served, reference, images):
     logits, head = ask(images[3], head="b")
     assert head == f"b:{live(served, 'b')}"
     np.testing.assert_allclose(logits, reference([images[3]], "b", live(served, "b"))[0], atol=1e-4, rtol=0)
-    with pytest.raises(InferenceServerException, match="unknown head 'zzz'"):
+    with pytest.raises(InferenceServerException, match="unknown head 'zzz'") as unknown:
         ask(images[0], head="zzz")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"  # the error table: unknown head -> NOT_FOUND
 
 
 @pytest.mark.parametrize("model_suffix", ["_a", ""])

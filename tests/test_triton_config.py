@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from google.protobuf import text_format
+from helpers import serving_build
 from tritonclient.grpc import model_config_pb2 as mc
 
-from helpers import serving_build
 from tl_models.build.backbones import install_offline_weights
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingError, parse_weights

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..core.errors import BadRequest
+from ..core.names import IMAGE_BYTES, LOGITS
 
 
 class Caller(Protocol):
@@ -75,10 +76,10 @@ class TritonCaller:
         else:
             raise BadRequest(f"unknown Triton protocol {protocol!r}; use http or grpc")
         self.module, self.model, self.timeout = module, model, timeout
-        self.outputs = [module.InferRequestedOutput("logits")]
+        self.outputs = [module.InferRequestedOutput(LOGITS)]
 
     def __call__(self, image: bytes) -> None:
-        tensor = self.module.InferInput("image_bytes", [1, 1], "BYTES")
+        tensor = self.module.InferInput(IMAGE_BYTES, [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
         extra = {"client_timeout": self.timeout} if self.module.__name__.endswith("grpc") else {}
         self.client.infer(self.model, [tensor], outputs=self.outputs, **extra)

@@ -19,14 +19,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..core.errors import BadRequest
-from .report import format_table, images_per_second, write_json
+from ..build.architectures import HeadSpec, build_head
 from ..build.backbones import freeze, load_backbone
+from ..build.config import TrainConfig
 from ..build.data import DataError, ImageFolderData, load_image_folder, stratified_split, write_demo_dataset
 from ..build.features import embed, load_images
-from ..build.architectures import HeadSpec, build_head
-from ..build.config import TrainConfig
 from ..build.train import TrainResult, fit
+from ..core.errors import BadRequest
+from ..core.names import IMAGE
+from .report import format_table, images_per_second, write_json
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
                     loaded.module(tensor)
 
                 torch_ips, torch_ms = images_per_second(eager, batch, seconds)
-                ort_ips, ort_ms = images_per_second(lambda: session.run(None, {"image": pixels}), batch, seconds)
+                ort_ips, ort_ms = images_per_second(lambda: session.run(None, {IMAGE: pixels}), batch, seconds)
                 figures["rows"].append({"backbone": name, "batch": batch, "provider": active_provider(session),
                                         "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
                                         "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms,

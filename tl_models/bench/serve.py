@@ -26,10 +26,11 @@ import numpy as np
 from ..bento import launcher as bento_server
 from ..core import process as server_process
 from ..core.errors import UserError
-from ..triton import launcher as triton_server
 from ..core.manifest import BuildDir, HeadEntry, Manifest
-from .report import format_table, images_per_second, write_json
+from ..core.names import ROUTE_FILE
+from ..triton import launcher as triton_server
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
+from .report import format_table, images_per_second, write_json
 
 IN_PROCESS = ("onnxruntime", "torch")
 SERVERS = ("bentoml-http", "triton-http", "triton-grpc")
@@ -86,8 +87,8 @@ class ServeBenchOptions:
 
 def _default_build(options: ServeBenchOptions, data: Path, workdir: Path) -> Path:
     """Heads ``a`` (linear) and ``b`` (mlp) on ``data``, exported with parity checked (like the tests' build)."""
-    from ..build.pipeline import BuildOptions, build
     from ..build.config import TrainConfig
+    from ..build.pipeline import BuildOptions, build
 
     out = workdir / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
@@ -262,8 +263,8 @@ def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
     """A copy of the build with at least ``count`` heads (new linear heads trained on ``data``'s cached
     features) and one new version of its first head. Returns the copy, the live version of each head before
     the swap, and the (head, version) to swap in."""
-    from ..build.pipeline import BuildOptions, build
     from ..build.config import TrainConfig
+    from ..build.pipeline import BuildOptions, build
 
     copy = workdir / "heads-build"
     shutil.copytree(build_dir, copy)
@@ -328,7 +329,7 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
         names = list(live)[:served]
         state = workdir / f"state-{served}-heads"
         state.mkdir(parents=True)
-        RoutingState(state / "route.json").update(weights={n: 1.0 for n in names},
+        RoutingState(state / ROUTE_FILE).update(weights={n: 1.0 for n in names},
                                                    versions={n: live[n] for n in names})
         token = secrets.token_hex(8)
         options.progress(f"[bench serve] heads part: bentoml serve with {served} head(s)")

@@ -8,7 +8,6 @@ from typing import Callable
 import numpy as np
 
 
-
 class MicroBatcher:
     """Adaptive batching of backbone passes inside one worker.
 

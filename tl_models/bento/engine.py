@@ -26,8 +26,14 @@ import numpy as np
 from ..core.errors import BadRequest, NotFound, UserError
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, read_verified
 from ..core.names import EMBEDDING, IMAGE
-from ..core.preprocess import (DEFAULT_MAX_PIXELS, ImageError, Preprocessing, blank_image, preprocess_bytes,
-                               tensor_problem)
+from ..core.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    Preprocessing,
+    blank_image,
+    preprocess_bytes,
+    tensor_problem,
+)
 from ..core.routing import parse_weights
 from ..core.runtime import create_session
 from .batching import MicroBatcher

@@ -66,8 +66,8 @@ class BodyLimit:
 
 def refuse_remote_files() -> None:
     """Make BentoML's multipart parser refuse file fields sent as text (it would download them as URLs)."""
-    from bentoml.exceptions import BadInput
     from _bentoml_impl.serde import MultipartSerde
+    from bentoml.exceptions import BadInput
     from starlette.datastructures import UploadFile
 
     async def upload_only(obj):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 
 
-
-
 class Metrics:
     """Per-head Prometheus metrics. prometheus_client is imported on first use: BentoML sets
     PROMETHEUS_MULTIPROC_DIR in its workers, and the client must see it to aggregate across workers."""

@@ -12,6 +12,7 @@ from typing import Sequence
 from ..core.errors import BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import HeadSource, LoadedHead, admit_head, read_verified
+from ..core.manifest import latest_versions
 from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
 from ..core.routing import Route, RoutingState
 from .catalog import HeadCatalog
@@ -42,9 +43,7 @@ class HeadRegistry:
         with self.catalog.locked():
             self.catalog.put(heads)
             if not self.routing.path.exists():
-                latest: dict[str, int] = {}
-                for head in heads:
-                    latest[head.name] = max(latest.get(head.name, 0), head.version)
+                latest = latest_versions(heads)
                 self.routing.update(weights=weights or {name: 1.0 for name in latest}, versions=latest)
         route = self.routing.current()
         try:

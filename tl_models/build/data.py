@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.preprocess import ImageError, decode_image
 from ..core.errors import BadRequest
+from ..core.preprocess import ImageError, decode_image
 
 log = logging.getLogger(__name__)
 

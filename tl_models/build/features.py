@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ..core.files import atomic_write_bytes
+from ..core.preprocess import Preprocessing, preprocess_file
 from .backbones import LoadedBackbone
 from .data import ImageFolderData
-from ..core.preprocess import Preprocessing, preprocess_file
 
 log = logging.getLogger(__name__)
 

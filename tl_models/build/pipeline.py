@@ -18,18 +18,31 @@ from .. import __version__
 from ..core.errors import BuildError
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
-from ..core.names import (BACKBONE_FP16, BACKBONE_ONNX, BACKBONE_PT, CONFUSION_PNG, CURVES_PNG, FUSED_FP16,
-                          FUSED_ONNX, HEAD_ONNX, HEAD_PT, HEADS_DIR, HISTORY_JSON, PARITY_JSON, check_name)
+from ..core.names import (
+    BACKBONE_FP16,
+    BACKBONE_ONNX,
+    BACKBONE_PT,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    FUSED_FP16,
+    FUSED_ONNX,
+    HEAD_ONNX,
+    HEAD_PT,
+    HEADS_DIR,
+    HISTORY_JSON,
+    PARITY_JSON,
+    check_name,
+)
 from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .architectures import HeadSpec, build_head
 from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
+from .config import TrainConfig
 from .data import load_image_folder, stratified_split
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
 from .features import FeatureCache, default_cache_dir, load_images
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
-from .config import TrainConfig
 from .train import fit
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 from .errors import BuildError
 from .files import atomic_write_json, file_lock, file_sha256
@@ -96,8 +97,9 @@ class Manifest:
         """Parse a manifest; BuildError for an unknown format version or a missing key."""
         version = data.get("format_version") if isinstance(data, dict) else None
         if version not in READABLE_FORMATS:
-            raise BuildError(f"{where} has format version {version!r}; this tl-models reads "
-                             f"{', '.join(map(str, READABLE_FORMATS))}: use the tl-models that wrote it, or build again")
+            readable = ", ".join(map(str, READABLE_FORMATS))
+            raise BuildError(f"{where} has format version {version!r}; this tl-models reads {readable}: use the "
+                             "tl-models that wrote it, or build again")
         manifest = _from_dict(cls, data, where)
         manifest.heads = [_from_dict(HeadEntry, entry, f"{where}, head {i}") for i, entry in enumerate(manifest.heads)]
         return manifest
@@ -109,7 +111,8 @@ class Manifest:
         """A head's entry: the given version, else the latest; BuildError when there is none."""
         entries = [h for h in self.heads if h.name == name and (version is None or h.version == version)]
         if not entries:
-            raise BuildError(f"no head {name!r}" + (f" version {version}" if version else "") + f" in build {self.name!r}")
+            which = f"{name!r}" + (f" version {version}" if version else "")
+            raise BuildError(f"no head {which} in build {self.name!r}")
         return max(entries, key=lambda h: h.version)
 
     def head_names(self) -> list[str]:
@@ -117,10 +120,7 @@ class Manifest:
 
     def latest_versions(self) -> dict[str, int]:
         """The highest version of every head name."""
-        latest: dict[str, int] = {}
-        for head in self.heads:
-            latest[head.name] = max(latest.get(head.name, 0), head.version)
-        return latest
+        return latest_versions(self.heads)
 
     def is_exported(self) -> bool:
         """Whether the backbone and every head version have their ONNX graphs."""
@@ -128,6 +128,14 @@ class Manifest:
 
     def backbone_sha256(self) -> str:
         return self.files.get(BACKBONE_ONNX, "")
+
+
+def latest_versions(heads: Iterable) -> dict[str, int]:
+    """``name -> highest version`` of head versions (anything with ``name`` and ``version``)."""
+    latest: dict[str, int] = {}
+    for head in heads:
+        latest[head.name] = max(latest.get(head.name, 0), head.version)
+    return latest
 
 
 class BuildDir:

@@ -15,10 +15,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
+from urllib.parse import urlsplit
 
 from .errors import BadRequest
 

@@ -13,8 +13,20 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.errors import BadRequest
 from ..core.manifest import Manifest
-from ..core.names import (CONFIG, EMBEDDING, HEAD, IMAGE, IMAGE_BYTES, LABELS, LOGITS, PREPROCESS, ROUTE_FILE,
-                          ROUTE_HEAD, ROUTE_KEY, VERSION_ONNX)
+from ..core.names import (
+    CONFIG,
+    EMBEDDING,
+    HEAD,
+    IMAGE,
+    IMAGE_BYTES,
+    LABELS,
+    LOGITS,
+    PREPROCESS,
+    ROUTE_FILE,
+    ROUTE_HEAD,
+    ROUTE_KEY,
+    VERSION_ONNX,
+)
 
 FLAVOURS = ("python", "onnxruntime")
 

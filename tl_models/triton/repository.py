@@ -33,13 +33,39 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..core.files import atomic_write_bytes
 from ..core.heads import head_from_build
 from ..core.manifest import BuildDir, Manifest
-from ..core.names import (BACKBONE_ONNX, CONFIG, EMBEDDING, HEAD_ONNX, IMAGE, IMAGE_BYTES, LABELS, LOGITS, PREPROCESS,
-                          ROUTE_FILE, VERSION_HEAD, VERSION_ONNX, VERSION_SHA256)
+from ..core.names import (
+    BACKBONE_ONNX,
+    CONFIG,
+    EMBEDDING,
+    HEAD_ONNX,
+    IMAGE,
+    IMAGE_BYTES,
+    LABELS,
+    LOGITS,
+    PREPROCESS,
+    ROUTE_FILE,
+    VERSION_HEAD,
+    VERSION_ONNX,
+    VERSION_SHA256,
+)
 from ..core.preprocess import blank_image
 from ..core.routing import Route, RoutingState
-from .config import (RepositoryOptions, TritonConfigError, _tensor, backbone_model, config_text, ensemble_config,
-                     head_model, model_names, onnx_step_config, parse_config, preprocess_config, read_config,
-                     router_config, validate_config)
+from .config import (
+    RepositoryOptions,
+    TritonConfigError,
+    _tensor,
+    backbone_model,
+    config_text,
+    ensemble_config,
+    head_model,
+    model_names,
+    onnx_step_config,
+    parse_config,
+    preprocess_config,
+    read_config,
+    router_config,
+    validate_config,
+)
 
 MODELS_DIR = Path(__file__).parent / "models"
 
