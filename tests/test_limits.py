@@ -17,7 +17,7 @@ from tl_models.bento.limits import BodyLimit
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING_PATH = ["service.py", *sorted(str(p.relative_to(REPO)) for layer in ("core", "bento", "triton/models")
-                                    for p in (REPO / "tl_models" / layer).glob("*.py"))]
+                                    for p in (REPO / "tl_models" / layer).glob("*.py") if p.stat().st_size)]
 
 
 def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
