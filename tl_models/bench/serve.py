@@ -23,12 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..bento import launcher as bento_server
-from ..core import process as server_process
+from ..bento import launcher as bento_launcher
+from ..core import process
 from ..core.errors import UserError
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import ROUTE_FILE
-from ..triton import launcher as triton_server
+from ..triton import launcher as triton_launcher
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
 from .report import format_table, images_per_second, write_json
 
@@ -169,12 +169,12 @@ def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], conc
     for clients in concurrency:
         progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
         drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
-        cpu = server_process.tree_cpu_seconds(server_pid) if server_pid else None
+        cpu = process.tree_cpu_seconds(server_pid) if server_pid else None
         row = {"stack": stack, "concurrency": clients,
                **summarize(*drive(connect, images, clients, seconds, max_requests))}
         server_cpu = None
         if cpu is not None and row["requests"]:
-            server_cpu = 1000.0 * (server_process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
+            server_cpu = 1000.0 * (process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
         row["server_cpu_ms_per_request"] = server_cpu
         progress(f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
                  f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU" +
@@ -191,7 +191,7 @@ def _ms(value: float | None) -> str:
 def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> dict[str, str]:
     """The service on ``build_dir`` as deployed for throughput (no access log line per request);
     ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
-    return bento_server.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
+    return bento_launcher.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
         "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token,
         "TL_MODELS_BUILD_ROOTS": str(workdir.resolve()), "TL_MODELS_ACCESS_LOG": "0"})
 
@@ -206,7 +206,7 @@ def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Pat
         url, pid = options.bento_url, None
         if url is None:
             options.progress("[bench serve] starting bentoml serve")
-            server = bento_server.start(_bento_env(build_dir, workdir / "state-main", workdir, secrets.token_hex(8)),
+            server = bento_launcher.start(_bento_env(build_dir, workdir / "state-main", workdir, secrets.token_hex(8)),
                                         log_path=workdir / "bento-main.log", timeout=options.start_timeout)
             stack.callback(server.stop)
             started.append({"server": "bentoml", "pid": server.pid})
@@ -221,7 +221,7 @@ def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Pat
 
         options.progress("[bench serve] writing the Triton model repository and starting tritonserver")
         repo = write_repository(build_dir, workdir / "model_repository", RepositoryOptions(flavour="python"))
-        server = triton_server.start(repo.path, workdir=workdir / "tritonserver", timeout=options.start_timeout)
+        server = triton_launcher.start(repo.path, workdir=workdir / "tritonserver", timeout=options.start_timeout)
         stack.callback(server.stop)
         started.append({"server": "tritonserver", "pid": server.pid})
         pids = {name: None if urls[name] else server.pid for name in triton}
@@ -333,13 +333,13 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
                                                    versions={n: live[n] for n in names})
         token = secrets.token_hex(8)
         options.progress(f"[bench serve] heads part: bentoml serve with {served} head(s)")
-        server = bento_server.start(_bento_env(copy, state, workdir, token), log_path=workdir / f"bento-{served}.log",
+        server = bento_launcher.start(_bento_env(copy, state, workdir, token), log_path=workdir / f"bento-{served}.log",
                                     timeout=options.start_timeout)
         started.append({"server": f"bentoml ({served} heads)", "pid": server.pid})
         try:
             point = measure(f"bentoml-http {served} head(s)", lambda: BentoCaller(server.url), images, (1,),
                             options.seconds, options.max_requests, options.progress)[0]
-            figures["heads"][str(served)] = {"rss_bytes": server_process.tree_rss(server.pid), **point}
+            figures["heads"][str(served)] = {"rss_bytes": process.tree_rss(server.pid), **point}
             if served == count:
                 options.progress(f"[bench serve] heads part: swapping in {swap_head}:{swap_version} under load")
                 figures["swap"] = swap_under_load(server.url, token, copy, swap_head, swap_version, images)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..core import process as server_process
 from ..core.errors import UserError
+from ..core.process import ServerProcess, free_port, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class BentoServerError(UserError):
 
 
 @dataclass
-class BentoServer(server_process.ServerProcess):
+class BentoServer(ServerProcess):
     """A running ``bentoml serve``: its URL, PID and log; ``stop()`` ends it and its workers."""
 
     port: int
@@ -63,7 +63,7 @@ def serve_command(host: str, port: int) -> list[str]:
 def start(env: dict[str, str], port: int | None = None, log_path: str | Path | None = None,
           timeout: float = 300.0) -> BentoServer:
     """Start ``bentoml serve`` with ``env`` (see :func:`service_environment`) on 127.0.0.1; wait for ``/readyz``."""
-    port = port or server_process.free_port()
+    port = port or free_port()
     log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="tl-bento-")) / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log_file:
@@ -72,8 +72,7 @@ def start(env: dict[str, str], port: int | None = None, log_path: str | Path | N
     server = BentoServer(process, log_path, port)
     log.info("bentoml serve pid %d on %s, log %s", server.pid, server.url, log_path)
     try:
-        server_process.wait_ready(process, f"{server.url}/readyz", timeout, "bentoml serve", log_path,
-                                  BentoServerError)
+        wait_ready(process, f"{server.url}/readyz", timeout, "bentoml serve", log_path, BentoServerError)
         return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
         server.stop()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..core import process as server_process
 from ..core.errors import UserError
+from ..core.process import ServerProcess, free_port, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def server_environment(bundled: bool) -> dict[str, str]:
 
 
 @dataclass
-class TritonServer(server_process.ServerProcess):
+class TritonServer(ServerProcess):
     """A running tritonserver: its URLs, PID and log; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
 
     repo: Path
@@ -126,7 +126,7 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="tl-triton-")) if own else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ports = [p or server_process.free_port() for p in (http_port, grpc_port, metrics_port)]
+    ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
     if tritonserver is None:
         bundled = prepare_bundled(work)
         binary = bundled / "bin" / "tritonserver"
@@ -147,8 +147,8 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
                           _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     try:
-        server_process.wait_ready(process, f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout, "tritonserver",
-                                  log_path, TritonServerError)
+        wait_ready(process, f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout, "tritonserver", log_path,
+                   TritonServerError)
         return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
         server.stop()
