@@ -298,7 +298,7 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_old_aliases(sub: argparse._SubParsersAction) -> None:
-    """`package bento|triton` and `serve bento` (before 0.2): hidden, and they warn."""
+    """`package bento|triton` and `serve bento` (before 0.2): hidden (added without help), and they warn."""
     for noun, verbs in (("package", (("bento", _bento_package_parser), ("triton", _triton_package_parser))),
                         ("serve", (("bento", _bento_serve_parser),))):
         old = sub.add_parser(noun)
@@ -306,7 +306,6 @@ def _add_old_aliases(sub: argparse._SubParsersAction) -> None:
         for target, make in verbs:
             make(targets.add_parser(target))
             targets.choices[target].set_defaults(renamed=f"tl-models {target} {noun}")
-    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in ("package", "serve")]
 
 
 # ---------------------------------------------------------------- benchmarks
