@@ -50,11 +50,13 @@ def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.Cap
     from tl_models.bench.offline import bench_runtime
 
     path = tmp_path / "runtime.json"
-    figures = bench_runtime(("resnet18",), (1, 2), seconds=0.05, json_path=path)
+    figures = bench_runtime(("resnet18",), (1, 2), seconds=0.05, json_path=path, int8=True)
     assert json.loads(path.read_text()) == figures
     assert [(r["backbone"], r["batch"]) for r in figures["rows"]] == [("resnet18", 1), ("resnet18", 2)]
     for row in figures["rows"]:
         assert row["torch_images_per_s"] > 0 and row["ort_images_per_s"] > 0
         assert row["ort_over_torch"] == pytest.approx(row["ort_images_per_s"] / row["torch_images_per_s"])
         assert row["provider"] == "CPUExecutionProvider" or row["provider"].startswith(("CUDA", "Tensorrt"))
+        assert row["int8_images_per_s"] > 0
+        assert row["int8_over_ort"] == pytest.approx(row["int8_images_per_s"] / row["ort_images_per_s"])
     assert "resnet18 batch 2" in capsys.readouterr().out

@@ -1,12 +1,13 @@
 """The `tl-models` command: a noun, then a verb.
 
-  tl-models build | export | parity | backbones | demo | demo-data | install-weights
+  tl-models build | export | parity | quantize | backbones | demo | demo-data | install-weights
   tl-models bento package | serve
   tl-models triton package | serve | swap
   tl-models bench train | runtime | serve
 
 Exit codes: 0 done; 1 a user error (one line on stderr says what and how to fix it); 2 bad usage (argparse);
-3 parity failed (ONNX Runtime disagrees with PyTorch past tolerance). Anything else is a bug: its traceback is shown.
+3 parity failed (ONNX Runtime disagrees with PyTorch past tolerance); 4 the int8 gate refused every calibration
+(`quantize`; the build is unchanged). Anything else is a bug: its traceback is shown.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .build.config import TrainConfig
 
 log = logging.getLogger("tl_models")
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_PARITY = 0, 1, 2, 3
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_GATE = 0, 1, 2, 3, 4
 SPLIT_HELP = "traffic split, e.g. a=90,b=10"
 
 
@@ -162,6 +163,16 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for spec in BACKBONES.values():
         print(f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6}  "
               f"{', '.join(spec.weights_enum.__members__)}")
+    return EXIT_OK
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .build.quantize import Calibration, Gate, quantize
+
+    report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images),
+                      Gate(args.min_agreement, args.max_drop), search=not args.no_search)
+    print(report.table())
+    print(f"wrote {args.build_dir / 'backbone.int8.onnx'} ({report.passed.calibration.label()})")
     return EXIT_OK
 
 
@@ -320,7 +331,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
     from .bench.offline import bench_runtime
 
-    bench_runtime(tuple(args.backbones), tuple(args.batch_sizes), args.seconds, args.providers, args.json)
+    bench_runtime(tuple(args.backbones), tuple(args.batch_sizes), args.seconds, args.providers, args.json, args.int8)
     return EXIT_OK
 
 
@@ -357,6 +368,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--providers", help="e.g. cuda,cpu (default: best available)")
+    p.add_argument("--int8", action="store_true", help="also the static int8 graph (speed only: random calibration)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_runtime)
 
@@ -418,6 +430,18 @@ def make_parser() -> argparse.ArgumentParser:
     _add_tolerance_args(p)
     p.set_defaults(func=cmd_parity)
 
+    p = sub.add_parser("quantize", help=f"int8 backbone for CPU serving, behind an accuracy gate; exits {EXIT_GATE} "
+                                         "when the gate refuses (the build unchanged)")
+    p.add_argument("build_dir", type=Path)
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax", help="calibration")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-channel weight scales (default on)")
+    p.add_argument("--calibration-images", type=int, default=64, help="training images used to calibrate")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="gate: top-1 agreement with fp32, per head")
+    p.add_argument("--max-drop", type=float, default=0.01, help="gate: val accuracy drop, per head (0.01 = 1 point)")
+    p.add_argument("--no-search", action="store_true", help="try only the given calibration, not the others")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("backbones", help="list the backbone registry")
     p.set_defaults(func=cmd_backbones)
 
@@ -455,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.warn(f"`tl-models {args.command} {args.target}` is now `{args.renamed}`; the old spelling goes in "
                       "the next release", FutureWarning, stacklevel=1)
     from .build.parity import ParityError
+    from .build.quantize import QuantizeRefused
     from .core.errors import UserError
 
     try:
@@ -462,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PARITY
+    except QuantizeRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_GATE
     except UserError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USER_ERROR

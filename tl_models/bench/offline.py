@@ -148,12 +148,15 @@ def _embeddings(module: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
 
 def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"), batches: tuple[int, ...] = (1, 32),
                   seconds: float = 3.0, providers: str | None = None,
-                  json_path: str | Path | None = None) -> dict:
-    """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run."""
+                  json_path: str | Path | None = None, int8: bool = False) -> dict:
+    """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run; with
+    ``int8`` also the static int8 QDQ graph (calibrated on 16 random images: a speed figure, not an accuracy one)."""
     from ..build.export import export_backbone
+    from ..build.quantize import Calibration, prepare, quantize_graph
     from ..core.runtime import active_provider, create_session
 
-    figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds, "rows": []}
+    figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds,
+                     "int8": int8, "rows": []}
     with tempfile.TemporaryDirectory(prefix="tl-models-bench-") as tmp:
         for name in backbones:
             loaded = load_backbone(name, "none")
@@ -161,6 +164,12 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
             path = Path(tmp) / f"{name}.onnx"
             export_backbone(loaded.module, size, path, {"backbone": name}, loaded.spec.onnx_exporter)
             session = create_session(path, providers)
+            if int8:
+                calibration = np.random.default_rng(0).integers(0, 256, (16, *size), dtype=np.uint8)
+                prepare(path, Path(tmp) / f"{name}.prepared.onnx")
+                quantize_graph(Path(tmp) / f"{name}.prepared.onnx", calibration, Calibration(images=16),
+                               Path(tmp) / f"{name}.int8.onnx")
+                quantized = create_session(Path(tmp) / f"{name}.int8.onnx", providers)
             for batch in batches:
                 pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
                 tensor = torch.from_numpy(pixels)
@@ -171,12 +180,16 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
 
                 torch_ips, torch_ms = images_per_second(eager, batch, seconds)
                 ort_ips, ort_ms = images_per_second(lambda: session.run(None, {IMAGE: pixels}), batch, seconds)
-                figures["rows"].append({"backbone": name, "batch": batch, "provider": active_provider(session),
-                                        "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
-                                        "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms,
-                                        "ort_over_torch": ort_ips / torch_ips})
+                row = {"backbone": name, "batch": batch, "provider": active_provider(session),
+                       "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
+                       "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms, "ort_over_torch": ort_ips / torch_ips}
+                if int8:
+                    int8_ips, int8_ms = images_per_second(lambda: quantized.run(None, {IMAGE: pixels}), batch, seconds)
+                    row.update(int8_images_per_s=int8_ips, int8_ms_per_batch=int8_ms, int8_over_ort=int8_ips / ort_ips)
+                figures["rows"].append(row)
     rows = [(f"{r['backbone']} batch {r['batch']}: torch {r['torch_images_per_s']:.1f} img/s, "
-             f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s",
+             f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s" +
+             (f", int8 {r['int8_images_per_s']:.1f} img/s ({r['int8_over_ort']:.2f}x ORT)" if int8 else ""),
              f"{r['ort_over_torch']:.2f}x") for r in figures["rows"]]
     print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads", rows))
     write_json(json_path, figures)

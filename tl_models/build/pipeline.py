@@ -204,7 +204,7 @@ def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: in
         metrics=result.metrics,
         train={**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
         data={"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
-              "train": n_train, "val": n_val, "skipped": len(data.skipped)})
+              "train": n_train, "val": n_val, "val_fraction": options.val_fraction, "skipped": len(data.skipped)})
 
 
 HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to

@@ -90,6 +90,7 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     created: str = field(default_factory=_now)
     updated: str | None = None
+    int8: dict | None = None      # `tl-models quantize`: calibration settings and the gate's figures per head
     format_version: int = FORMAT_VERSION
 
     @classmethod
