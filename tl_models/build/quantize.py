@@ -113,6 +113,11 @@ class _Split:
     val_targets: np.ndarray
 
 
+def _data_key(entry: HeadEntry) -> tuple:
+    """What decides a head's train/val images: its data set and how its build split it."""
+    return entry.data["root"], entry.data["content_hash"], entry.data.get("val_fraction"), entry.train["seed"]
+
+
 def _split_of(entry: HeadEntry, preprocessing: Preprocessing, calibration_images: int) -> _Split:
     """The head's own data, split as its build split it (seed and val fraction from its entry)."""
     from .features import load_images  # torch: imported here so that the CLI can catch QuantizeRefused without it
@@ -202,7 +207,11 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
         if missing:
             raise BuildError(f"heads {missing} of {build.path} have no {HEAD_ONNX}: run `tl-models export` first")
         preprocessing = Preprocessing.from_dict(manifest.preprocessing)
-        splits = {h.key: _split_of(h, preprocessing, calibration.images) for h in heads}
+        by_data: dict[tuple, _Split] = {}  # heads trained on the same images and split share one load
+        for head in heads:
+            if _data_key(head) not in by_data:
+                by_data[_data_key(head)] = _split_of(head, preprocessing, calibration.images)
+        splits = {h.key: by_data[_data_key(h)] for h in heads}
         calibrate = calibration_images if calibration_images is not None else splits[heads[0].key].train
         fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
         reference = {key: _embed(fp32, split.val) for key, split in splits.items()}
