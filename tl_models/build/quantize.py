@@ -172,22 +172,38 @@ def _embed(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
-def _measure(build: BuildDir, heads: list[HeadEntry], splits: dict[str, _Split], int8: Path,
-             reference: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per head: top-1 agreement and val accuracy on fp32 vs int8 embeddings of its val split."""
-    session = create_session(int8, providers="cpu", name="backbone int8")
-    measured = {}
-    for entry in heads:
-        split = splits[entry.key]
-        head = create_session(build.file(entry.rel(HEAD_ONNX)), providers="cpu", threads=1, name=f"head {entry.key}")
-        fp32 = head.run([LOGITS], {EMBEDDING: reference[entry.key]})[0].argmax(1)
-        int8_top1 = head.run([LOGITS], {EMBEDDING: _embed(session, split.val)})[0].argmax(1)
-        fp32_accuracy = float((fp32 == split.val_targets).mean())
-        int8_accuracy = float((int8_top1 == split.val_targets).mean())
-        measured[entry.key] = {"agreement": float((fp32 == int8_top1).mean()), "fp32_accuracy": fp32_accuracy,
-                               "int8_accuracy": int8_accuracy, "accuracy_drop": fp32_accuracy - int8_accuracy,
-                               "val_images": int(len(split.val))}
-    return measured
+class _Judge:
+    """The gate's fixed side, computed once: each head's session, its validation split and its fp32 top-1."""
+
+    def __init__(self, build: BuildDir, heads: list[HeadEntry], splits: dict[str, _Split]):
+        fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
+        self.splits = splits
+        self.heads = {h.key: create_session(build.file(h.rel(HEAD_ONNX)), providers="cpu", threads=1,
+                                            name=f"head {h.key}") for h in heads}
+        embeddings = self._per_split(lambda split: _embed(fp32, split.val))
+        self.fp32_top1 = {key: self._top1(key, embeddings[id(splits[key])]) for key in self.heads}
+
+    def _per_split(self, run) -> dict[int, np.ndarray]:
+        """``run(split)`` once per distinct split (heads trained on the same images share theirs)."""
+        return {id(split): run(split) for split in {id(s): s for s in self.splits.values()}.values()}
+
+    def _top1(self, key: str, embeddings: np.ndarray) -> np.ndarray:
+        return self.heads[key].run([LOGITS], {EMBEDDING: embeddings})[0].argmax(1)
+
+    def measure(self, int8: Path) -> dict[str, dict]:
+        """Per head: top-1 agreement and val accuracy on fp32 vs int8 embeddings of its val split."""
+        session = create_session(int8, providers="cpu", name="backbone int8")
+        embeddings = self._per_split(lambda split: _embed(session, split.val))
+        measured = {}
+        for key, fp32 in self.fp32_top1.items():
+            split = self.splits[key]
+            int8_top1 = self._top1(key, embeddings[id(split)])
+            fp32_accuracy = float((fp32 == split.val_targets).mean())
+            int8_accuracy = float((int8_top1 == split.val_targets).mean())
+            measured[key] = {"agreement": float((fp32 == int8_top1).mean()), "fp32_accuracy": fp32_accuracy,
+                             "int8_accuracy": int8_accuracy, "accuracy_drop": fp32_accuracy - int8_accuracy,
+                             "val_images": int(len(split.val))}
+        return measured
 
 
 def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: Gate = Gate(), search: bool = True,
@@ -213,15 +229,14 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
                 by_data[_data_key(head)] = _split_of(head, preprocessing, calibration.images)
         splits = {h.key: by_data[_data_key(h)] for h in heads}
         calibrate = calibration_images if calibration_images is not None else splits[heads[0].key].train
-        fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
-        reference = {key: _embed(fp32, split.val) for key, split in splits.items()}
+        judge = _Judge(build, heads, splits)
         with tempfile.TemporaryDirectory(prefix="tl-quantize-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             prepare(build.file(BACKBONE_ONNX), prepared)
             for candidate in candidates(calibration, search):
                 start, out = time.perf_counter(), Path(tmp) / f"int8-{len(report.attempts)}.onnx"
                 quantize_graph(prepared, calibrate[:candidate.images], candidate, out)
-                attempt = Attempt(candidate, _measure(build, heads, splits, out, reference))
+                attempt = Attempt(candidate, judge.measure(out))
                 attempt.passed = all(m["agreement"] >= gate.min_agreement and
                                      m["accuracy_drop"] <= gate.max_accuracy_drop for m in attempt.heads.values())
                 attempt.seconds = time.perf_counter() - start
