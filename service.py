@@ -4,7 +4,8 @@ Serve a packaged build (`tl-models bento package BUILD_DIR`) or a build director
 
     bentoml serve service:Classifier
 
-Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_STATE_DIR
+Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_PRECISION (fp32, or
+int8: the backbone `tl-models quantize` wrote past its gate), TL_MODELS_STATE_DIR
 (route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
 TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
 (0: no log line per request; /metrics still counts every request); limits (README,

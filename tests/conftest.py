@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
-import numpy as np
 import pytest
 from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, DirectOnnx, Server, serving_build
 
@@ -19,7 +18,6 @@ from tl_models.build.backbones import install_offline_weights
 from tl_models.build.config import TrainConfig
 from tl_models.build.data import write_demo_dataset
 from tl_models.build.pipeline import BuildOptions, BuildReport, build
-from tl_models.core.preprocess import preprocess_bytes
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
@@ -143,15 +141,8 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(served):
-    """The Triton build's ONNX files run directly (``helpers.DirectOnnx``), as (encoded images -> logits)."""
-    direct = DirectOnnx(served["build"])
-
-    def run(images: list[bytes], head: str, version: int) -> np.ndarray:
-        return direct.logits(np.stack([preprocess_bytes(data, direct.spec) for data in images]), head, version)
-
-    run.labels = direct.labels
-    run.spec = direct.spec
-    return run
+    """The Triton build's ONNX files run directly (``helpers.DirectOnnx``): ``reference(images, head, version)``."""
+    return DirectOnnx(served["build"])
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from tl_models.build.data import write_demo_dataset
 from tl_models.build.pipeline import BuildOptions, build
 from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, Manifest
-from tl_models.core.preprocess import Preprocessing
+from tl_models.core.preprocess import Preprocessing, preprocess_bytes
 from tl_models.core.routing import RoutingState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +134,12 @@ def load_until(server: Server, images: list[bytes], stop: threading.Event,
 class DirectOnnx:
     """The build's ONNX files run with plain onnxruntime: the reference for what the service answers."""
 
-    def __init__(self, build_dir: Path):
+    def __init__(self, build_dir: Path, backbone: str = "backbone.onnx"):
         self.build_dir = build_dir
         manifest = BuildDir(build_dir).manifest()
         self.spec = Preprocessing.from_dict(manifest.preprocessing)
         self.labels = manifest.labels
-        self.backbone = ort.InferenceSession(str(build_dir / "backbone.onnx"), providers=["CPUExecutionProvider"])
+        self.backbone = ort.InferenceSession(str(build_dir / backbone), providers=["CPUExecutionProvider"])
         self._heads: dict[tuple[str, int], ort.InferenceSession] = {}
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
@@ -150,6 +150,10 @@ class DirectOnnx:
             path = self.build_dir / "heads" / head / str(version) / "head.onnx"
             self._heads[(head, version)] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return self._heads[(head, version)].run(["logits"], {"embedding": self.embed(batch)})[0]
+
+    def __call__(self, images: list[bytes], head: str, version: int) -> np.ndarray:
+        """Logits of encoded images, preprocessed as the servers do."""
+        return self.logits(np.stack([preprocess_bytes(data, self.spec) for data in images]), head, version)
 
 
 # ---------------------------------------------------------------- Triton

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +16,7 @@ from helpers import serving_build
 
 from tl_models.bench.loadgen import BentoCaller, TritonCaller, drive, summarize
 from tl_models.bench.serve import BenchServeError, ServeBenchOptions, bench_serve
+from tl_models.build.quantize import Calibration, Gate, quantize
 from tl_models.core.process import free_port
 
 pytestmark = pytest.mark.slow
@@ -134,3 +136,22 @@ def test_heads_part_refuses_data_with_other_labels_before_measuring(built, tmp_p
     with pytest.raises(BenchServeError, match="not the build's labels"):
         bench_serve(options)
     assert "in process" not in capsys.readouterr().out
+
+
+def test_int8_columns_sit_beside_fp32(built, tmp_path):
+    build_dir = shutil.copytree(built / "build", tmp_path / "build")
+    options = ServeBenchOptions(build_dir=build_dir, data=built / "data", workdir=tmp_path / "work", batches=(1,),
+                                concurrency=(2,), seconds=0.5, max_requests=20, heads=0,
+                                stacks=("onnxruntime", "bentoml-http"), int8=True)
+    with pytest.raises(BenchServeError, match="--int8: .*no int8 backbone"):  # a user's build is never quantized here
+        bench_serve(options)
+    quantize(build_dir, Calibration(images=4), Gate(min_agreement=0.0, max_accuracy_drop=1.0), search=False)
+    figures = bench_serve(options)
+    assert [r["stack"] for r in figures["in_process"]] == ["onnxruntime", "onnxruntime-int8"]
+    rows = {r["stack"]: r for r in figures["servers"]}
+    assert set(rows) == {"bentoml-http", "bentoml-http-int8"}
+    int8 = rows["bentoml-http-int8"]
+    assert int8["precision"] == "int8" and int8["errors"] == 0 and int8["requests"] > 0
+    assert int8["vs_ort_best"] == pytest.approx(int8["throughput"] / figures["ort_best_int8"]["throughput"])
+    assert [(s["server"], s["precision"]) for s in figures["servers_started"]] == [("bentoml", "fp32"),
+                                                                                  ("bentoml", "int8")]

@@ -169,7 +169,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .build.quantize import Calibration, Gate, quantize
 
-    report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images),
+    report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images, args.types),
                       Gate(args.min_agreement, args.max_drop), search=not args.no_search)
     print(report.table())
     print(f"wrote {args.build_dir / 'backbone.int8.onnx'} ({report.passed.calibration.label()})")
@@ -181,13 +181,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bento_package(args: argparse.Namespace) -> int:
     from .bento.store import package_build
 
-    report = package_build(args.build_dir)
+    report = package_build(args.build_dir, args.precision)
     print(f"build {report.build!r} in the BentoML model store ({os.environ.get('BENTOML_HOME') or '~/bentoml'}):")
     for tag in report.created:
         print(f"  created {tag}")
     for tag in report.existing:
         print(f"  kept    {tag}")
-    print(f"serve it: tl-models bento serve --bento {report.build}  (or: bentoml serve service:Classifier)")
+    flag = " --precision int8" if args.precision == "int8" else ""
+    print(f"serve it: tl-models bento serve --bento {report.build}{flag}  (or: bentoml serve service:Classifier)")
     return EXIT_OK
 
 
@@ -196,7 +197,7 @@ def cmd_bento_serve(args: argparse.Namespace) -> int:
     from .bento.launcher import serve_command, service_environment
 
     _split(args.split)  # a bad split is refused here, not in the service's log
-    env = service_environment(args.build_dir, args.bento, args.workers, args.split, args.state_dir)
+    env = service_environment(args.build_dir, args.bento, args.workers, args.split, args.state_dir, args.precision)
     command = serve_command(args.host, args.port)
     print(" ".join(command), flush=True)
     os.execve(sys.executable, command, env)
@@ -211,8 +212,14 @@ def _add_bento_parsers(sub: argparse._SubParsersAction) -> None:
                                                        "on a build"))
 
 
+def _add_precision_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help=f"{what}: int8 is the backbone `tl-models quantize` wrote past its accuracy gate")
+
+
 def _bento_package_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("build_dir", type=Path)
+    _add_precision_arg(p, "the backbone to package")
     p.set_defaults(func=cmd_bento_package)
 
 
@@ -224,6 +231,7 @@ def _bento_serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker processes (default 1)")
     p.add_argument("--split", help=f"initial {SPLIT_HELP} (when no route exists yet)")
     p.add_argument("--state-dir", type=Path, help="route and head catalog shared by the workers")
+    _add_precision_arg(p, "the backbone to serve")
     p.set_defaults(func=cmd_bento_serve)
 
 
@@ -235,9 +243,11 @@ def cmd_triton_package(args: argparse.Namespace) -> int:
 
     options = RepositoryOptions(flavour=args.flavour, gpu=args.gpu, tensorrt=args.tensorrt,
                                 max_batch_size=args.max_batch_size, instances=args.instances,
-                                max_queue_delay_us=args.max_queue_delay_us, weights=_split(args.split))
+                                max_queue_delay_us=args.max_queue_delay_us, weights=_split(args.split),
+                                precision=args.precision)
     repo = write_repository(args.build_dir, args.repo, options)
-    print(f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}): "
+    print(f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}, "
+          f"{args.precision} backbone): "
           f"{', '.join(repo.models)}")
     print(f"live heads: {', '.join(f'{h}:{v}' for h, v in sorted(repo.live.items()))}; router model: {repo.name}")
     return EXIT_OK
@@ -274,6 +284,7 @@ def _triton_package_parser(p: argparse.ArgumentParser) -> None:
     device.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU for the ONNX steps")
     device.add_argument("--cpu", dest="gpu", action="store_false", help="instance_group KIND_CPU (default)")
     p.add_argument("--tensorrt", action="store_true", help="TensorRT fp16 accelerator (onnxruntime flavour, --gpu)")
+    _add_precision_arg(p, "the backbone to package (int8: CPU only)")
     p.add_argument("--split", help=f"{SPLIT_HELP} (default: equal, or the live route's)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--instances", type=int, default=1, help="instances per model")
@@ -345,7 +356,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         bento_url=args.bento_url and f"http://{_address(args.bento_url, 'http')}",
         triton_http_url=_address(args.triton_http_url, "http"), triton_grpc_url=_address(args.triton_grpc_url, "grpc"),
         triton_model=args.triton_model, workdir=args.workdir, start_timeout=args.start_timeout, json_path=args.json,
-        plot_path=args.plot)
+        plot_path=args.plot, int8=args.int8)
     bench_serve(options)
     return EXIT_OK
 
@@ -398,6 +409,9 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for a server to be ready")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--plot", type=Path, help="PNG: throughput and p99 latency vs concurrency per stack")
+    p.add_argument("--int8", action="store_true",
+                   help="also ONNX Runtime and the servers started here on the int8 backbone (the default build is "
+                        "quantized with the gate open: speed only; a given build must have passed `quantize`)")
     p.set_defaults(func=cmd_bench_serve)
 
 
@@ -437,6 +451,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="per-channel weight scales (default on)")
     p.add_argument("--calibration-images", type=int, default=64, help="training images used to calibrate")
+    p.add_argument("--types", choices=["s8s8", "u8u8"], default="s8s8",
+                   help="activation/weight integer types: s8s8 for CPUs with VNNI or AMX, u8u8 for AVX2-only CPUs")
     p.add_argument("--min-agreement", type=float, default=0.99, help="gate: top-1 agreement with fp32, per head")
     p.add_argument("--max-drop", type=float, default=0.01, help="gate: val accuracy drop, per head (0.01 = 1 point)")
     p.add_argument("--no-search", action="store_true", help="try only the given calibration, not the others")

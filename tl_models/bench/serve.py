@@ -5,7 +5,9 @@ and PyTorch eager, at batch 1, 8 and 32. Over loopback (:mod:`tl_models.bench.lo
 (``POST /classify``) and the Triton router over HTTP and gRPC, at client concurrency 1, 8 and 32. Then the
 cost of heads: RSS of the BentoML server's process tree and its p50 with 1 head and with N heads on one
 backbone, and a live head swap (``/admin/load``) under load. Servers are started and stopped here unless
-their URLs are given. Figures: a table, JSON (``json_path``) and a PNG (``plot_path``).
+their URLs are given. With ``int8``, ONNX Runtime and the servers started here run again on the build's int8
+backbone (stacks suffixed ``-int8``; each compared with int8 ONNX Runtime). Figures: a table, JSON
+(``json_path``) and a PNG (``plot_path``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ServeBenchOptions:
     start_timeout: float = 600.0
     json_path: Path | None = None
     plot_path: Path | None = None
+    int8: bool = False
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
     def check(self) -> "ServeBenchOptions":
@@ -111,18 +114,36 @@ def _first_head(manifest: Manifest) -> HeadEntry:
     return manifest.head(manifest.heads[0].name)
 
 
+def _int8_backbone(build_dir: Path, own: bool, progress: Callable[[str], None]) -> None:
+    """Make sure the build has an int8 backbone: quantize the benchmark's own build with the gate open (a speed
+    figure, not an accuracy one); a user's build must have passed `tl-models quantize` already."""
+    from ..core.heads import backbone_from_build
+
+    build = BuildDir(build_dir)
+    try:
+        backbone_from_build(build, build.manifest(), "int8")
+        return
+    except UserError as exc:
+        if not own:
+            raise BenchServeError(f"--int8: {exc.message}") from None
+    from ..build.quantize import Calibration, Gate, quantize
+
+    progress("[bench serve] quantizing the benchmark's build to int8 (gate open: a speed figure, not an accuracy one)")
+    quantize(build_dir, Calibration(images=16), Gate(min_agreement=0.0, max_accuracy_drop=1.0), search=False)
+
+
 # ---------------------------------------------------------------- in process
 
 
 def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks: tuple[str, ...],
-               progress: Callable[[str], None]) -> list[dict]:
+               progress: Callable[[str], None], precisions: tuple[str, ...] = ("fp32",)) -> list[dict]:
     """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
-    servers run) and PyTorch eager (backbone + head) per batch."""
+    servers run; once per precision) and PyTorch eager (backbone + head) per batch."""
     import torch
 
     from ..build.export import fuse
     from ..build.pipeline import load_build_backbone, load_head_module
-    from ..core.names import BACKBONE_ONNX, HEAD_ONNX
+    from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, HEAD_ONNX
     from ..core.runtime import active_provider, create_session
 
     build = BuildDir(build_dir)
@@ -130,10 +151,13 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
     head = _first_head(manifest)
     size = tuple(manifest.input_size)
     runners: dict[str, Callable[[np.ndarray], object]] = {}
-    if "onnxruntime" in stacks:
-        session = create_session(fuse(build.file(BACKBONE_ONNX), build.file(head.rel(HEAD_ONNX)), {}))
-        name = session.get_inputs()[0].name
-        runners["onnxruntime"] = lambda pixels: session.run(None, {name: pixels})
+    sessions = {}
+    for precision in precisions if "onnxruntime" in stacks else ():
+        backbone = build.file(BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX)
+        session = sessions[_stack("onnxruntime", precision)] = create_session(
+            fuse(backbone, build.file(head.rel(HEAD_ONNX)), {}))
+        runners[_stack("onnxruntime", precision)] = (lambda pixels, session=session: session.run(
+            None, {session.get_inputs()[0].name: pixels}))
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
 
@@ -150,10 +174,10 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
             cpu, wall = time.process_time(), time.perf_counter()
             ips, ms = images_per_second(lambda: run(pixels), batch, seconds)
             busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
-            rows.append({"stack": stack, "batch": batch, "throughput": ips, "ms_per_batch": ms,
-                         "cpu_ms_per_image": 1000.0 * busy / ips,
+            rows.append({"stack": stack, "precision": _precision(stack), "batch": batch, "throughput": ips,
+                         "ms_per_batch": ms, "cpu_ms_per_image": 1000.0 * busy / ips,
                          "threads": torch.get_num_threads() if stack == "torch" else None,
-                         "provider": active_provider(session) if stack == "onnxruntime" else "torch eager"})
+                         "provider": active_provider(sessions[stack]) if stack in sessions else "torch eager"})
     return rows
 
 
@@ -170,7 +194,7 @@ def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], conc
         progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
         drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
         cpu = process.tree_cpu_seconds(server_pid) if server_pid else None
-        row = {"stack": stack, "concurrency": clients,
+        row = {"stack": stack, "precision": _precision(stack), "concurrency": clients,
                **summarize(*drive(connect, images, clients, seconds, max_requests))}
         server_cpu = None
         if cpu is not None and row["requests"]:
@@ -184,53 +208,75 @@ def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], conc
     return rows
 
 
+def _stack(stack: str, precision: str) -> str:
+    """A stack's name in the figures: ``-int8`` appended for the int8 backbone."""
+    return stack if precision == "fp32" else f"{stack}-{precision}"
+
+
+def _precision(stack: str) -> str:
+    return "int8" if stack.endswith("-int8") else "fp32"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str) -> dict[str, str]:
+def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str,
+               precision: str = "fp32") -> dict[str, str]:
     """The service on ``build_dir`` as deployed for throughput (no access log line per request);
     ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
-    return bento_launcher.service_environment(build_dir=build_dir, state_dir=state_dir, extra={
+    return bento_launcher.service_environment(build_dir=build_dir, state_dir=state_dir, precision=precision, extra={
         "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token,
         "TL_MODELS_BUILD_ROOTS": str(workdir.resolve()), "TL_MODELS_ACCESS_LOG": "0"})
 
 
 def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
-             started: list[dict]) -> dict[str, tuple[Callable[[], Caller], int | None]]:
+             started: list[dict], precision: str = "fp32") -> dict[str, tuple[Callable[[], Caller], int | None]]:
     """A caller factory per ``wanted`` server stack, with the PID of the server if started here; starts (and
-    registers the stop of) the servers whose URL is not given."""
+    registers the stop of) the servers whose URL is not given. For int8 only servers started here are measured
+    (the precision of a server given by URL is not this command's to choose)."""
     manifest = BuildDir(build_dir).manifest()
     callers: dict[str, tuple[Callable[[], Caller], int | None]] = {}
+    given = {"bentoml-http": options.bento_url, "triton-http": options.triton_http_url,
+             "triton-grpc": options.triton_grpc_url}
+    if precision != "fp32":
+        wanted = tuple(s for s in wanted if given[s] is None)
+        given = {name: None for name in given}
+    suffix = "" if precision == "fp32" else f"-{precision}"
     if "bentoml-http" in wanted:
-        url, pid = options.bento_url, None
+        url, pid = given["bentoml-http"], None
         if url is None:
-            options.progress("[bench serve] starting bentoml serve")
-            server = bento_launcher.start(_bento_env(build_dir, workdir / "state-main", workdir, secrets.token_hex(8)),
-                                        log_path=workdir / "bento-main.log", timeout=options.start_timeout)
+            options.progress(f"[bench serve] starting bentoml serve ({precision} backbone)")
+            server = bento_launcher.start(_bento_env(build_dir, workdir / f"state-main{suffix}", workdir,
+                                                     secrets.token_hex(8), precision),
+                                          log_path=workdir / f"bento-main{suffix}.log", timeout=options.start_timeout)
             stack.callback(server.stop)
-            started.append({"server": "bentoml", "pid": server.pid})
+            started.append({"server": "bentoml", "precision": precision, "pid": server.pid})
             url, pid = server.url, server.pid
-        callers["bentoml-http"] = (lambda url=url: BentoCaller(url)), pid
+        callers[_stack("bentoml-http", precision)] = (lambda url=url: BentoCaller(url)), pid
     triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
-    urls = {"triton-http": options.triton_http_url, "triton-grpc": options.triton_grpc_url}
+    urls = {name: given[name] for name in ("triton-http", "triton-grpc")}
     pids: dict[str, int | None] = {name: None for name in triton}
     if any(urls[s] is None for s in triton):
         from ..triton.config import RepositoryOptions
         from ..triton.repository import write_repository
 
-        options.progress("[bench serve] writing the Triton model repository and starting tritonserver")
-        repo = write_repository(build_dir, workdir / "model_repository", RepositoryOptions(flavour="python"))
-        server = triton_launcher.start(repo.path, workdir=workdir / "tritonserver", timeout=options.start_timeout)
+        options.progress(f"[bench serve] writing the Triton model repository and starting tritonserver ({precision} "
+                         "backbone)")
+        repo = write_repository(build_dir, workdir / f"model_repository{suffix}",
+                                RepositoryOptions(flavour="python", precision=precision))
+        server = triton_launcher.start(repo.path, workdir=workdir / f"tritonserver{suffix}",
+                                       timeout=options.start_timeout)
         stack.callback(server.stop)
-        started.append({"server": "tritonserver", "pid": server.pid})
+        started.append({"server": "tritonserver", "precision": precision, "pid": server.pid})
         pids = {name: None if urls[name] else server.pid for name in triton}
         urls = {"triton-http": urls["triton-http"] or server.http_url,
                 "triton-grpc": urls["triton-grpc"] or server.grpc_url}
     model = options.triton_model or manifest.name
     for name in triton:
         protocol = name.split("-")[1]
-        callers[name] = (lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url, model)), pids[name]
+        callers[_stack(name, precision)] = ((lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url,
+                                                                                                   model)), pids[name])
     return callers
 
 
@@ -355,17 +401,20 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
 
 
 def _ratios(figures: dict) -> None:
-    """Server throughput / raw ORT best, and p50 at concurrency 1 minus raw ORT batch-1 ms, on each server row."""
-    ort = [r for r in figures["in_process"] if r["stack"] == "onnxruntime"]
-    if not ort:
-        return
-    best = max(ort, key=lambda r: r["throughput"])
-    figures["ort_best"] = {"batch": best["batch"], "throughput": best["throughput"]}
-    single = next((r for r in ort if r["batch"] == 1), None)
-    for row in figures["servers"]:
-        row["vs_ort_best"] = row["throughput"] / best["throughput"]
-        if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
-            row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
+    """Server throughput / raw ORT best, and p50 at concurrency 1 minus raw ORT batch-1 ms, on each server row
+    (against ONNX Runtime of the same precision)."""
+    for precision in ("fp32", "int8"):
+        ort = [r for r in figures["in_process"] if r["stack"] == _stack("onnxruntime", precision)]
+        if not ort:
+            continue
+        best = max(ort, key=lambda r: r["throughput"])
+        figures["ort_best" if precision == "fp32" else f"ort_best_{precision}"] = {"batch": best["batch"],
+                                                                                  "throughput": best["throughput"]}
+        single = next((r for r in ort if r["batch"] == 1), None)
+        for row in (r for r in figures["servers"] if r["precision"] == precision):
+            row["vs_ort_best"] = row["throughput"] / best["throughput"]
+            if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
+                row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
 
 
 def targets(figures: dict) -> list[dict]:
@@ -435,6 +484,9 @@ def bench_serve(options: ServeBenchOptions) -> dict:
             data = write_demo_dataset(workdir / "data", per_class=20)
         build_dir = Path(options.build_dir) if options.build_dir else _default_build(options, data, workdir)
         manifest = BuildDir(build_dir).manifest()
+        precisions = ("fp32", "int8") if options.int8 else ("fp32",)
+        if options.int8:
+            _int8_backbone(build_dir, own=options.build_dir is None, progress=options.progress)
         images = _images(data)
         if options.heads:
             _check_heads_data(manifest, data)  # before minutes of measurements, not after
@@ -445,14 +497,16 @@ def bench_serve(options: ServeBenchOptions) -> dict:
                          "images": {"count": len(images), "mean_bytes": float(np.mean([len(i) for i in images]))},
                          "heads_count": options.heads, "servers_started": started}
         figures["in_process"] = in_process(build_dir, options.batches, options.seconds, options.stacks,
-                                           options.progress)
+                                           options.progress, precisions)
         figures["servers"] = []
-        for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
-            wanted = tuple(s for s in group if s in options.stacks)
-            with ExitStack() as servers:
-                for stack, (connect, pid) in _servers(options, wanted, build_dir, workdir, servers, started).items():
-                    figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
-                                                  options.max_requests, options.progress, pid)
+        for precision in precisions:
+            for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
+                wanted = tuple(s for s in group if s in options.stacks)
+                with ExitStack() as servers:
+                    for stack, (connect, pid) in _servers(options, wanted, build_dir, workdir, servers, started,
+                                                          precision).items():
+                        figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
+                                                      options.max_requests, options.progress, pid)
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
         _ratios(figures)

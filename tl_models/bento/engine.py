@@ -80,7 +80,7 @@ class ServingEngine:
         self.ready = False
         self.config = config
         self.backbone_source = backbone
-        data = read_verified(backbone.path, backbone.sha256, "backbone")
+        data = read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
         self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone",
                                        spin=False)
         self.spec = Preprocessing.from_dict(backbone.preprocessing)
@@ -88,10 +88,11 @@ class ServingEngine:
         self.embedding_dim = int(self._run_backbone(np.zeros((1, *self.input_size), np.uint8)).shape[1])
         self.metrics = Metrics.get()
         self.batcher = MicroBatcher(self._run_backbone, config.max_batch, self.metrics.batch.observe)
-        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone.sha256, config.providers,
+        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers,
                                   config.route_poll)
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
-        log.info("serving %s: heads %s, weights %s", backbone.build, route.versions, route.weights)
+        log.info("serving %s (%s backbone): heads %s, weights %s", backbone.build, backbone.precision, route.versions,
+                 route.weights)
 
     def warm_up(self) -> None:
         """Run the backbone at the warm-up batch sizes and every loaded head once; then the engine is ready."""
@@ -215,6 +216,8 @@ class ServingEngine:
                           "requests_by_version": by_version, "origin": source.origin if source else None})
         return {"ready": self.ready, "build": self.backbone_source.build, "revision": route.revision,
                 "backbone": {"origin": self.backbone_source.origin, "sha256": self.backbone_source.sha256,
+                             "precision": self.backbone_source.precision,
+                             "graph_sha256": self.backbone_source.graph_sha256,
                              "embedding_dim": self.embedding_dim, "input_size": list(self.input_size)},
                 "heads": heads, "available": sorted(catalog)}
 

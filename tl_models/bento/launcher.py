@@ -42,11 +42,11 @@ class BentoServer(ServerProcess):
 
 def service_environment(build_dir: str | Path | None = None, bento: str | None = None, workers: int | None = None,
                         weights: str | None = None, state_dir: str | Path | None = None,
-                        extra: dict[str, str] | None = None) -> dict[str, str]:
+                        precision: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus the service's ``TL_MODELS_*`` settings (unset ones are left alone)."""
     settings = {"TL_MODELS_BUILD": build_dir and Path(build_dir).resolve(), "TL_MODELS_BENTO": bento,
                 "TL_MODELS_WORKERS": workers, "TL_MODELS_WEIGHTS": weights,
-                "TL_MODELS_STATE_DIR": state_dir and Path(state_dir).resolve()}
+                "TL_MODELS_STATE_DIR": state_dir and Path(state_dir).resolve(), "TL_MODELS_PRECISION": precision}
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(extra or {})}
     env.update({name: str(value) for name, value in settings.items() if value is not None})
     return env

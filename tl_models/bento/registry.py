@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ..core.errors import BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
-from ..core.heads import HeadSource, LoadedHead, admit_head, read_verified
+from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
 from ..core.manifest import latest_versions
 from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
 from ..core.routing import Route, RoutingState
@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 class HeadRegistry:
     """``(name, version) -> LoadedHead`` for one worker, over a route and a catalog shared by all workers."""
 
-    def __init__(self, state_dir: Path, embedding_dim: int, backbone_sha256: str, providers: str | None = None,
+    def __init__(self, state_dir: Path, embedding_dim: int, backbone: BackboneSource, providers: str | None = None,
                  route_poll: float = 0.0):
         self.state_dir = state_dir
         self.embedding_dim = embedding_dim
-        self.backbone_sha256 = backbone_sha256
+        self.backbone = backbone
         self.providers = providers
         self.catalog = HeadCatalog(state_dir / "heads.json")
         self.routing = RoutingState(state_dir / ROUTE_FILE, poll=route_poll)
@@ -55,6 +55,9 @@ class HeadRegistry:
         self._revision = route.revision
         return route
 
+    def _admit(self, source: HeadSource, data: bytes | None = None) -> LoadedHead:
+        return admit_head(source, self.embedding_dim, self.backbone.sha256, self.providers, data, self.backbone.gated)
+
     def loaded(self) -> list[LoadedHead]:
         return list(self._loaded.values())
 
@@ -70,7 +73,7 @@ class HeadRegistry:
                 if source is None:
                     raise Unavailable(f"head {name}:{version} is routed but missing from the head catalog "
                                       f"{self.catalog.path}")
-                head = admit_head(source, self.embedding_dim, self.backbone_sha256, self.providers)
+                head = self._admit(source)
                 self._loaded[(name, version)] = head
                 log.info("loaded head %s from %s", source.key, source.origin)
         return head
@@ -99,7 +102,7 @@ class HeadRegistry:
         """Admit a head version, record it in the catalog and (``live``) route its name to it; the old version
         of that name is dropped only after the route points at the new one."""
         data = read_verified(source.path, source.sha256, f"head {source.key}")
-        head = admit_head(source, self.embedding_dim, self.backbone_sha256, self.providers, data)
+        head = self._admit(source, data)
         with self.catalog.locked():
             known = self.catalog.get(source.name, source.version)
             if known is not None and known.sha256 != source.sha256:

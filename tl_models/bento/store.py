@@ -4,11 +4,14 @@ Store layout: one model for the backbone, one model per head name with one versi
 head (or head version) is added to the store without touching the backbone::
 
     <build>-backbone:<sha16>     backbone.onnx             version = first 16 hex digits of its sha256
+    <build>-backbone:<sha16>     backbone.int8.onnx        with ``--precision int8``: the gated int8 graph
     <build>-head-<name>:v<N>     head.onnx                 version = the head version in the build manifest
 
-Labels (``project=tl-models``, ``kind``, ``build``, ``backbone``, ``head``, ``head_version``) let the service
-find a build's models; metadata holds the sha256 of every file (checked again when the service loads it), the
-preprocessing, labels, embedding size, the backbone a head was trained on, and the head's metrics.
+Labels (``project=tl-models``, ``kind``, ``build``, ``backbone``, ``precision``, ``head``, ``head_version``) let
+the service find a build's models; metadata holds the sha256 of every file (checked again when the service loads
+it), the preprocessing, labels, embedding size, the backbone a head was trained on (the fp32 backbone's sha256, for
+int8 too), the head's metrics, and for an int8 backbone the heads its gate measured. The service serves the
+precision ``TL_MODELS_PRECISION`` names (default fp32).
 Packaging is idempotent: models already in the store with the same sha256 are kept; one with the same tag and
 other bytes is an error. ``BENTOML_HOME`` selects the store, as for every BentoML command.
 """
@@ -22,9 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import BadRequest, BuildError, NotFound
-from ..core.heads import BackboneSource, HeadSource, backbone_from_build, head_from_build, sources_from_build
+from ..core.heads import (
+    BackboneSource,
+    HeadSource,
+    backbone_from_build,
+    check_precision,
+    head_from_build,
+    sources_from_build,
+)
 from ..core.manifest import BuildDir
-from ..core.names import BACKBONE_ONNX, HEAD_ONNX
+from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, HEAD_ONNX
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +102,22 @@ def _save(tag: str, files: dict[str, Path], labels: dict[str, str], metadata: di
     log.info("saved %s", tag)
 
 
-def package_build(path: str | Path) -> PackageReport:
-    """Save a build's backbone and every exported head version into the BentoML model store."""
+def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
+    """Save a build's backbone of ``precision`` and every exported head version into the BentoML model store;
+    BuildError for int8 when the build has no int8 backbone past its gate for the latest heads."""
     build_dir = BuildDir(path)
     manifest = build_dir.verify()
-    backbone = backbone_from_build(build_dir, manifest)
+    backbone = backbone_from_build(build_dir, manifest, precision)
     report = PackageReport(manifest.name)
-    backbone_tag = f"{backbone_model_name(manifest.name)}:{backbone.sha256[:16]}"
+    backbone_tag = f"{backbone_model_name(manifest.name)}:{backbone.graph_sha256[:16]}"
     common = {"project": PROJECT, "build": manifest.name, "backbone": manifest.backbone}
-    _save(backbone_tag, {BACKBONE_ONNX: Path(backbone.path)}, {**common, "kind": "backbone"},
-          {"files": {BACKBONE_ONNX: backbone.sha256}, "weights": manifest.weights,
+    file = BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX
+    gate = {"gated": sorted(backbone.gated), "int8": manifest.int8} if backbone.gated is not None else {}
+    _save(backbone_tag, {file: Path(backbone.path)}, {**common, "kind": "backbone", "precision": precision},
+          {"files": {file: backbone.graph_sha256}, "backbone_sha256": backbone.sha256, "weights": manifest.weights,
            "embedding_dim": manifest.embedding_dim, "input_size": manifest.input_size,
-           "preprocessing": manifest.preprocessing, "labels": manifest.labels, "versions": manifest.versions}, report)
+           "preprocessing": manifest.preprocessing, "labels": manifest.labels, "versions": manifest.versions, **gate},
+          report)
     for entry in manifest.heads:
         if entry.rel(HEAD_ONNX) not in manifest.files:
             continue
@@ -156,15 +170,34 @@ def _home() -> str:
     return os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
 
 
-def build_models(build: str) -> tuple[object, list]:
-    """The build's newest backbone model and every head model version made for that backbone."""
-    backbones = sorted(_tl_models("backbone", build), key=lambda m: m.info.creation_time)
+def _precision(model) -> str:
+    return model.info.labels.get("precision", "fp32")  # backbones packaged before int8 existed are fp32
+
+
+def _backbone_sha256(model) -> str:
+    """The fp32 backbone a stored backbone model serves (or was quantized from): what its heads were trained on."""
+    meta = model.info.metadata
+    return meta.get("backbone_sha256") or meta["files"][BACKBONE_ONNX]
+
+
+def build_models(build: str, precision: str = "fp32") -> tuple[object, list]:
+    """The build's newest backbone model of ``precision`` and every head model version made for that backbone
+    (for int8: those its gate measured)."""
+    backbones = sorted((m for m in _tl_models("backbone", build) if _precision(m) == check_precision(precision)),
+                       key=lambda m: m.info.creation_time)
     if not backbones:
-        raise BuildError(f"no backbone of build {build!r} in the BentoML store ({_home()})")
+        raise BuildError(f"no {precision} backbone of build {build!r} in the BentoML store ({_home()}): run "
+                         f"`tl-models bento package BUILD_DIR{' --precision int8' if precision == 'int8' else ''}`")
     backbone = backbones[-1]
-    sha = backbone.info.metadata["files"][BACKBONE_ONNX]
-    heads = [m for m in _tl_models("head", build) if m.info.metadata.get("backbone_sha256") == sha]
+    identity, gated = _backbone_sha256(backbone), backbone.info.metadata.get("gated")
+    heads = [m for m in _tl_models("head", build) if m.info.metadata.get("backbone_sha256") == identity
+             and (gated is None or m.info.metadata["files"][HEAD_ONNX] in gated)]
     return backbone, sorted(heads, key=lambda m: (m.info.labels["head"], int(m.info.labels["head_version"])))
+
+
+def serving_precision() -> str:
+    """The precision the service serves: ``TL_MODELS_PRECISION`` (fp32 or int8), default fp32."""
+    return check_precision(os.environ.get("TL_MODELS_PRECISION") or "fp32")
 
 
 def declared_models() -> list:
@@ -173,16 +206,18 @@ def declared_models() -> list:
 
     if os.environ.get("TL_MODELS_BUILD"):
         return []
-    backbone, heads = build_models(resolve_build())
+    backbone, heads = build_models(resolve_build(), serving_precision())
     return [BentoModel(m.tag) for m in (backbone, *heads)]
 
 
 def backbone_source(model) -> BackboneSource:
     """A stored backbone model as a serving source (sha256 is checked when the service loads it)."""
-    meta = model.info.metadata
-    return BackboneSource(path=model.path_of(BACKBONE_ONNX), sha256=meta["files"][BACKBONE_ONNX],
-                          preprocessing=meta["preprocessing"], labels=tuple(meta["labels"]),
-                          build=model.info.labels["build"], origin=f"bentoml:{model.tag}")
+    meta, precision = model.info.metadata, _precision(model)
+    file = BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX
+    gated = frozenset(meta["gated"]) if "gated" in meta else None
+    return BackboneSource(path=model.path_of(file), sha256=_backbone_sha256(model), preprocessing=meta["preprocessing"],
+                          labels=tuple(meta["labels"]), build=model.info.labels["build"], origin=f"bentoml:{model.tag}",
+                          precision=precision, graph_sha256=meta["files"][file], gated=gated)
 
 
 def head_source(model) -> HeadSource:
@@ -211,11 +246,13 @@ def stored_head(tag: str) -> HeadSource:
 def serving_sources() -> tuple[BackboneSource, list[HeadSource]]:
     """What the service serves: the build directory ``TL_MODELS_BUILD``, else a build of the model store."""
     if os.environ.get("TL_MODELS_BUILD"):
-        return sources_from_build(os.environ["TL_MODELS_BUILD"])
-    backbone, heads = build_models(resolve_build())
+        return sources_from_build(os.environ["TL_MODELS_BUILD"], serving_precision())
+    backbone, heads = build_models(resolve_build(), serving_precision())
     return backbone_source(backbone), [head_source(m) for m in heads]
 
 
 def default_state_dir(backbone: BackboneSource) -> Path:
-    """Route and head catalog of a build: under BENTOML_HOME, one folder per build and backbone."""
-    return Path(_home()) / "tl-models" / f"{backbone.build}-{backbone.sha256[:12]}"
+    """Route and head catalog of a build: under BENTOML_HOME, one folder per build, backbone and precision (an int8
+    service admits only gated heads, so it keeps a route of its own)."""
+    suffix = "" if backbone.precision == "fp32" else f"-{backbone.precision}"
+    return Path(_home()) / "tl-models" / f"{backbone.build}-{backbone.sha256[:12]}{suffix}"

@@ -74,14 +74,15 @@ class ParityReport:
     tolerance: Tolerance
     checks: list[OutputCheck] = field(default_factory=list)
     providers: dict[str, str] = field(default_factory=dict)
+    int8: dict | None = None  # the int8 backbone, judged by its gate (quantize.int8_parity), not by tolerances
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and (self.int8 is None or self.int8["passed"])
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "tolerance": asdict(self.tolerance), "providers": self.providers,
-                "checks": [asdict(c) for c in self.checks]}
+                "checks": [asdict(c) for c in self.checks], "int8": self.int8}
 
     def table(self) -> str:
         """Human-readable table, one row per graph/output/batch."""
@@ -92,11 +93,23 @@ class ParityReport:
             rows.append(f"{c.graph:<28} {c.output:<10} {c.batch:>5} {c.max_abs_diff:>10.2e} "
                         f"{c.max_rel_diff:>10.2e} {top1:>7}  {verdict}")
         rows.append(f"tolerance: {self.tolerance_text()}")
+        if self.int8 is not None:
+            gate = self.int8["gate"]
+            rows.append(f"{self.int8['graph']} against fp32 ONNX Runtime on each head's val split (gate: top-1 "
+                        f"agreement >= {gate['min_agreement']:g}, val accuracy drop <= {gate['max_accuracy_drop']:g}):")
+            for key, m in self.int8["heads"].items():
+                verdict = "ok" if (m["agreement"] >= gate["min_agreement"]
+                                   and m["accuracy_drop"] <= gate["max_accuracy_drop"]) else "FAIL"
+                rows.append(f"  {key:<20} agreement {m['agreement']:.4f}  val accuracy fp32 {m['fp32_accuracy']:.4f} "
+                            f"int8 {m['int8_accuracy']:.4f}  drop {m['accuracy_drop']:+.4f}  {verdict}")
         return "\n".join(rows)
 
     def raise_on_failure(self) -> None:
         """ParityError naming the failing output and its worst difference."""
         failed = [c for c in self.checks if not c.passed]
+        if not failed and self.int8 is not None and not self.int8["passed"]:
+            raise ParityError(f"{self.int8['graph']} no longer passes the gate it was admitted with: "
+                              "run `tl-models quantize` again")
         if not failed:
             return
         worst = max(failed, key=lambda c: c.max_abs_diff if np.isfinite(c.max_abs_diff) else np.inf)

@@ -19,6 +19,7 @@ from ..core.errors import BuildError
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import (
+    BACKBONE_INT8,
     BACKBONE_FP16,
     BACKBONE_ONNX,
     BACKBONE_PT,
@@ -43,6 +44,7 @@ from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
 from .features import FeatureCache, default_cache_dir, load_images
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
+from .quantize import int8_parity
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -292,7 +294,7 @@ def export_fp16(root: Path, manifest: Manifest, backbone: torch.nn.Module, heads
 def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
                  batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ParityReport:
     """`tl-models parity`: compare a build's ONNX files (and each fused backbone + head graph) against its PyTorch
-    modules; writes parity.json."""
+    modules, and an int8 backbone against fp32 ONNX Runtime with its gate's measures; writes parity.json."""
     build_dir = BuildDir(path)
     manifest = build_dir.verify()
     if BACKBONE_ONNX not in manifest.top_files:
@@ -305,6 +307,8 @@ def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
                              fuse(build_dir.file(BACKBONE_ONNX), head_path, build_metadata(manifest, entry)))
     report = run_parity(backbone.module, manifest.input_size, str(build_dir.file(BACKBONE_ONNX)), graphs,
                         tolerance, batch_sizes)
+    if BACKBONE_INT8 in manifest.files:
+        report.int8 = int8_parity(build_dir, manifest)
     atomic_write_json(build_dir.file(PARITY_JSON), report.to_dict())
     return report
 

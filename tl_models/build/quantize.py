@@ -28,6 +28,10 @@ from .data import ImageFolderData, load_image_folder, stratified_split
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
+# activation and weight integer types: s8s8 for CPUs with VNNI/AMX; u8u8 where they lack it (AVX2 only), since ONNX
+# Runtime's s8 kernels there multiply through int16 and saturate (mobilenet_v2 on the digits, AVX2: top-1 agreement
+# with fp32 0.49 as s8s8, 0.86 as u8u8)
+TYPES = ("s8s8", "u8u8")
 
 
 class QuantizeRefused(Exception):
@@ -41,16 +45,19 @@ class Calibration:
     method: str = "minmax"
     per_channel: bool = True  # mobilenet_v2 on the digits here: embedding cosine to fp32 0.72 per channel, 0.53 not
     images: int = 64
+    types: str = "s8s8"
 
     def check(self) -> "Calibration":
         if self.method not in METHODS:
             raise BadRequest(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 1 <= self.images <= 1024:
             raise BadRequest(f"calibration images must be 1 to 1024, got {self.images}")
+        if self.types not in TYPES:
+            raise BadRequest(f"unknown integer types {self.types!r}; use one of {', '.join(TYPES)}")
         return self
 
     def label(self) -> str:
-        return f"{self.method}, per-channel {'on' if self.per_channel else 'off'}, {self.images} images"
+        return f"{self.types} {self.method}, per-channel {'on' if self.per_channel else 'off'}, {self.images} images"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,11 @@ class Gate:
 
     min_agreement: float = 0.99
     max_accuracy_drop: float = 0.01
+
+    def admits(self, measured: dict[str, dict]) -> bool:
+        """Whether every head's measures (from :meth:`_Judge.measure`) are within bounds."""
+        return all(m["agreement"] >= self.min_agreement and m["accuracy_drop"] <= self.max_accuracy_drop
+                   for m in measured.values())
 
 
 @dataclass
@@ -100,7 +112,9 @@ class QuantizeReport:
 
 def candidates(asked: Calibration, search: bool) -> list[Calibration]:
     """The asked-for setting first, then (with ``search``) the others this command offers."""
-    others = [Calibration(method, per_channel, asked.images) for method in METHODS for per_channel in (False, True)]
+    others = [Calibration(method, per_channel, asked.images, types) for types in (asked.types, *TYPES)
+              for method in METHODS for per_channel in (False, True)]
+    others = list(dict.fromkeys(others))  # asked.types first, each setting once
     return [asked] + ([c for c in others if c != asked] if search else [])
 
 
@@ -157,14 +171,15 @@ def prepare(source: Path, out: Path) -> None:
 
 
 def quantize_graph(prepared: Path, images: np.ndarray, calibration: Calibration, out: Path) -> None:
-    """Static int8 QDQ (S8S8) of a prepared image -> embedding graph, calibrated on uint8 ``images``."""
+    """Static int8 QDQ of a prepared image -> embedding graph, calibrated on uint8 ``images``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calibration.method]
+    kind = {"s8s8": QuantType.QInt8, "u8u8": QuantType.QUInt8}[calibration.types]
     quantize_static(str(prepared), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
-                    per_channel=calibration.per_channel, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method)
+                    per_channel=calibration.per_channel, activation_type=kind, weight_type=kind,
+                    calibrate_method=method)
 
 
 def _embed(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -206,6 +221,30 @@ class _Judge:
         return measured
 
 
+def _gated_heads(build: BuildDir, manifest: Manifest, calibration_images: int) -> tuple[list[HeadEntry],
+                                                                                     dict[str, _Split]]:
+    """The heads the gate measures (the latest version of each) and their images."""
+    heads = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
+    missing = [h.key for h in heads if h.rel(HEAD_ONNX) not in manifest.files]
+    if missing:
+        raise BuildError(f"heads {missing} of {build.path} have no {HEAD_ONNX}: run `tl-models export` first")
+    preprocessing = Preprocessing.from_dict(manifest.preprocessing)
+    by_data: dict[tuple, _Split] = {}  # heads trained on the same images and split share one load
+    for head in heads:
+        if _data_key(head) not in by_data:
+            by_data[_data_key(head)] = _split_of(head, preprocessing, calibration_images)
+    return heads, {h.key: by_data[_data_key(h)] for h in heads}
+
+
+def int8_parity(build: BuildDir, manifest: Manifest) -> dict:
+    """`tl-models parity` of the int8 backbone: the gate's measures (agreement with fp32 ONNX Runtime, val accuracy
+    drop) of the file as it is now, against the bounds it was admitted with."""
+    gate = Gate(**manifest.int8["gate"])
+    heads, splits = _gated_heads(build, manifest, calibration_images=1)
+    measured = _Judge(build, heads, splits).measure(build.file(BACKBONE_INT8))
+    return {"graph": BACKBONE_INT8, "gate": asdict(gate), "heads": measured, "passed": gate.admits(measured)}
+
+
 def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: Gate = Gate(), search: bool = True,
              calibration_images: np.ndarray | None = None) -> QuantizeReport:
     """Write ``backbone.int8.onnx`` into the build when a calibration passes the gate; QuantizeRefused (the build
@@ -217,17 +256,7 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
         manifest = build.verify()
         if BACKBONE_ONNX not in manifest.files:
             raise BuildError(f"{build.path} has no {BACKBONE_ONNX}: run `tl-models export {build.path}` first")
-        latest = manifest.latest_versions()
-        heads = [manifest.head(name, version) for name, version in sorted(latest.items())]
-        missing = [h.key for h in heads if h.rel(HEAD_ONNX) not in manifest.files]
-        if missing:
-            raise BuildError(f"heads {missing} of {build.path} have no {HEAD_ONNX}: run `tl-models export` first")
-        preprocessing = Preprocessing.from_dict(manifest.preprocessing)
-        by_data: dict[tuple, _Split] = {}  # heads trained on the same images and split share one load
-        for head in heads:
-            if _data_key(head) not in by_data:
-                by_data[_data_key(head)] = _split_of(head, preprocessing, calibration.images)
-        splits = {h.key: by_data[_data_key(h)] for h in heads}
+        heads, splits = _gated_heads(build, manifest, calibration.images)
         calibrate = calibration_images if calibration_images is not None else splits[heads[0].key].train
         judge = _Judge(build, heads, splits)
         with tempfile.TemporaryDirectory(prefix="tl-quantize-") as tmp:
@@ -237,22 +266,23 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
                 start, out = time.perf_counter(), Path(tmp) / f"int8-{len(report.attempts)}.onnx"
                 quantize_graph(prepared, calibrate[:candidate.images], candidate, out)
                 attempt = Attempt(candidate, judge.measure(out))
-                attempt.passed = all(m["agreement"] >= gate.min_agreement and
-                                     m["accuracy_drop"] <= gate.max_accuracy_drop for m in attempt.heads.values())
+                attempt.passed = gate.admits(attempt.heads)
                 attempt.seconds = time.perf_counter() - start
                 report.attempts.append(attempt)
                 log.info("int8 calibration %s: %s", candidate.label(), "passed" if attempt.passed else "refused")
                 if attempt.passed:
-                    _commit(build, manifest, out, report)
+                    _commit(build, manifest, heads, out, report)
                     return report
     raise QuantizeRefused(f"no int8 backbone of {build.path} passed the gate; the build is unchanged\n{report.table()}")
 
 
-def _commit(build: BuildDir, manifest: Manifest, int8: Path, report: QuantizeReport) -> None:
+def _commit(build: BuildDir, manifest: Manifest, heads: list[HeadEntry], int8: Path, report: QuantizeReport) -> None:
     """Move the passing int8 backbone into the build and record its settings and the gate's figures."""
     atomic_write_bytes(build.file(BACKBONE_INT8), int8.read_bytes())
     if BACKBONE_INT8 not in manifest.top_files:
         manifest.top_files.append(BACKBONE_INT8)
-    manifest.int8 = {"file": BACKBONE_INT8, "gate": asdict(report.gate),
+    gated = {h.key: manifest.files[h.rel(HEAD_ONNX)] for h in heads}  # what serves on it: core.heads.int8_gated
+    manifest.int8 = {"file": BACKBONE_INT8, "backbone_sha256": manifest.backbone_sha256(), "gated": gated,
+                     "calibration": asdict(report.passed.calibration), "gate": asdict(report.gate),
                      "attempts": [a.to_dict() for a in report.attempts]}
     build.commit(manifest, rewritten=(BACKBONE_INT8,))

@@ -14,15 +14,28 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BuildError, Conflict, Forbidden, NotFound, Refused
+from .errors import BadRequest, BuildError, Conflict, Forbidden, NotFound, Refused
 from .manifest import BuildDir, HeadEntry, Manifest
-from .names import BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
+from .names import BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
 from .runtime import create_session
+
+PRECISIONS = ("fp32", "int8")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one the servers serve; BadRequest otherwise."""
+    if precision not in PRECISIONS:
+        raise BadRequest(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 @dataclass(frozen=True)
 class BackboneSource:
-    """Where a backbone graph lives and what it expects."""
+    """Where a backbone graph lives and what it expects.
+
+    ``sha256`` is the fp32 ``backbone.onnx``'s: the backbone heads are trained on and admitted against, whatever
+    the precision served. ``graph_sha256`` is the served file's (an int8 graph's own). ``gated``: for int8, the
+    sha256 of the head graphs its accuracy gate measured (only those may serve on it); None for fp32."""
 
     path: str
     sha256: str
@@ -30,6 +43,13 @@ class BackboneSource:
     labels: tuple[str, ...]
     build: str
     origin: str
+    precision: str = "fp32"
+    graph_sha256: str = ""
+    gated: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.graph_sha256:  # fp32: the served file is the identity
+            object.__setattr__(self, "graph_sha256", self.sha256)
 
 
 @dataclass(frozen=True)
@@ -71,13 +91,36 @@ def confined(path: str | Path, roots: Sequence[Path]) -> Path:
 
 # ---------------------------------------------------------------- build directories as a source
 
-def backbone_from_build(build: BuildDir, manifest: Manifest) -> BackboneSource:
-    """The build's backbone.onnx as a serving source; BuildError when the build is not exported."""
+def backbone_from_build(build: BuildDir, manifest: Manifest, precision: str = "fp32") -> BackboneSource:
+    """The build's backbone graph of ``precision`` as a serving source; BuildError when the build is not exported,
+    or (int8) has no int8 backbone that passed the gate for its latest heads."""
     if BACKBONE_ONNX not in manifest.files:
         raise BuildError(f"{build.path} has no {BACKBONE_ONNX}; run `tl-models export {build.path}` first")
-    return BackboneSource(path=str(build.file(BACKBONE_ONNX)), sha256=manifest.backbone_sha256(),
-                          preprocessing=manifest.preprocessing, labels=tuple(manifest.labels), build=manifest.name,
-                          origin=f"build:{build.path.resolve()}")
+    common = dict(sha256=manifest.backbone_sha256(), preprocessing=manifest.preprocessing,
+                  labels=tuple(manifest.labels), build=manifest.name, origin=f"build:{build.path.resolve()}")
+    if check_precision(precision) == "fp32":
+        return BackboneSource(path=str(build.file(BACKBONE_ONNX)), **common)
+    gated = frozenset(int8_gated(build, manifest).values())
+    return BackboneSource(path=str(build.file(BACKBONE_INT8)), precision="int8",
+                          graph_sha256=manifest.files[BACKBONE_INT8], gated=gated, **common)
+
+
+def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
+    """``name:version -> head sha256`` of the heads the build's int8 gate passed; BuildError when there is no int8
+    backbone, it was quantized from another backbone.onnx, or a head's latest version came after the gate."""
+    record = manifest.int8 or {}
+    again = f"run `tl-models quantize {build.path}`"
+    if BACKBONE_INT8 not in manifest.files or "gated" not in record:
+        raise BuildError(f"{build.path} has no int8 backbone that passed the accuracy gate: {again}")
+    if record.get("backbone_sha256") != manifest.backbone_sha256():
+        raise BuildError(f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported "
+                         f"again since?): {again}")
+    gated = record["gated"]
+    latest = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
+    late = [h.key for h in latest if manifest.files.get(h.rel(HEAD_ONNX)) not in gated.values()]
+    if late:
+        raise BuildError(f"{build.path}: heads {late} were built after the int8 gate measured this build: {again}")
+    return gated
 
 
 def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> HeadSource:
@@ -88,12 +131,14 @@ def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> He
                       origin=f"build:{build.path.resolve()}")
 
 
-def sources_from_build(path: str | Path) -> tuple[BackboneSource, list[HeadSource]]:
-    """The backbone and every exported head version of a build directory (as recorded in its manifest)."""
+def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[BackboneSource, list[HeadSource]]:
+    """The backbone of ``precision`` and every exported head version of a build directory that may serve on it
+    (for int8: those its gate measured)."""
     build = BuildDir(path)
     manifest = build.manifest()
-    backbone = backbone_from_build(build, manifest)
-    return backbone, [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
+    backbone = backbone_from_build(build, manifest, precision)
+    heads = [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
+    return backbone, [h for h in heads if backbone.gated is None or h.sha256 in backbone.gated]
 
 
 def head_source_from_build(path: str | Path, name: str, version: int | None = None) -> HeadSource:
@@ -164,17 +209,20 @@ class LoadedHead:
 
 
 def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, providers: str | None = None,
-               data: bytes | None = None) -> LoadedHead:
+               data: bytes | None = None, gated: frozenset[str] | None = None) -> LoadedHead:
     """Read ``source`` (unless its verified ``data`` is given) and admit it; Refused or Conflict with the reason.
 
     The one admission of both servers: sha256, ONNX Runtime load, input ``embedding`` N×``embedding_dim`` and
-    output ``logits``, trained on the backbone with ``backbone_sha256``, a test run giving one finite logit per
-    label."""
+    output ``logits``, trained on the backbone with ``backbone_sha256``, on an int8 backbone one its gate measured
+    (sha256 in ``gated``), a test run giving one finite logit per label."""
     what = f"head {source.key}"
     check_name(source.name)
     if source.backbone_sha256 != backbone_sha256:
         raise Conflict(f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
                        f"this service runs {backbone_sha256[:12]}…)")
+    if gated is not None and source.sha256 not in gated:
+        raise Refused(f"{what} was not measured by the accuracy gate of this int8 backbone: run `tl-models quantize` "
+                      "on its build and package it again, or serve fp32")
     data = read_verified(source.path, source.sha256, what) if data is None else data
     try:
         # one thread: a head is a D×C matmul; a pool thread of its own would only spin beside the backbone

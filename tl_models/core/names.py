@@ -39,6 +39,7 @@ ROUTE_FILE = "route.json"
 VERSION_ONNX = "model.onnx"              # the ONNX graph of one Triton model version (a backbone or one head)
 VERSION_SHA256 = VERSION_ONNX + ".sha256"
 VERSION_HEAD = "head.json"               # a head version's source facts (labels, backbone sha256), for admission
+VERSION_BACKBONE = "backbone.json"       # the backbone version's facts: fp32 sha256, precision, int8-gated heads
 PREPROCESS = "preprocess"                # the shared preprocess model
 
 # ---------------------------------------------------------------- names users choose

@@ -12,6 +12,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.errors import BadRequest
+from ..core.heads import PRECISIONS
 from ..core.manifest import Manifest
 from ..core.names import (
     CONFIG,
@@ -46,10 +47,16 @@ class RepositoryOptions:
     instances: int = 1
     max_queue_delay_us: int = 0  # Triton's default: batch what queued while the instance was busy, never wait
     weights: dict[str, float] | None = None
+    precision: str = "fp32"
 
     def check(self) -> "RepositoryOptions":
         if self.flavour not in FLAVOURS:
             raise TritonConfigError(f"unknown flavour {self.flavour!r}; use one of {', '.join(FLAVOURS)}")
+        if self.precision not in PRECISIONS:
+            raise TritonConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and self.gpu:
+            raise TritonConfigError("int8 backbones are for CPU serving (their gate measured them on the CPU): "
+                                    "serve fp32 or fp16 on the GPU")
         if self.tensorrt and not (self.gpu and self.flavour == "onnxruntime"):
             raise TritonConfigError("the TensorRT accelerator needs --flavour onnxruntime --gpu")
         if self.max_batch_size < 1 or self.instances < 1:
@@ -238,9 +245,10 @@ def _params(**values: object) -> dict:
 
 
 def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dict, versions: list[int],
-                     threads: int = 0) -> dict:
+                     threads: int = 0, precision: str | None = None) -> dict:
     """Backbone or head: onnxruntime_onnx platform, or the python backend running ONNX Runtime (``threads``
-    intra-op threads, 0: ONNX Runtime's default; never spinning, since the stubs share the CPU)."""
+    intra-op threads, 0: ONNX Runtime's default; never spinning, since the stubs share the CPU). ``precision``
+    (the backbone's) is shown as a parameter of the model's config."""
     config = {"name": model, "input": [inp], "output": [out], **_served(options, options.gpu),
               "version_policy": {"specific": {"versions": versions}},
               "model_warmup": _zero_warmup(inp["name"], inp["data_type"], inp["dims"])}
@@ -251,6 +259,8 @@ def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dic
                 "name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}}]}}
     else:
         config.update(backend="python", parameters=_params(onnx_file=VERSION_ONNX, threads=str(threads), spin="0"))
+    if precision is not None:
+        config["parameters"] = {**config.get("parameters", {}), **_params(precision=precision)}
     return config
 
 
@@ -290,4 +300,5 @@ def router_config(name: str, manifest: Manifest, options: RepositoryOptions) -> 
                        _tensor(HEAD, "TYPE_STRING", [1])],
             **_served(options, gpu=False),
             "parameters": _params(route_file=ROUTE_FILE, poll="0.2", preprocessing=manifest.preprocessing,
-                                  backbone_model=backbone_model(name), head_prefix=head_model(name, ""))}
+                                  backbone_model=backbone_model(name), head_prefix=head_model(name, ""),
+                                  precision=options.precision)}

@@ -3,7 +3,10 @@
 For a build named NAME (its manifest's ``name``) the repository holds::
 
     preprocess/               python: image_bytes (TYPE_STRING) -> image (uint8 3×H×W), tl_models.core.preprocess
-    NAME_backbone/1/          image -> embedding (ONNX: onnxruntime backend, or python backend + ONNX Runtime)
+    NAME_backbone/1/          image -> embedding (ONNX: onnxruntime backend, or python backend + ONNX Runtime):
+                              model.onnx (fp32, or with ``--precision int8`` the graph `tl-models quantize` wrote
+                              past its gate), its sha256, and backbone.json (the fp32 sha256 heads are trained on,
+                              the precision, the heads an int8 gate measured): what a swap's admission reads
     NAME_head_<head>/<v>/     embedding -> logits, one Triton version per head version: model.onnx, its sha256
                               in model.onnx.sha256 and head.json (labels, backbone sha256), which a swap's
                               admission checks (tl_models.core.heads.admit_head); labels.txt
@@ -31,10 +34,9 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.files import atomic_write_bytes
-from ..core.heads import head_from_build
+from ..core.heads import backbone_from_build, head_from_build
 from ..core.manifest import BuildDir, Manifest
 from ..core.names import (
-    BACKBONE_ONNX,
     CONFIG,
     EMBEDDING,
     HEAD_ONNX,
@@ -44,6 +46,7 @@ from ..core.names import (
     LOGITS,
     PREPROCESS,
     ROUTE_FILE,
+    VERSION_BACKBONE,
     VERSION_HEAD,
     VERSION_ONNX,
     VERSION_SHA256,
@@ -176,13 +179,12 @@ def _labels(manifest: Manifest) -> bytes:
     return ("\n".join(labels) + "\n").encode()
 
 
-def _version_files(onnx_path: Path, options: RepositoryOptions, head: dict | None = None) -> dict[str, bytes]:
-    """A version directory: model.onnx, its sha256 (checked by swap), head.json for a head, model.py for the
-    python flavour."""
+def _version_files(onnx_path: Path, options: RepositoryOptions, facts: dict[str, dict]) -> dict[str, bytes]:
+    """A version directory: model.onnx, its sha256 (checked by swap), the ``facts`` files (head.json or
+    backbone.json) a swap's admission reads, model.py for the python flavour."""
     data = onnx_path.read_bytes()
     files = {VERSION_ONNX: data, VERSION_SHA256: hashlib.sha256(data).hexdigest().encode()}
-    if head is not None:
-        files[VERSION_HEAD] = (json.dumps(head, indent=2) + "\n").encode()
+    files.update({name: (json.dumps(content, indent=2) + "\n").encode() for name, content in facts.items()})
     if options.flavour == "python":
         files["model.py"] = (MODELS_DIR / "onnx_model.py").read_bytes()
     return files
@@ -214,12 +216,18 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
         raise TritonConfigError(f"build {build.path} has no heads: run `tl-models build` first")
     if not manifest.is_exported():
         raise TritonConfigError(f"build {build.path} is not exported to ONNX: run `tl-models export {build.path}`")
+    backbone = backbone_from_build(build, manifest, options.precision)
     models = model_names(name, heads)
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     _check_preprocess(repo, manifest)
     route_path = repo / name / ROUTE_FILE
     live = _live_versions(route_path, manifest)
+    ungated = [f"{h}:{v}" for h, v in sorted(live.items()) if backbone.gated is not None
+               and manifest.files[manifest.head(h, v).rel(HEAD_ONNX)] not in backbone.gated]
+    if ungated:
+        raise TritonConfigError(f"live heads {ungated} of {route_path} were not measured by the int8 gate: swap "
+                                "them to a gated version first, or run `tl-models quantize` again")
     if options.weights is not None and set(options.weights) - set(heads):
         raise TritonConfigError(f"weights for unknown heads {sorted(set(options.weights) - set(heads))}; "
                                 f"the build has {heads}")
@@ -230,14 +238,16 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
         for entry in (e for e in manifest.heads if e.name == head):
             source = head_from_build(build, manifest, entry).to_dict()
             facts = {k: source[k] for k in ("name", "version", "labels", "backbone_sha256", "origin")}
-            versions[entry.version] = _version_files(build.file(entry.rel(HEAD_ONNX)), options, facts)
+            versions[entry.version] = _version_files(build.file(entry.rel(HEAD_ONNX)), options, {VERSION_HEAD: facts})
         write_model(repo, onnx_step_config(head_model(name, head), options, _tensor(EMBEDDING, "TYPE_FP32", [dim]),
                                            _tensor(LOGITS, "TYPE_FP32", [classes], labels=True), [live[head]],
                                            threads=1),  # a D×C matmul: a thread pool would only get in the way
                     {LABELS: labels}, versions)
+    backbone_facts = {"sha256": backbone.sha256, "precision": backbone.precision,
+                      "gated": None if backbone.gated is None else sorted(backbone.gated)}
     write_model(repo, onnx_step_config(backbone_model(name), options, _tensor(IMAGE, "TYPE_UINT8", size),
-                                       _tensor(EMBEDDING, "TYPE_FP32", [dim]), [1]),
-                versions={1: _version_files(build.file(BACKBONE_ONNX), options)})
+                                       _tensor(EMBEDDING, "TYPE_FP32", [dim]), [1], precision=backbone.precision),
+                versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})})
     write_model(repo, preprocess_config(manifest, options), {f"warmup/{IMAGE_BYTES}": _warmup_png(size[-1])},
                 {1: {"model.py": (MODELS_DIR / "preprocess.py").read_bytes()}})
     for head in heads:

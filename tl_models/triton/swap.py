@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from ..core.errors import UserError
 from ..core.heads import HeadSource, admit_head
-from ..core.names import CONFIG, ROUTE_FILE, VERSION_HEAD, VERSION_ONNX, VERSION_SHA256
+from ..core.names import CONFIG, ROUTE_FILE, VERSION_BACKBONE, VERSION_HEAD, VERSION_ONNX, VERSION_SHA256
 from ..core.routing import Route, RoutingState
 from .config import backbone_model, ensemble_model, head_model, read_config
 from .repository import write_config
@@ -101,15 +101,17 @@ def _admit(repo: Path, name: str, version_dir: Path) -> None:
     load, names, the backbone's embedding size and sha256, a test run): Triton must never be asked to load a broken
     version (a failed version stays in its repository index and keeps strict readiness false until a restart)."""
     facts, recorded = version_dir / VERSION_HEAD, version_dir / VERSION_SHA256
-    backbone_sha = repo / backbone_model(name) / "1" / VERSION_SHA256
-    if not (facts.is_file() and recorded.is_file() and backbone_sha.is_file()):
-        raise TritonSwapError(f"{version_dir} or its backbone lacks {VERSION_HEAD} / {VERSION_SHA256}: package its "
-                              "build again with `tl-models triton package`")
+    backbone_facts = repo / backbone_model(name) / "1" / VERSION_BACKBONE
+    if not (facts.is_file() and recorded.is_file() and backbone_facts.is_file()):
+        raise TritonSwapError(f"{version_dir} lacks {VERSION_HEAD} / {VERSION_SHA256}, or its backbone "
+                              f"{VERSION_BACKBONE}: package its build again with `tl-models triton package`")
     source = HeadSource.from_dict(json.loads(facts.read_text()), path=str(version_dir / VERSION_ONNX),
                                   sha256=recorded.read_text().strip())
+    backbone = json.loads(backbone_facts.read_text())
+    gated = None if backbone["gated"] is None else frozenset(backbone["gated"])
     embedding_dim = int(read_config(repo / backbone_model(name)).output[0].dims[0])
     try:
-        admit_head(source, embedding_dim, backbone_sha.read_text().strip(), providers="cpu")
+        admit_head(source, embedding_dim, backbone["sha256"], providers="cpu", gated=gated)
     except UserError as exc:
         raise TritonSwapError(f"{exc.message}: refused; the live version keeps serving") from None
 
