@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .build.config import TrainConfig
+from .build.config import SelfTraining, TrainConfig
 
 log = logging.getLogger("tl_models")
 
@@ -68,10 +68,11 @@ def _tolerance(args: argparse.Namespace):
     return Tolerance(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
 
 
-def _build_options(args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None):
+def _build_options(args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None,
+                   **more: object):
     from .build.pipeline import BuildOptions
 
-    return BuildOptions(
+    return BuildOptions(**more,
         data=data, out=out, backbone=args.backbone, weights=weights or args.weights, kind=args.kind, head=head,
         hidden=args.hidden, dropout=args.dropout, unfreeze_last=args.unfreeze_last, val_fraction=args.val_fraction,
         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
@@ -96,7 +97,9 @@ def _address(url: str | None, *schemes: str) -> str | None:
 def cmd_build(args: argparse.Namespace) -> int:
     from .build.pipeline import build, summary_line
 
-    report = build(_build_options(args, args.data, args.out, args.head))
+    self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap)
+    report = build(_build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
+                                  self_training=self_training))
     print(summary_line(report))
     print(f"build directory: {args.out}")
     return EXIT_OK
@@ -428,6 +431,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="build directory (created or extended)")
     p.add_argument("--head", default="default", help="head name; an existing name gets a new version")
     _add_build_args(p)
+    semi = SelfTraining()
+    p.add_argument("--unlabeled", type=Path,
+                   help="folder of unlabelled images (any layout): self-training on their cached embeddings")
+    p.add_argument("--pseudo-rounds", type=int, default=semi.rounds, help="self-training rounds after the first")
+    p.add_argument("--pseudo-threshold", type=float, default=semi.threshold,
+                   help="confidence a prediction needs to become a pseudo-label")
+    p.add_argument("--pseudo-cap", type=int, help="pseudo-labels per class at most (default: an equal share)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="export a build's backbone and heads to ONNX again (+ parity)")

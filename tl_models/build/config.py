@@ -1,8 +1,10 @@
-"""Training settings, torch-free so that the CLI can show their defaults without loading torch."""
+"""Training and self-training settings, torch-free so that the CLI can show their defaults without loading torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..core.errors import BadRequest
 
 
 @dataclass(frozen=True)
@@ -16,3 +18,21 @@ class TrainConfig:
     batch_size: int = 64
     patience: int = 10
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SelfTraining:
+    """Self-training settings: rounds after the labelled-only one, confidence threshold, per-class cap."""
+
+    rounds: int = 5
+    threshold: float = 0.9
+    cap: int | None = None  # pseudo-labels per class; None: an equal share of the unlabelled images
+
+    def check(self) -> "SelfTraining":
+        if self.rounds < 1:
+            raise BadRequest(f"self-training needs at least 1 round, got {self.rounds}")
+        if not 0.0 < self.threshold < 1.0:
+            raise BadRequest(f"pseudo-label confidence threshold must be between 0 and 1, got {self.threshold}")
+        if self.cap is not None and self.cap < 1:
+            raise BadRequest(f"pseudo-labels per class must be at least 1, got {self.cap}")
+        return self

@@ -67,18 +67,10 @@ def load_image_folder(root: str | Path) -> ImageFolderData:
         raise DataError(f"data folder {root} has one class ({class_dirs[0].name}); a classifier needs at least 2")
     data = ImageFolderData(root=root, classes=[d.name for d in class_dirs], paths=[], targets=[])
     for index, class_dir in enumerate(class_dirs):
-        count = 0
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            if path.name.startswith("."):
-                continue
-            reason = ("not an image file (suffix %s)" % path.suffix) if path.suffix.lower() not in IMAGE_SUFFIXES \
-                else _check_image(path)
-            if reason:
-                data.skipped.append((path, reason))
-                continue
-            data.paths.append(path)
-            data.targets.append(index)
-            count += 1
+        paths = _readable_images(class_dir, data.skipped)
+        data.paths.extend(paths)
+        data.targets.extend([index] * len(paths))
+        count = len(paths)
         if count == 0:
             raise DataError(f"class {class_dir.name!r} in {root} has no readable images")
         if count < 2:
@@ -88,6 +80,49 @@ def load_image_folder(root: str | Path) -> ImageFolderData:
         log.warning("skipped %d unreadable or non-image files under %s (first: %s: %s)",
                     len(data.skipped), root, data.skipped[0][0], data.skipped[0][1])
     return data
+
+
+def _readable_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Image files under ``folder`` (any depth, hidden files ignored) that decode as serving decodes them; the
+    others are appended to ``skipped`` with the reason."""
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.startswith("."):
+            continue
+        reason = ("not an image file (suffix %s)" % path.suffix) if path.suffix.lower() not in IMAGE_SUFFIXES \
+            else _check_image(path)
+        if reason:
+            skipped.append((path, reason))
+        else:
+            found.append(path)
+    return found
+
+
+UNLABELED = "(unlabeled)"
+
+
+def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData) -> ImageFolderData:
+    """Every readable image under ``root`` (any layout) as one class ``(unlabeled)``; DataError when there is none,
+    or when ``root`` overlaps the labelled data (the same folder, or the same image bytes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"unlabelled folder {root} does not exist or is not a folder")
+    if root.resolve().is_relative_to(labelled.root.resolve()) or labelled.root.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"unlabelled folder {root} overlaps the labelled data {labelled.root}: keep them apart")
+    skipped: list[tuple[Path, str]] = []
+    paths = _readable_images(root, skipped)
+    if not paths:
+        raise DataError(f"unlabelled folder {root} has no readable images" +
+                        (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    known = {hashlib.sha256(p.read_bytes()).digest() for p in labelled.paths}
+    shared = [p for p in paths if hashlib.sha256(p.read_bytes()).digest() in known]
+    if shared:
+        raise DataError(f"{len(shared)} images under {root} are also labelled images of {labelled.root} (first: "
+                        f"{shared[0]}): self-training on them would count them twice")
+    if skipped:
+        log.warning("skipped %d unreadable or non-image files under %s (first: %s: %s)", len(skipped), root,
+                    skipped[0][0], skipped[0][1])
+    return ImageFolderData(root=root, classes=[UNLABELED], paths=paths, targets=[0] * len(paths), skipped=skipped)
 
 
 def stratified_split(targets: list[int], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..core.errors import BuildError
+from ..core.errors import BadRequest, BuildError
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import (
@@ -32,19 +32,21 @@ from ..core.names import (
     HEADS_DIR,
     HISTORY_JSON,
     PARITY_JSON,
+    PSEUDO_LABELS_JSON,
     check_name,
 )
 from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .architectures import HeadSpec, build_head
 from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
-from .config import TrainConfig
-from .data import load_image_folder, stratified_split
+from .config import SelfTraining, TrainConfig
+from .data import ImageFolderData, load_image_folder, load_unlabeled_folder, stratified_split
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
 from .features import FeatureCache, default_cache_dir, load_images
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
 from .quantize import int8_parity
+from .semi import SelfTrainResult, self_train
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class BuildOptions:
     export: bool = True
     fused: bool = False
     tolerance: Tolerance = field(default_factory=Tolerance)
+    unlabeled: Path | None = None  # self-training on these images' embeddings (build.semi)
+    self_training: SelfTraining = field(default_factory=SelfTraining)
 
 
 @dataclass
@@ -126,13 +130,19 @@ def build(options: BuildOptions) -> BuildReport:
     A first build that fails leaves no folder behind (or, in a folder that existed, none of its own files)."""
     check_name(options.head)
     data = load_image_folder(options.data)
+    unlabeled = None
+    if options.unlabeled is not None:
+        if options.unfreeze_last:
+            raise BadRequest("--unlabeled self-trains on cached embeddings: it cannot be combined with --unfreeze-last")
+        options.self_training.check()
+        unlabeled = load_unlabeled_folder(options.unlabeled, data)
     backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
     build_dir = BuildDir(options.out)
     created = not build_dir.path.exists()
     first = not build_dir.exists()
     try:
         with build_dir.lock():
-            return _build_locked(options, build_dir, data, backbone)
+            return _build_locked(options, build_dir, data, backbone, unlabeled)
     except BaseException:
         if first and not build_dir.exists():
             _remove_partial(build_dir, created)
@@ -149,7 +159,8 @@ def _remove_partial(build_dir: BuildDir, created: bool) -> None:
     shutil.rmtree(build_dir.path / HEADS_DIR, ignore_errors=True)
 
 
-def _build_locked(options: BuildOptions, build_dir: BuildDir, data, backbone: LoadedBackbone) -> BuildReport:
+def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderData, backbone: LoadedBackbone,
+                  unlabeled: ImageFolderData | None = None) -> BuildReport:
     build_dir.clean_staging()
     manifest = build_dir.manifest() if build_dir.exists() else None
     if manifest is not None:
@@ -158,19 +169,29 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data, backbone: Lo
     spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
     train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
     targets = torch.tensor(data.targets)
-    torch.manual_seed(options.train.seed)
-    head = build_head(spec)
-    cache_hit = False
+
+    def make_head() -> torch.nn.Module:
+        torch.manual_seed(options.train.seed)
+        return build_head(spec)
+
+    cache_hit, semi = False, None
+    cache = FeatureCache(options.cache_dir or default_cache_dir())
     if options.unfreeze_last:
         inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
         unfreeze_last_stage(backbone)
         embedder = backbone.module
     else:
-        cache = FeatureCache(options.cache_dir or default_cache_dir())
         features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
         inputs, embedder = torch.from_numpy(features), None
-    result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
-                 options.train, embedder=embedder, progress=options.progress)
+    if unlabeled is not None:
+        pool, _ = cache.get_or_compute(backbone, unlabeled, progress=options.progress)
+        semi = self_train(make_head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
+                          torch.from_numpy(pool), options.train, options.self_training, options.progress)
+        head, result = semi.head, semi.result
+    else:
+        head = make_head()
+        result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
+                     options.train, embedder=embedder, progress=options.progress)
     if manifest is None:
         manifest = _new_manifest(options, backbone, data.classes)
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
@@ -178,6 +199,8 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data, backbone: Lo
     staged = build_dir.staging_dir()
     try:
         entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
+        if semi is not None:
+            _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
         if options.export:
             new_backbone = BACKBONE_ONNX not in manifest.top_files
             report = export_and_check(build_dir, manifest, backbone.module, [(entry, head, staged)],
@@ -207,6 +230,19 @@ def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: in
         train={**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
         data={"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
               "train": n_train, "val": n_val, "val_fraction": options.val_fraction, "skipped": len(data.skipped)})
+
+
+def _record_self_training(staged: Path, entry: HeadEntry, settings: SelfTraining, semi: SelfTrainResult,
+                          unlabeled: ImageFolderData, classes: list[str]) -> None:
+    """Rounds and settings into the head entry; the pseudo-labels it trained on into ``pseudo_labels.json``."""
+    labels = [{"image": str(unlabeled.paths[i].relative_to(unlabeled.root)), "label": classes[label],
+               "confidence": round(float(confidence), 6)}
+              for i, label, confidence in zip(semi.pseudo_index, semi.pseudo_label, semi.pseudo_confidence)]
+    (staged / PSEUDO_LABELS_JSON).write_text(json.dumps(labels, indent=1))
+    entry.files = sorted(p.name for p in staged.iterdir())
+    entry.train["self_training"] = semi.record(settings)
+    entry.data["unlabeled"] = {"root": str(unlabeled.root), "content_hash": unlabeled.content_hash(),
+                               "images": len(unlabeled.paths), "skipped": len(unlabeled.skipped)}
 
 
 HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to

@@ -18,6 +18,7 @@ HEAD_ONNX = "head.onnx"                  # per head version: embedding -> logits
 FUSED_ONNX = "fused.onnx"                # per head version, only with --fused: image -> logits in one file
 FUSED_FP16 = "fused.fp16.onnx"           # the same from backbone.fp16.onnx, with --fused --fp16
 PARITY_JSON = "parity.json"
+PSEUDO_LABELS_JSON = "pseudo_labels.json"  # per head version built with --unlabeled: the pseudo-labels it used
 HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
