@@ -23,17 +23,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict[str, Path]:
-    """8 labelled digits per class; 30 more per class unlabelled, named ``<class>-<file>`` so the test knows them."""
+    """10 labelled digits per class; 30 more per class unlabelled, named ``<class>-<file>`` so the test knows them."""
     root = tmp_path_factory.mktemp("semi")
-    everything = write_demo_dataset(root / "all", per_class=38)
+    everything = write_demo_dataset(root / "all", per_class=40)
     labelled, unlabelled = root / "labelled", root / "unlabelled"
     for class_dir in sorted(p for p in everything.iterdir() if p.is_dir()):
         files = sorted(class_dir.iterdir())
         (labelled / class_dir.name).mkdir(parents=True)
-        for path in files[:8]:
+        for path in files[:10]:
             shutil.copy(path, labelled / class_dir.name / path.name)
         unlabelled.mkdir(exist_ok=True)
-        for path in files[8:]:
+        for path in files[10:]:
             shutil.copy(path, unlabelled / f"{class_dir.name}-{path.name}")
     noise = root / "noise"
     noise.mkdir()
