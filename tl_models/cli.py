@@ -99,7 +99,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap)
     report = build(_build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
-                                  self_training=self_training))
+                                  self_training=self_training, target=args.target))
     print(summary_line(report))
     print(f"build directory: {args.out}")
     return EXIT_OK
@@ -438,6 +438,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-threshold", type=float, default=semi.threshold,
                    help="confidence a prediction needs to become a pseudo-label")
     p.add_argument("--pseudo-cap", type=int, help="pseudo-labels per class at most (default: an equal share)")
+    p.add_argument("--target", type=Path,
+                   help="folder of unlabelled target-domain images: align the labelled embeddings to them (CORAL); "
+                        "the head standardises with the target's statistics")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="export a build's backbone and heads to ONNX again (+ parity)")

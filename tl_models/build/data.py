@@ -101,24 +101,26 @@ def _readable_images(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path
 UNLABELED = "(unlabeled)"
 
 
-def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData) -> ImageFolderData:
+def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData,
+                          what: str = "unlabelled folder") -> ImageFolderData:
     """Every readable image under ``root`` (any layout) as one class ``(unlabeled)``; DataError when there is none,
-    or when ``root`` overlaps the labelled data (the same folder, or the same image bytes)."""
+    or when ``root`` overlaps the labelled data (the same folder, or the same image bytes). ``what`` names the
+    folder in messages (the --unlabeled or the --target one)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"unlabelled folder {root} does not exist or is not a folder")
+        raise DataError(f"{what} {root} does not exist or is not a folder")
     if root.resolve().is_relative_to(labelled.root.resolve()) or labelled.root.resolve().is_relative_to(root.resolve()):
-        raise DataError(f"unlabelled folder {root} overlaps the labelled data {labelled.root}: keep them apart")
+        raise DataError(f"{what} {root} overlaps the labelled data {labelled.root}: keep them apart")
     skipped: list[tuple[Path, str]] = []
     paths = _readable_images(root, skipped)
     if not paths:
-        raise DataError(f"unlabelled folder {root} has no readable images" +
+        raise DataError(f"{what} {root} has no readable images" +
                         (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     known = {hashlib.sha256(p.read_bytes()).digest() for p in labelled.paths}
     shared = [p for p in paths if hashlib.sha256(p.read_bytes()).digest() in known]
     if shared:
-        raise DataError(f"{len(shared)} images under {root} are also labelled images of {labelled.root} (first: "
-                        f"{shared[0]}): self-training on them would count them twice")
+        raise DataError(f"{len(shared)} images of the {what} {root} are also labelled images of {labelled.root} "
+                        f"(first: {shared[0]}): keep them apart")
     if skipped:
         log.warning("skipped %d unreadable or non-image files under %s (first: %s: %s)", len(skipped), root,
                     skipped[0][0], skipped[0][1])

@@ -37,6 +37,7 @@ from ..core.names import (
 )
 from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
+from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
 from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
 from .config import SelfTraining, TrainConfig
@@ -80,6 +81,7 @@ class BuildOptions:
     fused: bool = False
     tolerance: Tolerance = field(default_factory=Tolerance)
     unlabeled: Path | None = None  # self-training on these images' embeddings (build.semi)
+    target: Path | None = None     # unlabelled target-domain images: align to them (build.adapt)
     self_training: SelfTraining = field(default_factory=SelfTraining)
 
 
@@ -130,19 +132,22 @@ def build(options: BuildOptions) -> BuildReport:
     A first build that fails leaves no folder behind (or, in a folder that existed, none of its own files)."""
     check_name(options.head)
     data = load_image_folder(options.data)
-    unlabeled = None
+    if options.unfreeze_last and (options.unlabeled or options.target):
+        raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
+                         "--unfreeze-last")
+    unlabeled = target = None
     if options.unlabeled is not None:
-        if options.unfreeze_last:
-            raise BadRequest("--unlabeled self-trains on cached embeddings: it cannot be combined with --unfreeze-last")
         options.self_training.check()
         unlabeled = load_unlabeled_folder(options.unlabeled, data)
+    if options.target is not None:
+        target = load_unlabeled_folder(options.target, data, "target folder")
     backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
     build_dir = BuildDir(options.out)
     created = not build_dir.path.exists()
     first = not build_dir.exists()
     try:
         with build_dir.lock():
-            return _build_locked(options, build_dir, data, backbone, unlabeled)
+            return _build_locked(options, build_dir, data, backbone, unlabeled, target)
     except BaseException:
         if first and not build_dir.exists():
             _remove_partial(build_dir, created)
@@ -160,21 +165,17 @@ def _remove_partial(build_dir: BuildDir, created: bool) -> None:
 
 
 def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderData, backbone: LoadedBackbone,
-                  unlabeled: ImageFolderData | None = None) -> BuildReport:
+                  unlabeled: ImageFolderData | None = None, target: ImageFolderData | None = None) -> BuildReport:
     build_dir.clean_staging()
     manifest = build_dir.manifest() if build_dir.exists() else None
     if manifest is not None:
         _check_compatible(manifest, options, backbone, data.classes)
         build_dir.verify(manifest)
-    spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
+    spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout,
+                    standardise=target is not None)
     train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
     targets = torch.tensor(data.targets)
-
-    def make_head() -> torch.nn.Module:
-        torch.manual_seed(options.train.seed)
-        return build_head(spec)
-
-    cache_hit, semi = False, None
+    cache_hit, semi, alignment = False, None, None
     cache = FeatureCache(options.cache_dir or default_cache_dir())
     if options.unfreeze_last:
         inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
@@ -182,7 +183,18 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         embedder = backbone.module
     else:
         features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+        if target is not None:
+            alignment = coral(features, cache.get_or_compute(backbone, target, progress=options.progress)[0])
+            features = alignment.source  # the labelled images as the target domain would embed them
         inputs, embedder = torch.from_numpy(features), None
+
+    def make_head() -> torch.nn.Module:
+        torch.manual_seed(options.train.seed)
+        head = build_head(spec)
+        if alignment is not None:
+            head[0].set_statistics(torch.from_numpy(alignment.target_mean), torch.from_numpy(alignment.target_std))
+        return head
+
     if unlabeled is not None:
         pool, _ = cache.get_or_compute(backbone, unlabeled, progress=options.progress)
         semi = self_train(make_head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
@@ -201,6 +213,9 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
         if semi is not None:
             _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
+        if target is not None:
+            entry.train["adaptation"] = {"method": "coral", "eps": CORAL_EPS, "standardise": "per domain"}
+            entry.data["target"] = _folder_record(target)
         if options.export:
             new_backbone = BACKBONE_ONNX not in manifest.top_files
             report = export_and_check(build_dir, manifest, backbone.module, [(entry, head, staged)],
@@ -241,8 +256,13 @@ def _record_self_training(staged: Path, entry: HeadEntry, settings: SelfTraining
     (staged / PSEUDO_LABELS_JSON).write_text(json.dumps(labels, indent=1))
     entry.files = sorted(p.name for p in staged.iterdir())
     entry.train["self_training"] = semi.record(settings)
-    entry.data["unlabeled"] = {"root": str(unlabeled.root), "content_hash": unlabeled.content_hash(),
-                               "images": len(unlabeled.paths), "skipped": len(unlabeled.skipped)}
+    entry.data["unlabeled"] = _folder_record(unlabeled)
+
+
+def _folder_record(folder: ImageFolderData) -> dict:
+    """An unlabelled folder as the manifest names it: where, content hash, image counts."""
+    return {"root": str(folder.root), "content_hash": folder.content_hash(), "images": len(folder.paths),
+            "skipped": len(folder.skipped)}
 
 
 HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to

@@ -1,0 +1,164 @@
+"""The transfer-learning methods measured on the demo digits, through `tl_models.build.pipeline.build`
+(mobilenet_v2, ImageNet weights, linear head, no export); accuracy is the head on held-out embeddings, mean ± std
+over the seeds, printed as a table and written as JSON.
+
+few-labels: per seed and labels-per-class count, that many digits per class are labelled (the build splits them
+into train and val as usual), 54 per class are held out, the rest is the unlabelled folder; a head on the labelled
+images alone vs `build --unlabeled`.
+
+shift: every digit labelled in the source domain; the target domain is the digits shifted (inverted, or tinted
+orange), half of them an unlabelled target folder and the other half the labelled test set; source only vs
+`build --target` (CORAL) vs `build --target --unlabeled` (self-training on the aligned target).
+
+    python scripts/methods.py few-labels --labels 5 10 --seeds 0 1 2 --out build/methods
+    python scripts/methods.py shift --seeds 0 1 2 --out build/methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tl_models.build.config import SelfTraining, TrainConfig
+from tl_models.build.data import load_image_folder, write_demo_dataset
+from tl_models.build.features import FeatureCache
+from tl_models.build.pipeline import BuildOptions, build, load_build_backbone, load_head_module
+from tl_models.build.train import predict
+from tl_models.core.manifest import BuildDir
+
+HELD_OUT = 54  # per class: 540 test digits
+
+
+def _split_digits(data: Path, out: Path, labels: int, seed: int) -> tuple[Path, Path, Path]:
+    """``labels`` per class into out/labelled/<class>, 54 per class into out/test/<class>, the rest into
+    out/unlabelled (flat)."""
+    rng = random.Random(seed)
+    for part in ("labelled", "test", "unlabelled"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        files = sorted(class_dir.iterdir())
+        rng.shuffle(files)
+        for part, chosen in (("labelled", files[:labels]), ("test", files[labels:labels + HELD_OUT])):
+            (out / part / class_dir.name).mkdir(parents=True)
+            for path in chosen:
+                shutil.copy(path, out / part / class_dir.name / path.name)
+        (out / "unlabelled").mkdir(exist_ok=True)
+        for path in files[labels + HELD_OUT:]:
+            shutil.copy(path, out / "unlabelled" / f"{class_dir.name}-{path.name}")
+    return out / "labelled", out / "test", out / "unlabelled"
+
+
+def _test_accuracy(build_dir: Path, test: Path, cache: Path) -> float:
+    build_ = BuildDir(build_dir)
+    manifest = build_.manifest()
+    data = load_image_folder(test)
+    features, _ = FeatureCache(cache).get_or_compute(load_build_backbone(build_, manifest), data, progress=False)
+    head = load_head_module(build_, manifest.head(manifest.heads[-1].name))
+    predicted = predict(head, torch.from_numpy(features)).argmax(1).numpy()
+    return float((predicted == torch.tensor(data.targets).numpy()).mean())
+
+
+def _table(rows: list[dict], group: str, methods: list[str]) -> str:
+    """Markdown: one line per value of ``group``, mean ± std of each method's accuracy over the seeds."""
+    lines = [f"| {group} | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+    for value in dict.fromkeys(r[group] for r in rows):
+        picked = [r for r in rows if r[group] == value]
+        cells = [f"{100 * statistics.mean(r[m] for r in picked):.1f} ± {100 * statistics.pstdev(r[m] for r in picked):.1f}%"
+                 for m in methods]
+        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _run(work: Path, test: Path, cache: Path, method: str, options: dict) -> tuple[float, dict]:
+    """Build one head with ``options`` into ``work/<method>``; its held-out accuracy and its manifest entry."""
+    out = work / method.replace(" ", "-").replace("+", "and")
+    shutil.rmtree(out, ignore_errors=True)
+    report = build(BuildOptions(out=out, head="digits", backbone="mobilenet_v2", weights="IMAGENET1K_V1",
+                                kind="linear", cache_dir=cache, progress=False, export=False, **options))
+    return _test_accuracy(out, test, cache), report.head.train
+
+
+def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
+    rows = []
+    for labels in args.labels:
+        for seed in args.seeds:
+            work = args.out / f"labels{labels}-seed{seed}"
+            labelled, test, unlabelled = _split_digits(data, work, labels, seed)
+            common = {"data": labelled, "train": TrainConfig(seed=seed)}
+            row = {"labels per class": labels, "seed": seed}
+            row["labelled only"], _ = _run(work, test, cache, "labelled only", common)
+            row["self-training"], train = _run(work, test, cache, "self-training",
+                                               {**common, "unlabeled": unlabelled, "self_training": SelfTraining()})
+            row["pseudo_labels"] = train["self_training"]["pseudo_labels"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(_table(rows, "labels per class", ["labelled only", "self-training"]))
+    return rows
+
+
+SHIFTS = {"inverted": lambda pixels: 255 - pixels,
+          "tinted": lambda pixels: (0.5 * pixels + 0.5 * np.array([255, 140, 0])).astype(np.uint8)}
+
+
+def _shifted_digits(data: Path, work: Path, shift: str, seed: int) -> tuple[Path, Path]:
+    """Every digit shifted: a random half into work/target (flat, unlabelled), the rest into work/test/<class>."""
+    rng = random.Random(seed)
+    for part in ("target", "test"):
+        shutil.rmtree(work / part, ignore_errors=True)
+    (work / "target").mkdir(parents=True)
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        (work / "test" / class_dir.name).mkdir(parents=True)
+        for path in sorted(class_dir.iterdir()):
+            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+            image = Image.fromarray(np.clip(SHIFTS[shift](pixels), 0, 255).astype(np.uint8))
+            if rng.random() < 0.5:
+                image.save(work / "target" / f"{class_dir.name}-{path.name}")
+            else:
+                image.save(work / "test" / class_dir.name / path.name)
+    return work / "target", work / "test"
+
+
+def shift(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
+    rows = []
+    for name in SHIFTS:
+        for seed in args.seeds:
+            work = args.out / f"{name}-seed{seed}"
+            target, test = _shifted_digits(data, work, name, seed)
+            common = {"data": data, "train": TrainConfig(seed=seed)}
+            row = {"shift": name, "seed": seed}
+            row["source only"], _ = _run(work, test, cache, "source only", common)
+            row["CORAL"], _ = _run(work, test, cache, "CORAL", {**common, "target": target})
+            row["CORAL + self-training"], _ = _run(work, test, cache, "CORAL + self-training",
+                                                   {**common, "target": target, "unlabeled": target,
+                                                    "self_training": SelfTraining()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(_table(rows, "shift", ["source only", "CORAL", "CORAL + self-training"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["few-labels", "shift"])
+    parser.add_argument("--labels", type=int, nargs="+", default=[5, 10], help="few-labels: labelled digits per class")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("build/methods"))
+    args = parser.parse_args()
+    data = write_demo_dataset(args.out / "digits")
+    cache = args.out / "cache"
+    rows = (few_labels if args.experiment == "few-labels" else shift)(args, data, cache)
+    path = args.out / f"{args.experiment}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"rows: {path}")
+
+
+if __name__ == "__main__":
+    main()
