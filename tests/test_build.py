@@ -22,7 +22,7 @@ from PIL import Image
 import tl_models.build.features
 import tl_models.build.pipeline
 import tl_models.core.manifest
-from tl_models.build.backbones import load_backbone
+from tl_models.build.backbones import WeightsError, load_backbone
 from tl_models.build.data import DataError
 from tl_models.build.pipeline import BuildReport
 from tl_models.cli import main
@@ -109,6 +109,23 @@ def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_bui
     # the saved backbone is fine-tuned: a head trained on the original weights' cached features would not fit it
     with pytest.raises(BuildError, match="fine-tuned with --unfreeze-last"):
         quick_build(small, tmp_path / "out", head="second")
+
+
+def test_chained_transfer_starts_from_another_builds_backbone(demo_data: Path, quick_build: QuickBuild,
+                                                               tmp_path: Path) -> None:
+    """--weights BUILD_DIR: the source build's (here fine-tuned) backbone, bit for bit, for another label set."""
+    source = tmp_path / "source"
+    quick_build(_subset(demo_data, tmp_path / "small", ["3", "8"], per_class=4), source, unfreeze_last=True, epochs=1)
+    other = _subset(demo_data, tmp_path / "other", ["1", "7", "9"], per_class=4)
+    report = quick_build(other, tmp_path / "chained", weights=str(source))
+    sha = BuildDir(source).manifest().files["backbone.pt"]
+    assert report.manifest.weights == f"build:source:sha256={sha}" and report.manifest.labels == ["1", "7", "9"]
+    chained, fine_tuned = _saved_state(tmp_path / "chained"), _saved_state(source)
+    assert list(chained) == list(fine_tuned) and all(torch.equal(chained[k], v) for k, v in fine_tuned.items())
+    assert not all(torch.equal(fine_tuned[k], v) for k, v in _fresh_state().items())  # it really was fine-tuned
+    with pytest.raises(WeightsError, match="chained transfer keeps the architecture"):
+        quick_build(other, tmp_path / "refused", backbone="resnet18", weights=str(source))
+    assert not (tmp_path / "refused").exists()
 
 
 # (b) the feature cache is hit by the second head

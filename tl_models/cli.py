@@ -42,7 +42,7 @@ def _add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2", help="registry name (see `tl-models backbones`)")
     parser.add_argument("--weights", default="DEFAULT",
                         help="backbone weights: torchvision enum member (DEFAULT, IMAGENET1K_V1, ...), a .pth file, "
-                             "or none")
+                             "none, or another build directory (chained transfer: its backbone, fine-tuned or not)")
     parser.add_argument("--kind", default="linear", choices=["linear", "mlp"], help="head architecture")
     parser.add_argument("--hidden", type=int, default=512, help="mlp hidden size")
     parser.add_argument("--dropout", type=float, default=0.0)

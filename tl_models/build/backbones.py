@@ -20,6 +20,8 @@ from torchvision.models import WeightsEnum
 
 from ..core.errors import NotFound, UserError
 from ..core.files import file_sha256
+from ..core.manifest import BuildDir
+from ..core.names import BACKBONE_PT
 from ..core.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,10 @@ def _resolve_weights(spec: BackboneSpec, weights: str, seed: int):
 
 
 def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedBackbone:
-    """Build a frozen feature extractor (classifier removed, eval mode, no grad) with its preprocessing."""
+    """Build a frozen feature extractor (classifier removed, eval mode, no grad) with its preprocessing.
+    ``weights``: a torchvision enum member, a .pth file, ``none``, or another build directory (chained transfer)."""
+    if Path(weights).is_dir():
+        return _from_build(name, Path(weights), seed)
     spec = get_spec(name)
     state, weights_id, member = _resolve_weights(spec, weights, seed)
     torch.manual_seed(seed)
@@ -159,6 +164,31 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedB
     freeze(module)
     log.info("loaded backbone %s with weights %s", name, weights_id)
     return LoadedBackbone(spec, module, weights_id, spec.preprocessing(member))
+
+
+def load_saved_backbone(name: str, state_path: Path, weights_id: str, preprocessing: Preprocessing,
+                        seed: int = 0) -> LoadedBackbone:
+    """A backbone with a saved state_dict of its feature extractor (a build's ``backbone.pt``), frozen."""
+    backbone = load_backbone(name, "none", seed)
+    backbone.module.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    backbone.weights_id, backbone.preprocessing = weights_id, preprocessing
+    return backbone
+
+
+def _from_build(name: str, path: Path, seed: int) -> LoadedBackbone:
+    """Chained transfer: another build's (possibly fine-tuned) backbone starts this one, for another label set;
+    its name and the sha256 of its backbone.pt become the weights id the manifest records."""
+    build = BuildDir(path)
+    if not build.exists():
+        raise WeightsError(f"--weights {path} is a folder but not a build directory (no manifest.json)")
+    manifest = build.verify()
+    if manifest.backbone != name:
+        raise WeightsError(f"build {path} has a {manifest.backbone} backbone, not {name}: chained transfer keeps the "
+                           f"architecture (use --backbone {manifest.backbone})")
+    weights_id = f"build:{manifest.name}:sha256={manifest.files[BACKBONE_PT]}"
+    log.info("chained transfer: backbone of build %s (%s)", path, weights_id)
+    return load_saved_backbone(name, build.file(BACKBONE_PT), weights_id,
+                               Preprocessing.from_dict(manifest.preprocessing), seed)
 
 
 def freeze(module: nn.Module) -> None:

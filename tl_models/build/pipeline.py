@@ -39,7 +39,7 @@ from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
-from .backbones import LoadedBackbone, get_spec, load_backbone, unfreeze_last_stage
+from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone, unfreeze_last_stage
 from .config import SelfTraining, TrainConfig
 from .data import ImageFolderData, load_image_folder, load_unlabeled_folder, stratified_split
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
@@ -378,12 +378,8 @@ def load_head_module(build_dir: BuildDir, entry: HeadEntry) -> torch.nn.Module:
 
 def load_build_backbone(build_dir: BuildDir, manifest: Manifest) -> LoadedBackbone:
     """The build's backbone with its saved state_dict (no download: the build is self-contained)."""
-    backbone = load_backbone(manifest.backbone, "none")
-    state = torch.load(build_dir.file(BACKBONE_PT), map_location="cpu", weights_only=True)
-    backbone.module.load_state_dict(state)
-    backbone.weights_id = manifest.weights
-    backbone.preprocessing = Preprocessing.from_dict(manifest.preprocessing)
-    return backbone
+    return load_saved_backbone(manifest.backbone, build_dir.file(BACKBONE_PT), manifest.weights,
+                               Preprocessing.from_dict(manifest.preprocessing))
 
 
 def summary_line(report: BuildReport) -> str:
