@@ -33,7 +33,8 @@ class WeightsError(UserError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Facts about one backbone: how to build it, where its classifier sits, what its last stage is."""
+    """Facts about one backbone: how to build it, where its classifier sits, how the embedding is pooled, what
+    its last stage is."""
 
     name: str
     builder: Callable[..., nn.Module]
@@ -42,6 +43,7 @@ class BackboneSpec:
     classifier: str                 # dotted path of the module replaced by Identity
     last_stage: tuple[str, ...]     # dotted paths unfrozen by --unfreeze-last
     onnx_exporter: str = "torchscript"  # "dynamo" where the TorchScript exporter lacks an op
+    pool: str | None = None         # dotted path of a pooling module replaced by global average pooling
 
     def preprocessing(self, weights: WeightsEnum | None = None) -> Preprocessing:
         """Eval preprocessing from the weights' own transforms (DEFAULT's when weights are not an enum)."""
@@ -68,6 +70,10 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in [
                  ("trunk_output.block4",)),
     BackboneSpec("vit_b_16", tvm.vit_b_16, tvm.ViT_B_16_Weights, 768, "heads",
                  ("encoder.layers.encoder_layer_11", "encoder.ln"), onnx_exporter="dynamo"),
+    # the transfer-learning articles' VGG16: global average pooling over the last conv block (512-d), not the
+    # 4,096-d fully connected layers (a 7×7 average pool and 120 M classifier weights)
+    BackboneSpec("vgg16", tvm.vgg16, tvm.VGG16_Weights, 512, "classifier", ("features.24", "features.26", "features.28"),
+                 pool="avgpool"),
 ]}
 
 
@@ -160,6 +166,8 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedB
         except RuntimeError as exc:
             raise WeightsError(f"weights do not fit {spec.name}: {str(exc).splitlines()[0]}") from None
     _set_submodule(model, spec.classifier, nn.Identity())
+    if spec.pool is not None:
+        _set_submodule(model, spec.pool, nn.AdaptiveAvgPool2d(1))
     module = NormalizedBackbone(model, spec.preprocessing(member))
     freeze(module)
     log.info("loaded backbone %s with weights %s", name, weights_id)
