@@ -171,11 +171,12 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .build.quantize import Calibration, Gate, quantize
+    from .core.names import BACKBONE_INT8
 
     report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images, args.types),
                       Gate(args.min_agreement, args.max_drop), search=not args.no_search)
     print(report.table())
-    print(f"wrote {args.build_dir / 'backbone.int8.onnx'} ({report.passed.calibration.label()})")
+    print(f"wrote {args.build_dir / BACKBONE_INT8} ({report.passed.calibration.label()})")
     return EXIT_OK
 
 

@@ -143,7 +143,7 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
 
     from ..build.export import fuse
     from ..build.pipeline import load_build_backbone, load_head_module
-    from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, HEAD_ONNX
+    from ..core.names import BACKBONE_FILES, HEAD_ONNX
     from ..core.runtime import active_provider, create_session
 
     build = BuildDir(build_dir)
@@ -153,11 +153,11 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
     runners: dict[str, Callable[[np.ndarray], object]] = {}
     sessions = {}
     for precision in precisions if "onnxruntime" in stacks else ():
-        backbone = build.file(BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX)
-        session = sessions[_stack("onnxruntime", precision)] = create_session(
-            fuse(backbone, build.file(head.rel(HEAD_ONNX)), {}))
-        runners[_stack("onnxruntime", precision)] = (lambda pixels, session=session: session.run(
-            None, {session.get_inputs()[0].name: pixels}))
+        stack = _stack("onnxruntime", precision)
+        session = sessions[stack] = create_session(fuse(build.file(BACKBONE_FILES[precision]),
+                                                        build.file(head.rel(HEAD_ONNX)), {}))
+        runners[stack] = (lambda pixels, session=session, name=session.get_inputs()[0].name:
+                          session.run(None, {name: pixels}))
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
 

@@ -34,7 +34,7 @@ from ..core.heads import (
     sources_from_build,
 )
 from ..core.manifest import BuildDir
-from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, HEAD_ONNX
+from ..core.names import BACKBONE_FILES, BACKBONE_ONNX, HEAD_ONNX
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
     report = PackageReport(manifest.name)
     backbone_tag = f"{backbone_model_name(manifest.name)}:{backbone.graph_sha256[:16]}"
     common = {"project": PROJECT, "build": manifest.name, "backbone": manifest.backbone}
-    file = BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX
+    file = BACKBONE_FILES[precision]
     gate = {"gated": sorted(backbone.gated), "int8": manifest.int8} if backbone.gated is not None else {}
     _save(backbone_tag, {file: Path(backbone.path)}, {**common, "kind": "backbone", "precision": precision},
           {"files": {file: backbone.graph_sha256}, "backbone_sha256": backbone.sha256, "weights": manifest.weights,
@@ -189,9 +189,9 @@ def build_models(build: str, precision: str = "fp32") -> tuple[object, list]:
         raise BuildError(f"no {precision} backbone of build {build!r} in the BentoML store ({_home()}): run "
                          f"`tl-models bento package BUILD_DIR{' --precision int8' if precision == 'int8' else ''}`")
     backbone = backbones[-1]
-    identity, gated = _backbone_sha256(backbone), backbone.info.metadata.get("gated")
-    heads = [m for m in _tl_models("head", build) if m.info.metadata.get("backbone_sha256") == identity
-             and (gated is None or m.info.metadata["files"][HEAD_ONNX] in gated)]
+    source = backbone_source(backbone)
+    heads = [m for m in _tl_models("head", build) if m.info.metadata.get("backbone_sha256") == source.sha256
+             and source.serves(m.info.metadata["files"][HEAD_ONNX])]
     return backbone, sorted(heads, key=lambda m: (m.info.labels["head"], int(m.info.labels["head_version"])))
 
 
@@ -213,7 +213,7 @@ def declared_models() -> list:
 def backbone_source(model) -> BackboneSource:
     """A stored backbone model as a serving source (sha256 is checked when the service loads it)."""
     meta, precision = model.info.metadata, _precision(model)
-    file = BACKBONE_INT8 if precision == "int8" else BACKBONE_ONNX
+    file = BACKBONE_FILES[precision]
     gated = frozenset(meta["gated"]) if "gated" in meta else None
     return BackboneSource(path=model.path_of(file), sha256=_backbone_sha256(model), preprocessing=meta["preprocessing"],
                           labels=tuple(meta["labels"]), build=model.info.labels["build"], origin=f"bentoml:{model.tag}",

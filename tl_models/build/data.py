@@ -33,14 +33,21 @@ class ImageFolderData:
     targets: list[int]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     _hash: str | None = field(default=None, repr=False)
+    _file_hashes: list[bytes] | None = field(default=None, repr=False)
+
+    def file_hashes(self) -> list[bytes]:
+        """sha256 digest of every image file, in ``paths`` order (read once)."""
+        if self._file_hashes is None:
+            self._file_hashes = [hashlib.sha256(path.read_bytes()).digest() for path in self.paths]
+        return self._file_hashes
 
     def content_hash(self) -> str:
         """sha256 over (relative path, class, file sha256) of every image: the data part of the cache key."""
         if self._hash is None:
             digest = hashlib.sha256()
-            for path, target in zip(self.paths, self.targets):
+            for path, target, file_hash in zip(self.paths, self.targets, self.file_hashes()):
                 digest.update(f"{path.relative_to(self.root)}\0{self.classes[target]}\0".encode())
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(file_hash)
             self._hash = digest.hexdigest()
         return self._hash
 
@@ -116,15 +123,16 @@ def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData,
     if not paths:
         raise DataError(f"{what} {root} has no readable images" +
                         (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    known = {hashlib.sha256(p.read_bytes()).digest() for p in labelled.paths}
-    shared = [p for p in paths if hashlib.sha256(p.read_bytes()).digest() in known]
+    folder = ImageFolderData(root=root, classes=[UNLABELED], paths=paths, targets=[0] * len(paths), skipped=skipped)
+    known = set(labelled.file_hashes())
+    shared = [p for p, file_hash in zip(paths, folder.file_hashes()) if file_hash in known]
     if shared:
         raise DataError(f"{len(shared)} images of the {what} {root} are also labelled images of {labelled.root} "
                         f"(first: {shared[0]}): keep them apart")
     if skipped:
         log.warning("skipped %d unreadable or non-image files under %s (first: %s: %s)", len(skipped), root,
                     skipped[0][0], skipped[0][1])
-    return ImageFolderData(root=root, classes=[UNLABELED], paths=paths, targets=[0] * len(paths), skipped=skipped)
+    return folder
 
 
 def stratified_split(targets: list[int], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..core.names import EMBEDDING, IMAGE, LOGITS
+from .quantize import Gate
 
 FP32 = {"atol": 1e-4, "rtol": 1e-3, "min_agreement": 1.0}
 FP16 = {"atol": 0.0, "rtol": 0.0, "min_agreement": 0.99, "atol_of_max": 0.01}
@@ -98,8 +99,7 @@ class ParityReport:
             rows.append(f"{self.int8['graph']} against fp32 ONNX Runtime on each head's val split (gate: top-1 "
                         f"agreement >= {gate['min_agreement']:g}, val accuracy drop <= {gate['max_accuracy_drop']:g}):")
             for key, m in self.int8["heads"].items():
-                verdict = "ok" if (m["agreement"] >= gate["min_agreement"]
-                                   and m["accuracy_drop"] <= gate["max_accuracy_drop"]) else "FAIL"
+                verdict = "ok" if Gate(**gate).admits({key: m}) else "FAIL"
                 rows.append(f"  {key:<20} agreement {m['agreement']:.4f}  val accuracy fp32 {m['fp32_accuracy']:.4f} "
                             f"int8 {m['int8_accuracy']:.4f}  drop {m['accuracy_drop']:+.4f}  {verdict}")
         return "\n".join(rows)

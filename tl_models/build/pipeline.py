@@ -139,8 +139,9 @@ def build(options: BuildOptions) -> BuildReport:
     if options.unlabeled is not None:
         options.self_training.check()
         unlabeled = load_unlabeled_folder(options.unlabeled, data)
-    if options.target is not None:
-        target = load_unlabeled_folder(options.target, data, "target folder")
+    if options.target is not None:  # the same folder for both (self-training on the aligned target): read once
+        same = unlabeled is not None and Path(options.target).resolve() == unlabeled.root.resolve()
+        target = unlabeled if same else load_unlabeled_folder(options.target, data, "target folder")
     backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
     build_dir = BuildDir(options.out)
     created = not build_dir.path.exists()

@@ -16,10 +16,10 @@ import numpy as np
 
 from .errors import BadRequest, BuildError, Conflict, Forbidden, NotFound, Refused
 from .manifest import BuildDir, HeadEntry, Manifest
-from .names import BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
+from .names import BACKBONE_FILES, BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
 from .runtime import create_session
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = tuple(BACKBONE_FILES)
 
 
 def check_precision(precision: str) -> str:
@@ -50,6 +50,10 @@ class BackboneSource:
     def __post_init__(self) -> None:
         if not self.graph_sha256:  # fp32: the served file is the identity
             object.__setattr__(self, "graph_sha256", self.sha256)
+
+    def serves(self, head_sha256: str) -> bool:
+        """Whether a head graph may serve on this backbone as far as its precision goes (int8: gated heads only)."""
+        return self.gated is None or head_sha256 in self.gated
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[Backb
     manifest = build.manifest()
     backbone = backbone_from_build(build, manifest, precision)
     heads = [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
-    return backbone, [h for h in heads if backbone.gated is None or h.sha256 in backbone.gated]
+    return backbone, [h for h in heads if backbone.serves(h.sha256)]
 
 
 def head_source_from_build(path: str | Path, name: str, version: int | None = None) -> HeadSource:

@@ -13,6 +13,7 @@ BACKBONE_PT = "backbone.pt"              # backbone state_dict (frozen, or fine-
 BACKBONE_ONNX = "backbone.onnx"          # image -> embedding
 BACKBONE_FP16 = "backbone.fp16.onnx"     # the same in fp16 (GPU serving), with `tl-models export --fp16`
 BACKBONE_INT8 = "backbone.int8.onnx"     # static int8 QDQ (CPU serving), with `tl-models quantize` past its gate
+BACKBONE_FILES = {"fp32": BACKBONE_ONNX, "int8": BACKBONE_INT8}  # the backbone graph served at each precision
 HEAD_PT = "head.pt"                      # per head version: head state_dict
 HEAD_ONNX = "head.onnx"                  # per head version: embedding -> logits
 FUSED_ONNX = "fused.onnx"                # per head version, only with --fused: image -> logits in one file

@@ -223,8 +223,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     _check_preprocess(repo, manifest)
     route_path = repo / name / ROUTE_FILE
     live = _live_versions(route_path, manifest)
-    ungated = [f"{h}:{v}" for h, v in sorted(live.items()) if backbone.gated is not None
-               and manifest.files[manifest.head(h, v).rel(HEAD_ONNX)] not in backbone.gated]
+    ungated = [f"{h}:{v}" for h, v in sorted(live.items())
+               if not backbone.serves(manifest.files[manifest.head(h, v).rel(HEAD_ONNX)])]
     if ungated:
         raise TritonConfigError(f"live heads {ungated} of {route_path} were not measured by the int8 gate: swap "
                                 "them to a gated version first, or run `tl-models quantize` again")
