@@ -7,7 +7,9 @@ Serve a packaged build (`tl-models bento package BUILD_DIR`) or a build director
 Environment: TL_MODELS_BENTO (build in the store), TL_MODELS_BUILD (build directory), TL_MODELS_PRECISION (fp32, or
 int8: the backbone `tl-models quantize` wrote past its gate), TL_MODELS_STATE_DIR
 (route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
-TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
+TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_FEEDBACK_TOKEN (POST /feedback; the admin token works too),
+TL_MODELS_LOG_SHARE (share of requests in the embedding log; README "Judging heads" lists the other judging knobs),
+TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
 (0: no log line per request; /metrics still counts every request); limits (README,
 "Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
 TL_MODELS_BUILD_ROOTS.
@@ -31,7 +33,7 @@ from starlette.routing import Route
 from tl_models.bento import limits, store
 from tl_models.bento.engine import ServingConfig, ServingEngine
 from tl_models.core.errors import BadRequest, UserError, http_status
-from tl_models.core.heads import confined, head_source_from_build
+from tl_models.core.heads import HeadSource, confined, head_source_from_build
 from tl_models.core.names import check_name
 from tl_models.core.runtime import gpu_count
 
@@ -56,13 +58,23 @@ def _routing(ctx: bentoml.Context) -> dict[str, str | None]:
 
 def _admin_denied(ctx: bentoml.Context) -> dict | None:
     """None when the request carries the admin token (``Authorization: Bearer`` or ``X-TL-Admin-Token``)."""
-    token = os.environ.get("TL_MODELS_ADMIN_TOKEN", "")
-    if not token:
-        return _error(ctx, 401, "admin endpoints are disabled: start the service with TL_MODELS_ADMIN_TOKEN set")
+    return _token_denied(ctx, ("TL_MODELS_ADMIN_TOKEN",), "admin endpoints")
+
+
+def _feedback_denied(ctx: bentoml.Context) -> dict | None:
+    """None when the request carries the feedback token or the admin token."""
+    return _token_denied(ctx, ("TL_MODELS_FEEDBACK_TOKEN", "TL_MODELS_ADMIN_TOKEN"), "feedback")
+
+
+def _token_denied(ctx: bentoml.Context, variables: tuple[str, ...], what: str) -> dict | None:
+    """None when the request carries the token of one of ``variables``; else a 401 saying which to send."""
+    tokens = [os.environ[v] for v in variables if os.environ.get(v)]
+    if not tokens:
+        return _error(ctx, 401, f"{what} disabled: start the service with {' or '.join(variables)} set")
     headers = ctx.request.headers
     given = headers.get("x-tl-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        return _error(ctx, 401, "admin token missing or wrong: send 'Authorization: Bearer <TL_MODELS_ADMIN_TOKEN>'")
+    if not any(hmac.compare_digest(given.encode(), token.encode()) for token in tokens):
+        return _error(ctx, 401, f"token missing or wrong: send 'Authorization: Bearer <{' or '.join(variables)}>'")
     return None
 
 
@@ -93,6 +105,10 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return self.engine.ready
 
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.engine.judge.close()  # records what is queued, writes the embedding log's last shard
+
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
         """An image upload (JPEG/PNG) -> top-k labels with scores, and the head (name, version) that answered."""
@@ -108,6 +124,11 @@ class Classifier:
         """An image upload -> the backbone embedding."""
         return await _answer(ctx, self.engine.embed(image.read_bytes()))
 
+    @bentoml.api(route="/feedback")
+    async def feedback(self, request_id: str, label: str, ctx: bentoml.Context = None) -> dict:
+        """The true label of an answered image: ``request_id`` from its answer (feedback token or admin token)."""
+        return _feedback_denied(ctx) or await _answer(ctx, self.engine.feedback(request_id, label))
+
     @bentoml.api(route="/admin/weights")
     async def admin_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
         """Set the traffic split, e.g. {"weights": {"a": 90, "b": 10}} (admin token required)."""
@@ -121,9 +142,25 @@ class Classifier:
         a build directory (``build_dir`` + ``head`` [+ ``version``]) and, if ``live``, route its name to it."""
         return _admin_denied(ctx) or await _answer(ctx, self._load(head, version, tag, build_dir, live, weight))
 
+    @bentoml.api(route="/admin/shadow")
+    async def admin_shadow(self, head: str = "", version: int | None = None, share: float = 1.0,
+                           tag: str | None = None, build_dir: str | None = None, ctx: bentoml.Context = None) -> dict:
+        """Score a head version beside every answer on ``share`` (0..1) of requests, never returned; found like
+        /admin/load. ``share`` 0 stops shadowing ``head`` (``version``, or every version)."""
+        return _admin_denied(ctx) or await _answer(ctx, self._shadow(head, version, share, tag, build_dir))
+
+    async def _shadow(self, head: str, version: int | None, share: float, tag: str | None,
+                      build_dir: str | None) -> dict:
+        source = None if share == 0 else await asyncio.to_thread(self._find, head, version, tag, build_dir)
+        return await self.engine.set_shadow(source, check_name(head) if share == 0 else source.name, version, share)
+
     async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
                     weight: float | None) -> dict:
-        """Find the head version (a build directory inside the build roots, or the store), then admit it."""
+        source = await asyncio.to_thread(self._find, head, version, tag, build_dir)
+        return await self.engine.load(source, live=live, weight=weight)
+
+    def _find(self, head: str, version: int | None, tag: str | None, build_dir: str | None) -> HeadSource:
+        """The head version named by a request: a build directory inside the build roots, or the store."""
         if build_dir:
             source = head_source_from_build(confined(build_dir, self.engine.config.build_roots), head, version)
         elif tag or (head and version is not None):
@@ -132,7 +169,7 @@ class Classifier:
         else:
             raise BadRequest("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
                              "or {\"build_dir\": ..., \"head\": ...}")
-        return await self.engine.load(source, live=live, weight=weight)
+        return source
 
     @bentoml.api(route="/admin/retire")
     async def admin_retire(self, head: str, ctx: bentoml.Context = None) -> dict:

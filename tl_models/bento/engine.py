@@ -5,7 +5,9 @@ No BentoML in here: ``service.py`` maps HTTP onto :class:`ServingEngine`, which
 * runs one backbone session, loaded and warmed up once; concurrent requests share backbone passes through
   :class:`MicroBatcher` (whatever queued up while a pass ran goes into the next one);
 * routes every request through :mod:`tl_models.core.routing` (weighted sticky split, ``X-TL-Head`` override)
-  to a head of its :class:`HeadRegistry`, which admits heads and runs the admin operations.
+  to a head of its :class:`HeadRegistry`, which admits heads and runs the admin operations;
+* scores shadow heads on the same embedding and gives every answered image a request id for feedback
+  (:class:`~tl_models.bento.judge.Judge`).
 
 Errors are :mod:`tl_models.core.errors`: the service answers each with the status of that module's table.
 """
@@ -34,9 +36,10 @@ from ..core.preprocess import (
     preprocess_bytes,
     tensor_problem,
 )
-from ..core.routing import parse_weights
+from ..core.routing import Route, parse_weights
 from ..core.runtime import create_session
 from .batching import MicroBatcher
+from .judge import Judge, JudgeConfig, Scored, request_ids
 from .metrics import Metrics
 from .registry import HeadRegistry
 
@@ -58,6 +61,7 @@ class ServingConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_tensor_batch: int = 256
     build_roots: tuple[Path, ...] = ()
+    judge: JudgeConfig | None = None
 
     @classmethod
     def from_env(cls, default_state_dir: Path) -> "ServingConfig":
@@ -70,7 +74,8 @@ class ServingConfig:
                    threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
                    max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
                    max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
-                   build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),))
+                   build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),),
+                   judge=JudgeConfig.from_env(Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir)))
 
 
 class ServingEngine:
@@ -91,6 +96,8 @@ class ServingEngine:
         self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers,
                                   config.route_poll)
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
+        self.judge = Judge(config.state_dir, config.judge or JudgeConfig.from_env(config.state_dir), backbone,
+                           self.embedding_dim, config.top_k)
         log.info("serving %s (%s backbone): heads %s, weights %s", backbone.build, backbone.precision, route.versions,
                  route.weights)
 
@@ -177,7 +184,8 @@ class ServingEngine:
         async with self._observed(chosen, "classify"):
             image = await asyncio.to_thread(self.preprocess, data)
             embedding = await self.batcher.submit(image[None])
-            return chosen.answer(chosen.logits(embedding), k)[0]
+            logits = chosen.logits(embedding)
+            return {**chosen.answer(logits, k)[0], "request_id": (await self._judge(chosen, embedding, logits))[0]}
 
     async def predict(self, tensor: np.ndarray, key: str | None = None, head: str | None = None,
                       top_k: int | None = None) -> dict:
@@ -186,10 +194,47 @@ class ServingEngine:
         chosen = await self.resolve(key, head, "predict")
         async with self._observed(chosen, "predict"):
             batch = self.tensor_input(tensor)
-            logits = chosen.logits(await self.batcher.submit(batch))
+            embedding = await self.batcher.submit(batch)
+            logits = chosen.logits(embedding)
             answers = chosen.answer(logits, k)
+            ids = await self._judge(chosen, embedding, logits)
             return {"head": chosen.name, "version": chosen.version, "logits": logits.tolist(),
-                    "predictions": [a["predictions"] for a in answers]}
+                    "predictions": [a["predictions"] for a in answers], "request_id": ids[0].partition("-")[0],
+                    "request_ids": ids}
+
+    async def _judge(self, chosen: LoadedHead, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
+        """Score the route's shadow heads on this embedding, queue the request for recording; its request ids."""
+        ids = request_ids(len(embedding))
+        shadows = []
+        for name, version, share in self.heads.routing.current().shadows():
+            if (name, version) == (chosen.name, chosen.version):
+                continue
+            head = self.heads.cached(name, version)
+            if head is None:
+                try:
+                    head = await asyncio.to_thread(self.heads.head, name, version)
+                except UserError as exc:
+                    self._drop_shadow(f"{name}:{version}", exc.message)
+                    continue
+            shadows.append((head, share))
+        scored, failed = self.judge.shadow(chosen, logits, embedding, shadows) if shadows else ([], [])
+        for key in failed:
+            self._drop_shadow(key, self.judge.dropped_shadows[key])
+        self.judge.submit(Scored(ids, time.time(), embedding, chosen, scored, logits))
+        return ids
+
+    def _drop_shadow(self, key: str, reason: str) -> None:
+        """Take a failing shadow head out of the route, off the request path (another worker may have already)."""
+        self.judge.dropped_shadows[key] = reason
+        name, _, version = key.partition(":")
+
+        def drop() -> None:
+            try:
+                self.heads.unshadow(name, int(version))
+            except UserError:
+                pass
+
+        asyncio.get_running_loop().run_in_executor(None, drop)
 
     async def embed(self, data: bytes) -> dict:
         """One encoded image -> its backbone embedding."""
@@ -197,10 +242,19 @@ class ServingEngine:
         embedding = await self.batcher.submit(image[None])
         return {"embedding": embedding[0].tolist(), "dim": self.embedding_dim}
 
+    async def feedback(self, request_id: str, label: str) -> dict:
+        """The true label of an answered image (``request_id`` from its answer): recorded for every head that
+        was scored on it."""
+        if not isinstance(label, str) or not label:
+            raise BadRequest("give the true label, one of the heads' labels")
+        known = {name for source in self.heads.catalog.entries().values() for name in source.labels}
+        return await asyncio.to_thread(self.judge.feedback, request_id, label, known)
+
     # -- admin: the registry changes state; every answer is the new status
 
     def status(self) -> dict:
-        """Live heads with versions, weights, traffic shares and request counts (all workers)."""
+        """Live heads with versions, weights, traffic shares and request counts (all workers); shadow heads,
+        feedback accuracy and drift (``judging``)."""
         route = self.heads.routing.current()
         counts = Metrics.request_counts()
         total = sum(w for w in route.weights.values() if w > 0)
@@ -219,7 +273,31 @@ class ServingEngine:
                              "precision": self.backbone_source.precision,
                              "graph_sha256": self.backbone_source.graph_sha256,
                              "embedding_dim": self.embedding_dim, "input_size": list(self.input_size)},
-                "heads": heads, "available": sorted(catalog)}
+                "heads": heads, "available": sorted(catalog), **self._judging(route, heads)}
+
+    def _judging(self, route: Route, heads: list[dict]) -> dict:
+        """Feedback accuracy and drift merged into each live head's entry; shadow heads, drift window, recorder."""
+        live = [self.heads.head(name, version) for name, version in sorted(route.versions.items())]
+        shadows = []
+        for name, version, share in route.shadows():
+            try:
+                shadows.append((self.heads.head(name, version), share))
+            except UserError as exc:  # a shadow head this worker cannot load is dropped on its next request
+                log.warning("shadow head %s:%d cannot be loaded: %s", name, version, exc.message)
+        judging = self.judge.status(live, shadows)
+        for entry in heads:
+            entry.update(judging["live"][f"{entry['name']}:{entry['version']}"])
+        return {"shadow": judging["shadow"], "drift": judging["drift"], "recorder": judging["recorder"],
+                "dropped_shadows": dict(self.judge.dropped_shadows)}
+
+    async def set_shadow(self, source: HeadSource | None, name: str, version: int | None, share: float) -> dict:
+        """Shadow a head version on ``share`` of requests (``source`` given), or stop shadowing ``name``
+        (``share`` 0: one version, or all of that name)."""
+        if share == 0:
+            await asyncio.to_thread(self.heads.unshadow, name, version)
+        else:
+            await asyncio.to_thread(self.heads.shadow, source, share)
+        return self.status()
 
     async def set_weights(self, weights: dict[str, float]) -> dict:
         """Replace the traffic weights (every named head must be live)."""

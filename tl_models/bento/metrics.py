@@ -12,7 +12,7 @@ class Metrics:
     _instance: "Metrics | None" = None
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         labels = ["head", "version", "endpoint"]
         self.requests = Counter("tl_models_head_requests", "Requests routed to a head", labels)
@@ -23,6 +23,28 @@ class Metrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.batch = Histogram("tl_models_backbone_batch_size", "Images per backbone pass (adaptive batching)",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        shadow = ["head", "version"]
+        self.shadow_scored = Counter("tl_models_shadow_scored", "Images a shadow head was scored on", shadow)
+        self.shadow_agreed = Counter("tl_models_shadow_agreed",
+                                     "Images where a shadow head's top-1 equals the answering head's", shadow)
+        self.shadow_confidence = Counter("tl_models_shadow_confidence",
+                                         "Sum of a shadow head's top-1 confidence", shadow)
+        self.shadow_answer_confidence = Counter("tl_models_shadow_answer_confidence",
+                                                "Sum of the answering head's top-1 confidence on the images a "
+                                                "shadow head was scored on", shadow)
+        self.shadow_seconds = Counter("tl_models_shadow_seconds", "Time spent scoring a shadow head", shadow)
+        self.shadow_errors = Counter("tl_models_shadow_errors", "Shadow scorings that failed (the head is "
+                                     "dropped from shadowing; the request is answered)", shadow)
+        judged = ["head", "version", "role"]
+        self.feedback = Counter("tl_models_feedback", "Labelled requests a head was scored on (role: live "
+                                "answered it, shadow was scored beside)", judged)
+        self.feedback_correct = Counter("tl_models_feedback_correct", "Labelled requests a head got right", judged)
+        self.recorded = Counter("tl_models_judge_recorded", "Images recorded for feedback (and drift)")
+        self.dropped = Counter("tl_models_judge_dropped", "Images not recorded: the recorder queue was full")
+        self.logged = Counter("tl_models_log_records", "Images written to the embedding log")
+        self.drift = Gauge("tl_models_embedding_drift", "Distance of the recent served embeddings' mean from a "
+                           "head's training mean, in training spreads", ["head", "version"],
+                           multiprocess_mode="livemax")
 
     @classmethod
     def get(cls) -> "Metrics":
@@ -32,21 +54,29 @@ class Metrics:
         return cls._instance
 
     @staticmethod
-    def request_counts() -> dict[str, dict[str, float]]:
-        """``head -> version -> requests``, summed over every worker of the server."""
+    def totals(*families: str) -> dict[str, dict[tuple[str, ...], float]]:
+        """``family -> label values (in label order) -> counter total``, summed over every worker of the server."""
         from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
         registry = REGISTRY
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        counts: dict[str, dict[str, float]] = {}
+        totals: dict[str, dict[tuple[str, ...], float]] = {family: {} for family in families}
         for family in registry.collect():
-            if family.name != "tl_models_head_requests":
+            if family.name not in totals:
                 continue
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    by_version = counts.setdefault(sample.labels["head"], {})
-                    version = sample.labels["version"]
-                    by_version[version] = by_version.get(version, 0.0) + sample.value
+                    key = tuple(sample.labels.values())
+                    totals[family.name][key] = totals[family.name].get(key, 0.0) + sample.value
+        return totals
+
+    @staticmethod
+    def request_counts() -> dict[str, dict[str, float]]:
+        """``head -> version -> requests``, summed over every worker of the server."""
+        counts: dict[str, dict[str, float]] = {}
+        for (head, version, _), value in Metrics.totals("tl_models_head_requests")["tl_models_head_requests"].items():
+            by_version = counts.setdefault(head, {})
+            by_version[version] = by_version.get(version, 0.0) + value
         return counts

@@ -1,5 +1,5 @@
 """The heads of a BentoML worker: admitted head sessions, the shared route, the head catalog, and the admin
-operations that change them (load, weights, retire). Every change is serialised across workers by the catalog's
+operations that change them (load, weights, retire, shadow). Every change is serialised across workers by the catalog's
 lock; every head enters only through :func:`tl_models.core.heads.admit_head`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from ..core.errors import BuildError, Conflict, NotFound, Unavailable, UserError
+from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
 from ..core.manifest import latest_versions
@@ -83,11 +83,13 @@ class HeadRegistry:
         return self._loaded.get((name, version))
 
     def follow(self, route: Route) -> None:
-        """Drop head versions a newer route no longer names (requests in flight keep their reference)."""
+        """Drop head versions a newer route no longer names, live or shadow (requests in flight keep their
+        reference)."""
         if route.revision == self._revision:
             return
         with self._lock:
-            for key in [k for k in self._loaded if route.versions.get(k[0]) != k[1]]:
+            for key in [k for k in self._loaded
+                        if route.versions.get(k[0]) != k[1] and f"{k[0]}:{k[1]}" not in route.shadow]:
                 del self._loaded[key]
             self._revision = route.revision
 
@@ -104,15 +106,7 @@ class HeadRegistry:
         data = read_verified(source.path, source.sha256, f"head {source.key}")
         head = self._admit(source, data)
         with self.catalog.locked():
-            known = self.catalog.get(source.name, source.version)
-            if known is not None and known.sha256 != source.sha256:
-                raise Conflict(f"head {source.key} is already known with another {HEAD_ONNX} (from {known.origin}); "
-                               "give the new head a new version")
-            if source.origin.startswith("build:"):
-                head.source = source = self._stash(source, data)
-            self.catalog.put([source])
-            with self._lock:
-                self._loaded[(source.name, source.version)] = head
+            source = self._enter(head, data)
             if live:
                 route = RoutingState(self.routing.path, poll=0).current()  # fresh read: no cached weights
                 weights = None
@@ -121,6 +115,44 @@ class HeadRegistry:
                     weights = {**route.weights, source.name: default if weight is None else weight}
                 self._update_route(versions={source.name: source.version}, weights=weights)
         log.info("head %s loaded from %s%s", source.key, source.origin, " and live" if live else "")
+
+    def shadow(self, source: HeadSource, share: float) -> None:
+        """Admit a head version and score it beside every answer on ``share`` (0..1] of requests, never returning
+        it (a live name's other version may shadow it)."""
+        if not 0 < share <= 1:
+            raise BadRequest(f"share must be above 0 and at most 1 (0 removes a shadow head), got {share}")
+        data = read_verified(source.path, source.sha256, f"head {source.key}")
+        head = self._admit(source, data)
+        with self.catalog.locked():
+            source = self._enter(head, data)
+            self._update_route(shadow={source.key: share})
+        log.info("head %s shadows %.0f%% of requests", source.key, share * 100)
+
+    def unshadow(self, name: str, version: int | None = None) -> list[str]:
+        """Stop shadowing ``name`` (one version, or all); the keys removed (NotFound when none)."""
+        with self.catalog.locked():
+            route = RoutingState(self.routing.path, poll=0).current()
+            keys = [f"{n}:{v}" for n, v, _ in route.shadows() if n == name and version in (None, v)]
+            if not keys:
+                raise NotFound(f"{name}{'' if version is None else f':{version}'} is not a shadow head; shadow "
+                               f"heads: {', '.join(sorted(route.shadow)) or 'none'}")
+            self._update_route(shadow={key: 0 for key in keys})
+        return keys
+
+    def _enter(self, head: LoadedHead, data: bytes) -> HeadSource:
+        """Record an admitted head in the catalog (under its lock) and this worker's loaded heads; Conflict when
+        the catalog knows that version with other bytes."""
+        source = head.source
+        known = self.catalog.get(source.name, source.version)
+        if known is not None and known.sha256 != source.sha256:
+            raise Conflict(f"head {source.key} is already known with another {HEAD_ONNX} (from {known.origin}); "
+                           "give the new head a new version")
+        if source.origin.startswith("build:"):
+            head.source = source = self._stash(source, data)
+        self.catalog.put([source])
+        with self._lock:
+            self._loaded[(source.name, source.version)] = head
+        return source
 
     def retire(self, name: str) -> None:
         """Take a head out of the route (weights and live version); its requests go to the other heads."""

@@ -21,7 +21,7 @@ from onnx import compose
 
 from ..core.files import atomic_write_bytes
 from ..core.manifest import HeadEntry, Manifest
-from ..core.names import EMBEDDING, IMAGE, LOGITS
+from ..core.names import EMBEDDING, IMAGE, LOGITS, METADATA_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _finish(model: onnx.ModelProto, path: Path | None, metadata: dict[str, objec
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
-        entry.key = f"tl_models.{key}"
+        entry.key = METADATA_PREFIX + key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
@@ -113,9 +113,10 @@ def read_metadata(path: str | Path) -> dict[str, object]:
     model = onnx.load(str(path), load_external_data=False)
     out = {}
     for entry in model.metadata_props:
-        if entry.key.startswith("tl_models."):
+        if entry.key.startswith(METADATA_PREFIX):
+            key = entry.key.removeprefix(METADATA_PREFIX)
             try:
-                out[entry.key[10:]] = json.loads(entry.value)
+                out[key] = json.loads(entry.value)
             except json.JSONDecodeError:
-                out[entry.key[10:]] = entry.value
+                out[key] = entry.value
     return out

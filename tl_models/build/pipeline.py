@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..core.drift import EmbeddingReference
 from ..core.errors import BadRequest, BuildError
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
@@ -25,6 +26,8 @@ from ..core.names import (
     BACKBONE_PT,
     CONFUSION_PNG,
     CURVES_PNG,
+    EMBEDDING_REFERENCE,
+    EMBEDDING_REFERENCE_KEY,
     FUSED_FP16,
     FUSED_ONNX,
     HEAD_ONNX,
@@ -176,7 +179,7 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
                     standardise=target is not None)
     train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
     targets = torch.tensor(data.targets)
-    cache_hit, semi, alignment = False, None, None
+    cache_hit, semi, alignment, reference = False, None, None, None
     cache = FeatureCache(options.cache_dir or default_cache_dir())
     if options.unfreeze_last:
         inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
@@ -184,9 +187,12 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         embedder = backbone.module
     else:
         features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+        reference = EmbeddingReference.of(features[train_idx], features[val_idx])
         if target is not None:
-            alignment = coral(features, cache.get_or_compute(backbone, target, progress=options.progress)[0])
+            target_features = cache.get_or_compute(backbone, target, progress=options.progress)[0]
+            alignment = coral(features, target_features)
             features = alignment.source  # the labelled images as the target domain would embed them
+            reference = EmbeddingReference.of(target_features)  # what this head expects to be served
         inputs, embedder = torch.from_numpy(features), None
 
     def make_head() -> torch.nn.Module:
@@ -212,6 +218,9 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     staged = build_dir.staging_dir()
     try:
         entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
+        if reference is not None:
+            atomic_write_json(staged / EMBEDDING_REFERENCE, reference.to_dict())
+            entry.files = sorted(p.name for p in staged.iterdir())
         if semi is not None:
             _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
         if target is not None:
@@ -282,7 +291,7 @@ def export_and_check(build_dir: BuildDir, manifest: Manifest, backbone: torch.nn
     graphs = {}
     for entry, head, folder in heads:
         meta = build_metadata(manifest, entry)
-        export_head(head, manifest.embedding_dim, folder / HEAD_ONNX, meta)
+        export_head(head, manifest.embedding_dim, folder / HEAD_ONNX, {**meta, **_reference_metadata(folder)})
         fused_graph = fuse(backbone_path, folder / HEAD_ONNX, meta, folder / FUSED_ONNX if fused else None)
         graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
     report = run_parity(backbone, manifest.input_size, str(backbone_path) if with_backbone else None, graphs,
@@ -293,6 +302,12 @@ def export_and_check(build_dir: BuildDir, manifest: Manifest, backbone: torch.nn
     log.info("parity (PyTorch vs ONNX Runtime):\n%s", report.table())
     report.raise_on_failure()
     return report
+
+
+def _reference_metadata(folder: Path) -> dict:
+    """A head's embedding reference for its head.onnx metadata (so it travels with the graph), if it has one."""
+    path = folder / EMBEDDING_REFERENCE
+    return {EMBEDDING_REFERENCE_KEY: json.loads(path.read_text())} if path.is_file() else {}
 
 
 def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False,
@@ -306,8 +321,10 @@ def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = 
         scratch = build_dir.staging_dir()
         try:
             folders = {e.path: scratch / e.path for e in manifest.heads}
-            for folder in folders.values():
-                folder.mkdir(parents=True)
+            for entry in manifest.heads:
+                folders[entry.path].mkdir(parents=True)
+                if EMBEDDING_REFERENCE in entry.files:  # the export puts it into head.onnx again
+                    shutil.copy(build_dir.file(entry.rel(EMBEDDING_REFERENCE)), folders[entry.path])
             heads = [(e, load_head_module(build_dir, e), folders[e.path]) for e in manifest.heads]
             fused = fused or any(FUSED_ONNX in e.files for e in manifest.heads)
             report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance,

@@ -8,15 +8,27 @@ backbone, a test run whose logits have one column per label.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .drift import EmbeddingReference
 from .errors import BadRequest, BuildError, Conflict, Forbidden, NotFound, Refused
 from .manifest import BuildDir, HeadEntry, Manifest
-from .names import BACKBONE_FILES, BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, LOGITS, check_name
+from .names import (
+    BACKBONE_FILES,
+    BACKBONE_INT8,
+    BACKBONE_ONNX,
+    EMBEDDING,
+    EMBEDDING_REFERENCE_KEY,
+    HEAD_ONNX,
+    LOGITS,
+    METADATA_PREFIX,
+    check_name,
+)
 from .runtime import create_session
 
 PRECISIONS = tuple(BACKBONE_FILES)
@@ -184,10 +196,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LoadedHead:
-    """An admitted head session: ``embedding (N×D) -> logits (N×C)``."""
+    """An admitted head session: ``embedding (N×D) -> logits (N×C)``, and the summary of the embeddings it was
+    trained on (None for heads built before drift was measured)."""
 
     source: HeadSource
     session: object
+    reference: EmbeddingReference | None = None
 
     @property
     def name(self) -> str:
@@ -242,7 +256,7 @@ def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, pro
     if len(shape) != 2 or shape[1] != embedding_dim:
         raise Refused(f"{what}: takes input of shape {shape}, the backbone produces embeddings of "
                       f"dimension {embedding_dim}")
-    head = LoadedHead(source, session)
+    head = LoadedHead(source, session, _reference(session, what))
     try:
         logits = head.logits(np.zeros((2, embedding_dim), dtype=np.float32))
     except Exception as exc:
@@ -250,3 +264,14 @@ def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, pro
     if logits.shape != (2, len(source.labels)) or not np.isfinite(logits).all():
         raise Refused(f"{what}: produced logits of shape {logits.shape} for {len(source.labels)} labels")
     return head
+
+
+def _reference(session, what: str) -> EmbeddingReference | None:
+    """The head's training-embedding summary from its ONNX metadata (written by the build), if it has one."""
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_PREFIX + EMBEDDING_REFERENCE_KEY)
+    if text is None:
+        return None
+    try:
+        return EmbeddingReference.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"{what}: unreadable embedding reference in its metadata: {exc}") from None

@@ -6,7 +6,9 @@ model) applies the same weights; readers re-check the file at most every ``poll`
 * weighted split across head names; sticky by request key: the same key gets the same head while the
   weights are unchanged (hash of the key -> a point in [0, 1) -> cumulative weights in name order);
 * an explicit head (``X-TL-Head``) overrides the split;
-* each head name has one live version; a swap repoints it.
+* each head name has one live version; a swap repoints it;
+* shadow heads (``"name:version" -> share``) are scored on a share of requests beside the head that answers,
+  never returned (judged by agreement and feedback, see ``tl_models.bento.judge``).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ class NoTraffic(Unavailable):
 
 @dataclass(frozen=True)
 class Route:
-    """Weights per head name, the live version of each head, and a revision that grows on every change."""
+    """Weights per head name, the live version of each head, shadow heads (``"name:version" -> share`` of
+    requests they are scored on) and a revision that grows on every change."""
 
     weights: dict[str, float] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     revision: int = 0
+    shadow: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> "Route":
         """Raise RoutingError unless every weighted head has a live version and the weights are usable."""
@@ -53,7 +57,18 @@ class Route:
                 raise RoutingError(f"weight of head {name!r} must be a finite number >= 0, got {weight}")
         if self.weights and sum(self.weights.values()) <= 0:
             raise RoutingError("at least one head needs a weight above 0")
+        for key, share in self.shadow.items():
+            name, _, version = key.partition(":")
+            if not name or not version.isdigit():
+                raise RoutingError(f"shadow heads are named 'name:version', got {key!r}")
+            if not 0 < share <= 1:
+                raise RoutingError(f"share of shadow head {key!r} must be above 0 and at most 1, got {share}")
         return self
+
+    def shadows(self) -> list[tuple[str, int, float]]:
+        """``(name, version, share)`` of every shadow head, in name order."""
+        keys = [(key.partition(":"), share) for key, share in sorted(self.shadow.items())]
+        return [(name, int(version), share) for (name, _, version), share in keys]
 
     def choose(self, key: str | None = None, head: str | None = None) -> tuple[str, int]:
         """(head name, version) for one request: ``head`` if given, else weighted (sticky when ``key`` is given)."""
@@ -123,13 +138,15 @@ class RoutingState:
                 data = json.loads(self.path.read_text())
                 self._cached = Route(weights={k: float(v) for k, v in data.get("weights", {}).items()},
                                      versions={k: int(v) for k, v in data.get("versions", {}).items()},
-                                     revision=int(data.get("revision", 0)))
+                                     revision=int(data.get("revision", 0)),
+                                     shadow={k: float(v) for k, v in data.get("shadow", {}).items()})
                 self._stamp = stamp
             return self._cached
 
     def update(self, weights: dict[str, float] | None = None, versions: dict[str, int] | None = None,
-               retire: tuple[str, ...] = ()) -> Route:
-        """Change weights and/or live versions, drop retired heads; validated, then written atomically."""
+               retire: tuple[str, ...] = (), shadow: dict[str, float] | None = None) -> Route:
+        """Change weights and/or live versions and/or shadow shares (a share of 0 removes that shadow head), drop
+        retired heads; validated, then written atomically."""
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             self._checked = 0.0
             old = self.current()
@@ -140,7 +157,9 @@ class RoutingState:
                     raise UnknownHead(f"cannot retire unknown head {name!r}")
                 new_versions.pop(name)
                 new_weights.pop(name, None)
-            route = Route(new_weights, new_versions, old.revision + 1).validate()
+            new_shadow = {**old.shadow, **(shadow or {})}
+            new_shadow = {key: float(share) for key, share in new_shadow.items() if share != 0}
+            route = Route(new_weights, new_versions, old.revision + 1, new_shadow).validate()
             atomic_write_json(self.path, route.to_dict())
             os.utime(self.path)
             self._checked = 0.0

@@ -1,0 +1,316 @@
+"""Judging heads on live traffic inside a BentoML worker.
+
+* **Shadow heads** are scored on the embedding the request already computed (one small matmul each), on the
+  request path, and never returned: per shadow head, top-1 agreement with the head that answered, both heads'
+  mean top-1 confidence and the time scoring took (Prometheus counters, summed over workers in ``/heads``).
+  A shadow head that fails is counted and dropped from shadowing; the request is answered.
+* **Request ids**: every answered image gets one. The recorder, a thread off the request path fed by a bounded
+  queue (full: the record is dropped and counted, the request never waits), writes what every scored head said
+  into the feedback store (:mod:`tl_models.core.feedback`), pushes the embedding into the drift window
+  (:mod:`tl_models.core.drift`) and writes a sampled share into the embedding log
+  (:mod:`tl_models.core.embedding_log`).
+* **Feedback** (``POST /feedback``) labels a request id: per head and role, accuracy over its recent labelled
+  requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.drift import DRIFT_THRESHOLD, DRIFT_WINDOW, DriftWindow
+from ..core.embedding_log import EmbeddingLogWriter, append_feedback
+from ..core.errors import BadRequest
+from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore
+from ..core.heads import BackboneSource, LoadedHead, softmax
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+LOG_DIR = "embedding-log"  # default log folder inside the state directory
+
+
+@dataclass
+class JudgeConfig:
+    """Knobs of judging, from ``TL_MODELS_*`` environment variables (:meth:`from_env`)."""
+
+    log_dir: Path
+    log_share: float = 0.0
+    log_max_bytes: int = 1 << 30
+    log_flush: float = 10.0
+    queue_size: int = 10000
+    drift_window: int = DRIFT_WINDOW
+    drift_threshold: float = DRIFT_THRESHOLD
+    feedback_window: int = 1000
+    retention_days: float = 7.0
+
+    @classmethod
+    def from_env(cls, state_dir: Path) -> "JudgeConfig":
+        env = os.environ
+        config = cls(log_dir=Path(env.get("TL_MODELS_LOG_DIR") or state_dir / LOG_DIR),
+                     log_share=float(env.get("TL_MODELS_LOG_SHARE", "0")),
+                     log_max_bytes=int(float(env.get("TL_MODELS_LOG_MAX_MB", "1024")) * (1 << 20)),
+                     log_flush=float(env.get("TL_MODELS_LOG_FLUSH", "10")),
+                     queue_size=int(env.get("TL_MODELS_JUDGE_QUEUE", "10000")),
+                     drift_window=int(env.get("TL_MODELS_DRIFT_WINDOW", str(DRIFT_WINDOW))),
+                     drift_threshold=float(env.get("TL_MODELS_DRIFT_THRESHOLD", str(DRIFT_THRESHOLD))),
+                     feedback_window=int(env.get("TL_MODELS_FEEDBACK_WINDOW", "1000")),
+                     retention_days=float(env.get("TL_MODELS_RETENTION_DAYS", "7")))
+        if not 0 <= config.log_share <= 1:
+            raise BadRequest(f"TL_MODELS_LOG_SHARE must be a share between 0 and 1, got {config.log_share}")
+        if config.queue_size < 1 or config.drift_window < 1 or config.feedback_window < 1:
+            raise BadRequest("TL_MODELS_JUDGE_QUEUE, TL_MODELS_DRIFT_WINDOW and TL_MODELS_FEEDBACK_WINDOW must be "
+                             "at least 1")
+        return config
+
+
+@dataclass
+class Scored:
+    """One answered request, as the recorder needs it: ids, embeddings and every scored head's logits."""
+
+    request_ids: list[str]
+    time: float
+    embedding: np.ndarray
+    answered: LoadedHead
+    shadows: list[tuple[LoadedHead, np.ndarray]]
+    logits: np.ndarray
+
+
+def request_ids(count: int) -> list[str]:
+    """One id per image: the time in ms (11 hex digits) and 16 random hex digits, suffixed ``-<i>`` per image when
+    a request holds several."""
+    base = f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(8)}"
+    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+
+
+def _issued_recently(request_id: str, seconds: float = 5.0) -> bool:
+    """Whether an id of :func:`request_ids` was issued in the last ``seconds`` (its record may still be queued)."""
+    try:
+        issued = int(request_id[:11], 16) / 1000
+    except ValueError:
+        return False
+    return 0 <= time.time() - issued < seconds
+
+
+def _top(head: LoadedHead, logits: np.ndarray, k: int) -> list[list[list]]:
+    """Top-k ``[label, score]`` per row."""
+    scores = softmax(logits)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[[head.source.labels[i], round(float(row[i]), 6)] for i in idx] for row, idx in zip(scores, order)]
+
+
+class Judge:
+    """Shadow scoring on the request path; recording, drift and the embedding log on a thread of its own."""
+
+    def __init__(self, state_dir: Path, config: JudgeConfig, backbone: BackboneSource, embedding_dim: int,
+                 top_k: int = 5):
+        self.config = config
+        self.metrics = Metrics.get()
+        self.top_k = top_k
+        self.store = FeedbackStore(state_dir / FEEDBACK_DB, retention=config.retention_days * 86400)
+        self.drift_window = DriftWindow(embedding_dim, config.drift_window)
+        self.log = None
+        if config.log_share > 0:
+            self.log = EmbeddingLogWriter(config.log_dir, {"build": backbone.build, "backbone_sha256": backbone.sha256,
+                                                           "embedding_dim": embedding_dim},
+                                          max_bytes=config.log_max_bytes)
+        self.dropped_shadows: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
+        self._queue: queue.Queue[Scored] = queue.Queue(maxsize=config.queue_size)
+        self._thread = threading.Thread(target=self._record_forever, name="tl-models-judge", daemon=True)
+        self._thread.start()
+
+    # -- the request path
+
+    def shadow(self, answered: LoadedHead, logits: np.ndarray, embedding: np.ndarray,
+               shadows: list[tuple[LoadedHead, float]]) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
+        """Score each shadow head drawn by its share on ``embedding``: ``(head, logits)`` of those that ran, and
+        the keys of those that failed (the caller drops them from shadowing)."""
+        scored, failed = [], []
+        answer = softmax(logits)
+        answer_top, answer_confidence = answer.argmax(axis=1), answer.max(axis=1)
+        for head, share in shadows:
+            key = head.source.key
+            if key in self.dropped_shadows or (share < 1 and random.random() >= share):
+                continue
+            labels = (head.name, str(head.version))
+            start = time.perf_counter()
+            try:
+                shadow_logits = head.logits(embedding)
+                shadow = softmax(shadow_logits)
+                if shadow.shape[0] != len(embedding):
+                    raise ValueError(f"{shadow.shape[0]} rows of logits for {len(embedding)} images")
+            except Exception as exc:  # a shadow head never fails the request
+                self.metrics.shadow_errors.labels(*labels).inc()
+                self.dropped_shadows[key] = f"{type(exc).__name__}: {exc}"
+                failed.append(key)
+                log.warning("shadow head %s failed and is dropped from shadowing: %s", key, exc)
+                continue
+            agreed = np.asarray(head.source.labels)[shadow.argmax(axis=1)] == \
+                np.asarray(answered.source.labels)[answer_top]
+            self.metrics.shadow_seconds.labels(*labels).inc(time.perf_counter() - start)
+            self.metrics.shadow_scored.labels(*labels).inc(len(embedding))
+            self.metrics.shadow_agreed.labels(*labels).inc(int(agreed.sum()))
+            self.metrics.shadow_confidence.labels(*labels).inc(float(shadow.max(axis=1).sum()))
+            self.metrics.shadow_answer_confidence.labels(*labels).inc(float(answer_confidence.sum()))
+            scored.append((head, shadow_logits))
+        return scored, failed
+
+    def submit(self, scored: Scored) -> bool:
+        """Queue a request for recording; False (counted) when the queue is full: the request never waits."""
+        try:
+            self._queue.put_nowait(scored)
+        except queue.Full:
+            self.metrics.dropped.inc(len(scored.request_ids))
+            return False
+        return True
+
+    # -- the recorder thread
+
+    def _record_forever(self) -> None:
+        last_flush = last_drift = time.monotonic()
+        seen: dict[str, LoadedHead] = {}  # heads scored since the drift gauge was last set
+        while True:
+            try:
+                batch = [self._queue.get(timeout=1.0)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < 256:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._record(batch)
+                for scored in batch:
+                    seen.update((h.source.key, h) for h in [scored.answered, *(h for h, _ in scored.shadows)])
+                now = time.monotonic()
+                if seen and now - last_drift >= 1.0:
+                    self.drift(list(seen.values()))
+                    seen, last_drift = {}, now
+                if self.log is not None and self.log.pending and (now - last_flush >= self.config.log_flush
+                                                                  or len(self.log.pending) >= 4096):
+                    self.metrics.logged.inc(self.log.flush())
+                    last_flush = now
+            except Exception:  # the recorder must outlive a bad disk moment; what it held is counted as dropped
+                log.exception("recording %d requests failed", len(batch))
+                self.metrics.dropped.inc(sum(len(s.request_ids) for s in batch))
+            for _ in batch:
+                self._queue.task_done()
+
+    def _record(self, batch: list[Scored]) -> None:
+        rows = []
+        for scored in batch:
+            heads = [(scored.answered, scored.logits, LIVE)] + [(h, lg, SHADOW) for h, lg in scored.shadows]
+            tops = {head.source.key: _top(head, logits, self.top_k) for head, logits, _ in heads}
+            for head, _, role in heads:
+                for rid, top in zip(scored.request_ids, tops[head.source.key]):
+                    rows.append((rid, head.source.key, role, top[0][0], top[0][1], scored.time))
+            self.drift_window.add(scored.embedding)
+            if self.log is not None:
+                for i, rid in enumerate(scored.request_ids):
+                    if random.random() < self.config.log_share:
+                        self.log.add(rid, scored.time, scored.embedding[i], scored.answered.source.key,
+                                     {key: top[i] for key, top in tops.items()})
+        if rows:
+            self.store.record(rows)
+            self.metrics.recorded.inc(sum(len(s.request_ids) for s in batch))
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Wait until everything this worker queued is recorded; False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # -- feedback and status
+
+    def feedback(self, request_id: str, label: str, known_labels: set[str]) -> dict:
+        """Record the true label of an answered image; per scored head whether it was right."""
+        if not isinstance(request_id, str) or not request_id:
+            raise BadRequest("give the request_id an answer carried, and the true label")
+        deadline = time.monotonic() + 2.0  # an answer from a moment ago may still sit in a recorder's queue
+        while not self.store.scores(request_id) and _issued_recently(request_id) and time.monotonic() < deadline:
+            self.settle(0.1)
+            time.sleep(0.05)
+        new, judged = self.store.label(request_id, label, known_labels)
+        if new:
+            for key, role, correct in judged:
+                name, _, version = key.partition(":")
+                self.metrics.feedback.labels(name, version, role).inc()
+                if correct:
+                    self.metrics.feedback_correct.labels(name, version, role).inc()
+            if self.log is not None:
+                append_feedback(self.config.log_dir, request_id, label, time.time())
+        return {"request_id": request_id, "label": label, "recorded": new,
+                "heads": [{"head": key, "role": role, "correct": correct} for key, role, correct in judged]}
+
+    def drift(self, heads: list[LoadedHead]) -> dict[str, float | None]:
+        """``"name:version" -> drift`` of the recent window against each head's training embeddings (None when the
+        head has no reference or the window is too small); also sets the gauge."""
+        mean, _ = self.drift_window.mean()
+        values: dict[str, float | None] = {}
+        for head in heads:
+            value = None if mean is None or head.reference is None else head.reference.drift(mean)
+            values[head.source.key] = value
+            if value is not None:
+                self.metrics.drift.labels(head.name, str(head.version)).set(value)
+        return values
+
+    def status(self, live: list[LoadedHead], shadows: list[tuple[LoadedHead, float]]) -> dict:
+        """The judging part of ``GET /heads``: per live and shadow head its feedback accuracy, drift and (shadow)
+        agreement; the recorder's counts and the drift window."""
+        accuracy = self.store.accuracy(self.config.feedback_window)
+        drift = self.drift({**{h.source.key: h for h in live}, **{h.source.key: h for h, _ in shadows}}.values())
+        families = ("tl_models_shadow_scored", "tl_models_shadow_agreed", "tl_models_shadow_confidence",
+                    "tl_models_shadow_answer_confidence", "tl_models_shadow_seconds", "tl_models_shadow_errors",
+                    "tl_models_judge_recorded", "tl_models_judge_dropped", "tl_models_log_records")
+        totals = Metrics.totals(*families)
+
+        def judged(head: LoadedHead, role: str) -> dict:
+            feedback = accuracy.get((head.source.key, role), {"labelled": 0, "correct": 0, "accuracy": None})
+            value = drift.get(head.source.key)
+            reference = head.reference
+            return {"feedback": feedback, "drift": value,
+                    "drifted": None if value is None else value > self.config.drift_threshold,
+                    "drift_baseline": None if reference is None else reference.baseline}
+
+        def shadow_entry(head: LoadedHead, share: float) -> dict:
+            key = (head.name, str(head.version))
+            scored = totals["tl_models_shadow_scored"].get(key, 0.0)
+            per = (lambda family: totals[family].get(key, 0.0) / scored if scored else None)
+            seconds = totals["tl_models_shadow_seconds"].get(key, 0.0)
+            return {"name": head.name, "version": head.version, "share": share, "scored": int(scored),
+                    "agreement": per("tl_models_shadow_agreed"), "confidence": per("tl_models_shadow_confidence"),
+                    "answer_confidence": per("tl_models_shadow_answer_confidence"),
+                    "added_ms_per_image": seconds / scored * 1000 if scored else None,
+                    "errors": int(totals["tl_models_shadow_errors"].get(key, 0.0)),
+                    "dropped": self.dropped_shadows.get(head.source.key), **judged(head, SHADOW)}
+
+        window_mean, count = self.drift_window.mean()
+        return {"live": {head.source.key: judged(head, LIVE) for head in live},
+                "shadow": [shadow_entry(head, share) for head, share in shadows],
+                "drift": {"window": count, "size": self.config.drift_window,
+                          "threshold": self.config.drift_threshold, "ready": window_mean is not None},
+                "recorder": {"recorded": int(totals["tl_models_judge_recorded"].get((), 0.0)),
+                             "dropped": int(totals["tl_models_judge_dropped"].get((), 0.0)),
+                             "logged": int(totals["tl_models_log_records"].get((), 0.0)),
+                             "log_share": self.config.log_share,
+                             "log_dir": str(self.config.log_dir) if self.log is not None else None}}
+
+    def close(self) -> None:
+        """Record what is queued and write the log's last shard."""
+        self.settle()
+        if self.log is not None:
+            self.metrics.logged.inc(self.log.flush())
+        self.store.close()
