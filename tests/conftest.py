@@ -11,7 +11,16 @@ from typing import Callable, Iterator
 
 import httpx
 import pytest
-from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, Deployment, DirectOnnx, Server, serving_build
+from helpers import (
+    FEEDBACK_TOKEN,
+    RELIABILITY,
+    RELIABILITY_NOTES,
+    TOKEN,
+    Deployment,
+    DirectOnnx,
+    Server,
+    serving_build,
+)
 
 from tl_models.bento import launcher as bento_server
 from tl_models.build.backbones import install_offline_weights
@@ -99,9 +108,12 @@ def deployment(tmp_path_factory) -> Deployment:
 
 @pytest.fixture(scope="session")
 def server(deployment, tmp_path_factory) -> Server:
-    """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``; bodies up to 8 MiB,
-    tensors of up to 4 images, builds loadable from this session's temp dirs only."""
+    """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``, feedback token
+    ``helpers.FEEDBACK_TOKEN``; bodies up to 8 MiB, tensors of up to 4 images, builds loadable from this session's
+    temp dirs only; half the requests in the embedding log (a shard every second, at most 20 MB)."""
     env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
+           "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN, "TL_MODELS_LOG_SHARE": "0.5", "TL_MODELS_LOG_FLUSH": "1",
+           "TL_MODELS_LOG_MAX_MB": "20",
            "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1", "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
            "TL_MODELS_MAX_TENSOR_BATCH": "4", "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp())}
     process = bento_server.start(env, log_path=deployment.root / "serve.log")

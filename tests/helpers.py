@@ -29,6 +29,8 @@ from tl_models.core.routing import RoutingState
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+FEEDBACK_TOKEN = "test-feedback-token"
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 # figures of the reliability tests, printed at the end of the run (conftest.pytest_terminal_summary)
 RELIABILITY: Counter = Counter()

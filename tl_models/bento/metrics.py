@@ -53,9 +53,12 @@ class Metrics:
             cls._instance = cls()
         return cls._instance
 
+    LABEL_ORDER = ("head", "version", "endpoint", "role", "reason")  # order of label values in :meth:`totals` keys
+
     @staticmethod
     def totals(*families: str) -> dict[str, dict[tuple[str, ...], float]]:
-        """``family -> label values (in label order) -> counter total``, summed over every worker of the server."""
+        """``family -> label values (in :data:`LABEL_ORDER`) -> counter total``, summed over every worker of the
+        server (the multiprocess collector reorders labels, so keys follow one fixed order)."""
         from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
         registry = REGISTRY
@@ -68,7 +71,7 @@ class Metrics:
                 continue
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    key = tuple(sample.labels.values())
+                    key = tuple(sample.labels[n] for n in Metrics.LABEL_ORDER if n in sample.labels)
                     totals[family.name][key] = totals[family.name].get(key, 0.0) + sample.value
         return totals
 

@@ -1,0 +1,249 @@
+"""Judging heads on live traffic: shadow heads, feedback, the recorder queue, drift and the embedding log.
+
+The server tests use the session's real ``bentoml serve`` (2 workers, embedding log at share 0.5) and compare
+what it reports with the build's ONNX files run directly on the same images."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import ADMIN, FEEDBACK, DirectOnnx
+from onnx import TensorProto, helper
+
+from tl_models.bento.judge import Judge, JudgeConfig, Scored, request_ids
+from tl_models.bento.registry import HeadRegistry
+from tl_models.build.data import write_demo_dataset
+from tl_models.core.drift import MIN_WINDOW, DriftWindow, EmbeddingReference
+from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
+from tl_models.core.errors import BadRequest, Conflict, NotFound
+from tl_models.core.feedback import FeedbackStore
+from tl_models.core.heads import sources_from_build
+from tl_models.core.preprocess import preprocess_bytes
+
+# ---------------------------------------------------------------- parts, in process
+
+
+def test_drift_is_small_for_the_same_distribution_and_large_for_a_shifted_one():
+    rng = np.random.default_rng(0)
+    train, held = rng.normal(0, 1, (2000, 64)), rng.normal(0, 1, (400, 64))
+    reference = EmbeddingReference.of(train, held)
+    assert reference.baseline < 0.1
+    window = DriftWindow(64, size=256)
+    window.add(held[:MIN_WINDOW - 1])
+    assert window.mean() == (None, MIN_WINDOW - 1)  # too few to say
+    window.add(held)
+    mean, count = window.mean()
+    assert count == 256 and reference.drift(mean) < 0.15
+    window.add(rng.normal(0, 1, (256, 64)) + 0.5)  # every dimension moved by half a standard deviation
+    assert reference.drift(window.mean()[0]) > 0.45
+    assert EmbeddingReference.from_dict(reference.to_dict()).drift(mean) == pytest.approx(reference.drift(mean))
+
+
+def test_feedback_store_labels_once_and_refuses_unknown_ids_and_labels(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    now = time.time()
+    store.record([("r1", "a:1", "live", "3", 0.9, now), ("r1", "b:1", "shadow", "5", 0.6, now),
+                  ("r2", "a:1", "live", "4", 0.8, now)])
+    new, judged = store.label("r1", "3", {"3", "4", "5"})
+    assert new and judged == [("a:1", "live", True), ("b:1", "shadow", False)]
+    assert store.label("r1", "3", {"3", "4", "5"})[0] is False  # the same label again changes nothing
+    with pytest.raises(Conflict, match="already has label '3'"):
+        store.label("r1", "5", {"3", "4", "5"})
+    with pytest.raises(NotFound, match="unknown request_id"):
+        store.label("nope", "3", {"3"})
+    with pytest.raises(BadRequest, match="unknown label"):
+        store.label("r2", "cat", {"3", "4"})
+    store.label("r2", "4", {"3", "4"})
+    accuracy = store.accuracy()
+    assert accuracy[("a:1", "live")] == {"labelled": 2, "correct": 2, "accuracy": 1.0}
+    assert accuracy[("b:1", "shadow")] == {"labelled": 1, "correct": 0, "accuracy": 0.0}
+    assert store.accuracy(window=1)[("a:1", "live")]["labelled"] == 1
+
+
+def test_embedding_log_rotates_within_its_bound_and_joins_feedback(tmp_path):
+    facts = {"build": "b", "backbone_sha256": "0" * 64, "embedding_dim": 8}
+    writer = EmbeddingLogWriter(tmp_path / "log", facts, max_bytes=3 * 2500)
+    for shard in range(6):
+        for i in range(10):
+            writer.add(f"r{shard}-{i}", 1000.0 + shard, np.full(8, shard, np.float32), "a:1",
+                       {"a:1": [["3", 0.9]]})
+        assert writer.flush() == 10
+    assert writer.flush() == 0
+    shards = sorted((tmp_path / "log").glob("shard-*.npz"))
+    assert 1 <= len(shards) < 6 and sum(p.stat().st_size for p in shards) <= 3 * 2500
+    append_feedback(tmp_path / "log", "r5-1", "7", 1010.0)
+    append_feedback(tmp_path / "log", "r0-0", "2", 1011.0)  # its shard was deleted: no record to join
+    log = read_log(tmp_path / "log")
+    assert log.facts["build"] == "b" and len(log.columns["request_id"]) == 10 * len(shards)
+    embeddings, labels, _ = log.labelled()
+    assert labels == ["7"] and embeddings.tolist() == [[5.0] * 8]
+    with pytest.raises(Exception, match="another build"):
+        EmbeddingLogWriter(tmp_path / "log", {**facts, "build": "other"})
+
+
+def test_a_full_recorder_queue_drops_and_counts_and_never_blocks(deployment, tmp_path):
+    backbone, heads = sources_from_build(deployment.build_dir)
+    registry = HeadRegistry(tmp_path / "state", 1280, backbone)
+    registry.bootstrap([h for h in heads if h.version == 1], None, backbone.build)
+    head = registry.head("a", 1)
+    judge = Judge(tmp_path / "state", JudgeConfig(log_dir=tmp_path / "log", queue_size=2), backbone, 1280)
+    release = threading.Event()
+    record = judge.store.record
+    judge.store.record = lambda rows: (release.wait(30), record(rows))  # a disk that stalls
+    dropped_before = judge.metrics.dropped._value.get()
+    embedding = np.zeros((1, 1280), np.float32)
+    accepted, slowest = [], 0.0
+    for _ in range(10):
+        start = time.perf_counter()
+        accepted.append(judge.submit(Scored(request_ids(1), time.time(), embedding, head, [],
+                                            head.logits(embedding))))
+        slowest = max(slowest, time.perf_counter() - start)
+    assert slowest < 0.01
+    # the recorder holds one batch, the queue two more: the rest are dropped and counted
+    assert 3 <= accepted.count(True) <= 4 and judge.metrics.dropped._value.get() - dropped_before == \
+        accepted.count(False)
+    release.set()
+    assert judge.settle(10)
+    assert len(judge.store.accuracy()) == 0  # recorded, none labelled
+    judge.close()
+
+
+# ---------------------------------------------------------------- a real bentoml serve
+
+
+def _held_out(root: Path, training: Path) -> list[tuple[str, bytes]]:
+    """Digits the build never saw: (true label, PNG bytes)."""
+    data = write_demo_dataset(root / "held-out", per_class=20)
+    seen = {p.name for p in training.rglob("*.png")}
+    return [(p.parent.name, p.read_bytes()) for p in sorted(data.rglob("*.png")) if p.name not in seen]
+
+
+def _shadow(server, head: str, version: int | None = None, share: float = 1.0, **where) -> dict:
+    body = {"head": head, "share": share, **({"version": version} if version is not None else {}), **where}
+    response = server.admin("/admin/shadow", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _shadow_entry(server, key: str) -> dict:
+    return next(s for s in server.heads()["shadow"] if f"{s['name']}:{s['version']}" == key)
+
+
+def test_shadow_agreement_and_feedback_accuracy_equal_offline(server, deployment, tmp_path):
+    server.reset()
+    direct = DirectOnnx(deployment.build_dir)
+    held = _held_out(tmp_path, deployment.build_dir.parent / "data")[:60]
+    truth = [label for label, _ in held]
+    offline = {head: [direct.labels[i] for i in direct([png for _, png in held], head, 1).argmax(1)]
+               for head in ("a", "b")}
+    status = _shadow(server, "b", 1)
+    assert [(s["name"], s["version"], s["share"]) for s in status["shadow"]] == [("b", 1, 1.0)]
+    before = _shadow_entry(server, "b:1")
+    answers = []
+    for label, png in held:
+        response = server.classify(png, {"X-TL-Head": "a"})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert [a["predictions"][0]["label"] for a in answers] == offline["a"]
+    after = _shadow_entry(server, "b:1")
+    scored = after["scored"] - before["scored"]
+    agreed = after["agreement"] * after["scored"] - (before["agreement"] or 0) * before["scored"]
+    assert scored == len(held)
+    assert round(agreed) == sum(x == y for x, y in zip(offline["a"], offline["b"]))
+    assert after["added_ms_per_image"] > 0 and after["errors"] == 0
+
+    for answer, label in zip(answers, truth):
+        response = server.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
+                                      headers=FEEDBACK)
+        assert response.status_code == 200, response.text
+        judged = {h["head"]: h["correct"] for h in response.json()["heads"]}
+        assert judged == {"a:1": answer["predictions"][0]["label"] == label,
+                          "b:1": offline["b"][answers.index(answer)] == label}
+    status = server.heads()
+    live_a = next(h for h in status["heads"] if h["name"] == "a")
+    accuracy = {"a": live_a["feedback"]["accuracy"], "b": _shadow_entry(server, "b:1")["feedback"]["accuracy"]}
+    for head in ("a", "b"):
+        expected = sum(x == y for x, y in zip(offline[head], truth)) / len(truth)
+        assert accuracy[head] == pytest.approx(expected), (head, accuracy, expected)
+    metrics = server.client.get("/metrics").text
+    for family in ("tl_models_shadow_agreed_total", "tl_models_feedback_correct_total",
+                   "tl_models_judge_recorded_total", "tl_models_embedding_drift"):
+        assert family in metrics
+    assert status["drift"]["ready"] and live_a["drift"] < status["drift"]["threshold"]
+
+    time.sleep(1.5)  # the log writes a shard at least every TL_MODELS_LOG_FLUSH=1 s
+    log = read_log(deployment.root / "state" / "embedding-log")
+    ids = {a["request_id"]: i for i, a in enumerate(answers)}
+    logged = [i for i, rid in enumerate(log.columns["request_id"]) if str(rid) in ids]
+    assert 0 < len(logged) < len(held)  # share 0.5
+    for i in logged:
+        rid = str(log.columns["request_id"][i])
+        assert log.labels[rid] == truth[ids[rid]]
+        expected = direct.embed(preprocess_bytes(held[ids[rid]][1], direct.spec)[None])[0]
+        np.testing.assert_allclose(log.columns["embedding"][i], expected, atol=1e-4)
+    _shadow(server, "b", share=0)
+    assert server.heads()["shadow"] == []
+
+
+def test_a_failing_shadow_head_never_fails_a_request(server, deployment, tmp_path):
+    server.reset()
+    # admitted (a batch of 2 runs) but fails on one image: Reshape to 2 rows, then a matmul that needs them
+    dim, classes = 1280, len(deployment.manifest.labels)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["embedding", "shape"], ["rows"]),
+         helper.make_node("MatMul", ["rows", "w"], ["logits"])], "fails_on_one",
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", dim])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, -1]),
+         helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.zeros(dim * classes).tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    build = deployment.fake_build(tmp_path / "flaky", "flaky", 1, model.SerializeToString())
+    _shadow(server, "flaky", 1, build_dir=str(build))
+    images = deployment.images(6)
+    for png in images:
+        response = server.classify(png)
+        assert response.status_code == 200, response.text
+        assert response.json()["head"] in ("a", "b")
+    deadline = time.time() + 10
+    while any(s["name"] == "flaky" for s in server.heads()["shadow"]) and time.time() < deadline:
+        time.sleep(0.2)
+    status = server.heads()
+    assert status["shadow"] == []  # dropped from the route: no worker scores it any more
+    metrics = server.client.get("/metrics").text
+    assert 'tl_models_shadow_errors_total{head="flaky",version="1"}' in metrics
+    for png in images[:2]:
+        assert server.classify(png).status_code == 200
+
+
+def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
+    server.reset()
+    answer = server.classify(deployment.images(1)[0]).json()
+    rid = answer["request_id"]
+    cases = [({"request_id": rid, "label": "3"}, {}, 401),
+             ({"request_id": rid, "label": "3"}, {"Authorization": "Bearer wrong"}, 401),
+             ({"request_id": "0" * 27, "label": "3"}, FEEDBACK, 404),
+             ({"request_id": "not-an-id", "label": "3"}, FEEDBACK, 404),
+             ({"request_id": rid, "label": "cat"}, FEEDBACK, 400),
+             ({"request_id": rid}, FEEDBACK, 400),
+             ({"label": "3"}, FEEDBACK, 400)]
+    for body, headers, status in cases:
+        response = server.client.post("/feedback", json=body, headers=headers)
+        assert response.status_code == status, (body, response.text)
+    first = server.client.post("/feedback", json={"request_id": rid, "label": "3"}, headers=ADMIN)
+    assert first.status_code == 200 and first.json()["recorded"] is True  # the admin token works too
+    again = server.client.post("/feedback", json={"request_id": rid, "label": "3"}, headers=FEEDBACK)
+    assert again.status_code == 200 and again.json()["recorded"] is False
+    assert server.client.post("/feedback", json={"request_id": rid, "label": "4"},
+                              headers=FEEDBACK).status_code == 409
+    for body, status in [({"head": "b", "version": 1, "share": 1.5}, 400), ({"head": "b", "version": 9}, 404),
+                         ({"head": "zz", "share": 0}, 404), ({"head": "../x", "share": 0}, 400),
+                         ({"share": 0.5}, 400)]:
+        response = server.admin("/admin/shadow", body)
+        assert response.status_code == status, (body, response.text)
+    assert server.admin("/admin/shadow", {"head": "b", "version": 1}, headers=FEEDBACK).status_code == 401
+    assert server.heads()["shadow"] == []
+    assert server.classify(deployment.images(1)[0]).status_code == 200
