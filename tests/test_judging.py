@@ -5,6 +5,8 @@ what it reports with the build's ONNX files run directly on the same images."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,11 +19,14 @@ from onnx import TensorProto, helper
 from tl_models.bento.judge import Judge, JudgeConfig, Scored, request_ids
 from tl_models.bento.registry import HeadRegistry
 from tl_models.build.data import write_demo_dataset
+from tl_models.build.pipeline import BuildOptions
+from tl_models.build.traffic import build_from_log
 from tl_models.core.drift import MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
-from tl_models.core.errors import BadRequest, Conflict, NotFound
+from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound
 from tl_models.core.feedback import FeedbackStore
 from tl_models.core.heads import sources_from_build
+from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import preprocess_bytes
 
 # ---------------------------------------------------------------- parts, in process
@@ -247,3 +252,59 @@ def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
     assert server.admin("/admin/shadow", {"head": "b", "version": 1}, headers=FEEDBACK).status_code == 401
     assert server.heads()["shadow"] == []
     assert server.classify(deployment.images(1)[0]).status_code == 200
+
+
+def test_serve_log_label_train_shadow_promote(server, deployment, tmp_path):
+    """The loop: served and labelled images -> a head version trained from the log (with the original images) ->
+    shadowed -> promoted with a swap."""
+    server.reset()
+    held = _held_out(tmp_path, deployment.build_dir.parent / "data")
+    for label, png in held:
+        answer = server.classify(png).json()
+        response = server.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
+                                      headers=FEEDBACK)
+        assert response.status_code == 200, response.text
+    time.sleep(1.5)  # a log shard every second
+    build = tmp_path / "build"
+    shutil.copytree(deployment.build_dir, build)
+    log_dir = deployment.root / "state" / "embedding-log"
+    out = deployment.cli("build", "--from-log", str(log_dir), "--data", str(deployment.build_dir.parent / "data"),
+                         "--out", str(build), "--head", "a", "--epochs", "15", "--cache-dir",
+                         str(deployment.root / "cache"))
+    assert "val accuracy" in out
+    entry = BuildDir(build).manifest().heads[-1]
+    labelled = read_log(log_dir).labelled()[1]
+    assert (entry.name, entry.version) == ("a", 3) and entry.parity["passed"]
+    assert entry.data["log"]["labelled"] == len(labelled) and entry.data["images"]["images"] == 100
+    assert "embedding_reference.json" in entry.files
+
+    status = _shadow(server, "a", 3, build_dir=str(build))
+    assert [(s["name"], s["version"]) for s in status["shadow"]] == [("a", 3)]
+    for _, png in held[:10]:
+        assert server.classify(png, {"X-TL-Head": "a"}).status_code == 200
+    assert _shadow_entry(server, "a:3")["scored"] == 10
+    response = server.admin("/admin/load", {"build_dir": str(build), "head": "a", "version": 3})
+    assert response.status_code == 200, response.text
+    answer = server.classify(held[0][1], {"X-TL-Head": "a"}).json()
+    assert answer["version"] == 3
+    _shadow(server, "a", share=0)
+    server.reset()
+
+
+def test_from_log_refuses_a_log_of_another_backbone_and_a_log_without_labels(deployment, tmp_path):
+    facts = {"build": "other", "backbone_sha256": "f" * 64, "embedding_dim": 1280}
+    writer = EmbeddingLogWriter(tmp_path / "other", facts)
+    writer.add("r1", 1.0, np.zeros(1280, np.float32), "a:1", {})
+    writer.flush()
+    build = tmp_path / "build"
+    shutil.copytree(deployment.build_dir, build)
+    options = BuildOptions(data=None, out=build, head="a", from_log=tmp_path / "other", progress=False)
+    with pytest.raises(BuildError, match="embeddings of backbone ffffffffffff"):
+        build_from_log(options)
+    writer = EmbeddingLogWriter(tmp_path / "unlabelled", {**facts, "backbone_sha256":
+                                                          BuildDir(build).manifest().files["backbone.onnx"]})
+    writer.add("r1", 1.0, np.zeros(1280, np.float32), "a:1", {})
+    writer.flush()
+    with pytest.raises(BuildError, match="no records with feedback"):
+        build_from_log(dataclasses.replace(options, from_log=tmp_path / "unlabelled"))
+    assert len(BuildDir(build).manifest().heads) == len(deployment.manifest.heads)

@@ -96,10 +96,12 @@ def _address(url: str | None, *schemes: str) -> str | None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .build.pipeline import build, summary_line
+    from .build.traffic import build_from_log
 
     self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap)
-    report = build(_build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
-                                  self_training=self_training, target=args.target))
+    options = _build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
+                             self_training=self_training, target=args.target, from_log=args.from_log)
+    report = build_from_log(options) if args.from_log else build(options)
     print(summary_line(report))
     print(f"build directory: {args.out}")
     return EXIT_OK
@@ -428,8 +430,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", help="train a head on a frozen backbone and write a build directory")
-    p.add_argument("--data", type=Path, required=True, help="ImageFolder: DATA/<class>/<image>")
+    p.add_argument("--data", type=Path,
+                   help="ImageFolder: DATA/<class>/<image> (with --from-log: optional, joins the logged examples)")
     p.add_argument("--out", type=Path, required=True, help="build directory (created or extended)")
+    p.add_argument("--from-log", type=Path, metavar="LOG",
+                   help="train a new head version from a service's embedding log (records with feedback labels); "
+                        "--out is the build that service serves")
     p.add_argument("--head", default="default", help="head name; an existing name gets a new version")
     _add_build_args(p)
     semi = SelfTraining()

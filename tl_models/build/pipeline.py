@@ -11,6 +11,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,7 +68,7 @@ def atomic_save_torch(path: str | Path, obj: object) -> None:
 class BuildOptions:
     """Everything `tl-models build` takes."""
 
-    data: Path
+    data: Path | None
     out: Path
     backbone: str = "mobilenet_v2"
     weights: str = "DEFAULT"
@@ -86,6 +87,7 @@ class BuildOptions:
     unlabeled: Path | None = None  # self-training on these images' embeddings (build.semi)
     target: Path | None = None     # unlabelled target-domain images: align to them (build.adapt)
     self_training: SelfTraining = field(default_factory=SelfTraining)
+    from_log: Path | None = None   # train from a service's embedding log instead (build.traffic)
 
 
 @dataclass
@@ -134,6 +136,8 @@ def build(options: BuildOptions) -> BuildReport:
 
     A first build that fails leaves no folder behind (or, in a folder that existed, none of its own files)."""
     check_name(options.head)
+    if options.data is None:
+        raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
     data = load_image_folder(options.data)
     if options.unfreeze_last and (options.unlabeled or options.target):
         raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
@@ -214,21 +218,40 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     if manifest is None:
         manifest = _new_manifest(options, backbone, data.classes)
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
-    version = build_dir.next_version(options.head, manifest)
-    staged = build_dir.staging_dir()
-    try:
-        entry = _stage_head(staged, options, spec, version, result, data, len(train_idx), len(val_idx), cache_hit)
-        if reference is not None:
-            atomic_write_json(staged / EMBEDDING_REFERENCE, reference.to_dict())
-            entry.files = sorted(p.name for p in staged.iterdir())
+
+    def annotate(staged: Path, entry: HeadEntry) -> None:
         if semi is not None:
             _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
         if target is not None:
             entry.train["adaptation"] = {"method": "coral", "eps": CORAL_EPS, "standardise": "per domain"}
             entry.data["target"] = _folder_record(target)
+
+    record = {"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
+              "train": len(train_idx), "val": len(val_idx), "val_fraction": options.val_fraction,
+              "skipped": len(data.skipped)}
+    entry, manifest = commit_head(build_dir, manifest, options, spec, head, result, record, backbone.module,
+                                  reference, cache_hit, annotate)
+    return BuildReport(entry, cache_hit, manifest)
+
+
+def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, spec: HeadSpec,
+                head: torch.nn.Module, result, data_record: dict, backbone: torch.nn.Module,
+                reference: EmbeddingReference | None, cache_hit: bool = False,
+                annotate: Callable[[Path, HeadEntry], None] | None = None) -> tuple[HeadEntry, Manifest]:
+    """Stage a trained head as the next version of ``options.head`` (files, curves, reference), export it and
+    check parity (the backbone too when the build has no backbone.onnx yet), then commit the manifest."""
+    version = build_dir.next_version(options.head, manifest)
+    staged = build_dir.staging_dir()
+    try:
+        entry = _stage_head(staged, options, spec, version, result, manifest.labels, data_record, cache_hit)
+        if reference is not None:
+            atomic_write_json(staged / EMBEDDING_REFERENCE, reference.to_dict())
+        if annotate is not None:
+            annotate(staged, entry)
+        entry.files = sorted(p.name for p in staged.iterdir())
         if options.export:
             new_backbone = BACKBONE_ONNX not in manifest.top_files
-            report = export_and_check(build_dir, manifest, backbone.module, [(entry, head, staged)],
+            report = export_and_check(build_dir, manifest, backbone, [(entry, head, staged)],
                                       new_backbone, options.tolerance, fused=options.fused)
             if new_backbone:
                 manifest.top_files.append(BACKBONE_ONNX)
@@ -239,22 +262,21 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     log.info("head %s v%d: val accuracy %.4f", options.head, version, result.metrics["val_accuracy"])
-    return BuildReport(entry, cache_hit, manifest)
+    return entry, manifest
 
 
-def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: int, result, data,
-                n_train: int, n_val: int, cache_hit: bool) -> HeadEntry:
+def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: int, result, classes: list[str],
+                data_record: dict, cache_hit: bool) -> HeadEntry:
     atomic_save_torch(staged / HEAD_PT, result.head_state)
     (staged / HISTORY_JSON).write_text(json.dumps(result.history, indent=1))
     plot_curves(result.history, staged / CURVES_PNG)
-    plot_confusion(result.metrics["confusion_matrix"], data.classes, staged / CONFUSION_PNG)
+    plot_confusion(result.metrics["confusion_matrix"], classes, staged / CONFUSION_PNG)
     return HeadEntry(
         name=options.head, version=version, kind=spec.kind, spec=spec.to_dict(),
         path=f"{HEADS_DIR}/{options.head}/{version}", files=sorted(p.name for p in staged.iterdir()),
         metrics=result.metrics,
         train={**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
-        data={"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
-              "train": n_train, "val": n_val, "val_fraction": options.val_fraction, "skipped": len(data.skipped)})
+        data=data_record)
 
 
 def _record_self_training(staged: Path, entry: HeadEntry, settings: SelfTraining, semi: SelfTrainResult,
@@ -264,7 +286,6 @@ def _record_self_training(staged: Path, entry: HeadEntry, settings: SelfTraining
                "confidence": round(float(confidence), 6)}
               for i, label, confidence in zip(semi.pseudo_index, semi.pseudo_label, semi.pseudo_confidence)]
     (staged / PSEUDO_LABELS_JSON).write_text(json.dumps(labels, indent=1))
-    entry.files = sorted(p.name for p in staged.iterdir())
     entry.train["self_training"] = semi.record(settings)
     entry.data["unlabeled"] = _folder_record(unlabeled)
 
@@ -409,6 +430,8 @@ def summary_line(report: BuildReport) -> str:
 
 
 def _cache_word(report: BuildReport) -> str:
+    if "log" in report.head.data and "images" not in report.head.data:
+        return "not used: logged embeddings"
     if report.head.train["unfreeze_last"]:
         return "not used: --unfreeze-last"
     return "hit" if report.cache_hit else "miss"
