@@ -1,6 +1,6 @@
 """The `tl-models` command: a noun, then a verb.
 
-  tl-models build | export | parity | quantize | backbones | demo | demo-data | install-weights
+  tl-models build | export | parity | quantize | report | backbones | demo | demo-data | install-weights
   tl-models bento package | serve
   tl-models triton package | serve | swap
   tl-models bench train | runtime | serve
@@ -352,6 +352,33 @@ def cmd_bench_runtime(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .core.embedding_log import read_log
+    from .core.errors import BadRequest
+    from .bench.report import write_json
+    from .report import log_report, plot, service_report, table
+
+    if bool(args.log) == bool(args.url):
+        raise BadRequest("give one source: --log LOG (an embedding log) or --url URL (a running BentoML service)")
+    if args.log:
+        report = log_report(read_log(args.log), args.build, args.slices)
+    else:
+        try:
+            response = httpx.get(args.url.rstrip("/") + "/heads", timeout=30)
+        except httpx.HTTPError as exc:
+            raise BadRequest(f"cannot reach {args.url}: {exc}") from None
+        if response.status_code != 200:
+            raise BadRequest(f"{args.url}/heads answered {response.status_code}: {response.text[:200]}")
+        report = service_report(response.json())
+    print(table(report))
+    write_json(args.json, report)
+    plot(report, args.plot)
+    print(f"plot: {args.plot}")
+    return EXIT_OK
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serve import ServeBenchOptions, bench_serve
 
@@ -477,6 +504,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=0.01, help="gate: val accuracy drop, per head (0.01 = 1 point)")
     p.add_argument("--no-search", action="store_true", help="try only the given calibration, not the others")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("report", help="how heads did on served traffic: agreement, accuracy with feedback, drift")
+    p.add_argument("--log", type=Path, help="an embedding log folder (TL_MODELS_LOG_SHARE > 0)")
+    p.add_argument("--url", help="a running BentoML service (reads GET /heads)")
+    p.add_argument("--build", type=Path, help="with --log: the build, for each head's drift reference")
+    p.add_argument("--slices", type=int, default=10, help="with --log: time slices of equal record counts")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
+    p.add_argument("--plot", type=Path, default=Path("report.png"), help="PNG (default: report.png)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("backbones", help="list the backbone registry")
     p.set_defaults(func=cmd_backbones)
