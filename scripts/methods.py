@@ -23,12 +23,10 @@ import shutil
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from tl_models.build.config import SelfTraining, TrainConfig
-from tl_models.build.data import load_image_folder, write_demo_dataset
+from tl_models.build.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
 from tl_models.build.features import FeatureCache
 from tl_models.build.pipeline import BuildOptions, build, load_build_backbone, load_head_module
 from tl_models.build.train import predict
@@ -104,10 +102,6 @@ def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
     return rows
 
 
-SHIFTS = {"inverted": lambda pixels: 255 - pixels,
-          "tinted": lambda pixels: (0.5 * pixels + 0.5 * np.array([255, 140, 0])).astype(np.uint8)}
-
-
 def _shifted_digits(data: Path, work: Path, shift: str, seed: int) -> tuple[Path, Path]:
     """Every digit shifted: a random half into work/target (flat, unlabelled), the rest into work/test/<class>."""
     rng = random.Random(seed)
@@ -117,8 +111,7 @@ def _shifted_digits(data: Path, work: Path, shift: str, seed: int) -> tuple[Path
     for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
         (work / "test" / class_dir.name).mkdir(parents=True)
         for path in sorted(class_dir.iterdir()):
-            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-            image = Image.fromarray(np.clip(SHIFTS[shift](pixels), 0, 255).astype(np.uint8))
+            image = shifted_image(path, shift)
             if rng.random() < 0.5:
                 image.save(work / "target" / f"{class_dir.name}-{path.name}")
             else:
@@ -128,7 +121,7 @@ def _shifted_digits(data: Path, work: Path, shift: str, seed: int) -> tuple[Path
 
 def shift(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
     rows = []
-    for name in SHIFTS:
+    for name in DEMO_SHIFTS:
         for seed in args.seeds:
             work = args.out / f"{name}-seed{seed}"
             target, test = _shifted_digits(data, work, name, seed)

@@ -16,7 +16,7 @@ import pytest
 from helpers import ADMIN, FEEDBACK, DirectOnnx
 from onnx import TensorProto, helper
 
-from tl_models.bento.judge import Judge, JudgeConfig, Scored, request_ids
+from tl_models.bento.judge import Judge, JudgeConfig, Scored
 from tl_models.bento.registry import HeadRegistry
 from tl_models.build.data import write_demo_dataset
 from tl_models.build.pipeline import BuildOptions
@@ -24,7 +24,7 @@ from tl_models.build.traffic import build_from_log
 from tl_models.core.drift import MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
 from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound
-from tl_models.core.feedback import FeedbackStore
+from tl_models.core.feedback import FeedbackStore, request_ids
 from tl_models.core.heads import sources_from_build
 from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import preprocess_bytes

@@ -1,5 +1,5 @@
 """The code's shape, checked: the one-way import rule between the layers, and no torch on the serving path
-(service.py, the BentoML side, the Triton models) or in the Triton packaging and swap commands."""
+(service.py, the BentoML side, the Triton models) or in the Triton packaging, swap and report commands."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tl_models"
 # layer -> the layers of ours it may import (besides itself)
 ALLOWED = {"core": set(), "build": {"core"}, "bento": {"core"}, "triton": {"core"}}
-LAYERS = {"core", "build", "bento", "triton", "bench", "cli"}
+LAYERS = {"core", "build", "bento", "triton", "bench", "report", "cli"}
 
 
 def _imported_layers(path: Path) -> set[str]:
@@ -63,7 +63,7 @@ import json, sys, types
 sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")  # only inside Triton
 import service
 import tl_models.triton.models.router, tl_models.triton.models.preprocess, tl_models.triton.models.onnx_model
-import tl_models.triton.repository, tl_models.triton.swap, tl_models.cli
+import tl_models.triton.repository, tl_models.triton.swap, tl_models.report, tl_models.cli
 tl_models.cli.make_parser()
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))))
 """

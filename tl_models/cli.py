@@ -2,7 +2,7 @@
 
   tl-models build | export | parity | quantize | report | backbones | demo | demo-data | install-weights
   tl-models bento package | serve
-  tl-models triton package | serve | swap
+  tl-models triton package | serve | swap | shadow
   tl-models bench train | runtime | serve
 
 Exit codes: 0 done; 1 a user error (one line on stderr says what and how to fix it); 2 bad usage (argparse);
@@ -281,6 +281,15 @@ def cmd_triton_swap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_triton_shadow(args: argparse.Namespace) -> int:
+    from .triton.swap import shadow
+
+    route = shadow(_address(args.url, "http"), args.repo, args.build, args.head, args.version, args.share,
+                   drain=args.drain)
+    print(f"{args.build}: shadow heads {route.shadow or 'none'}; route revision {route.revision}")
+    return EXIT_OK
+
+
 def _triton_package_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("build_dir", type=Path)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
@@ -323,6 +332,16 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help=f"new {SPLIT_HELP}")
     p.add_argument("--drain", type=float, default=2.0, help="seconds without traffic before the old version unloads")
     p.set_defaults(func=cmd_triton_swap)
+
+    p = verbs.add_parser("shadow", help="score a head version beside every answer (never returned), or stop it")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="Triton's HTTP URL")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
+    p.add_argument("--build", required=True, help="build name (its router model)")
+    p.add_argument("--head", required=True, help="head name")
+    p.add_argument("--version", type=int, help="default: the highest version in the repository (with --share 0: all)")
+    p.add_argument("--share", type=float, default=1.0, help="share of requests it is scored on, 0..1; 0 stops it")
+    p.add_argument("--drain", type=float, default=2.0, help="with --share 0: seconds without traffic before unloading")
+    p.set_defaults(func=cmd_triton_shadow)
 
 
 def _add_old_aliases(sub: argparse._SubParsersAction) -> None:
@@ -389,7 +408,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         bento_url=args.bento_url and f"http://{_address(args.bento_url, 'http')}",
         triton_http_url=_address(args.triton_http_url, "http"), triton_grpc_url=_address(args.triton_grpc_url, "grpc"),
         triton_model=args.triton_model, workdir=args.workdir, start_timeout=args.start_timeout, json_path=args.json,
-        plot_path=args.plot, int8=args.int8)
+        plot_path=args.plot, int8=args.int8, judging=args.judging)
     bench_serve(options)
     return EXIT_OK
 
@@ -445,6 +464,9 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true",
                    help="also ONNX Runtime and the servers started here on the int8 backbone (the default build is "
                         "quantized with the gate open: speed only; a given build must have passed `quantize`)")
+    p.add_argument("--judging", action="store_true",
+                   help="also BentoML throughput at the top concurrency without vs with a shadow head and 10%% of "
+                        "requests in the embedding log (two services, measured in turns)")
     p.set_defaults(func=cmd_bench_serve)
 
 

@@ -6,8 +6,10 @@ and PyTorch eager, at batch 1, 8 and 32. Over loopback (:mod:`tl_models.bench.lo
 cost of heads: RSS of the BentoML server's process tree and its p50 with 1 head and with N heads on one
 backbone, and a live head swap (``/admin/load``) under load. Servers are started and stopped here unless
 their URLs are given. With ``int8``, ONNX Runtime and the servers started here run again on the build's int8
-backbone (stacks suffixed ``-int8``; each compared with int8 ONNX Runtime). Figures: a table, JSON
-(``json_path``) and a PNG (``plot_path``).
+backbone (stacks suffixed ``-int8``; each compared with int8 ONNX Runtime). With ``judging``, the cost of judging
+heads: BentoML throughput at the top concurrency without and with one shadow head and 10 % of requests in the
+embedding log (two services, measured in turns). Figures: a table, JSON (``json_path``) and a PNG
+(``plot_path``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from .report import format_table, images_per_second, write_json
 IN_PROCESS = ("onnxruntime", "torch")
 SERVERS = ("bentoml-http", "triton-http", "triton-grpc")
 STACKS = IN_PROCESS + SERVERS
-TARGETS = {"throughput_ratio": 0.8, "overhead_ms": 5.0, "heads_memory": 1.10, "swap_s": 1.0}
+TARGETS = {"throughput_ratio": 0.8, "overhead_ms": 5.0, "heads_memory": 1.10, "swap_s": 1.0, "judging_ratio": 0.95}
+JUDGING_LOG_SHARE = 0.1
 
 
 class BenchServeError(UserError):
@@ -67,6 +70,7 @@ class ServeBenchOptions:
     json_path: Path | None = None
     plot_path: Path | None = None
     int8: bool = False
+    judging: bool = False
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
     def check(self) -> "ServeBenchOptions":
@@ -397,6 +401,48 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
     return figures
 
 
+# ---------------------------------------------------------------- judging: shadow head and embedding log
+
+
+def judging_cost(build_dir: Path, images: list[bytes], options: ServeBenchOptions, workdir: Path,
+                 started: list[dict], rounds: int = 3) -> dict:
+    """Throughput at the top concurrency of two BentoML services on the build, one plain and one with the second
+    head shadowing the first on every request and :data:`JUDGING_LOG_SHARE` of requests in the embedding log;
+    measured in turns (plain, judged, plain, ...) so that drift of the machine hits both alike."""
+    from ..core.routing import RoutingState
+
+    live = BuildDir(build_dir).manifest().latest_versions()
+    if len(live) < 2:
+        raise BenchServeError("--judging shadows the build's second head beside its first: the build needs two heads")
+    (first, v1), (second, v2) = list(live.items())[:2]
+    clients = max(options.concurrency)
+    urls = {}
+    with ExitStack() as servers:
+        for mode in ("plain", "judged"):
+            state = workdir / f"state-{mode}"
+            RoutingState(state / ROUTE_FILE).update(weights={first: 1.0}, versions={first: v1},
+                                                       shadow={f"{second}:{v2}": 1.0} if mode == "judged" else None)
+            env = _bento_env(build_dir, state, workdir, secrets.token_hex(8))
+            env["TL_MODELS_LOG_SHARE"] = str(JUDGING_LOG_SHARE if mode == "judged" else 0)
+            options.progress(f"[bench serve] judging part: starting bentoml serve ({mode})")
+            server = bento_launcher.start(env, log_path=workdir / f"bento-{mode}.log", timeout=options.start_timeout)
+            servers.callback(server.stop)
+            started.append({"server": f"bentoml ({mode})", "pid": server.pid})
+            urls[mode] = server.url
+        points: dict[str, list[dict]] = {"plain": [], "judged": []}
+        for _ in range(rounds):
+            for mode, url in urls.items():
+                points[mode] += measure(f"bentoml-http {mode}", lambda url=url: BentoCaller(url), images, (clients,),
+                                        options.seconds, options.max_requests, options.progress)
+    figures: dict = {"concurrency": clients, "shadow": f"{second}:{v2}", "log_share": JUDGING_LOG_SHARE}
+    for mode, rows in points.items():
+        figures[mode] = {"throughput": float(np.mean([r["throughput"] for r in rows])),
+                         "p50_ms": float(np.mean([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [np.nan])),
+                         "errors": sum(r["errors"] for r in rows), "rounds": [r["throughput"] for r in rows]}
+    figures["ratio"] = figures["judged"]["throughput"] / figures["plain"]["throughput"]
+    return figures
+
+
 # ---------------------------------------------------------------- ratios, targets, output
 
 
@@ -436,6 +482,12 @@ def targets(figures: dict) -> list[dict]:
         swap = heads["swap"]
         out.append({"target": "head swap under load < 1 s with zero failed requests", "value": swap["swap_s"],
                     "met": swap["status"] == 200 and swap["swap_s"] < TARGETS["swap_s"] and swap["failed"] == 0})
+    judging = figures.get("judging_cost")
+    if judging:
+        out.append({"target": f"one shadow head and {JUDGING_LOG_SHARE:.0%} logging keep >= "
+                              f"{TARGETS['judging_ratio']}x throughput at concurrency {judging['concurrency']}",
+                    "value": judging["ratio"], "met": judging["ratio"] >= TARGETS["judging_ratio"] and
+                    judging["judged"]["errors"] == 0})
     return out
 
 
@@ -460,6 +512,13 @@ def _table(figures: dict) -> str:
         rows.append((f"live swap of {swap['head']}:{swap['version']} under {swap['clients']} clients",
                      f"{swap['swap_s'] * 1000:.0f} ms (HTTP {swap['status']}), {swap['failed']} failed of "
                      f"{swap['requests']} ({swap['failed_during_swap']} of {swap['requests_during_swap']} during it)"))
+    judging = figures.get("judging_cost")
+    if judging:
+        for mode in ("plain", "judged"):
+            rounds = ", ".join(f"{t:.1f}" for t in judging[mode]["rounds"])
+            rows.append((f"bentoml {mode}, concurrency {judging['concurrency']}",
+                         f"{judging[mode]['throughput']:.1f} req/s (rounds {rounds}), p50 "
+                         f"{_ms(judging[mode]['p50_ms'])}, {judging[mode]['errors']} errors"))
     for target in figures["targets"]:
         rows.append((f"target: {target['target']}", f"{'met' if target['met'] else 'MISSED'} ({target['value']:.2f})"))
     title = (f"bench serve: {figures['backbone']} [{figures['weights']}], {figures['cpu_count']} CPU cores, "
@@ -509,6 +568,8 @@ def bench_serve(options: ServeBenchOptions) -> dict:
                                                       options.max_requests, options.progress, pid)
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
+        if options.judging:
+            figures["judging_cost"] = judging_cost(build_dir, images, options, workdir, started)
         _ratios(figures)
         figures["targets"] = targets(figures)
     print(_table(figures))

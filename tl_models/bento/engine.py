@@ -26,6 +26,7 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 
 from ..core.errors import BadRequest, NotFound, UserError
+from ..core.feedback import request_ids
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, read_verified
 from ..core.names import EMBEDDING, IMAGE
 from ..core.preprocess import (
@@ -39,7 +40,7 @@ from ..core.preprocess import (
 from ..core.routing import Route, parse_weights
 from ..core.runtime import create_session
 from .batching import MicroBatcher
-from .judge import Judge, JudgeConfig, Scored, request_ids
+from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
 from .registry import HeadRegistry
 

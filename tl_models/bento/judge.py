@@ -19,7 +19,6 @@ import logging
 import os
 import queue
 import random
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 from ..core.drift import DRIFT_THRESHOLD, DRIFT_WINDOW, DriftWindow
 from ..core.embedding_log import EmbeddingLogWriter, append_feedback
 from ..core.errors import BadRequest
-from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore
+from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore, issued_recently
 from ..core.heads import BackboneSource, LoadedHead, softmax
 from .metrics import Metrics
 
@@ -85,20 +84,11 @@ class Scored:
     logits: np.ndarray
 
 
-def request_ids(count: int) -> list[str]:
-    """One id per image: the time in ms (11 hex digits) and 16 random hex digits, suffixed ``-<i>`` per image when
-    a request holds several."""
-    base = f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(8)}"
-    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
-
-
-def _issued_recently(request_id: str, seconds: float = 5.0) -> bool:
-    """Whether an id of :func:`request_ids` was issued in the last ``seconds`` (its record may still be queued)."""
-    try:
-        issued = int(request_id[:11], 16) / 1000
-    except ValueError:
-        return False
-    return 0 <= time.time() - issued < seconds
+def _top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 index and its softmax probability per row."""
+    top = logits.argmax(axis=1)
+    shifted = logits - logits[np.arange(len(logits)), top][:, None]
+    return top, 1.0 / np.exp(shifted).sum(axis=1)
 
 
 def _top(head: LoadedHead, logits: np.ndarray, k: int) -> list[list[list]]:
@@ -124,6 +114,7 @@ class Judge:
                                                            "embedding_dim": embedding_dim},
                                           max_bytes=config.log_max_bytes)
         self.dropped_shadows: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
+        self._children: dict[str, tuple] = {}
         self._queue: queue.Queue[Scored] = queue.Queue(maxsize=config.queue_size)
         self._thread = threading.Thread(target=self._record_forever, name="tl-models-judge", daemon=True)
         self._thread.start()
@@ -135,34 +126,47 @@ class Judge:
         """Score each shadow head drawn by its share on ``embedding``: ``(head, logits)`` of those that ran, and
         the keys of those that failed (the caller drops them from shadowing)."""
         scored, failed = [], []
-        answer = softmax(logits)
-        answer_top, answer_confidence = answer.argmax(axis=1), answer.max(axis=1)
+        answer_top, answer_confidence = _top1(logits)
         for head, share in shadows:
             key = head.source.key
             if key in self.dropped_shadows or (share < 1 and random.random() >= share):
                 continue
-            labels = (head.name, str(head.version))
             start = time.perf_counter()
             try:
                 shadow_logits = head.logits(embedding)
-                shadow = softmax(shadow_logits)
-                if shadow.shape[0] != len(embedding):
-                    raise ValueError(f"{shadow.shape[0]} rows of logits for {len(embedding)} images")
+                if shadow_logits.shape[0] != len(embedding):
+                    raise ValueError(f"{shadow_logits.shape[0]} rows of logits for {len(embedding)} images")
+                top, confidence = _top1(shadow_logits)
             except Exception as exc:  # a shadow head never fails the request
-                self.metrics.shadow_errors.labels(*labels).inc()
+                self._shadow_metrics(head)[5].inc()
                 self.dropped_shadows[key] = f"{type(exc).__name__}: {exc}"
                 failed.append(key)
                 log.warning("shadow head %s failed and is dropped from shadowing: %s", key, exc)
                 continue
-            agreed = np.asarray(head.source.labels)[shadow.argmax(axis=1)] == \
-                np.asarray(answered.source.labels)[answer_top]
-            self.metrics.shadow_seconds.labels(*labels).inc(time.perf_counter() - start)
-            self.metrics.shadow_scored.labels(*labels).inc(len(embedding))
-            self.metrics.shadow_agreed.labels(*labels).inc(int(agreed.sum()))
-            self.metrics.shadow_confidence.labels(*labels).inc(float(shadow.max(axis=1).sum()))
-            self.metrics.shadow_answer_confidence.labels(*labels).inc(float(answer_confidence.sum()))
+            if head.source.labels == answered.source.labels:
+                agreed = int((top == answer_top).sum())
+            else:
+                agreed = sum(head.source.labels[i] == answered.source.labels[j] for i, j in zip(top, answer_top))
+            seconds, images, agreements, confidences, answer_confidences, _ = self._shadow_metrics(head)
+            seconds.inc(time.perf_counter() - start)
+            images.inc(len(embedding))
+            agreements.inc(agreed)
+            confidences.inc(float(confidence.sum()))
+            answer_confidences.inc(float(answer_confidence.sum()))
             scored.append((head, shadow_logits))
         return scored, failed
+
+    def _shadow_metrics(self, head: LoadedHead) -> tuple:
+        """The labelled counters of one shadow head (looked up once: ``labels()`` costs more than ``inc()``)."""
+        key = head.source.key
+        children = self._children.get(key)
+        if children is None:
+            labels = (head.name, str(head.version))
+            m = self.metrics
+            children = self._children[key] = tuple(family.labels(*labels) for family in (
+                m.shadow_seconds, m.shadow_scored, m.shadow_agreed, m.shadow_confidence, m.shadow_answer_confidence,
+                m.shadow_errors))
+        return children
 
     def submit(self, scored: Scored) -> bool:
         """Queue a request for recording; False (counted) when the queue is full: the request never waits."""
@@ -240,7 +244,7 @@ class Judge:
         if not isinstance(request_id, str) or not request_id:
             raise BadRequest("give the request_id an answer carried, and the true label")
         deadline = time.monotonic() + 2.0  # an answer from a moment ago may still sit in a recorder's queue
-        while not self.store.scores(request_id) and _issued_recently(request_id) and time.monotonic() < deadline:
+        while not self.store.scores(request_id) and issued_recently(request_id) and time.monotonic() < deadline:
             self.settle(0.1)
             time.sleep(0.05)
         new, judged = self.store.label(request_id, label, known_labels)

@@ -7,6 +7,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -166,3 +167,15 @@ def write_demo_dataset(out: str | Path, size: int = 64, per_class: int | None = 
         path.parent.mkdir(parents=True, exist_ok=True)
         image.convert("RGB").save(path)
     return out
+
+
+DEMO_SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # domain shifts of the demo digits (RGB, float)
+    "inverted": lambda pixels: 255 - pixels,
+    "tinted": lambda pixels: 0.5 * pixels + 0.5 * np.array([255, 140, 0]),
+}
+
+
+def shifted_image(path: str | Path, shift: str) -> Image.Image:
+    """An image with one of :data:`DEMO_SHIFTS` applied (the target domain of the methods and judging demos)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    return Image.fromarray(np.clip(DEMO_SHIFTS[shift](pixels), 0, 255).astype(np.uint8))

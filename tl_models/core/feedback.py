@@ -4,11 +4,12 @@ One SQLite file in the service's state directory, shared by every worker (WAL mo
 writer). ``scores`` has one row per request and scored head: the head's top-1 label and confidence and its role
 (``live``: it answered; ``shadow``: scored beside it). ``labels`` has one row per request that got feedback.
 Accuracy per head is read over each head's most recent labelled requests. Rows older than ``retention`` seconds
-are pruned, so the file stays bounded.
+are pruned, so the file stays bounded. Request ids (:func:`request_ids`) are made here for both servers.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -20,6 +21,22 @@ from .errors import BadRequest, Conflict, NotFound
 FEEDBACK_DB = "feedback.sqlite"
 LIVE, SHADOW = "live", "shadow"
 ScoreRow = tuple[str, str, str, str, float, float]  # request_id, head "name:version", role, top-1 label, score, time
+
+
+def request_ids(count: int) -> list[str]:
+    """One id per image: the time in ms (11 hex digits) and 16 random hex digits, suffixed ``-<i>`` per image when
+    a request holds several."""
+    base = f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(8)}"
+    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+
+
+def issued_recently(request_id: str, seconds: float = 5.0) -> bool:
+    """Whether an id of :func:`request_ids` was issued in the last ``seconds`` (its record may still be queued)."""
+    try:
+        issued = int(request_id[:11], 16) / 1000
+    except ValueError:
+        return False
+    return 0 <= time.time() - issued < seconds
 
 
 class FeedbackStore:

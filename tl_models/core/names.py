@@ -36,6 +36,7 @@ IMAGE_BYTES = "image_bytes"              # Triton: encoded image, BYTES
 ROUTE_KEY = "route_key"                  # Triton router: sticky split key (optional)
 ROUTE_HEAD = "route_head"                # Triton router: force a head (optional)
 HEAD = "head"                            # Triton router output: "name:version"
+REQUEST_ID = "request_id"                # Triton router output: one id per image (core.feedback.request_ids)
 
 # ---------------------------------------------------------------- a Triton model repository
 CONFIG = "config.pbtxt"

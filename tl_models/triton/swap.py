@@ -135,10 +135,9 @@ def _drain(client: InferenceServerClient, model: str, version: int, quiet: float
             count, since = now, time.monotonic()
 
 
-def swap(url: str, repo: str | Path, name: str, head: str, version: int | None = None,
-         weights: dict[str, float] | None = None, drain: float = 2.0, timeout: float = 120.0) -> SwapResult:
-    """Make ``version`` (default: the highest in the repository) of ``head`` live; see the module docstring."""
-    repo = Path(repo)
+def _target(repo: Path, name: str, head: str, version: int | None) -> tuple[Path, int, RoutingState]:
+    """The head's model folder, the version (default: the highest in the repository) and the route state;
+    TritonSwapError when any is missing."""
     model = head_model(name, head)
     model_dir = repo / model
     if not (model_dir / CONFIG).is_file():
@@ -151,10 +150,11 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
     state = RoutingState(repo / name / ROUTE_FILE, poll=0)
     if not state.path.is_file():
         raise TritonSwapError(f"no route file {state.path}: is {name!r} a build packaged into {repo}?")
-    current = state.current()
-    old = current.versions.get(head)
-    Route(current.weights if weights is None else weights, {**current.versions, head: version}).validate()
-    _admit(repo, name, model_dir / str(version))
+    return model_dir, version, state
+
+
+def _connect(url: str) -> InferenceServerClient:
+    """A client on a ready Triton; TritonSwapError when it cannot be reached or is not ready."""
     client = client_for(url)
     try:
         ready = client.is_server_ready()
@@ -162,6 +162,33 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
         raise TritonSwapError(f"cannot reach Triton at {url}: {exc}") from None
     if not ready:
         raise TritonSwapError(f"Triton at {url} is not ready")
+    return client
+
+
+def _in_use(repo: Path, name: str, head: str, route: Route) -> list[int]:
+    """The versions of ``head`` that must stay loaded: the live one, those that shadow, those its ensembles call."""
+    used = {route.versions[head]} if head in route.versions else set()
+    used |= {v for n, v, _ in route.shadows() if n == head}
+    model = head_model(name, head)
+    for tensor in (False, True):
+        ensemble_dir = repo / ensemble_model(name, head, tensor)
+        if (ensemble_dir / CONFIG).is_file():
+            used |= {step.model_version for step in read_config(ensemble_dir).ensemble_scheduling.step
+                     if step.model_name == model and step.model_version > 0}
+    return sorted(used)
+
+
+def swap(url: str, repo: str | Path, name: str, head: str, version: int | None = None,
+         weights: dict[str, float] | None = None, drain: float = 2.0, timeout: float = 120.0) -> SwapResult:
+    """Make ``version`` (default: the highest in the repository) of ``head`` live; see the module docstring."""
+    repo = Path(repo)
+    model_dir, version, state = _target(repo, name, head, version)
+    model = model_dir.name
+    current = state.current()
+    old = current.versions.get(head)
+    Route(current.weights if weights is None else weights, {**current.versions, head: version}).validate()
+    _admit(repo, name, model_dir / str(version))
+    client = _connect(url)
 
     undo: list = []
     try:
@@ -169,9 +196,9 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
     except BaseException:
         _roll_back(client, undo)
         raise
-    if old is not None and old != version:
+    if old is not None and old != version and old not in _in_use(repo, name, head, route):  # a shadow stays
         _drain(client, model, old, quiet=max(drain, 0.5), timeout=timeout)
-        _set_versions(client, model_dir, [version], [])
+        _set_versions(client, model_dir, _in_use(repo, name, head, route), [])
         if client.is_model_ready(model, str(old)):
             raise TritonSwapError(f"{model} version {old} is still loaded after the unload request")
         log.info("unloaded %s version %d", model, old)
@@ -182,7 +209,7 @@ def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, mo
              old: int | None, version: int, state: RoutingState, weights: dict[str, float] | None,
              undo: list) -> Route:
     """Steps 1-3: load the new version next to the old, repoint the ensembles, then the route."""
-    _set_versions(client, model_dir, sorted({v for v in (old, version) if v is not None}), undo)
+    _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, state.current()), version}), undo)
     if not client.is_model_ready(model, str(version)):
         raise TritonSwapError(f"{model} version {version} is not ready after loading: does the server serve "
                               f"{repo.resolve()}?")
@@ -200,4 +227,49 @@ def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, mo
             log.info("repointed ensemble %s at %s version %d", ensemble_dir.name, model, version)
     route = state.update(weights=weights, versions={head: version})
     log.info("route revision %d: versions %s, weights %s", route.revision, route.versions, route.weights)
+    return route
+
+
+def shadow(url: str, repo: str | Path, name: str, head: str, version: int | None = None, share: float = 1.0,
+           drain: float = 2.0, timeout: float = 120.0) -> Route:
+    """Have the router score ``head`` ``version`` beside every answer on ``share`` (0..1] of requests, never
+    returned: admitted like a swap, loaded next to the versions in use, then named in the route. ``share`` 0 stops
+    it (``version`` None: every shadow version of ``head``): out of the route first, then unloaded once drained
+    (unless the route still uses it)."""
+    repo = Path(repo)
+    if share == 0:
+        return _unshadow(url, repo, name, head, version, drain, timeout)
+    model_dir, version, state = _target(repo, name, head, version)
+    current = state.current()
+    Route(current.weights, current.versions, shadow={**current.shadow, f"{head}:{version}": share}).validate()
+    _admit(repo, name, model_dir / str(version))
+    client = _connect(url)
+    undo: list = []
+    try:
+        _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, current), version}), undo)
+        if not client.is_model_ready(model_dir.name, str(version)):
+            raise TritonSwapError(f"{model_dir.name} version {version} is not ready after loading: does the server "
+                                  f"serve {repo.resolve()}?")
+        route = state.update(shadow={f"{head}:{version}": share})
+    except BaseException:
+        _roll_back(client, undo)
+        raise
+    log.info("route revision %d: %s:%d shadows %.0f%% of requests", route.revision, head, version, share * 100)
+    return route
+
+
+def _unshadow(url: str, repo: Path, name: str, head: str, version: int | None, drain: float,
+              timeout: float) -> Route:
+    model_dir, _, state = _target(repo, name, head, version)
+    keys = [f"{head}:{v}" for n, v, _ in state.current().shadows() if n == head and version in (None, v)]
+    if not keys:
+        raise TritonSwapError(f"{head}{'' if version is None else f':{version}'} is not a shadow head of {name!r}")
+    client = _connect(url)
+    route = state.update(shadow={key: 0 for key in keys})
+    needed = _in_use(repo, name, head, route)
+    unused = [v for v in (int(key.partition(":")[2]) for key in keys) if v not in needed]
+    for old in unused:
+        _drain(client, model_dir.name, old, quiet=max(drain, 0.5), timeout=timeout)
+    if unused and needed:
+        _set_versions(client, model_dir, needed, [])
     return route
