@@ -110,10 +110,11 @@ def deployment(tmp_path_factory) -> Deployment:
 def server(deployment, tmp_path_factory) -> Server:
     """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``, feedback token
     ``helpers.FEEDBACK_TOKEN``; bodies up to 8 MiB, tensors of up to 4 images, builds loadable from this session's
-    temp dirs only; half the requests in the embedding log (a shard every second, at most 20 MB)."""
+    temp dirs only; half the requests in the embedding log (a shard every second, at most 20 MB); recorder queues
+    of 256 requests per worker (a stall fills them quickly)."""
     env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
            "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN, "TL_MODELS_LOG_SHARE": "0.5", "TL_MODELS_LOG_FLUSH": "1",
-           "TL_MODELS_LOG_MAX_MB": "20",
+           "TL_MODELS_LOG_MAX_MB": "20", "TL_MODELS_JUDGE_QUEUE": "256",
            "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1", "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
            "TL_MODELS_MAX_TENSOR_BATCH": "4", "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp())}
     process = bento_server.start(env, log_path=deployment.root / "serve.log")

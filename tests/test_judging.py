@@ -6,7 +6,9 @@ what it reports with the build's ONNX files run directly on the same images."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from helpers import ADMIN, FEEDBACK, DirectOnnx
 from onnx import TensorProto, helper
 
+from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento.judge import Judge, JudgeConfig, Scored
 from tl_models.bento.registry import HeadRegistry
 from tl_models.build.data import write_demo_dataset
@@ -308,3 +311,50 @@ def test_from_log_refuses_a_log_of_another_backbone_and_a_log_without_labels(dep
     with pytest.raises(BuildError, match="no records with feedback"):
         build_from_log(dataclasses.replace(options, from_log=tmp_path / "unlabelled"))
     assert len(BuildDir(build).manifest().heads) == len(deployment.manifest.heads)
+
+
+def test_a_stalled_recorder_drops_and_counts_and_requests_never_wait(server, deployment):
+    """The feedback store locked by another process (a stalled disk): each worker's recorder blocks on it, its
+    queue (TL_MODELS_JUDGE_QUEUE=256 here) fills, further records are dropped and counted; answers stay fast."""
+    server.reset()
+    images = deployment.images(20)
+    before = server.heads()["recorder"]
+    lock = sqlite3.connect(deployment.root / "state" / "feedback.sqlite", timeout=30, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        records = drive(lambda: BentoCaller(server.url), images, 8, max_requests=800)[0]
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert [r.error for r in records if r.error] == []
+    slowest = max(r.end - r.start for r in records)
+    assert slowest < 5, f"a request waited {slowest:.1f} s for the stalled recorder"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        after = server.heads()["recorder"]
+        if after["recorded"] + after["dropped"] - before["recorded"] - before["dropped"] == len(records):
+            break
+        time.sleep(0.2)
+    dropped = after["dropped"] - before["dropped"]
+    assert dropped > 0, "the queue never filled: the recorder did not stall"
+    assert after["recorded"] - before["recorded"] + dropped == len(records)  # every answered image accounted for
+
+
+def test_report_from_a_service_and_from_its_log(server, deployment, tmp_path):
+    server.reset()
+    _shadow(server, "b", 1)
+    for png in deployment.images(4):
+        assert server.classify(png, {"X-TL-Head": "a"}).status_code == 200
+    time.sleep(1.5)
+    out = deployment.cli("report", "--url", server.url, "--json", str(tmp_path / "s.json"), "--plot",
+                         str(tmp_path / "s.png"))
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert figures["heads"]["b:1"]["role"] == "shadow" and figures["heads"]["a:1"]["role"] == "live"
+    assert "b:1" in out and (tmp_path / "s.png").stat().st_size > 10_000
+    out = deployment.cli("report", "--log", str(deployment.root / "state" / "embedding-log"), "--build",
+                         str(deployment.build_dir), "--json", str(tmp_path / "l.json"), "--plot",
+                         str(tmp_path / "l.png"))
+    figures = json.loads((tmp_path / "l.json").read_text())
+    assert figures["records"] > 0 and figures["heads"]["a:1"]["scored"] > 0
+    assert any(s["drift"] for s in figures["timeline"]) and (tmp_path / "l.png").stat().st_size > 10_000
+    _shadow(server, "b", share=0)
