@@ -324,24 +324,25 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_triton_serve)
 
     p = verbs.add_parser("swap", help="make a head version live: load, repoint ensembles and route, unload the old")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="Triton's HTTP URL")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
-    p.add_argument("--build", required=True, help="build name (its router model)")
-    p.add_argument("--head", required=True, help="head name")
-    p.add_argument("--version", type=int, help="default: the highest version in the repository")
+    _triton_head_args(p, "default: the highest version in the repository")
     p.add_argument("--split", help=f"new {SPLIT_HELP}")
     p.add_argument("--drain", type=float, default=2.0, help="seconds without traffic before the old version unloads")
     p.set_defaults(func=cmd_triton_swap)
 
     p = verbs.add_parser("shadow", help="score a head version beside every answer (never returned), or stop it")
+    _triton_head_args(p, "default: the highest version in the repository (with --share 0: all)")
+    p.add_argument("--share", type=float, default=1.0, help="share of requests it is scored on, 0..1; 0 stops it")
+    p.add_argument("--drain", type=float, default=2.0, help="with --share 0: seconds without traffic before unloading")
+    p.set_defaults(func=cmd_triton_shadow)
+
+
+def _triton_head_args(p: argparse.ArgumentParser, version_help: str) -> None:
+    """The arguments that name a running Triton, its repository and one head version (swap, shadow)."""
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Triton's HTTP URL")
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
     p.add_argument("--build", required=True, help="build name (its router model)")
     p.add_argument("--head", required=True, help="head name")
-    p.add_argument("--version", type=int, help="default: the highest version in the repository (with --share 0: all)")
-    p.add_argument("--share", type=float, default=1.0, help="share of requests it is scored on, 0..1; 0 stops it")
-    p.add_argument("--drain", type=float, default=2.0, help="with --share 0: seconds without traffic before unloading")
-    p.set_defaults(func=cmd_triton_shadow)
+    p.add_argument("--version", type=int, help=version_help)
 
 
 def _add_old_aliases(sub: argparse._SubParsersAction) -> None:
