@@ -9,7 +9,8 @@ int8: the backbone `tl-models quantize` wrote past its gate), TL_MODELS_STATE_DI
 (route + head catalog shared by the workers), TL_MODELS_WEIGHTS (initial split, e.g. a=90,b=10),
 TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_FEEDBACK_TOKEN (POST /feedback; the admin token works too),
 TL_MODELS_LOG_SHARE (share of requests in the embedding log; README "Judging heads" lists the other judging knobs),
-TL_MODELS_WORKERS, TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
+TL_MODELS_FLEET_ROUTE (the fleet's route file this replica follows), TL_MODELS_FLEET_POLL, TL_MODELS_WORKERS,
+TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
 (0: no log line per request; /metrics still counts every request); limits (README,
 "Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
 TL_MODELS_BUILD_ROOTS.
@@ -99,7 +100,8 @@ class Classifier:
 
     def __init__(self) -> None:
         backbone, heads = store.serving_sources()
-        self.engine = ServingEngine(backbone, heads, ServingConfig.from_env(store.default_state_dir(backbone)))
+        self.engine = ServingEngine(backbone, heads, ServingConfig.from_env(store.default_state_dir(backbone)),
+                                    find_head=lambda name, version: store.find_head(backbone.build, name, version))
         self.engine.warm_up()
 
     def __is_ready__(self) -> bool:
@@ -163,13 +165,24 @@ class Classifier:
         """The head version named by a request: a build directory inside the build roots, or the store."""
         if build_dir:
             source = head_source_from_build(confined(build_dir, self.engine.config.build_roots), head, version)
-        elif tag or (head and version is not None):
-            source = store.stored_head(tag or store.head_tag(self.engine.backbone_source.build, check_name(head),
-                                                             version))
+        elif tag:
+            source = store.stored_head(tag)
+        elif head and version is not None:
+            source = store.find_head(self.engine.backbone_source.build, head, version)
         else:
             raise BadRequest("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
                              "or {\"build_dir\": ..., \"head\": ...}")
         return source
+
+    @bentoml.api(route="/admin/unload")
+    async def admin_unload(self, head: str, version: int, ctx: bentoml.Context = None) -> dict:
+        """Forget a head version the route does not use (e.g. after a fleet swap's phase 1 failed elsewhere)."""
+        return _admin_denied(ctx) or await _answer(ctx, self.engine.unload(head, version))
+
+    @bentoml.api(route="/admin/sync")
+    async def admin_sync(self, ctx: bentoml.Context = None) -> dict:
+        """Converge to the fleet route file now (TL_MODELS_FLEET_ROUTE); 422 with the reason when it cannot."""
+        return _admin_denied(ctx) or await _answer(ctx, self.engine.sync())
 
     @bentoml.api(route="/admin/retire")
     async def admin_retire(self, head: str, ctx: bentoml.Context = None) -> dict:

@@ -48,3 +48,9 @@ class HeadCatalog:
         entries = self.entries()
         entries.update((source.key, source) for source in sources)
         atomic_write_json(self.path, {key: value.to_dict() for key, value in sorted(entries.items())})
+
+    def remove(self, key: str) -> None:
+        """Forget one ``name:version`` (call under :meth:`locked`)."""
+        entries = self.entries()
+        entries.pop(key, None)
+        atomic_write_json(self.path, {k: value.to_dict() for k, value in sorted(entries.items())})

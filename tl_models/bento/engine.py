@@ -7,7 +7,9 @@ No BentoML in here: ``service.py`` maps HTTP onto :class:`ServingEngine`, which
 * routes every request through :mod:`tl_models.core.routing` (weighted sticky split, ``X-TL-Head`` override)
   to a head of its :class:`HeadRegistry`, which admits heads and runs the admin operations;
 * scores shadow heads on the same embedding and gives every answered image a request id for feedback
-  (:class:`~tl_models.bento.judge.Judge`).
+  (:class:`~tl_models.bento.judge.Judge`);
+* in a fleet (``TL_MODELS_FLEET_ROUTE``), converges its route to the fleet's route file: at start (before it is
+  ready), every ``TL_MODELS_FLEET_POLL`` seconds, and on ``POST /admin/sync``.
 
 Errors are :mod:`tl_models.core.errors`: the service answers each with the status of that module's table.
 """
@@ -17,18 +19,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from ..core.errors import BadRequest, NotFound, UserError
+from ..core.errors import BadRequest, NotFound, Refused, UserError
 from ..core.feedback import request_ids
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, read_verified
-from ..core.names import EMBEDDING, IMAGE
+from ..core.names import EMBEDDING, IMAGE, check_name
 from ..core.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -37,7 +40,7 @@ from ..core.preprocess import (
     preprocess_bytes,
     tensor_problem,
 )
-from ..core.routing import Route, parse_weights
+from ..core.routing import Route, RoutingState, parse_weights
 from ..core.runtime import create_session
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
@@ -63,6 +66,8 @@ class ServingConfig:
     max_tensor_batch: int = 256
     build_roots: tuple[Path, ...] = ()
     judge: JudgeConfig | None = None
+    fleet_route: Path | None = None
+    fleet_poll: float = 5.0
 
     @classmethod
     def from_env(cls, default_state_dir: Path) -> "ServingConfig":
@@ -76,13 +81,16 @@ class ServingConfig:
                    max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
                    max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
                    build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),),
-                   judge=JudgeConfig.from_env(Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir)))
+                   judge=JudgeConfig.from_env(Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir)),
+                   fleet_route=Path(env["TL_MODELS_FLEET_ROUTE"]) if env.get("TL_MODELS_FLEET_ROUTE") else None,
+                   fleet_poll=float(env.get("TL_MODELS_FLEET_POLL", "5")))
 
 
 class ServingEngine:
     """One backbone session, the worker's :class:`HeadRegistry` and the three request endpoints."""
 
-    def __init__(self, backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig):
+    def __init__(self, backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig,
+                 find_head: Callable[[str, int], HeadSource] | None = None):
         self.ready = False
         self.config = config
         self.backbone_source = backbone
@@ -99,8 +107,47 @@ class ServingEngine:
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
         self.judge = Judge(config.state_dir, config.judge or JudgeConfig.from_env(config.state_dir), backbone,
                            self.embedding_dim, config.top_k)
+        self.find_head = find_head or (lambda name, version: self._unknown(name, version))
+        self.fleet: dict = {}
+        if config.fleet_route is not None:
+            self.sync_fleet()
+            threading.Thread(target=self._follow_fleet, name="tl-models-fleet", daemon=True).start()
         log.info("serving %s (%s backbone): heads %s, weights %s", backbone.build, backbone.precision, route.versions,
                  route.weights)
+
+    @staticmethod
+    def _unknown(name: str, version: int) -> HeadSource:
+        raise NotFound(f"head {name}:{version} is not in this service's head catalog")
+
+    # -- fleet: the route file every replica follows
+
+    def sync_fleet(self) -> dict:
+        """Converge the route to the fleet's route file (admitting the versions it names first); the fleet state:
+        the file, its revision, whether this replica follows it, the last error."""
+        path = self.config.fleet_route
+        if path is None:
+            raise BadRequest("this service is not in a fleet: start it with TL_MODELS_FLEET_ROUTE")
+        target = RoutingState(path, poll=0).current()
+        state = {"route_file": str(path), "revision": target.revision, "in_sync": False, "error": None,
+                 "checked": time.time()}
+        try:
+            if not target.versions:
+                raise NotFound(f"the fleet route {path} is missing or names no head")
+            self.heads.converge(target, self.find_head)
+            state["in_sync"] = True
+        except UserError as exc:
+            state["error"] = exc.message
+            log.error("cannot follow the fleet route %s (revision %d): %s", path, target.revision, exc.message)
+        self.fleet = state
+        return state
+
+    def _follow_fleet(self) -> None:
+        while True:
+            time.sleep(self.config.fleet_poll)
+            try:
+                self.sync_fleet()
+            except Exception:  # keep following: the next poll may succeed (a file being replaced, a full disk)
+                log.exception("fleet route sync failed")
 
     def warm_up(self) -> None:
         """Run the backbone at the warm-up batch sizes and every loaded head once; then the engine is ready."""
@@ -289,7 +336,7 @@ class ServingEngine:
         for entry in heads:
             entry.update(judging["live"][f"{entry['name']}:{entry['version']}"])
         return {"shadow": judging["shadow"], "drift": judging["drift"], "recorder": judging["recorder"],
-                "dropped_shadows": dict(self.judge.dropped_shadows)}
+                "dropped_shadows": dict(self.judge.dropped_shadows), "fleet": self.fleet or None}
 
     async def set_shadow(self, source: HeadSource | None, name: str, version: int | None, share: float) -> dict:
         """Shadow a head version on ``share`` of requests (``source`` given), or stop shadowing ``name``
@@ -310,6 +357,18 @@ class ServingEngine:
     async def load(self, source: HeadSource, live: bool = True, weight: float | None = None) -> dict:
         """Admit a head version and (``live``) route its name to it; see :meth:`HeadRegistry.load`."""
         await asyncio.to_thread(self.heads.load, source, live, weight)
+        return self.status()
+
+    async def unload(self, name: str, version: int) -> dict:
+        """Forget a head version the route does not use; see :meth:`HeadRegistry.unload`."""
+        await asyncio.to_thread(self.heads.unload, check_name(name), version)
+        return self.status()
+
+    async def sync(self) -> dict:
+        """Converge to the fleet route now (``POST /admin/sync``); the status, with ``fleet``."""
+        state = await asyncio.to_thread(self.sync_fleet)
+        if state["error"]:
+            raise Refused(f"cannot follow the fleet route (revision {state['revision']}): {state['error']}")
         return self.status()
 
     async def retire(self, name: str) -> dict:

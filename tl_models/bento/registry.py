@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
@@ -138,6 +138,43 @@ class HeadRegistry:
                                f"heads: {', '.join(sorted(route.shadow)) or 'none'}")
             self._update_route(shadow={key: 0 for key in keys})
         return keys
+
+    def unload(self, name: str, version: int) -> None:
+        """Forget a head version the route does not use (admitted by ``load(live=False)``, e.g. phase 1 of a fleet
+        swap that another replica refused): out of the catalog and this worker's sessions; Conflict if routed."""
+        key = f"{name}:{version}"
+        with self.catalog.locked():
+            route = RoutingState(self.routing.path, poll=0).current()
+            if route.versions.get(name) == version or key in route.shadow:
+                raise Conflict(f"head {key} is in the route (live or shadow): swap or retire it first")
+            if self.catalog.get(name, version) is None:
+                raise NotFound(f"head {key} is not loaded here")
+            self.catalog.remove(key)
+            with self._lock:
+                self._loaded.pop((name, version), None)
+        log.info("head %s unloaded", key)
+
+    def converge(self, target: Route, find: Callable[[str, int], HeadSource]) -> bool:
+        """Make the route equal ``target`` (live versions, weights, shadow heads): versions it names that are not
+        in the catalog are found with ``find`` and admitted first, then the route changes in one update. True when
+        it changed; a version that fails admission raises and leaves the route as it was."""
+        needed = sorted({*target.versions.items(), *((n, v) for n, v, _ in target.shadows())})
+        for name, version in needed:
+            if self.catalog.get(name, version) is None:
+                source = find(name, version)
+                data = read_verified(source.path, source.sha256, f"head {source.key}")
+                head = self._admit(source, data)
+                with self.catalog.locked():
+                    self._enter(head, data)
+        with self.catalog.locked():
+            local = RoutingState(self.routing.path, poll=0).current()
+            if (local.weights, local.versions, local.shadow) == (target.weights, target.versions, target.shadow):
+                return False
+            self._update_route(weights=target.weights, versions=target.versions,
+                               retire=tuple(n for n in local.versions if n not in target.versions),
+                               shadow={**{key: 0 for key in local.shadow}, **target.shadow})
+        log.info("route converged to the fleet's: versions %s, weights %s", target.versions, target.weights)
+        return True
 
     def _enter(self, head: LoadedHead, data: bytes) -> HeadSource:
         """Record an admitted head in the catalog (under its lock) and this worker's loaded heads; Conflict when

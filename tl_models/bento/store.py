@@ -31,10 +31,11 @@ from ..core.heads import (
     backbone_from_build,
     check_precision,
     head_from_build,
+    head_source_from_build,
     sources_from_build,
 )
 from ..core.manifest import BuildDir
-from ..core.names import BACKBONE_FILES, BACKBONE_ONNX, HEAD_ONNX
+from ..core.names import BACKBONE_FILES, BACKBONE_ONNX, HEAD_ONNX, check_name
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,14 @@ def stored_head(tag: str) -> HeadSource:
     if model.info.labels.get("project") != PROJECT or model.info.labels.get("kind") != "head":
         raise BadRequest(f"model {tag} is not a tl-models head")
     return head_source(model)
+
+
+def find_head(build: str, name: str, version: int) -> HeadSource:
+    """A head version of the served build, from where the service's models come from: the build directory
+    ``TL_MODELS_BUILD`` (shared storage in a fleet), else the model store."""
+    if os.environ.get("TL_MODELS_BUILD"):
+        return head_source_from_build(os.environ["TL_MODELS_BUILD"], name, version)
+    return stored_head(head_tag(build, check_name(name), version))
 
 
 def serving_sources() -> tuple[BackboneSource, list[HeadSource]]:

@@ -1,0 +1,201 @@
+"""A fleet of real BentoML replicas on loopback: three ``bentoml serve`` processes (separate state dirs) that serve
+one build directory (shared storage) and follow one route file (the ConfigMap stand-in); `tl-models fleet`
+swaps and splits across all of them."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN
+
+from tl_models.bench.loadgen import BentoCaller, drive
+from tl_models.bento import launcher
+from tl_models.core.errors import UserError
+from tl_models.core.routing import Route, RoutingState
+from tl_models.fleet.bento import FleetError, commit, prepare, status, swap
+
+pytestmark = pytest.mark.slow
+KEYS = [f"user-{i}" for i in range(16)]
+
+
+@dataclass
+class Fleet:
+    """Replicas (``bentoml serve`` processes), their environments, the route file and the shared build."""
+
+    root: Path
+    build: Path
+    route_file: Path
+    envs: list[dict] = field(default_factory=list)
+    servers: list = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def env(self, index: int, build: Path | None = None) -> dict:
+        return {**self.base, "TL_MODELS_BUILD": str(build or self.build),
+                "TL_MODELS_STATE_DIR": str(self.root / f"state-{index}")}
+
+    def start(self, env: dict, index: int):
+        return launcher.start(env, log_path=self.root / f"replica-{index}.log", timeout=600)
+
+    def route(self) -> Route:
+        return RoutingState(self.route_file, poll=0).current()
+
+
+@pytest.fixture(scope="module")
+def fleet(deployment, tmp_path_factory):
+    """Replicas 0 and 1 serve the shared build; replica 2 serves its own copy of it (a stale or damaged volume is
+    then one replica's problem). The fleet route starts at a:1, b:1, equal weights."""
+    root = tmp_path_factory.mktemp("fleet")
+    route_file = root / "shared" / "route.json"
+    RoutingState(route_file).update(weights={"a": 1, "b": 1}, versions={"a": 1, "b": 1})
+    fleet = Fleet(root, deployment.build_dir, route_file)
+    fleet.base = {**deployment.env, "TL_MODELS_ADMIN_TOKEN": TOKEN, "TL_MODELS_WORKERS": "1",
+                  "TL_MODELS_THREADS": "1", "TL_MODELS_FLEET_ROUTE": str(route_file), "TL_MODELS_FLEET_POLL": "1",
+                  "TL_MODELS_ACCESS_LOG": "0"}
+    own = root / "replica-2-build"
+    shutil.copytree(deployment.build_dir, own)
+    fleet.envs = [fleet.env(0), fleet.env(1), fleet.env(2, own)]
+    with ThreadPoolExecutor(3) as pool:
+        fleet.servers = list(pool.map(lambda i: fleet.start(fleet.envs[i], i), range(3)))
+    yield fleet
+    for server in fleet.servers:
+        server.stop()
+
+
+def _sticky(urls: list[str], image: bytes) -> dict[str, str]:
+    """The head each key gets, asserted equal on every replica."""
+    seen: dict[str, str] = {}
+    with httpx.Client(timeout=60) as client:
+        for key in KEYS:
+            heads = set()
+            for url in urls:
+                response = client.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")},
+                                       headers={"X-TL-Key": key})
+                assert response.status_code == 200, response.text
+                heads.add(f"{response.json()['head']}:{response.json()['version']}")
+            assert len(heads) == 1, (key, heads)
+            seen[key] = heads.pop()
+    return seen
+
+
+def _load(urls: list[str], images: list[bytes], stop: threading.Event, clients: int = 6):
+    """``clients`` closed-loop clients spread over the replicas until ``stop``; (records, thread)."""
+    spread = itertools.cycle(urls)
+    records: list = []
+    thread = threading.Thread(target=lambda: records.extend(
+        drive(lambda: BentoCaller(next(spread)), images, clients, stop=stop)[0]))
+    thread.start()
+    return records, thread
+
+
+def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deployment):
+    image = deployment.images(1)[0]
+    before = status(fleet.urls, fleet.route_file)
+    assert before["agree"], before
+    route = fleet.route()
+    sticky = _sticky(fleet.urls, image)
+    assert sticky == {k: "{}:{}".format(*route.choose(key=k)) for k in KEYS}
+    stop = threading.Event()
+    records, thread = _load(fleet.urls, deployment.images(10), stop)
+    time.sleep(2)
+    report = swap(fleet.urls, fleet.route_file, "a", 2, TOKEN, weights={"a": 3, "b": 1},
+                  build_dir=deployment.build_dir)
+    time.sleep(2)
+    stop.set()
+    thread.join()
+    failures = [r.error for r in records if r.error]
+    RELIABILITY["requests during fleet swaps"] += len(records)
+    RELIABILITY["failed requests during fleet swaps"] += len(failures)
+    RELIABILITY_NOTES["fleet swap"] = (f"a:1 -> a:2 across 3 replicas under 6 clients: {report['seconds']:.2f} s, "
+                                       f"{len(failures)} of {len(records)} requests failed")
+    assert not failures, failures[:3]
+    assert all(r["converged"] for r in report["phase2"]), report
+    after = status(fleet.urls, fleet.route_file)
+    assert after["agree"] and all(r["versions"] == {"a": 2, "b": 1} for r in after["replicas"]), after
+    new = fleet.route()
+    assert _sticky(fleet.urls, image) == {k: "{}:{}".format(*new.choose(key=k)) for k in KEYS}
+    answered = {r.answer["version"] for r in records if r.answer and r.answer["head"] == "a"}
+    assert answered == {1, 2}, answered
+
+
+def test_a_refusal_in_phase_1_leaves_every_replica_on_the_old_version(fleet, deployment):
+    assert fleet.route().versions["a"] == 2
+    damaged = Path(fleet.envs[2]["TL_MODELS_BUILD"]) / "heads" / "a" / "1" / "head.onnx"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:-64] + b"\0" * 64)
+    revision = fleet.route().revision
+    try:
+        with pytest.raises(FleetError) as info:
+            swap(fleet.urls, fleet.route_file, "a", 1, TOKEN)
+    finally:
+        damaged.write_bytes(good)
+    message = str(info.value)
+    assert fleet.urls[2] in message and "sha256" in message
+    assert fleet.urls[0] not in message and fleet.urls[1] not in message
+    assert fleet.route().revision == revision and fleet.route().versions["a"] == 2
+    after = status(fleet.urls, fleet.route_file)
+    assert after["agree"] and all(r["versions"]["a"] == 2 for r in after["replicas"])
+    for url in fleet.urls[:2]:  # unloaded again where phase 1 had admitted it
+        heads = httpx.get(f"{url}/heads", timeout=30).json()
+        assert "a:1" not in heads["available"], heads["available"]
+
+
+def test_a_replica_stopped_in_phase_2_converges_when_it_restarts(fleet, deployment):
+    assert [r["admitted"] for r in prepare(fleet.urls, "a", 1, TOKEN)] == [True] * 3
+    fleet.servers[1].stop()
+    replies = commit(fleet.urls, fleet.route_file, TOKEN, versions={"a": 1})
+    assert [r["converged"] for r in replies] == [True, False, True]
+    assert "unreachable" in replies[1]["error"]
+    others = [fleet.urls[0], fleet.urls[2]]
+    stop = threading.Event()
+    records, thread = _load(others, deployment.images(10), stop, clients=4)
+    start = time.perf_counter()
+    fleet.servers[1] = fleet.start(fleet.envs[1], 1)  # its own state dir still routes a:2
+    restart = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    held = len([r for r in records if r.error is None]) / max(1e-9, max(r.end for r in records) - min(
+        r.start for r in records))
+    RELIABILITY_NOTES["fleet restart"] = (f"replica restarted and converged in {restart:.1f} s (ready = converged); "
+                                          f"the other 2 held {held:.0f} req/s meanwhile, "
+                                          f"{sum(r.error is not None for r in records)} failed")
+    assert not [r.error for r in records if r.error]
+    after = status(fleet.urls, fleet.route_file)
+    assert after["agree"] and all(r["versions"]["a"] == 1 for r in after["replicas"]), after
+    answer = httpx.post(f"{fleet.urls[1]}/classify", files={"image": ("x.png", deployment.images(1)[0])},
+                        headers={"X-TL-Head": "a"}, timeout=60).json()
+    assert answer["version"] == 1
+
+
+def test_a_new_replica_serves_the_fleet_route_from_its_first_request(fleet, deployment):
+    route = fleet.route()
+    server = fleet.start(fleet.env(3), 3)
+    try:
+        answer = httpx.post(f"{server.url}/classify", files={"image": ("x.png", deployment.images(1)[0])},
+                            headers={"X-TL-Head": "a"}, timeout=60).json()
+        assert answer["version"] == route.versions["a"]
+        assert status(fleet.urls + [server.url], fleet.route_file)["agree"]
+    finally:
+        server.stop()
+
+
+def test_a_bad_fleet_call_is_refused_before_any_replica_changes(fleet, deployment):
+    revision = fleet.route().revision
+    for call, match in ((lambda: swap(fleet.urls, fleet.route_file, "a", 9, TOKEN, build_dir=deployment.build_dir),
+                         "no version 9|not found|9"),
+                        (lambda: swap(fleet.urls, fleet.route_file, "zz", 1, TOKEN, weights={"a": 1, "zz": 1},
+                                      build_dir=deployment.build_dir), "zz"),
+                        (lambda: swap(fleet.urls, fleet.route_file, "a", 1, "wrong-token"), "token")):
+        with pytest.raises(UserError, match=match):
+            call()
+    assert fleet.route().revision == revision
