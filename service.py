@@ -180,9 +180,10 @@ class Classifier:
         return _admin_denied(ctx) or await _answer(ctx, self.engine.unload(head, version))
 
     @bentoml.api(route="/admin/sync")
-    async def admin_sync(self, ctx: bentoml.Context = None) -> dict:
-        """Converge to the fleet route file now (TL_MODELS_FLEET_ROUTE); 422 with the reason when it cannot."""
-        return _admin_denied(ctx) or await _answer(ctx, self.engine.sync())
+    async def admin_sync(self, route: dict | None = None, ctx: bentoml.Context = None) -> dict:
+        """Converge to the fleet route now: ``route`` if given and newer, else the route file (TL_MODELS_FLEET_ROUTE);
+        422 with the reason when it cannot."""
+        return _admin_denied(ctx) or await _answer(ctx, self.engine.sync(route))
 
     @bentoml.api(route="/admin/retire")
     async def admin_retire(self, head: str, ctx: bentoml.Context = None) -> dict:

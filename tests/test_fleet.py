@@ -4,6 +4,7 @@ swaps and splits across all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import threading
@@ -18,7 +19,9 @@ from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN
 
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
-from tl_models.core.errors import UserError
+from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.core.errors import BadRequest, UserError
+from tl_models.core.heads import head_source_from_build, sources_from_build
 from tl_models.core.routing import Route, RoutingState
 from tl_models.fleet.bento import FleetError, commit, prepare, status, swap
 
@@ -199,3 +202,22 @@ def test_a_bad_fleet_call_is_refused_before_any_replica_changes(fleet, deploymen
         with pytest.raises(UserError, match=match):
             call()
     assert fleet.route().revision == revision
+
+
+def test_a_pushed_route_wins_over_an_older_route_file(deployment, tmp_path):
+    """A mounted ConfigMap shows a change a minute or two late: the route phase 2 pushes is followed at once, and
+    the older file never takes a replica back."""
+    route_file = tmp_path / "route.json"
+    RoutingState(route_file).update(weights={"a": 1, "b": 1}, versions={"a": 1, "b": 1})
+    backbone, heads = sources_from_build(deployment.build_dir)
+    engine = ServingEngine(backbone, [h for h in heads if h.version == 1],
+                           ServingConfig(state_dir=tmp_path / "state", fleet_route=route_file, fleet_poll=3600),
+                           find_head=lambda name, version: head_source_from_build(deployment.build_dir, name, version))
+    assert engine.heads.routing.current().versions == {"a": 1, "b": 1} and engine.fleet["in_sync"]
+    asyncio.run(engine.sync(Route({"a": 3.0, "b": 1.0}, {"a": 2, "b": 1}, revision=5).to_dict()))
+    assert engine.heads.routing.current().versions == {"a": 2, "b": 1}
+    assert engine.sync_fleet()["revision"] == 5  # the file (revision 1) is older: nothing goes back
+    assert engine.heads.routing.current().versions == {"a": 2, "b": 1}
+    with pytest.raises(BadRequest, match="route must be"):
+        asyncio.run(engine.sync({"weights": {"a": 1}}))
+    engine.judge.close()

@@ -121,13 +121,19 @@ class ServingEngine:
 
     # -- fleet: the route file every replica follows
 
-    def sync_fleet(self) -> dict:
-        """Converge the route to the fleet's route file (admitting the versions it names first); the fleet state:
-        the file, its revision, whether this replica follows it, the last error."""
+    def sync_fleet(self, pushed: Route | None = None) -> dict:
+        """Converge the route to the fleet's: ``pushed`` (phase 2 of a fleet swap sends it, so a replica need not
+        wait for a ConfigMap mount to catch up) or the route file, whichever has the higher revision, admitting the
+        versions it names first. The fleet state: the file, the revision followed, in sync or the last error."""
         path = self.config.fleet_route
         if path is None:
             raise BadRequest("this service is not in a fleet: start it with TL_MODELS_FLEET_ROUTE")
         target = RoutingState(path, poll=0).current()
+        if pushed is not None and pushed.revision >= target.revision:
+            target = pushed.validate()
+        followed = self.fleet.get("revision", -1) if self.fleet.get("in_sync") else -1
+        if target.revision < followed:  # an older file (a ConfigMap not yet updated): keep the newer pushed route
+            return self.fleet
         state = {"route_file": str(path), "revision": target.revision, "in_sync": False, "error": None,
                  "checked": time.time()}
         try:
@@ -137,7 +143,7 @@ class ServingEngine:
             state["in_sync"] = True
         except UserError as exc:
             state["error"] = exc.message
-            log.error("cannot follow the fleet route %s (revision %d): %s", path, target.revision, exc.message)
+            log.error("cannot follow the fleet route (revision %d): %s", target.revision, exc.message)
         self.fleet = state
         return state
 
@@ -364,9 +370,20 @@ class ServingEngine:
         await asyncio.to_thread(self.heads.unload, check_name(name), version)
         return self.status()
 
-    async def sync(self) -> dict:
-        """Converge to the fleet route now (``POST /admin/sync``); the status, with ``fleet``."""
-        state = await asyncio.to_thread(self.sync_fleet)
+    async def sync(self, route: dict | None = None) -> dict:
+        """Converge to the fleet route now (``POST /admin/sync``, optionally with the route itself); the status,
+        with ``fleet``."""
+        pushed = None
+        if route is not None:
+            try:
+                pushed = Route(weights={k: float(v) for k, v in route["weights"].items()},
+                               versions={k: int(v) for k, v in route["versions"].items()},
+                               revision=int(route["revision"]),
+                               shadow={k: float(v) for k, v in route.get("shadow", {}).items()})
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise BadRequest(f"route must be {{\"weights\", \"versions\", \"revision\"[, \"shadow\"]}}: {exc}") \
+                    from None
+        state = await asyncio.to_thread(self.sync_fleet, pushed)
         if state["error"]:
             raise Refused(f"cannot follow the fleet route (revision {state['revision']}): {state['error']}")
         return self.status()

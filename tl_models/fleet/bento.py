@@ -12,8 +12,10 @@ A swap is two-phase:
    ``live: false``); if any replica refuses or cannot be reached, the version is unloaded again on those that
    admitted it (``POST /admin/unload``), the route file is untouched and the command says which replica refused
    and why;
-2. only then the route file changes (one atomic write) and every replica is told to converge to it
-   (``POST /admin/sync``); a replica unreachable now is reported and converges from the file when it is back.
+2. only then the route file changes (one atomic write) and every replica gets the new route and converges to it
+   (``POST /admin/sync`` with the route: a mounted ConfigMap takes up to a minute or two to show a change, so
+   replicas do not wait for it and never go back to an older revision); a replica unreachable now is reported and
+   converges from the file when it is back.
 
 The choice of head for a request key is a pure function of the key and the route (:mod:`tl_models.core.routing`),
 so a key gets the same head on every replica once they follow the same route.
@@ -167,7 +169,7 @@ def commit(urls: list[str], route_file: str | Path, token: str, versions: dict[s
     """Phase 2: the route file changes (the source of truth), then every replica converges to it now; a replica
     that cannot be reached or refuses is reported (it converges from the file when it is back)."""
     route = RoutingState(route_file, poll=0).update(weights=weights, versions=versions)
-    replies = _each(urls, lambda url: _call(url, "POST", "/admin/sync", token))
+    replies = _each(urls, lambda url: _call(url, "POST", "/admin/sync", token, {"route": route.to_dict()}))
     return [{"url": r.url, "converged": r.ok and _live(r.body).get("versions") == route.versions,
              "error": None if r.ok else r.reason(), "revision": route.revision} for r in replies]
 
