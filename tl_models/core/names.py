@@ -47,6 +47,7 @@ VERSION_SHA256 = VERSION_ONNX + ".sha256"
 VERSION_HEAD = "head.json"               # a head version's source facts (labels, backbone sha256), for admission
 VERSION_BACKBONE = "backbone.json"       # the backbone version's facts: fp32 sha256, precision, int8-gated heads
 PREPROCESS = "preprocess"                # the shared preprocess model
+ADMIN_HEADER = "tl-models-admin"         # header with TL_MODELS_ADMIN_TOKEN for Triton's restricted model control
 
 # ---------------------------------------------------------------- names users choose
 NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,15 @@ from tritonclient.utils import InferenceServerException
 
 from ..core.errors import UserError
 from ..core.heads import HeadSource, admit_head
-from ..core.names import CONFIG, ROUTE_FILE, VERSION_BACKBONE, VERSION_HEAD, VERSION_ONNX, VERSION_SHA256
+from ..core.names import (
+    ADMIN_HEADER,
+    CONFIG,
+    ROUTE_FILE,
+    VERSION_BACKBONE,
+    VERSION_HEAD,
+    VERSION_ONNX,
+    VERSION_SHA256,
+)
 from ..core.routing import Route, RoutingState
 from .config import backbone_model, ensemble_model, head_model, read_config
 from .repository import write_config
@@ -56,9 +65,16 @@ def client_for(url: str) -> InferenceServerClient:
     return InferenceServerClient(url.split("://", 1)[-1].rstrip("/"), network_timeout=120.0)
 
 
+def _admin_headers() -> dict[str, str] | None:
+    """The header Triton's restricted model-control API wants (``--http-restricted-api``, as `tl-models deploy
+    render` configures it) when TL_MODELS_ADMIN_TOKEN is set; a server without the restriction ignores it."""
+    token = os.environ.get("TL_MODELS_ADMIN_TOKEN")
+    return {ADMIN_HEADER: token} if token else None
+
+
 def _load(client: InferenceServerClient, model: str) -> None:
     try:
-        client.load_model(model)
+        client.load_model(model, headers=_admin_headers())
     except InferenceServerException as exc:
         raise TritonSwapError(f"Triton failed to load {model}: {exc.message()}") from None
 
@@ -90,7 +106,7 @@ def _roll_back(client: InferenceServerClient, undo: list) -> None:
     for model_dir, config in reversed(undo):
         try:
             write_config(model_dir, config)
-            client.load_model(model_dir.name)
+            client.load_model(model_dir.name, headers=_admin_headers())
             log.info("rolled back %s", model_dir.name)
         except Exception as exc:  # keep restoring the others; the message names what is left
             log.error("could not roll back %s: %s", model_dir.name, exc)
