@@ -110,12 +110,14 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
     assert sticky == {k: "{}:{}".format(*route.choose(key=k)) for k in KEYS}
     stop = threading.Event()
     records, thread = _load(fleet.urls, deployment.images(10), stop)
-    time.sleep(2)
-    report = swap(fleet.urls, fleet.route_file, "a", 2, TOKEN, weights={"a": 3, "b": 1},
-                  build_dir=deployment.build_dir)
-    time.sleep(2)
-    stop.set()
-    thread.join()
+    try:
+        time.sleep(2)
+        report = swap(fleet.urls, fleet.route_file, "a", 2, TOKEN, weights={"a": 3, "b": 1},
+                      build_dir=deployment.build_dir)
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join()
     failures = [r.error for r in records if r.error]
     RELIABILITY["requests during fleet swaps"] += len(records)
     RELIABILITY["failed requests during fleet swaps"] += len(failures)
@@ -162,11 +164,13 @@ def test_a_replica_stopped_in_phase_2_converges_when_it_restarts(fleet, deployme
     others = [fleet.urls[0], fleet.urls[2]]
     stop = threading.Event()
     records, thread = _load(others, deployment.images(10), stop, clients=4)
-    start = time.perf_counter()
-    fleet.servers[1] = fleet.start(fleet.envs[1], 1)  # its own state dir still routes a:2
-    restart = time.perf_counter() - start
-    stop.set()
-    thread.join()
+    try:
+        start = time.perf_counter()
+        fleet.servers[1] = fleet.start(fleet.envs[1], 1)  # its own state dir still routes a:2
+        restart = time.perf_counter() - start
+    finally:
+        stop.set()
+        thread.join()
     held = len([r for r in records if r.error is None]) / max(1e-9, max(r.end for r in records) - min(
         r.start for r in records))
     RELIABILITY_NOTES["fleet restart"] = (f"replica restarted and converged in {restart:.1f} s (ready = converged); "

@@ -276,7 +276,7 @@ def cmd_triton_serve(args: argparse.Namespace) -> int:
 def cmd_triton_swap(args: argparse.Namespace) -> int:
     from .triton.swap import swap
 
-    result = swap(_address(args.url, "http"), args.repo, args.build, args.head, args.version, _split(args.split),
+    result = swap(_triton_urls(args.url), args.repo, args.build, args.head, args.version, _split(args.split),
                   drain=args.drain)
     print(f"{args.build}: head {result.head} now serves version {result.new_version} "
           f"(was {result.old_version}); weights {result.route.weights}, route revision {result.route.revision}")
@@ -286,7 +286,7 @@ def cmd_triton_swap(args: argparse.Namespace) -> int:
 def cmd_triton_shadow(args: argparse.Namespace) -> int:
     from .triton.swap import shadow
 
-    route = shadow(_address(args.url, "http"), args.repo, args.build, args.head, args.version, args.share,
+    route = shadow(_triton_urls(args.url), args.repo, args.build, args.head, args.version, args.share,
                    drain=args.drain)
     print(f"{args.build}: shadow heads {route.shadow or 'none'}; route revision {route.revision}")
     return EXIT_OK
@@ -338,9 +338,15 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_triton_shadow)
 
 
+def _triton_urls(text: str) -> list[str]:
+    """``--url``: one Triton HTTP URL, or several (comma-separated) for replicas serving one shared repository."""
+    return [_address(part.strip(), "http") for part in text.split(",") if part.strip()]
+
+
 def _triton_head_args(p: argparse.ArgumentParser, version_help: str) -> None:
-    """The arguments that name a running Triton, its repository and one head version (swap, shadow)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="Triton's HTTP URL")
+    """The arguments that name running Tritons, their repository and one head version (swap, shadow)."""
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="Triton's HTTP URL; several, comma-separated, for replicas serving one shared repository")
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
     p.add_argument("--build", required=True, help="build name (its router model)")
     p.add_argument("--head", required=True, help="head name")

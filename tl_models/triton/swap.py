@@ -1,4 +1,5 @@
-"""Live head swap on a running Triton, through the model-control API and the route file.
+"""Live head swap on a running Triton, or on every replica of a fleet serving one shared repository, through the
+model-control API (called on each replica) and the route file (in the shared repository: every router follows it).
 
 1. the head model's version_policy gets old + new version; ``load`` brings the new version up next to the old;
 2. both ensembles of the head are repointed at the new version and reloaded (Triton keeps the old ensemble
@@ -11,8 +12,9 @@
 Before step 1 the new version goes through the admission BentoML uses too (:func:`tl_models.core.heads.admit_head`:
 the sha256 recorded when it was packaged, ONNX Runtime load, tensor names, embedding size, same backbone, a test
 run), so a corrupt, truncated or foreign file is refused before Triton sees it. If
-step 1, 2 or 3 fails, every config changed so far is put back and reloaded: the previous versions, ensembles and
-route stay in force (Triton keeps serving a model whose reload failed).
+step 1, 2 or 3 fails on any replica (or a replica is not reachable before it starts), every config changed so far
+is put back and reloaded everywhere: the previous versions, ensembles and route stay in force (Triton keeps serving
+a model whose reload failed). A replica that restarts loads the repository as it is: the new configs and route.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -72,14 +75,61 @@ def _admin_headers() -> dict[str, str] | None:
     return {ADMIN_HEADER: token} if token else None
 
 
-def _load(client: InferenceServerClient, model: str) -> None:
-    try:
-        client.load_model(model, headers=_admin_headers())
-    except InferenceServerException as exc:
-        raise TritonSwapError(f"Triton failed to load {model}: {exc.message()}") from None
+class Replicas:
+    """Every tritonserver that serves one shared model repository (one, or a fleet's pods): model control calls
+    go to each; the first that fails names its replica."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.clients = [client_for(url) for url in urls]
+
+    def check_ready(self) -> "Replicas":
+        """TritonSwapError naming each replica that cannot be reached or is not ready (nothing was changed)."""
+        problems = []
+        for url, client in zip(self.urls, self.clients):
+            try:
+                if not client.is_server_ready():
+                    problems.append(f"{url}: not ready")
+            except (OSError, InferenceServerException) as exc:
+                problems.append(f"{url}: cannot reach Triton ({exc})")
+        if problems:
+            raise TritonSwapError("refused before any change: " + "; ".join(problems))
+        return self
+
+    def load(self, model: str) -> None:
+        """(Re)load ``model`` from the repository on every replica, all at once."""
+
+        def one(url: str) -> str | None:
+            client = client_for(url)  # tritonclient.http clients are gevent-based: one per thread
+            try:
+                client.load_model(model, headers=_admin_headers())
+            except (OSError, InferenceServerException) as exc:
+                message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+                return f"Triton at {url} failed to load {model}: {message}"
+            finally:
+                client.close()
+            return None
+
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            errors = [e for e in pool.map(one, self.urls) if e]
+        if errors:
+            raise TritonSwapError("; ".join(errors))
+
+    def not_ready(self, model: str, version: int) -> list[str]:
+        """The replicas where ``model`` ``version`` is not ready."""
+        return [url for url, client in zip(self.urls, self.clients)
+                if not client.is_model_ready(model, str(version))]
+
+    def inference_count(self, model: str, version: int) -> int:
+        """Inferences of ``model`` ``version`` summed over the replicas."""
+        total = 0
+        for client in self.clients:
+            stats = client.get_inference_statistics(model, str(version))["model_stats"]
+            total += sum(int(s["inference_count"]) for s in stats)
+        return total
 
 
-def _reconfigure(client: InferenceServerClient, model_dir: Path, change: Callable, undo: list) -> None:
+def _reconfigure(client: Replicas, model_dir: Path, change: Callable, undo: list) -> None:
     """Apply ``change`` to a model's config, write it and (re)load the model; the original config goes on
     ``undo`` first, so a failure at any point can be rolled back by :func:`_roll_back`."""
     config = read_config(model_dir)
@@ -88,10 +138,10 @@ def _reconfigure(client: InferenceServerClient, model_dir: Path, change: Callabl
     undo.append((model_dir, original))
     change(config)
     write_config(model_dir, config)
-    _load(client, model_dir.name)
+    client.load(model_dir.name)
 
 
-def _set_versions(client: InferenceServerClient, model_dir: Path, versions: list[int], undo: list) -> None:
+def _set_versions(client: Replicas, model_dir: Path, versions: list[int], undo: list) -> None:
     """The head's version_policy becomes ``versions``: Triton loads added versions and unloads dropped ones."""
 
     def change(config) -> None:
@@ -101,12 +151,13 @@ def _set_versions(client: InferenceServerClient, model_dir: Path, versions: list
     _reconfigure(client, model_dir, change, undo)
 
 
-def _roll_back(client: InferenceServerClient, undo: list) -> None:
-    """Put back the configs on ``undo`` (latest first) and reload their models; log what cannot be restored."""
+def _roll_back(client: Replicas, undo: list) -> None:
+    """Put back the configs on ``undo`` (latest first) and reload their models on every replica; log what cannot
+    be restored."""
     for model_dir, config in reversed(undo):
         try:
             write_config(model_dir, config)
-            client.load_model(model_dir.name, headers=_admin_headers())
+            client.load(model_dir.name)
             log.info("rolled back %s", model_dir.name)
         except Exception as exc:  # keep restoring the others; the message names what is left
             log.error("could not roll back %s: %s", model_dir.name, exc)
@@ -132,21 +183,16 @@ def _admit(repo: Path, name: str, version_dir: Path) -> None:
         raise TritonSwapError(f"{exc.message}: refused; the live version keeps serving") from None
 
 
-def _inference_count(client: InferenceServerClient, model: str, version: int) -> int:
-    stats = client.get_inference_statistics(model, str(version))["model_stats"]
-    return sum(int(s["inference_count"]) for s in stats)
-
-
-def _drain(client: InferenceServerClient, model: str, version: int, quiet: float, timeout: float) -> None:
-    """Wait until ``model`` version ``version`` has answered nothing new for ``quiet`` seconds."""
+def _drain(client: Replicas, model: str, version: int, quiet: float, timeout: float) -> None:
+    """Wait until ``model`` version ``version`` has answered nothing new for ``quiet`` seconds on any replica."""
     deadline = time.monotonic() + timeout
-    count, since = _inference_count(client, model, version), time.monotonic()
+    count, since = client.inference_count(model, version), time.monotonic()
     while time.monotonic() - since < quiet:
         if time.monotonic() > deadline:
             raise TritonSwapError(f"{model} version {version} still gets traffic after {timeout:.0f} s: "
                                   "left loaded; unload it once clients have moved")
         time.sleep(min(0.2, quiet))
-        now = _inference_count(client, model, version)
+        now = client.inference_count(model, version)
         if now != count:
             count, since = now, time.monotonic()
 
@@ -169,16 +215,13 @@ def _target(repo: Path, name: str, head: str, version: int | None) -> tuple[Path
     return model_dir, version, state
 
 
-def _connect(url: str) -> InferenceServerClient:
-    """A client on a ready Triton; TritonSwapError when it cannot be reached or is not ready."""
-    client = client_for(url)
-    try:
-        ready = client.is_server_ready()
-    except (OSError, InferenceServerException) as exc:
-        raise TritonSwapError(f"cannot reach Triton at {url}: {exc}") from None
-    if not ready:
-        raise TritonSwapError(f"Triton at {url} is not ready")
-    return client
+def _connect(url: str | list[str]) -> Replicas:
+    """Every replica (``url``: one URL, a comma-separated list, or a list), each reachable and ready; else
+    TritonSwapError naming those that are not."""
+    urls = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+    if not urls:
+        raise TritonSwapError("give at least one Triton URL")
+    return Replicas(urls).check_ready()
 
 
 def _in_use(repo: Path, name: str, head: str, route: Route) -> list[int]:
@@ -194,9 +237,10 @@ def _in_use(repo: Path, name: str, head: str, route: Route) -> list[int]:
     return sorted(used)
 
 
-def swap(url: str, repo: str | Path, name: str, head: str, version: int | None = None,
+def swap(url: str | list[str], repo: str | Path, name: str, head: str, version: int | None = None,
          weights: dict[str, float] | None = None, drain: float = 2.0, timeout: float = 120.0) -> SwapResult:
-    """Make ``version`` (default: the highest in the repository) of ``head`` live; see the module docstring."""
+    """Make ``version`` (default: the highest in the repository) of ``head`` live on every replica that serves
+    ``repo`` (``url``: one or several); see the module docstring."""
     repo = Path(repo)
     model_dir, version, state = _target(repo, name, head, version)
     model = model_dir.name
@@ -215,20 +259,20 @@ def swap(url: str, repo: str | Path, name: str, head: str, version: int | None =
     if old is not None and old != version and old not in _in_use(repo, name, head, route):  # a shadow stays
         _drain(client, model, old, quiet=max(drain, 0.5), timeout=timeout)
         _set_versions(client, model_dir, _in_use(repo, name, head, route), [])
-        if client.is_model_ready(model, str(old)):
+        if len(client.not_ready(model, old)) < len(client.urls):
             raise TritonSwapError(f"{model} version {old} is still loaded after the unload request")
         log.info("unloaded %s version %d", model, old)
     return SwapResult(head, old, version, route)
 
 
-def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, model: str, model_dir: Path,
+def _repoint(client: Replicas, repo: Path, name: str, head: str, model: str, model_dir: Path,
              old: int | None, version: int, state: RoutingState, weights: dict[str, float] | None,
              undo: list) -> Route:
     """Steps 1-3: load the new version next to the old, repoint the ensembles, then the route."""
     _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, state.current()), version}), undo)
-    if not client.is_model_ready(model, str(version)):
-        raise TritonSwapError(f"{model} version {version} is not ready after loading: does the server serve "
-                              f"{repo.resolve()}?")
+    if client.not_ready(model, version):
+        raise TritonSwapError(f"{model} version {version} is not ready on {', '.join(client.not_ready(model, version))}"
+                              f" after loading: does every server serve {repo.resolve()}?")
     log.info("loaded %s version %d", model, version)
     for tensor in (False, True):
         ensemble_dir = repo / ensemble_model(name, head, tensor)
@@ -246,7 +290,7 @@ def _repoint(client: InferenceServerClient, repo: Path, name: str, head: str, mo
     return route
 
 
-def shadow(url: str, repo: str | Path, name: str, head: str, version: int | None = None, share: float = 1.0,
+def shadow(url: str | list[str], repo: str | Path, name: str, head: str, version: int | None = None, share: float = 1.0,
            drain: float = 2.0, timeout: float = 120.0) -> Route:
     """Have the router score ``head`` ``version`` beside every answer on ``share`` (0..1] of requests, never
     returned: admitted like a swap, loaded next to the versions in use, then named in the route. ``share`` 0 stops
@@ -263,9 +307,9 @@ def shadow(url: str, repo: str | Path, name: str, head: str, version: int | None
     undo: list = []
     try:
         _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, current), version}), undo)
-        if not client.is_model_ready(model_dir.name, str(version)):
-            raise TritonSwapError(f"{model_dir.name} version {version} is not ready after loading: does the server "
-                                  f"serve {repo.resolve()}?")
+        if client.not_ready(model_dir.name, version):
+            raise TritonSwapError(f"{model_dir.name} version {version} is not ready on "
+                                  f"{', '.join(client.not_ready(model_dir.name, version))} after loading")
         route = state.update(shadow={f"{head}:{version}": share})
     except BaseException:
         _roll_back(client, undo)
@@ -274,7 +318,7 @@ def shadow(url: str, repo: str | Path, name: str, head: str, version: int | None
     return route
 
 
-def _unshadow(url: str, repo: Path, name: str, head: str, version: int | None, drain: float,
+def _unshadow(url: str | list[str], repo: Path, name: str, head: str, version: int | None, drain: float,
               timeout: float) -> Route:
     model_dir, _, state = _target(repo, name, head, version)
     keys = [f"{head}:{v}" for n, v, _ in state.current().shadows() if n == head and version in (None, v)]
