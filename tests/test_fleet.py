@@ -44,8 +44,11 @@ class Fleet:
         return [s.url for s in self.servers]
 
     def env(self, index: int, build: Path | None = None) -> dict:
+        """Replica ``index``: its state dir, and its own BENTOML_HOME (`bentoml serve` empties
+        $BENTOML_HOME/prometheus_multiproc_dir when it starts: a shared home would reset the others' metrics)."""
         return {**self.base, "TL_MODELS_BUILD": str(build or self.build),
-                "TL_MODELS_STATE_DIR": str(self.root / f"state-{index}")}
+                "TL_MODELS_STATE_DIR": str(self.root / f"state-{index}"),
+                "BENTOML_HOME": str(self.root / f"bentoml-{index}")}
 
     def start(self, env: dict, index: int):
         return launcher.start(env, log_path=self.root / f"replica-{index}.log", timeout=600)

@@ -424,6 +424,7 @@ def judging_cost(build_dir: Path, images: list[bytes], options: ServeBenchOption
                                                        shadow={f"{second}:{v2}": 1.0} if mode == "judged" else None)
             env = _bento_env(build_dir, state, workdir, secrets.token_hex(8))
             env["TL_MODELS_LOG_SHARE"] = str(JUDGING_LOG_SHARE if mode == "judged" else 0)
+            env["BENTOML_HOME"] = str(workdir / f"bentoml-{mode}")  # a shared home: a start resets the other's metrics
             options.progress(f"[bench serve] judging part: starting bentoml serve ({mode})")
             server = bento_launcher.start(env, log_path=workdir / f"bento-{mode}.log", timeout=options.start_timeout)
             servers.callback(server.stop)

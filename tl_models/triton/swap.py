@@ -129,6 +129,11 @@ class Replicas:
         return total
 
 
+def _load(client: Replicas, model: str) -> None:
+    """A forward step's (re)load on every replica (the rollback reloads through :meth:`Replicas.load` directly)."""
+    client.load(model)
+
+
 def _reconfigure(client: Replicas, model_dir: Path, change: Callable, undo: list) -> None:
     """Apply ``change`` to a model's config, write it and (re)load the model; the original config goes on
     ``undo`` first, so a failure at any point can be rolled back by :func:`_roll_back`."""
@@ -138,7 +143,7 @@ def _reconfigure(client: Replicas, model_dir: Path, change: Callable, undo: list
     undo.append((model_dir, original))
     change(config)
     write_config(model_dir, config)
-    client.load(model_dir.name)
+    _load(client, model_dir.name)
 
 
 def _set_versions(client: Replicas, model_dir: Path, versions: list[int], undo: list) -> None:
