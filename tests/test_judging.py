@@ -343,7 +343,7 @@ def test_a_stalled_recorder_drops_and_counts_and_requests_never_wait(server, dep
 def test_report_from_a_service_and_from_its_log(server, deployment, tmp_path):
     server.reset()
     _shadow(server, "b", 1)
-    for png in deployment.images(4):
+    for png in deployment.images(40) * 3:  # 120 answers, about 60 logged: one slice of at least 32 for drift
         assert server.classify(png, {"X-TL-Head": "a"}).status_code == 200
     time.sleep(1.5)
     out = deployment.cli("report", "--url", server.url, "--json", str(tmp_path / "s.json"), "--plot",
@@ -352,8 +352,9 @@ def test_report_from_a_service_and_from_its_log(server, deployment, tmp_path):
     assert figures["heads"]["b:1"]["role"] == "shadow" and figures["heads"]["a:1"]["role"] == "live"
     assert "b:1" in out and (tmp_path / "s.png").stat().st_size > 10_000
     out = deployment.cli("report", "--log", str(deployment.root / "state" / "embedding-log"), "--build",
-                         str(deployment.build_dir), "--json", str(tmp_path / "l.json"), "--plot",
+                         str(deployment.build_dir), "--slices", "1", "--json", str(tmp_path / "l.json"), "--plot",
                          str(tmp_path / "l.png"))
+    assert "drift per time slice" in out
     figures = json.loads((tmp_path / "l.json").read_text())
     assert figures["records"] > 0 and figures["heads"]["a:1"]["scored"] > 0
     assert any(s["drift"] for s in figures["timeline"]) and (tmp_path / "l.png").stat().st_size > 10_000

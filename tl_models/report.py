@@ -25,13 +25,10 @@ def _references(build: Path | None, heads: list[str]) -> dict[str, EmbeddingRefe
     """The embedding references of ``heads`` ("name:version") found in the build directory."""
     if build is None:
         return {}
-    manifest = BuildDir(build).verify()
-    found = {}
-    for entry in manifest.heads:
-        if entry.key in heads and EMBEDDING_REFERENCE in entry.files:
-            found[entry.key] = EmbeddingReference.from_dict(json.loads(BuildDir(build).file(
-                entry.rel(EMBEDDING_REFERENCE)).read_text()))
-    return found
+    build_dir = BuildDir(build)
+    return {entry.key: EmbeddingReference.from_dict(json.loads(build_dir.file(entry.rel(EMBEDDING_REFERENCE))
+                                                               .read_text()))
+            for entry in build_dir.verify().heads if entry.key in heads and EMBEDDING_REFERENCE in entry.files}
 
 
 def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -> dict:

@@ -23,6 +23,7 @@ so a key gets the same head on every replica once they follow the same route.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def status(urls: list[str], route_file: str | Path | None = None) -> dict:
         if reply.body:
             entry["fleet"] = reply.body.get("fleet")
         replicas.append(entry)
-    routes = {repr(sorted((k, sorted(v.items())) for k, v in _live(r.body).items())) for r in replies if r.ok}
+    routes = {json.dumps(_live(r.body), sort_keys=True) for r in replies if r.ok}
     figures: dict = {"replicas": replicas, "agree": len(routes) == 1 and all(r.ok for r in replies)}
     if route_file is not None:
         target = RoutingState(route_file, poll=0).current()
