@@ -5,6 +5,7 @@ a restarted replica serves the repository as it is."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,7 @@ def _sticky(pair: dict, image: bytes) -> list[str]:
     return heads
 
 
-def test_swap_on_both_replicas_under_load(pair, images):
+def test_swap_on_both_replicas_under_load(pair, images, tmp_path):
     name, urls = pair["name"], _urls(pair)
     old = RoutingState(pair["repo"] / name / "route.json", poll=0).current().versions["a"]
     new = 3 - old
@@ -107,6 +108,11 @@ def test_swap_on_both_replicas_under_load(pair, images):
         assert client.is_model_ready(f"{name}_head_a", str(new)) and \
             not client.is_model_ready(f"{name}_head_a", str(old))
     assert _sticky(pair, images[0]) == before  # weights unchanged: every key keeps its head name
+    report = tmp_path / "status.json"
+    assert cli_main(["triton", "status", "--url", ",".join(urls), "--repo", str(pair["repo"]), "--build", name,
+                     "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert [r["loaded"]["a"] for r in figures["replicas"]] == [[new], [new]] and figures["agree"]
 
 
 def test_a_replica_down_refuses_the_swap_before_any_change(pair, images):
@@ -118,6 +124,8 @@ def test_a_replica_down_refuses_the_swap_before_any_change(pair, images):
     with pytest.raises(TritonSwapError, match="refused before any change") as info:
         swap(_urls(pair), repo, name, "a", 3 - state.current().versions["a"])
     assert down.http_url in str(info.value) and pair["servers"][0].http_url not in str(info.value)
+    assert cli_main(["triton", "status", "--url", ",".join(_urls(pair)), "--repo", str(repo), "--build",
+                     name]) == 1  # the replica that is down disagrees
     assert state.current().revision == revision and (repo / f"{name}_head_a" / "config.pbtxt").read_text() == config
     start = time.perf_counter()
     pair["servers"][1] = start_triton(repo, workdir=pair["root"] / "tritonserver-1b", timeout=600)

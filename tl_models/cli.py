@@ -2,7 +2,7 @@
 
   tl-models build | export | parity | quantize | report | backbones | demo | demo-data | install-weights
   tl-models bento package | serve
-  tl-models triton package | serve | swap | shadow
+  tl-models triton package | serve | swap | shadow | status
   tl-models fleet init | status | swap | split
   tl-models deploy render
   tl-models bench train | runtime | serve
@@ -292,6 +292,19 @@ def cmd_triton_shadow(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_triton_status(args: argparse.Namespace) -> int:
+    from .triton.swap import status
+
+    report = status(_triton_urls(args.url), args.repo, args.build)
+    lines = [f"route: versions {report['route']['versions']}, weights {report['route']['weights']}, shadow "
+             f"{report['route']['shadow'] or 'none'}; versions to load per head: {report['wanted']}"]
+    lines += [f"  {r['url']}: ready {r['ready']}, loaded {r['loaded']}" + ("" if r["agrees"] else "  <- DIFFERS") +
+              (f" ({r['error']})" if r["error"] else "") for r in report["replicas"]]
+    lines.append("replicas agree with the route" if report["agree"] else "replicas DISAGREE")
+    _show(report, lines, args.json)
+    return EXIT_OK if report["agree"] else EXIT_USER_ERROR
+
+
 def _triton_package_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("build_dir", type=Path)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
@@ -337,18 +350,28 @@ def _add_triton_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain", type=float, default=2.0, help="with --share 0: seconds without traffic before unloading")
     p.set_defaults(func=cmd_triton_shadow)
 
+    p = verbs.add_parser("status", help="every replica's readiness and loaded head versions against the route")
+    _triton_server_args(p)
+    p.add_argument("--json", type=Path, help="also write the report as JSON")
+    p.set_defaults(func=cmd_triton_status)
+
 
 def _triton_urls(text: str) -> list[str]:
     """``--url``: one Triton HTTP URL, or several (comma-separated) for replicas serving one shared repository."""
     return [_address(part.strip(), "http") for part in text.split(",") if part.strip()]
 
 
-def _triton_head_args(p: argparse.ArgumentParser, version_help: str) -> None:
-    """The arguments that name running Tritons, their repository and one head version (swap, shadow)."""
+def _triton_server_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that name running Tritons, their repository and a build (swap, shadow, status)."""
     p.add_argument("--url", default="http://127.0.0.1:8000",
                    help="Triton's HTTP URL; several, comma-separated, for replicas serving one shared repository")
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
     p.add_argument("--build", required=True, help="build name (its router model)")
+
+
+def _triton_head_args(p: argparse.ArgumentParser, version_help: str) -> None:
+    """:func:`_triton_server_args` and one head version (swap, shadow)."""
+    _triton_server_args(p)
     p.add_argument("--head", required=True, help="head name")
     p.add_argument("--version", type=int, help=version_help)
 

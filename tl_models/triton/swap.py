@@ -338,3 +338,36 @@ def _unshadow(url: str | list[str], repo: Path, name: str, head: str, version: i
     if unused and needed:
         _set_versions(client, model_dir, needed, [])
     return route
+
+
+def status(url: str | list[str], repo: str | Path, name: str) -> dict:
+    """Every replica serving ``repo``: readiness and the loaded versions of the build's head models (from its
+    repository index), beside the shared route; ``agree`` when every replica is ready and has loaded the versions
+    the route uses, and only those."""
+    repo = Path(repo)
+    urls = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+    route = RoutingState(repo / name / ROUTE_FILE, poll=0).current()
+    if not route.versions:
+        raise TritonSwapError(f"no route file {repo / name / ROUTE_FILE}: is {name!r} a build packaged into {repo}?")
+    prefix = head_model(name, "")
+    wanted = {head: _in_use(repo, name, head, route) for head in sorted({*route.versions,
+                                                                         *(n for n, _, _ in route.shadows())})}
+    replicas = []
+    for replica in urls:
+        client = client_for(replica)
+        entry: dict = {"url": replica, "ready": False, "loaded": {}, "error": None}
+        try:
+            entry["ready"] = client.is_server_ready()
+            for model in client.get_model_repository_index(headers=_admin_headers()):
+                if model.get("name", "").startswith(prefix) and model.get("state") == "READY":
+                    head = model["name"][len(prefix):]
+                    entry["loaded"].setdefault(head, []).append(int(model["version"]))
+        except (OSError, InferenceServerException) as exc:
+            entry["error"] = str(exc)
+        finally:
+            client.close()
+        entry["loaded"] = {head: sorted(versions) for head, versions in sorted(entry["loaded"].items())}
+        entry["agrees"] = entry["ready"] and all(entry["loaded"].get(h) == v for h, v in wanted.items())
+        replicas.append(entry)
+    return {"route": route.to_dict(), "wanted": wanted, "replicas": replicas,
+            "agree": all(r["agrees"] for r in replicas)}
