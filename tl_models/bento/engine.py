@@ -376,10 +376,10 @@ class ServingEngine:
         pushed = None
         if route is not None:
             try:
-                pushed = Route(weights={k: float(v) for k, v in route["weights"].items()},
-                               versions={k: int(v) for k, v in route["versions"].items()},
-                               revision=int(route["revision"]),
-                               shadow={k: float(v) for k, v in route.get("shadow", {}).items()})
+                missing = {"weights", "versions", "revision"} - set(route)
+                if missing:
+                    raise KeyError(", ".join(sorted(missing)))
+                pushed = Route.from_dict(route)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise BadRequest(f"route must be {{\"weights\", \"versions\", \"revision\"[, \"shadow\"]}}: {exc}") \
                     from None

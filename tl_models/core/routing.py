@@ -91,6 +91,14 @@ class Route:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Route":
+        """The route of :meth:`to_dict` (a route file, or one pushed to a replica); missing parts are empty."""
+        return cls(weights={k: float(v) for k, v in data.get("weights", {}).items()},
+                   versions={k: int(v) for k, v in data.get("versions", {}).items()},
+                   revision=int(data.get("revision", 0)),
+                   shadow={k: float(v) for k, v in data.get("shadow", {}).items()})
+
 
 def parse_weights(text: str) -> dict[str, float]:
     """``"a=90,b=10"`` -> ``{"a": 90.0, "b": 10.0}``; RoutingError for anything else."""
@@ -135,11 +143,7 @@ class RoutingState:
                 return self._cached
             stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if stamp != self._stamp:
-                data = json.loads(self.path.read_text())
-                self._cached = Route(weights={k: float(v) for k, v in data.get("weights", {}).items()},
-                                     versions={k: int(v) for k, v in data.get("versions", {}).items()},
-                                     revision=int(data.get("revision", 0)),
-                                     shadow={k: float(v) for k, v in data.get("shadow", {}).items()})
+                self._cached = Route.from_dict(json.loads(self.path.read_text()))
                 self._stamp = stamp
             return self._cached
 

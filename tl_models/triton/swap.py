@@ -220,10 +220,15 @@ def _target(repo: Path, name: str, head: str, version: int | None) -> tuple[Path
     return model_dir, version, state
 
 
+def _url_list(url: str | list[str]) -> list[str]:
+    """``url``: one URL, a comma-separated list, or a list."""
+    return [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+
+
 def _connect(url: str | list[str]) -> Replicas:
-    """Every replica (``url``: one URL, a comma-separated list, or a list), each reachable and ready; else
-    TritonSwapError naming those that are not."""
-    urls = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+    """Every replica (:func:`_url_list`), each reachable and ready; else TritonSwapError naming those that are
+    not."""
+    urls = _url_list(url)
     if not urls:
         raise TritonSwapError("give at least one Triton URL")
     return Replicas(urls).check_ready()
@@ -345,7 +350,7 @@ def status(url: str | list[str], repo: str | Path, name: str) -> dict:
     repository index), beside the shared route; ``agree`` when every replica is ready and has loaded the versions
     the route uses, and only those."""
     repo = Path(repo)
-    urls = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+    urls = _url_list(url)
     route = RoutingState(repo / name / ROUTE_FILE, poll=0).current()
     if not route.versions:
         raise TritonSwapError(f"no route file {repo / name / ROUTE_FILE}: is {name!r} a build packaged into {repo}?")
