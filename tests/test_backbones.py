@@ -11,8 +11,8 @@ import torchvision.models as tvm
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.build.backbones import BACKBONES, WeightsError, get_spec, load_backbone
-from tl_models.core.errors import NotFound
+from tl_models.build.backbones import BACKBONES, WeightsError, get_spec, load_backbone, unfreeze_stages
+from tl_models.core.errors import NotFound, UserError
 from tl_models.core.files import file_sha256
 from tl_models.core.preprocess import transform_image
 
@@ -22,7 +22,7 @@ TABBY_TO_EGYPTIAN_CAT = range(281, 286)  # ImageNet classes 281..285: tabby, tig
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_embedding_dim_matches_the_stripped_model(name: str) -> None:
     """The registry's embedding_dim is what the classifier-less model really returns, at its crop size;
-    the model is frozen and its ``--unfreeze-last`` stage exists."""
+    the model is frozen and its stages (what ``--fine-tune`` trains) exist, have parameters and do not overlap."""
     backbone = load_backbone(name, "none")
     crop = backbone.preprocessing.crop_size
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, crop, crop), dtype=np.uint8))
@@ -32,8 +32,13 @@ def test_embedding_dim_matches_the_stripped_model(name: str) -> None:
     assert backbone.weights_id == "none:seed=0"
     assert not any(p.requires_grad for p in backbone.module.parameters())
     assert not backbone.module.training
-    for path in backbone.spec.last_stage:  # what --unfreeze-last trains must exist and have parameters
-        assert sum(p.numel() for p in backbone.module.features.get_submodule(path).parameters()) > 0, path
+    seen: set[int] = set()
+    for stage in backbone.spec.stages:
+        params = {id(p) for path in stage for p in backbone.module.features.get_submodule(path).parameters()}
+        assert params and not params & seen, stage
+        seen |= params
+    with pytest.raises(UserError, match=f"takes 1 to {len(backbone.spec.stages)}"):
+        unfreeze_stages(backbone, len(backbone.spec.stages) + 1)
 
 
 def test_unknown_backbone_names_the_known_ones() -> None:
@@ -133,3 +138,27 @@ def test_absent_enum_file_says_which_file_goes_where(tmp_path: Path, monkeypatch
     assert str(folder) in message
     assert tvm.ResNet18_Weights.IMAGENET1K_V1.url in message
     assert not (folder / filename).exists()
+
+
+def test_inception_v3_weights_keep_torchvision_transform_input(tmp_path: Path) -> None:
+    """torchvision builds inception_v3 with transform_input=True for pretrained weights; loaded from a file, our
+    backbone gives that model's embedding (the re-normalisation is the graph's mean = std = 0.5), 299 px input,
+    the auxiliary classifier gone. With --weights none it is torchvision's weights=None model (ImageNet mean/std)."""
+    torch.manual_seed(0)
+    reference = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    path = tmp_path / "inception.pth"
+    torch.save(reference.state_dict(), path)
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    backbone = load_backbone("inception_v3", str(path))
+    prep = backbone.preprocessing
+    assert (prep.crop_size, prep.resize_size, prep.mean, prep.std) == (299, 342, (0.5,) * 3, (0.5,) * 3)
+    assert backbone.module.features.AuxLogits is None and "AuxLogits" not in str(list(backbone.module.state_dict()))
+    image = _chelsea(backbone)
+    imagenet = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    with torch.inference_mode():
+        ours = backbone.module(image)
+        theirs = reference((image.float() / 255.0 - imagenet[0]) / imagenet[1])
+    assert ours.shape == (1, 2048)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+    assert load_backbone("inception_v3", "none").preprocessing.mean == (0.485, 0.456, 0.406)

@@ -22,9 +22,13 @@ from PIL import Image
 import tl_models.build.features
 import tl_models.build.pipeline
 import tl_models.core.manifest
+from tl_models.build.architectures import HeadSpec, build_head
+from tl_models.build.augment import Augment
 from tl_models.build.backbones import WeightsError, load_backbone
+from tl_models.build.config import FineTune, TrainConfig
 from tl_models.build.data import DataError
 from tl_models.build.pipeline import BuildReport
+from tl_models.build.train import fit
 from tl_models.cli import main
 from tl_models.core.errors import BuildError
 from tl_models.core.files import file_sha256
@@ -34,6 +38,7 @@ from tl_models.core.names import MANIFEST
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 QuickBuild = Callable[..., BuildReport]
+TUNE = FineTune(stages=2, lr=3e-5, epochs=2, augment=("crop",))  # short and visible: stage 2 must move the weights
 RunCli = Callable[..., tuple[int, str, str]]
 
 
@@ -88,17 +93,22 @@ def test_backbone_state_is_bit_identical_after_training(base_build: Path) -> Non
         assert torch.equal(after[key], value), key
 
 
-def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
-    """--unfreeze-last trains features.17/18 only; no BatchNorm statistic moves anywhere."""
-    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=4)
-    report = quick_build(small, tmp_path / "out", unfreeze_last=True, epochs=1)
-    assert report.head.train["unfreeze_last"] is True
+def test_fine_tune_moves_only_the_unfrozen_stages(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
+    """--fine-tune 2: stage 2 trains the registry's last two stages of mobilenet_v2 (features.14..18) and nothing
+    else; no BatchNorm statistic moves anywhere; the manifest records both stages."""
+    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1)
+    record = report.head.train["fine_tune"]
+    assert record["kept"] is True and record["stages"] == 2 and record["augment"] == ["crop"]
+    assert record["modules"] == [f"features.{i}" for i in range(14, 19)]
+    history = json.loads((tmp_path / "out" / report.head.path / "history.json").read_text())
+    assert [h["stage"] for h in history] == [1] + [2] * TUNE.epochs
     backbone = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
     before, after = backbone.module.state_dict(), _saved_state(tmp_path / "out")
     params = {name for name, _ in backbone.module.named_parameters()}
-    prefixes = tuple(f"features.{path}." for path in backbone.spec.last_stage)
+    prefixes = tuple(f"features.{path}." for path in record["modules"])
     changed = {key for key in before if not torch.equal(before[key], after[key])}
-    assert changed, "--unfreeze-last trained nothing"
+    assert changed, "--fine-tune trained nothing"
     assert all(key.startswith(prefixes) and key in params for key in changed), sorted(changed)
     for prefix in prefixes:
         assert any(key.startswith(prefix) for key in changed), prefix
@@ -107,15 +117,41 @@ def test_unfreeze_last_changes_only_last_stage_params(demo_data: Path, quick_bui
     assert not [key for key in buffers if key in changed]
 
     # the saved backbone is fine-tuned: a head trained on the original weights' cached features would not fit it
-    with pytest.raises(BuildError, match="fine-tuned with --unfreeze-last"):
+    with pytest.raises(BuildError, match="holds a fine-tuned backbone"):
         quick_build(small, tmp_path / "out", head="second")
+
+
+def test_stage_two_that_never_beats_stage_one_leaves_both_as_they_were() -> None:
+    """keep_start: training that does not improve on the models as given (here: learning rate 0) keeps them."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 8), torch.arange(40) % 2
+    head = build_head(HeadSpec("linear", 8, 2))
+    fit(head, x[:30], y[:30], x[30:], y[30:], TrainConfig(epochs=3), progress=False)
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    result = fit(head, x[:30], y[:30], x[30:], y[30:], TrainConfig(epochs=2, lr=0.0), progress=False,
+                 keep_start=True)
+    assert result.best_epoch == 0 and len(result.history) == 2
+    assert all(torch.equal(start[k], v) for k, v in head.state_dict().items())
+
+
+def test_augment_crops_and_flips_each_image_on_its_own_draw() -> None:
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    batch = images[:1].repeat(4, 1, 1, 1)
+    torch.manual_seed(0)
+    out = Augment(32, ("crop", "flip"))(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    assert len({bytes(image.numpy()) for image in out}) == 4  # one draw per image, not per batch
+    assert torch.equal(Augment(32, ())(images), images)
+    flipped = Augment(32, ("flip",))
+    torch.manual_seed(1)
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(flipped(images), images))
 
 
 def test_chained_transfer_starts_from_another_builds_backbone(demo_data: Path, quick_build: QuickBuild,
                                                                tmp_path: Path) -> None:
     """--weights BUILD_DIR: the source build's (here fine-tuned) backbone, bit for bit, for another label set."""
     source = tmp_path / "source"
-    quick_build(_subset(demo_data, tmp_path / "small", ["3", "8"], per_class=4), source, unfreeze_last=True, epochs=1)
+    quick_build(_subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8), source, fine_tune=TUNE, epochs=1)
     other = _subset(demo_data, tmp_path / "other", ["1", "7", "9"], per_class=4)
     report = quick_build(other, tmp_path / "chained", weights=str(source))
     sha = BuildDir(source).manifest().files["backbone.pt"]
@@ -280,8 +316,8 @@ def test_incompatible_second_build_is_refused(demo_data: Path, quick_build: Quic
     (relabelled / "9").rename(relabelled / "nine")
     with pytest.raises(BuildError, match="labels"):
         quick_build(relabelled, out, head="b")
-    with pytest.raises(BuildError, match="--unfreeze-last"):
-        quick_build(demo_data, out, head="b", unfreeze_last=True)
+    with pytest.raises(BuildError, match="--fine-tune changes the backbone"):
+        quick_build(demo_data, out, head="b", fine_tune=TUNE)
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     BuildDir(out).verify()
 

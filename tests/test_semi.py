@@ -91,7 +91,7 @@ def test_bad_unlabelled_folders_are_refused_and_leave_the_build_as_it_was(digits
     out = tmp_path / "build"
     cases = [(empty, [], "has no readable images"), (copies, [], "are also labelled images"),
              (digits["labelled"] / "3", [], "overlaps the labelled data"),
-             (digits["unlabelled"], ["--unfreeze-last"], "cannot be combined with --unfreeze-last")]
+             (digits["unlabelled"], ["--fine-tune", "1"], "cannot be combined with --fine-tune")]
     for folder, extra, message in cases:
         assert _build(digits, out, folder, *extra) == 1
         assert message in capsys.readouterr().err

@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .build.config import SelfTraining, TrainConfig
+from .build.config import FineTune, SelfTraining, TrainConfig
 
 log = logging.getLogger("tl_models")
 
@@ -56,12 +56,30 @@ def _add_build_args(parser: argparse.ArgumentParser) -> None:
                         help="early stopping: epochs without val improvement")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--unfreeze-last", action="store_true", help="also fine-tune the backbone's last stage")
+    fine_tune = FineTune()
+    parser.add_argument("--fine-tune", type=int, default=fine_tune.stages, metavar="N",
+                        help="the fine-tuning recipe: after the head trains on cached features, train it with the "
+                             "backbone's last N stages at a low learning rate on augmented images (BatchNorm "
+                             "statistics frozen); kept only where it beats the head alone on validation")
+    parser.add_argument("--fine-tune-lr", type=float,
+                        help="stage 2 learning rate (default: --lr / 100)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=fine_tune.epochs,
+                        help="stage 2 epochs at most (early stopping with --patience)")
+    parser.add_argument("--augment", type=_augmentations, default=fine_tune.augment, metavar="KINDS",
+                        help="stage 2 augmentation, comma-separated: crop (random resized crop), flip (horizontal; "
+                             "leave it out where a mirrored image means something else, e.g. digits or text), "
+                             "or none (default: crop,flip)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default $TL_MODELS_CACHE or ~/.cache/tl-models)")
     parser.add_argument("--no-export", action="store_true", help="skip ONNX export and parity")
     parser.add_argument("--fused", action="store_true",
                         help="also write fused.onnx (backbone + head in one file; a copy of the backbone per version)")
     _add_tolerance_args(parser)
+
+
+def _augmentations(text: str) -> tuple[str, ...]:
+    """``crop,flip`` -> ("crop", "flip"); ``none`` -> ()."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    return () if kinds == ("none",) else kinds
 
 
 def _tolerance(args: argparse.Namespace):
@@ -76,7 +94,8 @@ def _build_options(args: argparse.Namespace, data: Path, out: Path, head: str, w
 
     return BuildOptions(**more,
         data=data, out=out, backbone=args.backbone, weights=weights or args.weights, kind=args.kind, head=head,
-        hidden=args.hidden, dropout=args.dropout, unfreeze_last=args.unfreeze_last, val_fraction=args.val_fraction,
+        hidden=args.hidden, dropout=args.dropout, val_fraction=args.val_fraction,
+        fine_tune=FineTune(args.fine_tune, args.fine_tune_lr, args.fine_tune_epochs, args.augment),
         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                           seed=args.seed),
         cache_dir=args.cache_dir, export=not args.no_export, fused=args.fused, tolerance=_tolerance(args))

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,49 +32,84 @@ class WeightsError(UserError):
     """Weights that cannot be resolved or loaded; the message says what to do."""
 
 
+def blocks(parent: str, first: int, last: int) -> tuple[str, ...]:
+    """Dotted paths ``parent.first`` .. ``parent.last``: one stage made of consecutive blocks."""
+    return tuple(f"{parent}.{i}" for i in range(first, last + 1))
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Facts about one backbone: how to build it, where its classifier sits, how the embedding is pooled, what
-    its last stage is."""
+    """Facts about one backbone: how to build it, where its classifier sits, how the embedding is taken, what its
+    trainable stages are."""
 
     name: str
     builder: Callable[..., nn.Module]
     weights_enum: type[WeightsEnum]
     embedding_dim: int
-    classifier: str                 # dotted path of the module replaced by Identity
-    last_stage: tuple[str, ...]     # dotted paths unfrozen by --unfreeze-last
-    onnx_exporter: str = "torchscript"  # "dynamo" where the TorchScript exporter lacks an op
-    pool: str | None = None         # dotted path of a pooling module replaced by global average pooling
+    classifier: str                      # dotted path of the module replaced by Identity
+    stages: tuple[tuple[str, ...], ...]  # first to last, each a group of dotted paths: --fine-tune N trains the last N
+    onnx_exporter: str = "torchscript"   # "dynamo" where the TorchScript exporter lacks an op
+    pool: str | None = None              # dotted path of a pooling module replaced by global average pooling
+    unused: tuple[str, ...] = ()         # modules the embedding never runs, removed after the weights load
+    # torchvision builds it with transform_input=True for pretrained weights, re-normalising ImageNet-normalised
+    # input to (x - 0.5) / 0.5; with such weights the graph's normalisation is that one (the same arithmetic, one step)
+    transform_input: bool = False
 
-    def preprocessing(self, weights: WeightsEnum | None = None) -> Preprocessing:
-        """Eval preprocessing from the weights' own transforms (DEFAULT's when weights are not an enum)."""
+    def preprocessing(self, weights: WeightsEnum | None = None, pretrained: bool = True) -> Preprocessing:
+        """Eval preprocessing from the weights' own transforms (DEFAULT's when weights are not an enum);
+        ``pretrained``: weights are loaded (an enum member or a file), not a random init."""
         t = (weights or self.weights_enum.DEFAULT).transforms()
-        return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
-                             mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std),
+        mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+        if self.transform_input and pretrained:
+            mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]), mean=mean, std=std,
                              interpolation=t.interpolation.value)
 
 
+_RESNET_STAGES = (("layer1",), ("layer2",), ("layer3",), ("layer4",))
+_VGG16_STAGES = (("features.0", "features.2"), ("features.5", "features.7"), blocks("features", 10, 14),
+                 blocks("features", 17, 21), blocks("features", 24, 28))
+_VGG16_BN_STAGES = (blocks("features", 0, 5), blocks("features", 7, 12), blocks("features", 14, 22),
+                    blocks("features", 24, 32), blocks("features", 34, 42))
+
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in [
-    BackboneSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, 512, "fc", ("layer4",)),
-    BackboneSpec("resnet50", tvm.resnet50, tvm.ResNet50_Weights, 2048, "fc", ("layer4",)),
+    BackboneSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, 512, "fc", _RESNET_STAGES),
+    BackboneSpec("resnet50", tvm.resnet50, tvm.ResNet50_Weights, 2048, "fc", _RESNET_STAGES),
     BackboneSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, 1280, "classifier",
-                 ("features.17", "features.18")),
-    BackboneSpec("mobilenet_v3_small", tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights, 576,
-                 "classifier", ("features.11", "features.12")),
-    BackboneSpec("mobilenet_v3_large", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights, 960,
-                 "classifier", ("features.15", "features.16")),
+                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
+                  blocks("features", 7, 10), blocks("features", 11, 13), blocks("features", 14, 16),
+                  blocks("features", 17, 18))),
+    BackboneSpec("mobilenet_v3_small", tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights, 576, "classifier",
+                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
+                  blocks("features", 7, 8), blocks("features", 9, 10), blocks("features", 11, 12))),
+    BackboneSpec("mobilenet_v3_large", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights, 960, "classifier",
+                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
+                  blocks("features", 7, 10), blocks("features", 11, 12), blocks("features", 13, 14),
+                  blocks("features", 15, 16))),
     BackboneSpec("efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, 1280, "classifier",
-                 ("features.7", "features.8")),
+                 (blocks("features", 0, 1),) + tuple((f"features.{i}",) for i in range(2, 7))
+                 + (blocks("features", 7, 8),)),
     BackboneSpec("convnext_tiny", tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights, 768, "classifier.2",
-                 ("features.7", "classifier.0")),
+                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 5),
+                  blocks("features", 6, 7) + ("classifier.0",))),
     BackboneSpec("regnet_y_400mf", tvm.regnet_y_400mf, tvm.RegNet_Y_400MF_Weights, 440, "fc",
-                 ("trunk_output.block4",)),
+                 tuple((f"trunk_output.block{i}",) for i in range(1, 5))),
     BackboneSpec("vit_b_16", tvm.vit_b_16, tvm.ViT_B_16_Weights, 768, "heads",
-                 ("encoder.layers.encoder_layer_11", "encoder.ln"), onnx_exporter="dynamo"),
+                 tuple((f"encoder.layers.encoder_layer_{i}",) for i in range(11))
+                 + (("encoder.layers.encoder_layer_11", "encoder.ln"),), onnx_exporter="dynamo"),
     # the transfer-learning articles' VGG16: global average pooling over the last conv block (512-d), not the
     # 4,096-d fully connected layers (a 7×7 average pool and 120 M classifier weights)
-    BackboneSpec("vgg16", tvm.vgg16, tvm.VGG16_Weights, 512, "classifier", ("features.24", "features.26", "features.28"),
+    BackboneSpec("vgg16", tvm.vgg16, tvm.VGG16_Weights, 512, "classifier", _VGG16_STAGES, pool="avgpool"),
+    BackboneSpec("vgg16_bn", tvm.vgg16_bn, tvm.VGG16_BN_Weights, 512, "classifier", _VGG16_BN_STAGES,
                  pool="avgpool"),
+    # 299 px (resize 342), 2,048-d after its own global average pooling; the auxiliary classifier only runs in
+    # training mode, which a frozen backbone never enters; init_weights=False skips a slow scipy init the
+    # weights (or --weights none's seeded default init) replace anyway
+    BackboneSpec("inception_v3", partial(tvm.inception_v3, init_weights=False), tvm.Inception_V3_Weights, 2048, "fc",
+                 (("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"),
+                  ("Mixed_5b", "Mixed_5c", "Mixed_5d"), ("Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+                  ("Mixed_7a", "Mixed_7b", "Mixed_7c")),
+                 unused=("AuxLogits",), transform_input=True),
 ]}
 
 
@@ -168,10 +204,13 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedB
     _set_submodule(model, spec.classifier, nn.Identity())
     if spec.pool is not None:
         _set_submodule(model, spec.pool, nn.AdaptiveAvgPool2d(1))
-    module = NormalizedBackbone(model, spec.preprocessing(member))
+    for path in spec.unused:
+        _set_submodule(model, path, None)
+    preprocessing = spec.preprocessing(member, pretrained=state is not None)
+    module = NormalizedBackbone(model, preprocessing)
     freeze(module)
     log.info("loaded backbone %s with weights %s", name, weights_id)
-    return LoadedBackbone(spec, module, weights_id, spec.preprocessing(member))
+    return LoadedBackbone(spec, module, weights_id, preprocessing)
 
 
 def load_saved_backbone(name: str, state_path: Path, weights_id: str, preprocessing: Preprocessing,
@@ -206,14 +245,18 @@ def freeze(module: nn.Module) -> None:
         param.requires_grad_(False)
 
 
-def unfreeze_last_stage(backbone: LoadedBackbone) -> list[nn.Parameter]:
-    """Make the last stage trainable (BatchNorm stays in eval mode); returns its parameters."""
-    params = []
-    for path in backbone.spec.last_stage:
+def unfreeze_stages(backbone: LoadedBackbone, count: int) -> list[str]:
+    """Make the last ``count`` stages trainable (the module stays in eval mode, so BatchNorm statistics cannot
+    move); returns the dotted paths unfrozen."""
+    stages = backbone.spec.stages
+    if not 1 <= count <= len(stages):
+        raise UserError(f"{backbone.spec.name} has {len(stages)} trainable stages: --fine-tune takes 1 to "
+                        f"{len(stages)}, got {count}")
+    paths = [path for stage in stages[-count:] for path in stage]
+    for path in paths:
         for param in backbone.module.features.get_submodule(path).parameters():
             param.requires_grad_(True)
-            params.append(param)
-    return params
+    return paths
 
 
 def install_offline_weights(hub_dir: str | Path | None = None) -> list[Path]:

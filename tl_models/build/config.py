@@ -36,3 +36,35 @@ class SelfTraining:
         if self.cap is not None and self.cap < 1:
             raise BadRequest(f"pseudo-labels per class must be at least 1, got {self.cap}")
         return self
+
+
+AUGMENTATIONS = ("crop", "flip")
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """The fine-tuning recipe's stage 2: after the head trained on cached features, the backbone's last ``stages``
+    train with it at ``lr`` on augmented images (BatchNorm statistics frozen), early-stopped on validation.
+    ``stages`` 0: no stage 2 (a frozen backbone)."""
+
+    stages: int = 0
+    lr: float | None = None         # None: the head's learning rate / 100
+    epochs: int = 15
+    augment: tuple[str, ...] = AUGMENTATIONS
+
+    def check(self) -> "FineTune":
+        if self.stages < 0:
+            raise BadRequest(f"--fine-tune takes a number of backbone stages (0 or more), got {self.stages}")
+        if self.lr is not None and self.lr <= 0:
+            raise BadRequest(f"--fine-tune-lr must be positive, got {self.lr}")
+        if self.epochs < 1:
+            raise BadRequest(f"--fine-tune-epochs must be at least 1, got {self.epochs}")
+        unknown = set(self.augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise BadRequest(f"unknown augmentation {', '.join(sorted(unknown))}; use {', '.join(AUGMENTATIONS)} "
+                             "or none")
+        return self
+
+    def learning_rate(self, head_lr: float) -> float:
+        """Stage 2's learning rate: the one given, else 1/100 of the head's."""
+        return self.lr if self.lr is not None else head_lr / 100

@@ -43,11 +43,12 @@ from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
-from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone, unfreeze_last_stage
-from .config import SelfTraining, TrainConfig
+from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone
+from .config import FineTune, SelfTraining, TrainConfig
 from .data import ImageFolderData, load_image_folder, load_unlabeled_folder, stratified_split
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
-from .features import FeatureCache, default_cache_dir, load_images
+from .features import FeatureCache, default_cache_dir
+from .finetune import fine_tune
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
 from .quantize import int8_parity
@@ -76,7 +77,7 @@ class BuildOptions:
     head: str = "default"
     hidden: int = 512
     dropout: float = 0.0
-    unfreeze_last: bool = False
+    fine_tune: FineTune = field(default_factory=FineTune)  # stages 0: the backbone stays frozen
     val_fraction: float = 0.2
     train: TrainConfig = field(default_factory=TrainConfig)
     cache_dir: Path | None = None
@@ -123,12 +124,19 @@ def _check_compatible(manifest: Manifest, options: BuildOptions, backbone: Loade
     if manifest.labels != labels:
         raise BuildError(f"{options.out} has labels {manifest.labels}, the data has {labels}: "
                          "heads of one build share their labels, use another --out")
-    if options.unfreeze_last:
-        raise BuildError("--unfreeze-last fine-tunes the backbone, which the heads already in "
+    if options.fine_tune.stages:
+        raise BuildError("--fine-tune changes the backbone, which the heads already in "
                          f"{options.out} share: use a new --out")
-    if any(head.train.get("unfreeze_last") for head in manifest.heads):
-        raise BuildError(f"{options.out} holds a backbone fine-tuned with --unfreeze-last; a new head would train "
-                         f"on features of the original {backbone.weights_id} weights: use a new --out")
+    if any(fine_tuned(head) for head in manifest.heads):
+        raise BuildError(f"{options.out} holds a fine-tuned backbone; a new head would train on features of the "
+                         f"original {backbone.weights_id} weights: use a new --out (or --weights {options.out} "
+                         "to start a new build from the fine-tuned backbone)")
+
+
+def fine_tuned(head: HeadEntry) -> bool:
+    """Whether this head's build changed its backbone (``--fine-tune``; ``unfreeze_last`` in builds made before
+    the recipe replaced that flag)."""
+    return bool((head.train.get("fine_tune") or {}).get("kept") or head.train.get("unfreeze_last"))
 
 
 def build(options: BuildOptions) -> BuildReport:
@@ -138,10 +146,11 @@ def build(options: BuildOptions) -> BuildReport:
     check_name(options.head)
     if options.data is None:
         raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
+    options.fine_tune.check()
     data = load_image_folder(options.data)
-    if options.unfreeze_last and (options.unlabeled or options.target):
+    if options.fine_tune.stages and (options.unlabeled or options.target):
         raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
-                         "--unfreeze-last")
+                         "--fine-tune")
     unlabeled = target = None
     if options.unlabeled is not None:
         options.self_training.check()
@@ -183,21 +192,16 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
                     standardise=target is not None)
     train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
     targets = torch.tensor(data.targets)
-    cache_hit, semi, alignment, reference = False, None, None, None
+    semi, alignment, tuned = None, None, None
     cache = FeatureCache(options.cache_dir or default_cache_dir())
-    if options.unfreeze_last:
-        inputs = torch.from_numpy(load_images(data, backbone.preprocessing, options.progress))
-        unfreeze_last_stage(backbone)
-        embedder = backbone.module
-    else:
-        features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
-        reference = EmbeddingReference.of(features[train_idx], features[val_idx])
-        if target is not None:
-            target_features = cache.get_or_compute(backbone, target, progress=options.progress)[0]
-            alignment = coral(features, target_features)
-            features = alignment.source  # the labelled images as the target domain would embed them
-            reference = EmbeddingReference.of(target_features)  # what this head expects to be served
-        inputs, embedder = torch.from_numpy(features), None
+    features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+    reference = EmbeddingReference.of(features[train_idx], features[val_idx])
+    if target is not None:
+        target_features = cache.get_or_compute(backbone, target, progress=options.progress)[0]
+        alignment = coral(features, target_features)
+        features = alignment.source  # the labelled images as the target domain would embed them
+        reference = EmbeddingReference.of(target_features)  # what this head expects to be served
+    inputs = torch.from_numpy(features)
 
     def make_head() -> torch.nn.Module:
         torch.manual_seed(options.train.seed)
@@ -214,7 +218,12 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     else:
         head = make_head()
         result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
-                     options.train, embedder=embedder, progress=options.progress)
+                     options.train, progress=options.progress)
+        if options.fine_tune.stages:
+            tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, features, options.train,
+                              options.fine_tune, options.progress)
+            result = tuned.result
+            reference = EmbeddingReference.of(tuned.embeddings[train_idx], tuned.embeddings[val_idx])
     if manifest is None:
         manifest = _new_manifest(options, backbone, data.classes)
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
@@ -222,6 +231,8 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     def annotate(staged: Path, entry: HeadEntry) -> None:
         if semi is not None:
             _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
+        if tuned is not None:
+            entry.train["fine_tune"] = tuned.record
         if target is not None:
             entry.train["adaptation"] = {"method": "coral", "eps": CORAL_EPS, "standardise": "per domain"}
             entry.data["target"] = _folder_record(target)
@@ -275,7 +286,7 @@ def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: in
         name=options.head, version=version, kind=spec.kind, spec=spec.to_dict(),
         path=f"{HEADS_DIR}/{options.head}/{version}", files=sorted(p.name for p in staged.iterdir()),
         metrics=result.metrics,
-        train={**options.train.__dict__, "unfreeze_last": options.unfreeze_last, "feature_cache_hit": cache_hit},
+        train={**options.train.__dict__, "fine_tune": None, "feature_cache_hit": cache_hit},
         data=data_record)
 
 
@@ -424,14 +435,16 @@ def load_build_backbone(build_dir: BuildDir, manifest: Manifest) -> LoadedBackbo
 def summary_line(report: BuildReport) -> str:
     """One line for the terminal."""
     head = report.head
+    tuned = head.train.get("fine_tune")
+    stage2 = "" if not tuned else (
+        f"; fine-tuned {tuned['stages']} stage(s): val {tuned['stage1_val_accuracy']:.4f} -> "
+        f"{tuned['stage2_val_accuracy']:.4f}" + ("" if tuned["kept"] else ", no better: backbone left frozen"))
     return (f"{head.name} v{head.version} ({head.kind}) on {report.manifest.backbone} "
             f"[{report.manifest.weights}]: val accuracy {head.metrics['val_accuracy']:.4f} "
-            f"(feature cache {_cache_word(report)})")
+            f"(feature cache {_cache_word(report)}{stage2})")
 
 
 def _cache_word(report: BuildReport) -> str:
     if "log" in report.head.data and "images" not in report.head.data:
         return "not used: logged embeddings"
-    if report.head.train["unfreeze_last"]:
-        return "not used: --unfreeze-last"
     return "hit" if report.cache_hit else "miss"

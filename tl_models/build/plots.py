@@ -12,14 +12,18 @@ import numpy as np  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
-    """Train/val loss and val accuracy per epoch."""
+    """Train/val loss and val accuracy per epoch; a fine-tuned build's stage 2 starts at a dashed line."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], label="val loss")
     loss_ax.set_xlabel("epoch")
-    loss_ax.legend()
     acc_ax.plot(epochs, [h["val_accuracy"] for h in history], color="tab:green")
+    stage2 = [h["epoch"] for h in history if h.get("stage") == 2]
+    if stage2:
+        for ax in (loss_ax, acc_ax):
+            ax.axvline(stage2[0] - 0.5, color="grey", linestyle="--", label="stage 2: fine-tune")
+    loss_ax.legend()
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("val accuracy")
     fig.tight_layout()

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 def build_from_log(options: BuildOptions) -> BuildReport:
     """A new version of ``options.head`` in the build ``options.out``, trained on the labelled records of the
     embedding log ``options.from_log`` (and the images of ``options.data`` when given)."""
-    if options.unlabeled or options.target or options.unfreeze_last:
+    if options.unlabeled or options.target or options.fine_tune.stages:
         raise BadRequest("--from-log trains on logged embeddings: it cannot be combined with --unlabeled, --target "
-                         "or --unfreeze-last")
+                         "or --fine-tune")
     build_dir = BuildDir(options.out)
     if not build_dir.exists():
         raise BuildError(f"--from-log adds a head version to the build whose service wrote the log: {options.out} "

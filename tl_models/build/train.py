@@ -1,8 +1,9 @@
 """Head training: AdamW + cosine schedule, early stopping on val accuracy, seeded and reproducible.
 
 By default the head trains on cached embeddings. With an ``embedder`` (the backbone) the inputs are
-uint8 images and the backbone runs every step: that is ``--unfreeze-last`` (its last stage trains)
-and the benchmark's no-cache baseline (all frozen). The backbone always stays in eval mode.
+uint8 images and the backbone runs every step: that is the fine-tuning recipe's stage 2 (``--fine-tune``: its last
+stages train, on augmented images) and the benchmark's no-cache baseline (all frozen). The backbone always stays in
+eval mode, so BatchNorm statistics never move.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -59,8 +61,12 @@ def predict(head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = 
 
 
 def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-        config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True) -> TrainResult:
-    """Train ``head`` (and any trainable ``embedder`` parameters), keep the best epoch by val accuracy."""
+        config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_start: bool = False,
+        desc: str = "train head") -> TrainResult:
+    """Train ``head`` (and any trainable ``embedder`` parameters, at ``config.backbone_lr``), keep the best epoch by
+    val accuracy. ``augment`` transforms each training batch; ``keep_start``: the models as given count as epoch 0,
+    so training that never beats them leaves them as they were (``best_epoch`` 0)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = [{"params": list(head.parameters()), "lr": config.lr}]
@@ -73,15 +79,22 @@ def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: to
     loss_fn = nn.CrossEntropyLoss()
     best = (-1.0, math.inf)
     result = TrainResult(head_state={}, embedder_state=None)
+    if keep_start:
+        val_logits = predict(head, x_val, embedder)
+        best = (float((val_logits.argmax(1) == y_val).float().mean()), float(loss_fn(val_logits, y_val)))
+        result.head_state = copy.deepcopy(head.state_dict())
+        if trainable:
+            result.embedder_state = copy.deepcopy(embedder.state_dict())
     stale = 0
-    bar = tqdm(range(1, config.epochs + 1), desc="train head", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
         if embedder is not None:
             embedder.eval()
         total = 0.0
         for batch in torch.randperm(len(x_train), generator=generator).split(config.batch_size):
-            loss = loss_fn(_forward(head, embedder, x_train[batch]), y_train[batch])
+            inputs = x_train[batch] if augment is None else augment(x_train[batch])
+            loss = loss_fn(_forward(head, embedder, inputs), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
