@@ -10,8 +10,14 @@ shift: every digit labelled in the source domain; the target domain is the digit
 orange), half of them an unlabelled target folder and the other half the labelled test set; source only vs
 `build --target` (CORAL) vs `build --target --unlabeled` (self-training on the aligned target).
 
+fine-tune: per seed, 30 digits per class labelled (the build splits them 240 train / 60 val), the other 1,497 the
+test set; the linear probe (frozen backbone) vs `build --fine-tune N` (the recipe: stage 1 the same probe, stage 2
+the last N stages at --lr / 100), with and without random-crop augmentation (no flip: a mirrored digit is another
+shape), and the seconds each build took.
+
     python scripts/methods.py few-labels --labels 5 10 --seeds 0 1 2 --out build/methods
     python scripts/methods.py shift --seeds 0 1 2 --out build/methods
+    python scripts/methods.py fine-tune --seeds 0 1 2 --stages 1 2 --out build/methods
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import json
 import random
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
-from tl_models.build.config import SelfTraining, TrainConfig
+from tl_models.build.config import FineTune, SelfTraining, TrainConfig
 from tl_models.build.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
 from tl_models.build.features import FeatureCache
 from tl_models.build.pipeline import BuildOptions, build, load_build_backbone, load_head_module
@@ -96,9 +103,55 @@ def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
             row["self-training"], train = _run(work, test, cache, "self-training",
                                                {**common, "unlabeled": unlabelled, "self_training": SelfTraining()})
             row["pseudo_labels"] = train["self_training"]["pseudo_labels"]
+            row["self-training, all rounds"], _ = _run(
+                work, test, cache, "self-training all rounds",
+                {**common, "unlabeled": unlabelled, "self_training": SelfTraining(stop=False)})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(_table(rows, "labels per class", ["labelled only", "self-training"]))
+    print(_table(rows, "labels per class", ["labelled only", "self-training", "self-training, all rounds"]))
+    return rows
+
+
+FINE_TUNE_LABELS = 30  # per class: 300 labelled digits
+
+
+def _split_labelled_test(data: Path, out: Path, labels: int, seed: int) -> tuple[Path, Path]:
+    """``labels`` per class into out/labelled/<class>, every other digit into out/test/<class>."""
+    rng = random.Random(seed)
+    for part in ("labelled", "test"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        files = sorted(class_dir.iterdir())
+        rng.shuffle(files)
+        for part, chosen in (("labelled", files[:labels]), ("test", files[labels:])):
+            (out / part / class_dir.name).mkdir(parents=True)
+            for path in chosen:
+                shutil.copy(path, out / part / class_dir.name / path.name)
+    return out / "labelled", out / "test"
+
+
+def fine_tune(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
+    rows, methods = [], ["linear probe"]
+    for stages in args.stages:
+        methods += [f"fine-tune {stages}, no augmentation", f"fine-tune {stages} + crop"]
+    for seed in args.seeds:
+        work = args.out / f"fine-tune-seed{seed}"
+        labelled, test = _split_labelled_test(data, work, FINE_TUNE_LABELS, seed)
+        common = {"data": labelled, "train": TrainConfig(seed=seed)}
+        row = {"seed": seed, "data": "300 digits"}
+        for method in methods:
+            options = dict(common)
+            if method != "linear probe":
+                stages = int(method.split()[1].rstrip(","))
+                options["fine_tune"] = FineTune(stages=stages, augment=() if "no augmentation" in method else ("crop",))
+            start = time.perf_counter()
+            row[method], train = _run(work, test, cache, method, options)
+            row[f"{method} seconds"] = round(time.perf_counter() - start, 1)
+            if train.get("fine_tune"):
+                row[f"{method} kept"] = train["fine_tune"]["kept"]
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(_table(rows, "data", methods))
     return rows
 
 
@@ -140,14 +193,16 @@ def shift(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["few-labels", "shift"])
+    parser.add_argument("experiment", choices=["few-labels", "shift", "fine-tune"])
     parser.add_argument("--labels", type=int, nargs="+", default=[5, 10], help="few-labels: labelled digits per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], help="fine-tune: backbone stages to train")
     parser.add_argument("--out", type=Path, default=Path("build/methods"))
     args = parser.parse_args()
     data = write_demo_dataset(args.out / "digits")
     cache = args.out / "cache"
-    rows = (few_labels if args.experiment == "few-labels" else shift)(args, data, cache)
+    experiment = {"few-labels": few_labels, "shift": shift, "fine-tune": fine_tune}[args.experiment]
+    rows = experiment(args, data, cache)
     path = args.out / f"{args.experiment}.json"
     path.write_text(json.dumps(rows, indent=1))
     print(f"rows: {path}")

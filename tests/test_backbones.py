@@ -162,3 +162,12 @@ def test_inception_v3_weights_keep_torchvision_transform_input(tmp_path: Path) -
     assert ours.shape == (1, 2048)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
     assert load_backbone("inception_v3", "none").preprocessing.mean == (0.485, 0.456, 0.406)
+
+
+def test_backbones_command_lists_every_row_with_its_input_and_stages(capsys: pytest.CaptureFixture) -> None:
+    from tl_models.cli import main
+
+    assert main(["backbones"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(BACKBONES)
+    assert rows["inception_v3"][1:4] == ["2048", "299", "4"] and rows["vgg16_bn"][1:4] == ["512", "224", "5"]

@@ -27,7 +27,8 @@ from tl_models.build.augment import Augment
 from tl_models.build.backbones import WeightsError, load_backbone
 from tl_models.build.config import FineTune, TrainConfig
 from tl_models.build.data import DataError
-from tl_models.build.pipeline import BuildReport
+from tl_models.build.features import FeatureCache
+from tl_models.build.pipeline import BuildReport, load_build_backbone
 from tl_models.build.train import fit
 from tl_models.cli import main
 from tl_models.core.errors import BuildError
@@ -115,6 +116,10 @@ def test_fine_tune_moves_only_the_unfrozen_stages(demo_data: Path, quick_build: 
     buffers = [key for key in before if key.endswith(BN_BUFFERS)]
     assert any(key.startswith(prefixes) for key in buffers)
     assert not [key for key in buffers if key in changed]
+    # it keeps the original weights id, yet never shares feature cache entries with the original weights
+    tuned = load_build_backbone(BuildDir(tmp_path / "out"), report.manifest)
+    assert tuned.weights_id == backbone.weights_id
+    assert FeatureCache.key(tuned, "data") != FeatureCache.key(backbone, "data")
 
     # the saved backbone is fine-tuned: a head trained on the original weights' cached features would not fit it
     with pytest.raises(BuildError, match="holds a fine-tuned backbone"):

@@ -103,3 +103,17 @@ def test_bad_unlabelled_folders_are_refused_and_leave_the_build_as_it_was(digits
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     with pytest.raises(BadRequest, match="self-training needs at least 1 round"):
         SelfTraining(rounds=0).check()
+
+
+def test_all_rounds_runs_every_round_and_keeps_the_last(digits, tmp_path, offline_weights, capsys):
+    """--pseudo-all-rounds: no validation stop; each round is labelled by the one before, the last is the head."""
+    out = tmp_path / "build"
+    assert _build(digits, out, digits["unlabelled"], "--pseudo-rounds", "3", "--pseudo-all-rounds") == 0, \
+        capsys.readouterr().err
+    entry = BuildDir(out).manifest().head("digits")
+    record = entry.train["self_training"]
+    assert record["stop"] is False and record["best_round"] == 3
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2, 3] and all(r["kept"] for r in record["rounds"])
+    assert all(r["pseudo_labels"] > 0 for r in record["rounds"][1:])
+    pseudo = json.loads((out / entry.path / "pseudo_labels.json").read_text())
+    assert len(pseudo) == record["rounds"][3]["pseudo_labels"]

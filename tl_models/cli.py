@@ -119,7 +119,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build.pipeline import build, summary_line
     from .build.traffic import build_from_log
 
-    self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap)
+    self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap,
+                                 stop=not args.pseudo_all_rounds)
     options = _build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
                              self_training=self_training, target=args.target, from_log=args.from_log)
     report = build_from_log(options) if args.from_log else build(options)
@@ -185,9 +186,9 @@ def cmd_install_weights(args: argparse.Namespace) -> int:
 def cmd_backbones(args: argparse.Namespace) -> int:
     from .build.backbones import BACKBONES
 
-    print(f"{'name':<20} {'dim':>5} {'input':>6}  weights")
+    print(f"{'name':<20} {'dim':>5} {'input':>6} {'stages':>6}  weights")
     for spec in BACKBONES.values():
-        print(f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6}  "
+        print(f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6} {len(spec.stages):>6}  "
               f"{', '.join(spec.weights_enum.__members__)}")
     return EXIT_OK
 
@@ -676,6 +677,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-threshold", type=float, default=semi.threshold,
                    help="confidence a prediction needs to become a pseudo-label")
     p.add_argument("--pseudo-cap", type=int, help="pseudo-labels per class at most (default: an equal share)")
+    p.add_argument("--pseudo-all-rounds", action="store_true",
+                   help="run every round (each labelled by the one before) and keep the last, instead of stopping "
+                        "at the first round that does not improve validation: for validation splits too small to "
+                        "tell rounds apart; it no longer stops on unlabelled images unlike the labelled ones")
     p.add_argument("--target", type=Path,
                    help="folder of unlabelled target-domain images: align the labelled embeddings to them (CORAL); "
                         "the head standardises with the target's statistics")

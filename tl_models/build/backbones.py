@@ -142,6 +142,9 @@ class LoadedBackbone:
     module: NormalizedBackbone
     weights_id: str
     preprocessing: Preprocessing
+    # sha256 of the saved state_dict it was loaded from (a build's backbone.pt): a fine-tuned backbone keeps its
+    # original weights id, and must not share feature cache entries with it
+    state_sha256: str | None = None
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -219,6 +222,7 @@ def load_saved_backbone(name: str, state_path: Path, weights_id: str, preprocess
     backbone = load_backbone(name, "none", seed)
     backbone.module.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     backbone.weights_id, backbone.preprocessing = weights_id, preprocessing
+    backbone.state_sha256 = file_sha256(state_path)
     return backbone
 
 

@@ -27,6 +27,9 @@ class SelfTraining:
     rounds: int = 5
     threshold: float = 0.9
     cap: int | None = None  # pseudo-labels per class; None: an equal share of the unlabelled images
+    # False: every round runs, labelled by the round before, and the last is kept. For validation splits too small
+    # to tell rounds apart (one image per class); it also no longer stops on a hopeless unlabelled folder
+    stop: bool = True
 
     def check(self) -> "SelfTraining":
         if self.rounds < 1:

@@ -59,6 +59,8 @@ class FeatureCache:
     def key(backbone: LoadedBackbone, data_hash: str) -> str:
         ident = {"backbone": backbone.spec.name, "weights": backbone.weights_id,
                  "preprocessing": backbone.preprocessing.to_dict(), "data": data_hash}
+        if backbone.state_sha256 is not None:
+            ident["state"] = backbone.state_sha256
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:

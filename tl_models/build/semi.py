@@ -4,7 +4,8 @@ Round 0 trains the head on the labelled training split. Each later round labels 
 the best head so far, keeps those it predicts with confidence >= ``threshold`` (at most ``cap`` per class, the
 most confident first, so that one class cannot flood the set), and trains a fresh head on the labelled and the
 pseudo-labelled embeddings. A round is kept only when it improves the labelled validation split (accuracy, then
-loss); the first round that does not ends the loop, and the best head is the result.
+loss); the first round that does not ends the loop, and the best head is the result. With ``stop`` off every round
+is kept: each labels with the one before, and the last is the result.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def self_train(make_head: Callable[[], torch.nn.Module], x_train: torch.Tensor, 
         result = fit(candidate, torch.cat([x_train, x_unlabeled[chosen]]),
                      torch.cat([y_train, torch.from_numpy(labels).to(y_train.dtype)]), x_val, y_val, config,
                      progress=progress)
-        kept = _score(result) > _score(best.result)
+        kept = not settings.stop or _score(result) > _score(best.result)
         record = {"round": round_, "pseudo_labels": int(len(chosen)),
                   "per_class": np.bincount(labels, minlength=classes).tolist(),
                   "labeller_val_accuracy": _score(best.result)[0],  # how right the head that labelled them is
