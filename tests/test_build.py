@@ -403,12 +403,17 @@ def test_cli_build_on_bad_data_fails_with_a_message(tmp_path: Path) -> None:
     (["--weights", "IMAGENET9"], "unknown weights 'IMAGENET9'"),
     (["--head", "../up"], "bad head name"),
     (["--weights", "missing.pth"], "does not exist"),
+    (["--fine-tune", "8", "--weights", "none"], "mobilenet_v2 has 7 trainable stages: --fine-tune takes 1 to 7"),
+    (["--fine-tune", "-1"], "--fine-tune takes a number of backbone stages"),
+    (["--fine-tune", "1", "--augment", "crop,rotate"], "unknown augmentation rotate"),
+    (["--fine-tune", "1", "--fine-tune-lr", "0"], "--fine-tune-lr must be positive"),
 ])
 def test_cli_errors_are_one_line(demo_data: Path, tmp_path: Path, run_cli: RunCli, args: list[str],
         message: str) -> None:
     code, _, err = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--no-export", *args)
     assert code == 1
     assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_build_succeeds(demo_data: Path, offline_weights: list[Path], tmp_path: Path, run_cli: RunCli) -> None:

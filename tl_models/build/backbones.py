@@ -249,14 +249,18 @@ def freeze(module: nn.Module) -> None:
         param.requires_grad_(False)
 
 
+def stage_paths(spec: BackboneSpec, count: int) -> list[str]:
+    """Dotted paths of the last ``count`` stages; a clear error when the backbone has fewer."""
+    if not 1 <= count <= len(spec.stages):
+        raise UserError(f"{spec.name} has {len(spec.stages)} trainable stages: --fine-tune takes 1 to "
+                        f"{len(spec.stages)}, got {count}")
+    return [path for stage in spec.stages[-count:] for path in stage]
+
+
 def unfreeze_stages(backbone: LoadedBackbone, count: int) -> list[str]:
     """Make the last ``count`` stages trainable (the module stays in eval mode, so BatchNorm statistics cannot
     move); returns the dotted paths unfrozen."""
-    stages = backbone.spec.stages
-    if not 1 <= count <= len(stages):
-        raise UserError(f"{backbone.spec.name} has {len(stages)} trainable stages: --fine-tune takes 1 to "
-                        f"{len(stages)}, got {count}")
-    paths = [path for stage in stages[-count:] for path in stage]
+    paths = stage_paths(backbone.spec, count)
     for path in paths:
         for param in backbone.module.features.get_submodule(path).parameters():
             param.requires_grad_(True)

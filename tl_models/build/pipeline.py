@@ -43,7 +43,7 @@ from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
-from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone
+from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone, stage_paths
 from .config import FineTune, SelfTraining, TrainConfig
 from .data import ImageFolderData, load_image_folder, load_unlabeled_folder, stratified_split
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
@@ -159,6 +159,8 @@ def build(options: BuildOptions) -> BuildReport:
         same = unlabeled is not None and Path(options.target).resolve() == unlabeled.root.resolve()
         target = unlabeled if same else load_unlabeled_folder(options.target, data, "target folder")
     backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
+    if options.fine_tune.stages:
+        stage_paths(backbone.spec, options.fine_tune.stages)  # a backbone with fewer stages: refuse before training
     build_dir = BuildDir(options.out)
     created = not build_dir.path.exists()
     first = not build_dir.exists()
