@@ -26,8 +26,8 @@ from tl_models.build.architectures import HeadSpec, build_head
 from tl_models.build.augment import Augment
 from tl_models.build.backbones import WeightsError, load_backbone
 from tl_models.build.config import FineTune, TrainConfig
-from tl_models.build.data import DataError
-from tl_models.build.features import FeatureCache
+from tl_models.build.data import DataError, load_image_folder
+from tl_models.build.features import FeatureCache, load_images
 from tl_models.build.pipeline import BuildReport, load_build_backbone
 from tl_models.build.train import fit
 from tl_models.cli import main
@@ -35,6 +35,8 @@ from tl_models.core.errors import BuildError
 from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, HeadEntry
 from tl_models.core.names import MANIFEST
+from tl_models.core.preprocess import Preprocessing
+from tl_models.core.runtime import create_session
 
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -150,6 +152,20 @@ def test_augment_crops_and_flips_each_image_on_its_own_draw() -> None:
     flipped = Augment(32, ("flip",))
     torch.manual_seed(1)
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(flipped(images), images))
+
+
+def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(demo_data: Path, quick_build: QuickBuild,
+                                                                        tmp_path: Path) -> None:
+    """backbone.onnx is the fine-tuned backbone (parity against it passes; the original weights' embeddings differ)."""
+    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1, export=True)
+    assert report.head.train["fine_tune"]["kept"] and report.head.parity["passed"]
+    images = load_images(load_image_folder(small), Preprocessing.from_dict(report.manifest.preprocessing),
+                         progress=False)[:4]
+    served = create_session(tmp_path / "out" / "backbone.onnx").run(["embedding"], {"image": images})[0]
+    with torch.inference_mode():
+        original = load_backbone("mobilenet_v2", "IMAGENET1K_V1").module(torch.from_numpy(images)).numpy()
+    assert np.abs(served - original).max() > 1e-2
 
 
 def test_chained_transfer_starts_from_another_builds_backbone(demo_data: Path, quick_build: QuickBuild,
