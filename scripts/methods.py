@@ -4,7 +4,7 @@ over the seeds, printed as a table and written as JSON.
 
 few-labels: per seed and labels-per-class count, that many digits per class are labelled (the build splits them
 into train and val as usual), 54 per class are held out, the rest is the unlabelled folder; a head on the labelled
-images alone vs `build --unlabeled`.
+images alone vs `build --unlabeled`, with the validation stop and with `--pseudo-all-rounds`.
 
 shift: every digit labelled in the source domain; the target domain is the digits shifted (inverted, or tinted
 orange), half of them an unlabelled target folder and the other half the labelled test set; source only vs
