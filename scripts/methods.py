@@ -12,7 +12,7 @@ orange), half of them an unlabelled target folder and the other half the labelle
 
 fine-tune: per seed, 30 digits per class labelled (the build splits them 240 train / 60 val), the other 1,497 the
 test set; the linear probe (frozen backbone) vs `build --fine-tune N` (the recipe: stage 1 the same probe, stage 2
-the last N stages at --lr / 100), with and without random-crop augmentation (no flip: a mirrored digit is another
+the last N stages at --lr / 1000), with and without random-crop augmentation (no flip: a mirrored digit is another
 shape), and the seconds each build took.
 
     python scripts/methods.py few-labels --labels 5 10 --seeds 0 1 2 --out build/methods
@@ -146,7 +146,8 @@ def fine_tune(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
             options = dict(common)
             if method != "linear probe":
                 stages = int(method.split()[1].rstrip(","))
-                options["fine_tune"] = FineTune(stages=stages, augment=() if "no augmentation" in method else ("crop",))
+                options["fine_tune"] = FineTune(stages=stages, lr=args.fine_tune_lr,
+                                                augment=() if "no augmentation" in method else ("crop",))
             row[method], train = _run(work, test, cache, method, options)
             row[f"{method} seconds"] = train["seconds"]  # the build alone (features cached), not the test
             if train.get("fine_tune"):
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("--labels", type=int, nargs="+", default=[5, 10], help="few-labels: labelled digits per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], help="fine-tune: backbone stages to train")
+    parser.add_argument("--fine-tune-lr", type=float, help="fine-tune: stage 2 learning rate (default: the build's)")
     parser.add_argument("--out", type=Path, default=Path("build/methods"))
     args = parser.parse_args()
     data = write_demo_dataset(args.out / "digits")

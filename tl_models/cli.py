@@ -62,7 +62,7 @@ def _add_build_args(parser: argparse.ArgumentParser) -> None:
                              "backbone's last N stages at a low learning rate on augmented images (BatchNorm "
                              "statistics frozen); kept only where it beats the head alone on validation")
     parser.add_argument("--fine-tune-lr", type=float,
-                        help="stage 2 learning rate (default: --lr / 100)")
+                        help="stage 2 learning rate (default: --lr / 1000)")
     parser.add_argument("--fine-tune-epochs", type=int, default=fine_tune.epochs,
                         help="stage 2 epochs at most (early stopping with --patience)")
     parser.add_argument("--augment", type=_augmentations, default=fine_tune.augment, metavar="KINDS",
