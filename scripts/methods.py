@@ -42,21 +42,23 @@ from tl_models.core.manifest import BuildDir
 HELD_OUT = 54  # per class: 540 test digits
 
 
-def _split_digits(data: Path, out: Path, labels: int, seed: int) -> tuple[Path, Path, Path]:
-    """``labels`` per class into out/labelled/<class>, 54 per class into out/test/<class>, the rest into
-    out/unlabelled (flat)."""
+def _split_digits(data: Path, out: Path, labels: int, seed: int,
+                  held_out: int | None = HELD_OUT) -> tuple[Path, Path, Path]:
+    """``labels`` per class into out/labelled/<class>, ``held_out`` per class into out/test/<class>, the rest into
+    out/unlabelled (flat); ``held_out`` None: the rest is the test set and out/unlabelled stays empty."""
     rng = random.Random(seed)
     for part in ("labelled", "test", "unlabelled"):
         shutil.rmtree(out / part, ignore_errors=True)
     for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
         files = sorted(class_dir.iterdir())
         rng.shuffle(files)
-        for part, chosen in (("labelled", files[:labels]), ("test", files[labels:labels + HELD_OUT])):
+        end = len(files) if held_out is None else labels + held_out
+        for part, chosen in (("labelled", files[:labels]), ("test", files[labels:end])):
             (out / part / class_dir.name).mkdir(parents=True)
             for path in chosen:
                 shutil.copy(path, out / part / class_dir.name / path.name)
         (out / "unlabelled").mkdir(exist_ok=True)
-        for path in files[labels + HELD_OUT:]:
+        for path in files[end:]:
             shutil.copy(path, out / "unlabelled" / f"{class_dir.name}-{path.name}")
     return out / "labelled", out / "test", out / "unlabelled"
 
@@ -118,28 +120,13 @@ def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
 FINE_TUNE_LABELS = 30  # per class: 300 labelled digits
 
 
-def _split_labelled_test(data: Path, out: Path, labels: int, seed: int) -> tuple[Path, Path]:
-    """``labels`` per class into out/labelled/<class>, every other digit into out/test/<class>."""
-    rng = random.Random(seed)
-    for part in ("labelled", "test"):
-        shutil.rmtree(out / part, ignore_errors=True)
-    for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
-        files = sorted(class_dir.iterdir())
-        rng.shuffle(files)
-        for part, chosen in (("labelled", files[:labels]), ("test", files[labels:])):
-            (out / part / class_dir.name).mkdir(parents=True)
-            for path in chosen:
-                shutil.copy(path, out / part / class_dir.name / path.name)
-    return out / "labelled", out / "test"
-
-
 def fine_tune(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
     rows, methods = [], ["linear probe"]
     for stages in args.stages:
         methods += [f"fine-tune {stages}, no augmentation", f"fine-tune {stages} + crop"]
     for seed in args.seeds:
         work = args.out / f"fine-tune-seed{seed}"
-        labelled, test = _split_labelled_test(data, work, FINE_TUNE_LABELS, seed)
+        labelled, test, _ = _split_digits(data, work, FINE_TUNE_LABELS, seed, held_out=None)
         common = {"data": labelled, "train": TrainConfig(seed=seed)}
         row = {"seed": seed, "data": "300 digits"}
         for method in methods:
