@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 
 from tl_models.bento import launcher
-from tl_models.build.config import TrainConfig
-from tl_models.build.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
-from tl_models.build.pipeline import BuildOptions, build
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, build
 from tl_models.core.heads import read_verified
 from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import Preprocessing, preprocess_bytes

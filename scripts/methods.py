@@ -1,4 +1,4 @@
-"""The transfer-learning methods measured on the demo digits, through `tl_models.build.pipeline.build`
+"""The transfer-learning methods measured on the demo digits, through `tl_models.training.pipeline.build`
 (mobilenet_v2, ImageNet weights, linear head, no export); accuracy is the head on held-out embeddings, mean ± std
 over the seeds, printed as a table and written as JSON.
 
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from tl_models.build.config import FineTune, SelfTraining, TrainConfig
-from tl_models.build.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
-from tl_models.build.features import FeatureCache
-from tl_models.build.pipeline import BuildOptions, build, load_build_backbone, load_head_module
-from tl_models.build.train import predict
+from tl_models.training.config import FineTune, SelfTraining, TrainConfig
+from tl_models.training.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
+from tl_models.training.features import FeatureCache
+from tl_models.training.pipeline import BuildOptions, build, load_build_backbone, load_head_module
+from tl_models.training.train import predict
 from tl_models.core.manifest import BuildDir
 
 HELD_OUT = 54  # per class: 540 test digits

@@ -23,10 +23,10 @@ from helpers import (
 )
 
 from tl_models.bento import launcher as bento_server
-from tl_models.build.backbones import install_offline_weights
-from tl_models.build.config import TrainConfig
-from tl_models.build.data import write_demo_dataset
-from tl_models.build.pipeline import BuildOptions, BuildReport, build
+from tl_models.training.backbones import install_offline_weights
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, BuildReport, build
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository

@@ -18,9 +18,9 @@ import tritonclient.http as httpclient
 
 from tl_models.bench.loadgen import BentoCaller, Record, drive
 from tl_models.bento.launcher import BentoServer
-from tl_models.build.config import TrainConfig
-from tl_models.build.data import write_demo_dataset
-from tl_models.build.pipeline import BuildOptions, build
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, build
 from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.core.preprocess import Preprocessing, preprocess_bytes

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_models.build.adapt import coral
-from tl_models.build.data import load_image_folder, load_unlabeled_folder, write_demo_dataset
-from tl_models.build.features import FeatureCache
-from tl_models.build.pipeline import load_build_backbone, load_head_module
-from tl_models.build.train import predict
+from tl_models.training.adapt import coral
+from tl_models.training.data import load_image_folder, load_unlabeled_folder, write_demo_dataset
+from tl_models.training.features import FeatureCache
+from tl_models.training.pipeline import load_build_backbone, load_head_module
+from tl_models.training.train import predict
 from tl_models.cli import main
 from tl_models.core.manifest import BuildDir
 from tl_models.core.runtime import create_session

@@ -11,7 +11,7 @@ import torchvision.models as tvm
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.build.backbones import BACKBONES, WeightsError, get_spec, load_backbone, unfreeze_stages
+from tl_models.training.backbones import BACKBONES, WeightsError, get_spec, load_backbone, unfreeze_stages
 from tl_models.core.errors import NotFound, UserError
 from tl_models.core.files import file_sha256
 from tl_models.core.preprocess import transform_image

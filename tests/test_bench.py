@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tl_models.bench.offline import bench_train, subset
-from tl_models.build.data import DataError, load_image_folder
+from tl_models.training.data import DataError, load_image_folder
 
 FIELDS = {"backbone", "weights", "images", "classes", "epochs", "train_images", "val_images", "batch_size",
           "preprocess_s", "extract_s", "cached_train_s", "cached_total_s", "nocache_train_s",

@@ -16,7 +16,7 @@ from helpers import serving_build
 
 from tl_models.bench.loadgen import BentoCaller, TritonCaller, drive, summarize
 from tl_models.bench.serve import BenchServeError, ServeBenchOptions, bench_serve
-from tl_models.build.quantize import Calibration, Gate, quantize
+from tl_models.training.quantize import Calibration, Gate, quantize
 from tl_models.core.process import free_port
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_options_are_checked(tmp_path):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A real exported build (heads a, b on mobilenet_v2 ImageNet weights); its data in ``root/data``."""
-    from tl_models.build.backbones import install_offline_weights
+    from tl_models.training.backbones import install_offline_weights
 
     root = tmp_path_factory.mktemp("bench-serve")
     install_offline_weights()

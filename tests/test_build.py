@@ -19,17 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-import tl_models.build.features
-import tl_models.build.pipeline
+import tl_models.training.features
+import tl_models.training.pipeline
 import tl_models.core.manifest
-from tl_models.build.architectures import HeadSpec, build_head
-from tl_models.build.augment import Augment
-from tl_models.build.backbones import WeightsError, load_backbone
-from tl_models.build.config import FineTune, TrainConfig
-from tl_models.build.data import DataError, load_image_folder
-from tl_models.build.features import FeatureCache, load_images
-from tl_models.build.pipeline import BuildReport, load_build_backbone
-from tl_models.build.train import fit
+from tl_models.training.architectures import HeadSpec, build_head
+from tl_models.training.augment import Augment
+from tl_models.training.backbones import WeightsError, load_backbone
+from tl_models.training.config import FineTune, TrainConfig
+from tl_models.training.data import DataError, load_image_folder
+from tl_models.training.features import FeatureCache, load_images
+from tl_models.training.pipeline import BuildReport, load_build_backbone
+from tl_models.training.train import fit
 from tl_models.cli import main
 from tl_models.core.errors import BuildError
 from tl_models.core.files import file_sha256
@@ -196,11 +196,11 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
     assert first.cache_hit is False
     assert len(list((fresh_cache / "features").glob("*.npy"))) == 1
 
-    monkeypatch.setattr(tl_models.build.features, "embed", _tripwire)
+    monkeypatch.setattr(tl_models.training.features, "embed", _tripwire)
     second = quick_build(data, out, head="b", kind="mlp")
     assert second.cache_hit is True
     assert second.head.train["feature_cache_hit"] is True
-    assert "feature cache hit" in tl_models.build.pipeline.summary_line(second)
+    assert "feature cache hit" in tl_models.training.pipeline.summary_line(second)
 
     # the key covers weights and data: a change of either runs the backbone again
     with pytest.raises(AssertionError, match="backbone ran"):
@@ -255,7 +255,7 @@ def test_failed_build_keeps_the_previous_manifest(demo_data: Path, quick_build: 
     manifest_bytes = (out / MANIFEST).read_bytes()
     with monkeypatch.context() as patch:
         if where == "staging":
-            patch.setattr(tl_models.build.pipeline, "plot_confusion", _raise)
+            patch.setattr(tl_models.training.pipeline, "plot_confusion", _raise)
         else:
             patch.setattr(tl_models.core.manifest, "atomic_write_json", _raise)
         for name in ("a", "b"):
@@ -447,7 +447,7 @@ def test_a_failed_first_build_leaves_no_partial_folder(demo_data: Path, quick_bu
     if existing:
         out.mkdir()
         (out / "notes.txt").write_text("the user's own file")
-    monkeypatch.setattr(tl_models.build.pipeline, "plot_confusion", _raise)
+    monkeypatch.setattr(tl_models.training.pipeline, "plot_confusion", _raise)
     with pytest.raises(RuntimeError, match="injected failure"):
         quick_build(demo_data, out, head="a")
     if existing:

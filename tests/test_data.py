@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_models.build.data import DataError, load_image_folder, stratified_split
+from tl_models.training.data import DataError, load_image_folder, stratified_split
 
 
 def _png(path: Path, value: int = 128, size: int = 16) -> Path:
@@ -120,7 +120,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_skipped_files_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _folder(tmp_path, {"a": 2, "b": 2})
     (tmp_path / "a" / "x.png").write_bytes(b"junk")
-    with caplog.at_level("WARNING", logger="tl_models.build.data"):
+    with caplog.at_level("WARNING", logger="tl_models.training.data"):
         data = load_image_folder(tmp_path)
     assert len(data.skipped) == 1
     assert "skipped 1 unreadable or non-image files" in caplog.text

@@ -74,7 +74,7 @@ def _check_dockerfile(path: Path, server: str) -> None:
     sources = [source for parts in lines for source in parts[1:-1]]
     missing = [s for s in sources if not (REPO / s).exists()]
     assert not missing, missing
-    assert not any(s.startswith("tl_models/build") or s == "tl_models" for s in sources)
+    assert not any(s.startswith("tl_models/training") or s == "tl_models" for s in sources)
     assert path.read_text().startswith("# tl-models on " + ("BentoML" if server == "bento" else "Triton"))
 
 

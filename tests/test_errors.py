@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tl_models.build.data import DataError
-from tl_models.build.parity import ParityError
+from tl_models.training.data import DataError
+from tl_models.training.parity import ParityError
 from tl_models.core import errors
 from tl_models.core.preprocess import ImageError
 from tl_models.core.routing import NoTraffic, Route, RoutingError, UnknownHead

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.build.architectures import HeadSpec, build_head
-from tl_models.build.backbones import BACKBONES, install_offline_weights, load_backbone
-from tl_models.build.export import export_backbone, export_head, fuse, read_metadata
-from tl_models.build.parity import BATCH_SIZES, Tolerance, run_parity
+from tl_models.training.architectures import HeadSpec, build_head
+from tl_models.training.backbones import BACKBONES, install_offline_weights, load_backbone
+from tl_models.training.export import export_backbone, export_head, fuse, read_metadata
+from tl_models.training.parity import BATCH_SIZES, Tolerance, run_parity
 from tl_models.core.preprocess import transform_image
 from tl_models.core.runtime import create_session
 
@@ -125,7 +125,7 @@ def test_backbone_then_head_equals_fused(imagenet_mobilenet, tmp_path):
 
 def test_parity_fails_loudly_on_a_wrong_graph(imagenet_mobilenet, tmp_path):
     """A head exported from different weights must fail parity with a message naming the output."""
-    from tl_models.build.parity import ParityError
+    from tl_models.training.parity import ParityError
 
     backbone, classifier = imagenet_mobilenet
     backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
@@ -145,8 +145,8 @@ def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mob
     import subprocess
     import sys
 
-    from tl_models.build.export import to_fp16
-    from tl_models.build.parity import FP16, compare
+    from tl_models.training.export import to_fp16
+    from tl_models.training.parity import FP16, compare
 
     backbone, classifier = imagenet_mobilenet
     _, _, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})

@@ -20,8 +20,8 @@ from helpers import ADMIN, TOKEN, DirectOnnx, bytes_input
 
 from tl_models.bento import launcher as bento_server
 from tl_models.bento.engine import ServingConfig, ServingEngine
-from tl_models.build.data import load_image_folder, stratified_split
-from tl_models.build.quantize import Calibration, Gate, quantize
+from tl_models.training.data import load_image_folder, stratified_split
+from tl_models.training.quantize import Calibration, Gate, quantize
 from tl_models.cli import main as cli_main
 from tl_models.core.errors import BuildError, Refused
 from tl_models.core.heads import backbone_from_build, sources_from_build

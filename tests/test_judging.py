@@ -21,9 +21,9 @@ from onnx import TensorProto, helper
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento.judge import Judge, JudgeConfig, Scored
 from tl_models.bento.registry import HeadRegistry
-from tl_models.build.data import write_demo_dataset
-from tl_models.build.pipeline import BuildOptions
-from tl_models.build.traffic import build_from_log
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.pipeline import BuildOptions
+from tl_models.training.traffic import build_from_log
 from tl_models.core.drift import MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
 from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.build.backbones import get_spec
+from tl_models.training.backbones import get_spec
 from tl_models.core.preprocess import (
     ImageError,
     decode_image,
@@ -53,7 +53,7 @@ def test_training_and_serving_paths_give_identical_tensors(tmp_path):
 
 def test_backbone_graph_normalisation_matches_numpy():
     """The normalisation inside the backbone module is the arithmetic of preprocess.normalize."""
-    from tl_models.build.backbones import NormalizedBackbone
+    from tl_models.training.backbones import NormalizedBackbone
 
     spec = get_spec("mobilenet_v2").preprocessing()
     module = NormalizedBackbone(torch.nn.Identity(), spec)

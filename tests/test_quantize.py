@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tl_models.build.quantize import Calibration, Gate, QuantizeRefused, quantize
+from tl_models.training.quantize import Calibration, Gate, QuantizeRefused, quantize
 from tl_models.cli import main
 from tl_models.core.manifest import BuildDir
 from tl_models.core.runtime import create_session

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from helpers import serving_build
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tl_models.build.backbones import install_offline_weights
+from tl_models.training.backbones import install_offline_weights
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingError, parse_weights
 from tl_models.triton.config import RepositoryOptions, TritonConfigError, model_names, validate_config

@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .build.config import FineTune, SelfTraining, TrainConfig
+from .training.config import FineTune, SelfTraining, TrainConfig
 
 log = logging.getLogger("tl_models")
 
@@ -32,7 +32,7 @@ SPLIT_HELP = "traffic split, e.g. a=90,b=10"
 # ---------------------------------------------------------------- shared arguments
 
 def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
-    from .build.parity import FP32
+    from .training.parity import FP32
 
     parser.add_argument("--atol", type=float, default=FP32["atol"], help="parity: absolute tolerance")
     parser.add_argument("--rtol", type=float, default=FP32["rtol"], help="parity: relative tolerance")
@@ -83,14 +83,14 @@ def _augmentations(text: str) -> tuple[str, ...]:
 
 
 def _tolerance(args: argparse.Namespace):
-    from .build.parity import Tolerance
+    from .training.parity import Tolerance
 
     return Tolerance(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
 
 
 def _build_options(args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None,
                    **more: object):
-    from .build.pipeline import BuildOptions
+    from .training.pipeline import BuildOptions
 
     return BuildOptions(**more,
         data=data, out=out, backbone=args.backbone, weights=weights or args.weights, kind=args.kind, head=head,
@@ -116,8 +116,8 @@ def _address(url: str | None, *schemes: str) -> str | None:
 # ---------------------------------------------------------------- build side
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build.pipeline import build, summary_line
-    from .build.traffic import build_from_log
+    from .training.pipeline import build, summary_line
+    from .training.traffic import build_from_log
 
     self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap,
                                  stop=not args.pseudo_all_rounds)
@@ -130,7 +130,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .build.pipeline import reexport
+    from .training.pipeline import reexport
 
     reexport(args.build_dir, _tolerance(args), fp16=args.fp16, fused=args.fused)
     print(f"exported {args.build_dir}: parity passed")
@@ -138,7 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from .build.pipeline import check_parity
+    from .training.pipeline import check_parity
 
     report = check_parity(args.build_dir, _tolerance(args), tuple(args.batch_sizes))
     print(report.table())
@@ -149,7 +149,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .build.data import write_demo_dataset
+    from .training.data import write_demo_dataset
 
     out = write_demo_dataset(args.out, size=args.size, per_class=args.per_class)
     print(f"demo data set (scikit-learn digits) written to {out}")
@@ -159,8 +159,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from .build.data import write_demo_dataset
-    from .build.pipeline import build, summary_line
+    from .training.data import write_demo_dataset
+    from .training.pipeline import build, summary_line
 
     data = write_demo_dataset(args.out / "data")
     reports = {}
@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_install_weights(args: argparse.Namespace) -> int:
-    from .build.backbones import install_offline_weights
+    from .training.backbones import install_offline_weights
 
     for path in install_offline_weights(args.hub_dir):
         print(f"placed {path}")
@@ -184,7 +184,7 @@ def cmd_install_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from .build.backbones import BACKBONES
+    from .training.backbones import BACKBONES
 
     print(f"{'name':<20} {'dim':>5} {'input':>6} {'stages':>6}  weights")
     for spec in BACKBONES.values():
@@ -194,7 +194,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .build.quantize import Calibration, Gate, quantize
+    from .training.quantize import Calibration, Gate, quantize
     from .core.names import BACKBONE_INT8
 
     report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images, args.types),
@@ -761,8 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "renamed", None):
         warnings.warn(f"`tl-models {args.command} {args.target}` is now `{args.renamed}`; the old spelling goes in "
                       "the next release", FutureWarning, stacklevel=1)
-    from .build.parity import ParityError
-    from .build.quantize import QuantizeRefused
+    from .training.parity import ParityError
+    from .training.quantize import QuantizeRefused
     from .core.errors import UserError
 
     try:

@@ -19,12 +19,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..build.architectures import HeadSpec, build_head
-from ..build.backbones import freeze, load_backbone
-from ..build.config import TrainConfig
-from ..build.data import DataError, ImageFolderData, load_image_folder, stratified_split, write_demo_dataset
-from ..build.features import embed, load_images
-from ..build.train import TrainResult, fit
+from ..training.architectures import HeadSpec, build_head
+from ..training.backbones import freeze, load_backbone
+from ..training.config import TrainConfig
+from ..training.data import DataError, ImageFolderData, load_image_folder, stratified_split, write_demo_dataset
+from ..training.features import embed, load_images
+from ..training.train import TrainResult, fit
 from ..core.errors import BadRequest
 from ..core.names import IMAGE
 from .report import format_table, images_per_second, write_json
@@ -151,8 +151,8 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
                   json_path: str | Path | None = None, int8: bool = False) -> dict:
     """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run; with
     ``int8`` also the static int8 QDQ graph (calibrated on 16 random images: a speed figure, not an accuracy one)."""
-    from ..build.export import export_backbone
-    from ..build.quantize import Calibration, prepare, quantize_graph
+    from ..training.export import export_backbone
+    from ..training.quantize import Calibration, prepare, quantize_graph
     from ..core.runtime import active_provider, create_session
 
     figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds,

@@ -94,8 +94,8 @@ class ServeBenchOptions:
 
 def _default_build(options: ServeBenchOptions, data: Path, workdir: Path) -> Path:
     """Heads ``a`` (linear) and ``b`` (mlp) on ``data``, exported with parity checked (like the tests' build)."""
-    from ..build.config import TrainConfig
-    from ..build.pipeline import BuildOptions, build
+    from ..training.config import TrainConfig
+    from ..training.pipeline import BuildOptions, build
 
     out = workdir / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
@@ -130,7 +130,7 @@ def _int8_backbone(build_dir: Path, own: bool, progress: Callable[[str], None]) 
     except UserError as exc:
         if not own:
             raise BenchServeError(f"--int8: {exc.message}") from None
-    from ..build.quantize import Calibration, Gate, quantize
+    from ..training.quantize import Calibration, Gate, quantize
 
     progress("[bench serve] quantizing the benchmark's build to int8 (gate open: a speed figure, not an accuracy one)")
     quantize(build_dir, Calibration(images=16), Gate(min_agreement=0.0, max_accuracy_drop=1.0), search=False)
@@ -145,8 +145,8 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
     servers run; once per precision) and PyTorch eager (backbone + head) per batch."""
     import torch
 
-    from ..build.export import fuse
-    from ..build.pipeline import load_build_backbone, load_head_module
+    from ..training.export import fuse
+    from ..training.pipeline import load_build_backbone, load_head_module
     from ..core.names import BACKBONE_FILES, HEAD_ONNX
     from ..core.runtime import active_provider, create_session
 
@@ -299,7 +299,7 @@ def _weights_argument(weights_id: str) -> tuple[str, int]:
 
 def _check_heads_data(manifest: Manifest, data: Path) -> None:
     """The heads part adds heads trained on ``data`` to a copy of the build: its classes must be the labels."""
-    from ..build.data import load_image_folder
+    from ..training.data import load_image_folder
 
     _weights_argument(manifest.weights)
     classes = load_image_folder(data).classes
@@ -313,8 +313,8 @@ def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
     """A copy of the build with at least ``count`` heads (new linear heads trained on ``data``'s cached
     features) and one new version of its first head. Returns the copy, the live version of each head before
     the swap, and the (head, version) to swap in."""
-    from ..build.config import TrainConfig
-    from ..build.pipeline import BuildOptions, build
+    from ..training.config import TrainConfig
+    from ..training.pipeline import BuildOptions, build
 
     copy = workdir / "heads-build"
     shutil.copytree(build_dir, copy)
@@ -539,7 +539,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
             workdir.mkdir(parents=True, exist_ok=True)
         data = options.data
         if data is None:
-            from ..build.data import write_demo_dataset
+            from ..training.data import write_demo_dataset
 
             data = write_demo_dataset(workdir / "data", per_class=20)
         build_dir = Path(options.build_dir) if options.build_dir else _default_build(options, data, workdir)

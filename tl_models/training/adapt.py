@@ -4,7 +4,7 @@ Per-domain standardisation + CORAL (Sun, Feng & Saenko, 2016): source embeddings
 statistics, whitened with the source covariance and re-coloured with the target covariance (both of standardised
 embeddings, plus ``eps`` × identity), then mapped into the target domain's raw embedding space with the target
 mean and spread. The head starts with a standardisation layer holding the target statistics (see
-:func:`tl_models.build.architectures.build_head`), so the transform the method applies to target embeddings is a
+:func:`tl_models.training.architectures.build_head`), so the transform the method applies to target embeddings is a
 layer of ``head.onnx``: both servers serve it with nothing new, and parity covers it.
 """
 

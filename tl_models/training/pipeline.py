@@ -85,10 +85,10 @@ class BuildOptions:
     export: bool = True
     fused: bool = False
     tolerance: Tolerance = field(default_factory=Tolerance)
-    unlabeled: Path | None = None  # self-training on these images' embeddings (build.semi)
-    target: Path | None = None     # unlabelled target-domain images: align to them (build.adapt)
+    unlabeled: Path | None = None  # self-training on these images' embeddings (training.semi)
+    target: Path | None = None     # unlabelled target-domain images: align to them (training.adapt)
     self_training: SelfTraining = field(default_factory=SelfTraining)
-    from_log: Path | None = None   # train from a service's embedding log instead (build.traffic)
+    from_log: Path | None = None   # train from a service's embedding log instead (training.traffic)
 
 
 @dataclass
