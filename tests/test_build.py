@@ -194,9 +194,9 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
     out = tmp_path / "out"
     first = quick_build(data, out, head="a")
     assert first.cache_hit is False
-    assert len(list((fresh_cache / "features").glob("*.npy"))) == 1
+    assert len(list((fresh_cache / "features").glob("*/index.json"))) == 1
 
-    monkeypatch.setattr(tl_models.training.features, "embed", _tripwire)
+    monkeypatch.setattr(tl_models.training.features, "_extract", _tripwire)
     second = quick_build(data, out, head="b", kind="mlp")
     assert second.cache_hit is True
     assert second.head.train["feature_cache_hit"] is True

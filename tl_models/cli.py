@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .training.config import FineTune, SelfTraining, TrainConfig
+from .training.config import DEVICES, ENGINES, FineTune, SelfTraining, TrainConfig
 
 log = logging.getLogger("tl_models")
 
@@ -70,6 +70,11 @@ def _add_build_args(parser: argparse.ArgumentParser) -> None:
                              "leave it out where a mirrored image means something else, e.g. digits or text), "
                              "or none (default: crop,flip)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default $TL_MODELS_CACHE or ~/.cache/tl-models)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="feature extraction: onnxruntime (the build's own backbone.onnx), torch, or auto "
+                             "(ONNX Runtime on the CPU, torch on CUDA)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="extraction and --fine-tune's stage 2: cpu, cuda, or auto (CUDA where torch sees one)")
     parser.add_argument("--no-export", action="store_true", help="skip ONNX export and parity")
     parser.add_argument("--fused", action="store_true",
                         help="also write fused.onnx (backbone + head in one file; a copy of the backbone per version)")
@@ -98,7 +103,8 @@ def _build_options(args: argparse.Namespace, data: Path, out: Path, head: str, w
         fine_tune=FineTune(args.fine_tune, args.fine_tune_lr, args.fine_tune_epochs, args.augment),
         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                           seed=args.seed),
-        cache_dir=args.cache_dir, export=not args.no_export, fused=args.fused, tolerance=_tolerance(args))
+        cache_dir=args.cache_dir, export=not args.no_export, fused=args.fused, tolerance=_tolerance(args),
+        engine=args.engine, device=args.device)
 
 
 def _split(text: str | None) -> dict[str, float] | None:
@@ -663,7 +669,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="train a head on a frozen backbone and write a build directory")
     p.add_argument("--data", type=Path,
-                   help="ImageFolder: DATA/<class>/<image> (with --from-log: optional, joins the logged examples)")
+                   help="ImageFolder DATA/<class>/<image>, or a listing file (.csv or .parquet) with columns path,label "
+                        "and optionally split (train/val: replaces the random split); paths relative to the listing, "
+                        "absolute, or fsspec URLs (with --from-log: optional, joins the logged examples)")
     p.add_argument("--out", type=Path, required=True, help="build directory (created or extended)")
     p.add_argument("--from-log", type=Path, metavar="LOG",
                    help="train a new head version from a service's embedding log (records with feedback labels); "

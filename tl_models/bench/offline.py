@@ -56,8 +56,7 @@ def subset(data: ImageFolderData, images: int, seed: int = 0) -> ImageFolderData
     for rank in range(max(len(m) for m in per_class)):
         chosen.extend(m[rank] for m in per_class if rank < len(m))
     chosen = sorted(chosen[:images])
-    picked = ImageFolderData(data.root, data.classes, [data.paths[i] for i in chosen],
-                             [data.targets[i] for i in chosen])
+    picked = data.subset(chosen)
     too_few = [data.classes[c] for c in range(len(data.classes)) if picked.targets.count(c) < 2]
     if too_few:
         raise DataError(f"{images} images leave fewer than 2 for class(es) {', '.join(too_few)}: "

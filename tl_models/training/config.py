@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from ..core.errors import BadRequest
 
+ENGINES = ("auto", "onnxruntime", "torch")  # feature extraction (training.extract)
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -1,7 +1,11 @@
-"""Frozen-backbone feature extraction, computed once and cached on disk.
+"""Frozen-backbone embeddings, computed once and cached on disk as shards.
 
-The cache key covers everything that changes the embeddings: backbone name, weights id,
-preprocessing and the data's content hash. A second head on the same data reads the cache.
+The cache key covers everything that changes the embeddings: backbone name, weights id (and saved state),
+preprocessing, the data's content hash, and the engine, device and precision that computed them. An entry is a
+folder of shards (``shard-NNNNNN.npy``, a fixed range of images each) and ``index.json``, which lists every
+committed shard with its image range and sha256; a shard is written whole, then the index, both atomically. A
+build killed mid-extraction resumes from the committed shards; a damaged shard (sha256 mismatch) is recomputed.
+A second head on the same data reads the cache.
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.files import atomic_write_bytes
-from ..core.preprocess import Preprocessing, preprocess_file
+from ..core.files import atomic_write_bytes, atomic_write_json, file_lock
+from ..core.preprocess import Preprocessing, preprocess_bytes
 from .backbones import LoadedBackbone
-from .data import ImageFolderData
+from .data import ImageFolderData, read_image_bytes
+from .extract import Engine, TorchEngine, decoded_batches
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +37,10 @@ def default_cache_dir() -> Path:
 
 
 def load_images(data: ImageFolderData, preprocessing: Preprocessing, progress: bool = True) -> np.ndarray:
-    """Every image of the data set preprocessed to uint8 N×3×H×W."""
-    images = [preprocess_file(p, preprocessing) for p in tqdm(data.paths, desc="preprocess", unit="img",
-                                                             disable=not progress)]
+    """Every image of the data set preprocessed to uint8 N×3×H×W, in memory: for small sets only (calibration,
+    fine-tuning's augmented images, benchmarks); extraction streams instead."""
+    images = [preprocess_bytes(read_image_bytes(p), preprocessing)
+              for p in tqdm(data.paths, desc="preprocess", unit="img", disable=not progress)]
     return np.stack(images)
 
 
@@ -49,37 +55,161 @@ def embed(backbone: LoadedBackbone, images: np.ndarray, batch_size: int = 32, pr
     return np.concatenate(out).astype(np.float32)
 
 
+def default_shard_images() -> int:
+    """Images per feature cache shard: ``$TL_MODELS_SHARD_IMAGES`` or 4096."""
+    return max(1, int(os.environ.get("TL_MODELS_SHARD_IMAGES", "4096")))
+
+
+INDEX = "index.json"
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Features:
+    """Embeddings of a data set, and how they were had: all from the cache (``hit``), or how many images this call
+    embedded, with the engine that did."""
+
+    array: np.ndarray
+    hit: bool
+    embedded: int
+    shards: int
+    shards_cached: int
+    engine: dict
+
+    def summary(self) -> dict:
+        """What a build reports about its extraction (not in the manifest: a resumed build has the same one)."""
+        return {"embedded": self.embedded, "images": len(self.array), "shards": self.shards,
+                "shards_cached": self.shards_cached, **self.engine}
+
+
+class _Shards:
+    """One cache entry's folder: committed shards by index, verified against ``index.json``."""
+
+    def __init__(self, root: Path, images: int, dim: int, shard_images: int, ident: dict):
+        self.root, self.images, self.dim, self.ident = root, images, dim, ident
+        index = self._read_index()
+        self.shard_images = index.get("shard_images", shard_images) if index else shard_images
+        self.committed: dict[int, dict] = {int(s["index"]): s for s in (index or {}).get("shards", [])}
+
+    def _read_index(self) -> dict | None:
+        path = self.root / INDEX
+        if not path.is_file():
+            return None
+        try:
+            index = json.loads(path.read_text())
+            if index.get("format") == CACHE_FORMAT and (index.get("images"), index.get("dim")) == (self.images,
+                                                                                                   self.dim):
+                return index
+            log.warning("feature cache index %s does not describe this entry; recomputing it", path)
+        except (ValueError, AttributeError) as exc:
+            log.warning("feature cache index %s is not readable (%s); recomputing the entry", path, exc)
+        return None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, stop) of every shard of the entry."""
+        return [(s, min(s + self.shard_images, self.images)) for s in range(0, self.images, self.shard_images)]
+
+    def verify(self) -> None:
+        """Drop committed shards whose file is missing, of the wrong shape or not the bytes the index names."""
+        for number, shard in sorted(self.committed.items()):
+            path = self.root / shard["file"]
+            problem = None if path.is_file() else "missing"
+            if problem is None and hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+                problem = "sha256 mismatch"
+            if problem is None and (shard["start"], shard["stop"]) != self.ranges()[number]:
+                problem = "wrong image range"
+            if problem:
+                log.warning("feature cache shard %s is damaged (%s): recomputing it", path, problem)
+                del self.committed[number]
+
+    def commit(self, number: int, embeddings: np.ndarray) -> None:
+        """Write shard ``number`` whole, then the index that lists it."""
+        start, stop = self.ranges()[number]
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(embeddings, dtype=np.float32))
+        data = buffer.getvalue()
+        name = f"shard-{number:06d}.npy"
+        atomic_write_bytes(self.root / name, data)
+        self.committed[number] = {"index": number, "file": name, "start": start, "stop": stop,
+                                  "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_json(self.root / INDEX, {
+            "format": CACHE_FORMAT, "images": self.images, "dim": self.dim, "shard_images": self.shard_images,
+            "ident": self.ident, "shards": [self.committed[k] for k in sorted(self.committed)]})
+
+    def read(self) -> np.ndarray:
+        """Every shard, in order, as one N×D array (each shard read through a memory map)."""
+        out = np.empty((self.images, self.dim), dtype=np.float32)
+        for number, (start, stop) in enumerate(self.ranges()):
+            out[start:stop] = np.load(self.root / self.committed[number]["file"], mmap_mode="r")
+        return out
+
+
 @dataclass
 class FeatureCache:
-    """Embeddings of a data set under one backbone, cached as ``<cache_dir>/features/<key>.npy``."""
+    """Embeddings of data sets under backbones, as sharded entries ``<cache_dir>/features/<key>/``."""
 
     cache_dir: Path
+    shard_images: int = field(default_factory=default_shard_images)
 
     @staticmethod
-    def key(backbone: LoadedBackbone, data_hash: str) -> str:
+    def key(backbone: LoadedBackbone, data_hash: str, engine: dict | None = None) -> str:
         ident = {"backbone": backbone.spec.name, "weights": backbone.weights_id,
                  "preprocessing": backbone.preprocessing.to_dict(), "data": data_hash}
         if backbone.state_sha256 is not None:
             ident["state"] = backbone.state_sha256
+        if engine is not None:
+            ident["engine"] = engine
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:
-        return self.cache_dir / "features" / f"{key}.npy"
+        return self.cache_dir / "features" / key
+
+    def features(self, backbone: LoadedBackbone, data: ImageFolderData, engine: Engine | None = None,
+                 batch_size: int = 32, progress: bool = True) -> Features:
+        """The embeddings of every image of ``data``: committed shards are read (after their sha256 is checked),
+        the others computed by ``engine`` (default: torch on the CPU) and committed one by one."""
+        engine = engine or TorchEngine(backbone)
+        ident = engine.ident()
+        key = self.key(backbone, data.content_hash(), ident)
+        root = self.path(key)
+        with file_lock(self.cache_dir / "features" / f".{key}.lock"):
+            shards = _Shards(root, len(data.paths), backbone.spec.embedding_dim, self.shard_images, ident)
+            shards.verify()
+            ranges = shards.ranges()
+            todo = [n for n in range(len(ranges)) if n not in shards.committed]
+            cached = len(ranges) - len(todo)
+            embedded = sum(ranges[n][1] - ranges[n][0] for n in todo)
+            if todo:
+                log.info("feature cache %s: embedding %d images (%d of %d shards cached)", root, embedded, cached,
+                         len(ranges))
+                _extract(engine, data, backbone.preprocessing, shards, todo, batch_size, progress)
+            else:
+                log.info("feature cache hit: %s", root)
+            return Features(shards.read(), not todo, embedded, len(ranges), cached, ident)
 
     def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int = 32,
-                       progress: bool = True) -> tuple[np.ndarray, bool]:
-        """(embeddings N×D, cache hit?) — runs the backbone only on a miss."""
-        key = self.key(backbone, data.content_hash())
-        path = self.path(key)
-        if path.is_file():
-            features = np.load(path)
-            if features.shape == (len(data.paths), backbone.spec.embedding_dim):
-                log.info("feature cache hit: %s", path)
-                return features, True
-            log.warning("feature cache entry %s has shape %s; recomputing", path, features.shape)
-        features = embed(backbone, load_images(data, backbone.preprocessing, progress), batch_size, progress)
-        buffer = io.BytesIO()
-        np.save(buffer, features)
-        atomic_write_bytes(path, buffer.getvalue())
-        log.info("feature cache written: %s", path)
-        return features, False
+                       progress: bool = True, engine: Engine | None = None) -> tuple[np.ndarray, bool]:
+        """(embeddings N×D, cache hit?) — runs the backbone only on what the cache does not hold."""
+        found = self.features(backbone, data, engine, batch_size, progress)
+        return found.array, found.hit
+
+
+def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing, shards: _Shards, todo: list[int],
+             batch_size: int, progress: bool) -> None:
+    """Embed the images of the shards ``todo`` (decoding overlapped with the engine) and commit each shard."""
+    ranges = shards.ranges()
+    total = sum(ranges[n][1] - ranges[n][0] for n in todo)
+    pending = iter(todo)
+    number = next(pending)
+    start, stop = ranges[number]
+    out = np.empty((stop - start, shards.dim), dtype=np.float32)
+    with tqdm(total=total, desc=f"embed ({engine.ident()['engine']})", unit="img", disable=not progress) as bar:
+        for first, batch in decoded_batches(data.paths, preprocessing, [ranges[n] for n in todo], batch_size):
+            out[first - start:first - start + len(batch)] = engine(batch)
+            bar.update(len(batch))
+            if first + len(batch) == stop:
+                shards.commit(number, out)
+                number = next(pending, -1)
+                if number >= 0:
+                    start, stop = ranges[number]
+                    out = np.empty((stop - start, shards.dim), dtype=np.float32)

@@ -32,9 +32,10 @@ class FineTuned:
 
 def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolderData, train_idx: np.ndarray,
               val_idx: np.ndarray, stage1: TrainResult, embeddings: np.ndarray, config: TrainConfig,
-              settings: FineTune, progress: bool = True) -> FineTuned:
-    """Stage 2 on ``head`` (trained in stage 1) and ``backbone``, both changed in place to the kept result;
-    ``embeddings``: the frozen backbone's, returned unchanged when stage 2 does not beat stage 1."""
+              settings: FineTune, progress: bool = True, device: str = "cpu") -> FineTuned:
+    """Stage 2 on ``head`` (trained in stage 1) and ``backbone``, both changed in place to the kept result (trained
+    on ``device``, returned on the CPU); ``embeddings``: the frozen backbone's, returned unchanged when stage 2
+    does not beat stage 1."""
     images = torch.from_numpy(load_images(data, backbone.preprocessing, progress))
     targets = torch.tensor(data.targets)
     lr = settings.learning_rate(config.lr)
@@ -43,9 +44,11 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
         stage2 = fit(head, images[train_idx], targets[train_idx], images[val_idx], targets[val_idx],
                      replace(config, epochs=settings.epochs, lr=lr, backbone_lr=lr), embedder=backbone.module,
                      progress=progress, augment=Augment(backbone.preprocessing.crop_size, settings.augment),
-                     keep_start=True, desc=f"fine-tune {settings.stages} stage(s)")
+                     keep_start=True, desc=f"fine-tune {settings.stages} stage(s)", device=device)
     finally:
         freeze(backbone.module)
+        backbone.module.cpu()
+        head.cpu()
     offset = len(stage1.history)
     improved = stage2.best_epoch > 0
     result = TrainResult(

@@ -1,4 +1,5 @@
-"""The build pipeline: ImageFolder -> frozen backbone features (cached) -> trained head -> build directory."""
+"""The build pipeline: labelled images -> frozen backbone features (streamed, sharded cache) -> trained head ->
+build directory."""
 
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
 from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone, stage_paths
 from .config import FineTune, SelfTraining, TrainConfig
-from .data import ImageFolderData, load_image_folder, load_unlabeled_folder, stratified_split
+from .data import ImageFolderData, load_data, load_unlabeled_folder
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
+from .extract import Engine, OrtEngine, TorchEngine, resolve_device, resolve_engine
 from .features import FeatureCache, default_cache_dir
 from .finetune import fine_tune
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
@@ -89,6 +91,8 @@ class BuildOptions:
     target: Path | None = None     # unlabelled target-domain images: align to them (training.adapt)
     self_training: SelfTraining = field(default_factory=SelfTraining)
     from_log: Path | None = None   # train from a service's embedding log instead (training.traffic)
+    engine: str = "auto"           # feature extraction: auto, onnxruntime or torch (training.extract)
+    device: str = "auto"           # auto, cpu or cuda: extraction and fine-tuning's stage 2
 
 
 @dataclass
@@ -98,6 +102,7 @@ class BuildReport:
     head: HeadEntry
     cache_hit: bool
     manifest: Manifest
+    extraction: dict = field(default_factory=dict)  # Features.summary() of the labelled images (not in the manifest)
 
 
 def _library_versions() -> dict:
@@ -147,7 +152,7 @@ def build(options: BuildOptions) -> BuildReport:
     if options.data is None:
         raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
     options.fine_tune.check()
-    data = load_image_folder(options.data)
+    data = load_data(options.data)
     if options.fine_tune.stages and (options.unlabeled or options.target):
         raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
                          "--fine-tune")
@@ -187,19 +192,24 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
                   unlabeled: ImageFolderData | None = None, target: ImageFolderData | None = None) -> BuildReport:
     build_dir.clean_staging()
     manifest = build_dir.manifest() if build_dir.exists() else None
-    if manifest is not None:
+    first = manifest is None
+    if manifest is None:
+        manifest = _new_manifest(options, backbone, data.classes)
+    else:
         _check_compatible(manifest, options, backbone, data.classes)
         build_dir.verify(manifest)
     spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout,
                     standardise=target is not None)
-    train_idx, val_idx = stratified_split(data.targets, options.val_fraction, options.train.seed)
+    train_idx, val_idx = data.split(options.val_fraction, options.train.seed)
     targets = torch.tensor(data.targets)
     semi, alignment, tuned = None, None, None
     cache = FeatureCache(options.cache_dir or default_cache_dir())
-    features, cache_hit = cache.get_or_compute(backbone, data, progress=options.progress)
+    engine, exported = extraction_engine(options, build_dir, manifest, backbone)
+    extraction = cache.features(backbone, data, engine, progress=options.progress)
+    features, cache_hit = extraction.array, extraction.hit
     reference = EmbeddingReference.of(features[train_idx], features[val_idx])
     if target is not None:
-        target_features = cache.get_or_compute(backbone, target, progress=options.progress)[0]
+        target_features = cache.features(backbone, target, engine, progress=options.progress).array
         alignment = coral(features, target_features)
         features = alignment.source  # the labelled images as the target domain would embed them
         reference = EmbeddingReference.of(target_features)  # what this head expects to be served
@@ -213,7 +223,7 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         return head
 
     if unlabeled is not None:
-        pool, _ = cache.get_or_compute(backbone, unlabeled, progress=options.progress)
+        pool = cache.features(backbone, unlabeled, engine, progress=options.progress).array
         semi = self_train(make_head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
                           torch.from_numpy(pool), options.train, options.self_training, options.progress)
         head, result = semi.head, semi.result
@@ -223,11 +233,11 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
                      options.train, progress=options.progress)
         if options.fine_tune.stages:
             tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, features, options.train,
-                              options.fine_tune, options.progress)
+                              options.fine_tune, options.progress, resolve_device(options.device))
             result = tuned.result
             reference = EmbeddingReference.of(tuned.embeddings[train_idx], tuned.embeddings[val_idx])
-    if manifest is None:
-        manifest = _new_manifest(options, backbone, data.classes)
+            exported = exported and not tuned.record["kept"]  # the backbone changed: export it again
+    if first:
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
 
     def annotate(staged: Path, entry: HeadEntry) -> None:
@@ -241,18 +251,41 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
 
     record = {"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
               "train": len(train_idx), "val": len(val_idx), "val_fraction": options.val_fraction,
-              "skipped": len(data.skipped)}
+              "skipped": len(data.skipped), "split": "random" if data.splits is None else "listing"}
     entry, manifest = commit_head(build_dir, manifest, options, spec, head, result, record, backbone.module,
-                                  reference, cache_hit, annotate)
-    return BuildReport(entry, cache_hit, manifest)
+                                  reference, cache_hit, annotate, backbone_exported=exported)
+    return BuildReport(entry, cache_hit, manifest, extraction.summary())
+
+
+def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Manifest,
+                      backbone: LoadedBackbone) -> tuple[Engine, bool]:
+    """The engine that embeds this build's images, and whether it exported the build's backbone.onnx just now
+    (a first build on ONNX Runtime: exported before extraction, so that heads train on the graph serving runs)."""
+    device = resolve_device(options.device)
+    engine = resolve_engine(options.engine, device)
+    has_onnx = BACKBONE_ONNX in manifest.top_files
+    if engine == "onnxruntime" and not has_onnx and not options.export:
+        if options.engine == "onnxruntime":
+            raise BadRequest("--engine onnxruntime extracts with the build's backbone.onnx, which --no-export "
+                             "does not write: drop one of them")
+        engine = "torch"
+    if engine == "torch":
+        return TorchEngine(backbone, device), False
+    path = build_dir.path / BACKBONE_ONNX
+    if not has_onnx:
+        export_backbone(backbone.module, manifest.input_size, path, build_metadata(manifest),
+                        get_spec(manifest.backbone).onnx_exporter)
+    return OrtEngine(path, device), not has_onnx
 
 
 def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, spec: HeadSpec,
                 head: torch.nn.Module, result, data_record: dict, backbone: torch.nn.Module,
                 reference: EmbeddingReference | None, cache_hit: bool = False,
-                annotate: Callable[[Path, HeadEntry], None] | None = None) -> tuple[HeadEntry, Manifest]:
+                annotate: Callable[[Path, HeadEntry], None] | None = None,
+                backbone_exported: bool = False) -> tuple[HeadEntry, Manifest]:
     """Stage a trained head as the next version of ``options.head`` (files, curves, reference), export it and
-    check parity (the backbone too when the build has no backbone.onnx yet), then commit the manifest."""
+    check parity (the backbone too when the build has no backbone.onnx yet: exported here unless
+    ``backbone_exported`` says extraction already wrote the current one), then commit the manifest."""
     version = build_dir.next_version(options.head, manifest)
     staged = build_dir.staging_dir()
     try:
@@ -265,7 +298,8 @@ def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, 
         if options.export:
             new_backbone = BACKBONE_ONNX not in manifest.top_files
             report = export_and_check(build_dir, manifest, backbone, [(entry, head, staged)],
-                                      new_backbone, options.tolerance, fused=options.fused)
+                                      new_backbone, options.tolerance, fused=options.fused,
+                                      exported=backbone_exported)
             if new_backbone:
                 manifest.top_files.append(BACKBONE_ONNX)
             entry.files = sorted(p.name for p in staged.iterdir())
@@ -314,12 +348,13 @@ HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module
 
 def export_and_check(build_dir: BuildDir, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork],
                      with_backbone: bool, tolerance: Tolerance, batch_sizes: tuple[int, ...] = BATCH_SIZES,
-                     fused: bool = False) -> ParityReport:
-    """Export backbone.onnx (if ``with_backbone``) and each head's head.onnx into its folder, then run parity on
-    what was exported and on the fused graph (backbone + head, composed in memory; written as fused.onnx when
-    ``fused``). ParityError past tolerance. Each head folder gets its parity.json."""
+                     fused: bool = False, exported: bool = False) -> ParityReport:
+    """Export backbone.onnx (if ``with_backbone``, unless ``exported``: it is there and current) and each head's
+    head.onnx into its folder, then run parity on what was exported and on the fused graph (backbone + head,
+    composed in memory; written as fused.onnx when ``fused``). ParityError past tolerance. Each head folder gets
+    its parity.json."""
     backbone_path = build_dir.path / BACKBONE_ONNX
-    if with_backbone:
+    if with_backbone and not exported:
         export_backbone(backbone, manifest.input_size, backbone_path, build_metadata(manifest),
                         get_spec(manifest.backbone).onnx_exporter)
     graphs = {}

@@ -23,7 +23,7 @@ from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, IMAGE, LOGITS
 from ..core.preprocess import Preprocessing
 from ..core.runtime import create_session
-from .data import ImageFolderData, load_image_folder, stratified_split
+from .data import load_data
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,19 @@ def _split_of(entry: HeadEntry, preprocessing: Preprocessing, calibration_images
     """The head's own data, split as its build split it (seed and val fraction from its entry)."""
     from .features import load_images  # torch: imported here so that the CLI can catch QuantizeRefused without it
 
-    data = load_image_folder(entry.data["root"])
+    data = load_data(entry.data["root"])
     if data.content_hash() != entry.data["content_hash"]:
         raise BuildError(f"the images under {entry.data['root']} changed since head {entry.key} was built: the gate "
                          "measures on the data the heads were trained on")
     fraction = entry.data.get("val_fraction", 0.2)
-    train, val = stratified_split(data.targets, fraction, entry.train["seed"])
+    train, val = data.split(fraction, entry.train["seed"])
     if (len(train), len(val)) != (entry.data["train"], entry.data["val"]):
         raise BuildError(f"cannot reproduce the train/val split of head {entry.key}: build it again")
     step = max(1, len(train) // calibration_images)
     chosen = train[::step][:calibration_images]
-    pick = lambda indices: ImageFolderData(data.root, data.classes, [data.paths[i] for i in indices],  # noqa: E731
-                                           [data.targets[i] for i in indices])
-    return _Split(load_images(pick(chosen), preprocessing, progress=False),
-                  load_images(pick(val), preprocessing, progress=False), np.array([data.targets[i] for i in val]))
+    return _Split(load_images(data.subset(chosen), preprocessing, progress=False),
+                  load_images(data.subset(val), preprocessing, progress=False),
+                  np.array([data.targets[i] for i in val]))
 
 
 class _Reader:

@@ -21,9 +21,9 @@ from ..core.errors import BadRequest, BuildError
 from ..core.manifest import BuildDir
 from ..core.names import BACKBONE_ONNX
 from .architectures import HeadSpec, build_head
-from .data import load_image_folder, stratified_split
+from .data import load_data, stratified_split
 from .features import FeatureCache, default_cache_dir
-from .pipeline import BuildOptions, BuildReport, commit_head, load_build_backbone
+from .pipeline import BuildOptions, BuildReport, commit_head, extraction_engine, load_build_backbone
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,12 @@ def build_from_log(options: BuildOptions) -> BuildReport:
                           "build": traffic.facts.get("build")}}
         cache_hit = False
         if options.data is not None:
-            data = load_image_folder(options.data)
+            data = load_data(options.data)
             if data.classes != manifest.labels:
                 raise BuildError(f"{options.data} has labels {data.classes}, the build has {manifest.labels}")
+            engine, _ = extraction_engine(options, build_dir, manifest, backbone)
             images, cache_hit = FeatureCache(options.cache_dir or default_cache_dir()).get_or_compute(
-                backbone, data, progress=options.progress)
+                backbone, data, progress=options.progress, engine=engine)
             features, targets = np.concatenate([features, images]), targets + list(data.targets)
             record["images"] = {"root": str(data.root), "content_hash": data.content_hash(),
                                 "images": len(data.paths)}

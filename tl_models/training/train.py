@@ -45,6 +45,7 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes:
 
 
 def _forward(head: nn.Module, embedder: nn.Module | None, inputs: torch.Tensor) -> torch.Tensor:
+    inputs = inputs.to(next(head.parameters()).device, non_blocking=True)
     if embedder is None:
         return head(inputs)
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in embedder.parameters())):
@@ -57,16 +58,20 @@ def predict(head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = 
             batch_size: int = 256) -> torch.Tensor:
     """Logits for all inputs, head and embedder in eval mode."""
     head.eval()
-    return torch.cat([_forward(head, embedder, inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return torch.cat([_forward(head, embedder, inputs[i:i + batch_size]).cpu()
+                      for i in range(0, len(inputs), batch_size)])
 
 
 def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
         config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_start: bool = False,
-        desc: str = "train head") -> TrainResult:
-    """Train ``head`` (and any trainable ``embedder`` parameters, at ``config.backbone_lr``), keep the best epoch by
-    val accuracy. ``augment`` transforms each training batch; ``keep_start``: the models as given count as epoch 0,
-    so training that never beats them leaves them as they were (``best_epoch`` 0)."""
+        desc: str = "train head", device: str = "cpu") -> TrainResult:
+    """Train ``head`` (and any trainable ``embedder`` parameters, at ``config.backbone_lr``) on ``device``, keep the
+    best epoch by val accuracy. ``augment`` transforms each training batch; ``keep_start``: the models as given
+    count as epoch 0, so training that never beats them leaves them as they were (``best_epoch`` 0)."""
+    head.to(device)
+    if embedder is not None:
+        embedder.to(device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = [{"params": list(head.parameters()), "lr": config.lr}]
@@ -94,7 +99,7 @@ def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: to
         total = 0.0
         for batch in torch.randperm(len(x_train), generator=generator).split(config.batch_size):
             inputs = x_train[batch] if augment is None else augment(x_train[batch])
-            loss = loss_fn(_forward(head, embedder, inputs), y_train[batch])
+            loss = loss_fn(_forward(head, embedder, inputs), y_train[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
