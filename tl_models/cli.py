@@ -422,6 +422,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_build(args: argparse.Namespace) -> int:
+    from .bench.build import bench_build
+
+    bench_build(args.images, tuple(args.stacks), args.work, args.backbone, args.weights, args.epochs, args.seconds,
+                args.json)
+    return EXIT_OK
+
+
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
     from .bench.offline import bench_runtime
 
@@ -614,6 +622,20 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=300, help="images used (both runs use the same ones)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench.add_parser("build", help="whole builds of N synthetic images per extraction stack: images/s and peak "
+                                       "memory against the raw backbone in ONNX Runtime")
+    p.add_argument("--images", type=int, default=8000, help="synthetic 256 px JPEGs (written once into --work)")
+    p.add_argument("--stacks", nargs="+", default=["torch-cpu", "ort-cpu", "cuda"],
+                   choices=["torch-cpu", "ort-cpu", "cuda"], metavar="STACK",
+                   help="torch-cpu, ort-cpu, cuda (skipped without a GPU); default all")
+    p.add_argument("--work", type=Path, help="images and builds (default ~/.cache/tl-models/bench-build)")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", default="IMAGENET1K_V1")
+    p.add_argument("--epochs", type=int, default=10, help="head epochs of each build")
+    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds of the raw backbone figure")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=cmd_bench_build)
 
     p = bench.add_parser("runtime", help="ONNX Runtime vs PyTorch eager backbone throughput")
     p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v3_large"])

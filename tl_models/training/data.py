@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import BadRequest
-from ..core.preprocess import ImageError, decode_image
+from ..core.preprocess import ImageError, check_image
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _check_image(path: ImagePath) -> tuple[str | None, bytes]:
     large, needle-shaped)."""
     try:
         data = read_image_bytes(path)
-        decode_image(data)
+        check_image(data)
     except (ImageError, OSError) as exc:
         return str(exc), b""
     return None, hashlib.sha256(data).digest()

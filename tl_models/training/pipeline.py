@@ -152,6 +152,7 @@ def build(options: BuildOptions) -> BuildReport:
     if options.data is None:
         raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
     options.fine_tune.check()
+    resolve_engine(options.engine, resolve_device(options.device))  # an unusable device: refused before any work
     data = load_data(options.data)
     if options.fine_tune.stages and (options.unlabeled or options.target):
         raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
@@ -484,4 +485,10 @@ def summary_line(report: BuildReport) -> str:
 def _cache_word(report: BuildReport) -> str:
     if "log" in report.head.data and "images" not in report.head.data:
         return "not used: logged embeddings"
-    return "hit" if report.cache_hit else "miss"
+    if report.cache_hit:
+        return "hit"
+    run = report.extraction
+    if run.get("shards_cached"):
+        return (f"resumed: {run['shards_cached']} of {run['shards']} shards cached, {run['embedded']} of "
+                f"{run['images']} images embedded by {run['engine']} on {run['device']}")
+    return f"miss: {run['images']} images embedded by {run['engine']} on {run['device']}" if run else "miss"
