@@ -162,7 +162,7 @@ def test_a_build_killed_mid_extraction_resumes_and_ends_as_an_uninterrupted_one(
 
     whole = _cli(*args, "--out", str(tmp_path / "whole"), env={**env, "TL_MODELS_CACHE": str(tmp_path / "other")})
     assert whole.returncode == 0, whole.stderr
-    assert "miss: 600 images embedded by onnxruntime on cpu" in whole.stdout
+    assert "miss: 600 images embedded by onnxruntime on cpu, in process" in whole.stdout
     a, b = BuildDir(tmp_path / "killed").verify(), BuildDir(tmp_path / "whole").verify()
     for field in ("metrics", "train", "spec", "parity"):
         assert getattr(a.heads[0], field) == getattr(b.heads[0], field), field

@@ -128,7 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap,
                                  stop=not args.pseudo_all_rounds)
     options = _build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
-                             self_training=self_training, target=args.target, from_log=args.from_log)
+                             self_training=self_training, target=args.target, from_log=args.from_log,
+                             ray=args.ray, ray_actors=args.ray_actors)
     report = build_from_log(options) if args.from_log else build(options)
     print(summary_line(report))
     print(f"build directory: {args.out}")
@@ -714,6 +715,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=Path,
                    help="folder of unlabelled target-domain images: align the labelled embeddings to them (CORAL); "
                         "the head standardises with the target's statistics")
+    p.add_argument("--ray", metavar="HOST:PORT",
+                   help="extract features on the Ray cluster whose head is at HOST:PORT (Ray Data; needs "
+                        "tl-models[scale]); the workers must see the images at the same paths, or use URLs")
+    p.add_argument("--ray-actors", type=int, default=2, help="with --ray: backbone sessions (actors) on the cluster")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="export a build's backbone and heads to ONNX again (+ parity)")

@@ -83,30 +83,21 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     """Run ``command``; sample the resident memory of it and all its descendants every ``interval`` seconds."""
     import psutil
 
+    from ..core.process import tree_rss
+
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watched = psutil.Process(process.pid)
     peak = 0
     with ThreadPoolExecutor(1) as reader:
         output = reader.submit(process.stdout.read)
         while process.poll() is None:
             try:
-                tree = [watched] + watched.children(recursive=True)
-                peak = max(peak, sum(_rss(p) for p in tree))
+                peak = max(peak, tree_rss(process.pid))
             except psutil.NoSuchProcess:
                 pass
             time.sleep(interval)
         text = output.result()
     return Run(time.perf_counter() - start, peak, process.returncode, text)
-
-
-def _rss(process) -> int:
-    import psutil
-
-    try:
-        return process.memory_info().rss
-    except psutil.NoSuchProcess:
-        return 0
 
 
 def raw_backbone_rate(model: Path, batch: int, seconds: float) -> float:

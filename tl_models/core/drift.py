@@ -20,6 +20,7 @@ import numpy as np
 DRIFT_THRESHOLD = 0.5   # above this the served embeddings have moved (README "Judging heads": how it was chosen)
 DRIFT_WINDOW = 256      # served embeddings in the window
 MIN_WINDOW = 32         # below this many embeddings no drift is reported (sampling noise ~ 1/sqrt(n) dominates)
+REFERENCE_CHUNK = 8192  # training embeddings summarised at a time
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,19 @@ class EmbeddingReference:
     baseline: float | None = None
 
     @classmethod
-    def of(cls, train: np.ndarray, validation: np.ndarray | None = None) -> "EmbeddingReference":
-        """The reference of training embeddings (N×D), with the drift of ``validation`` as its baseline."""
-        train = np.asarray(train, np.float64)
-        mean = train.mean(axis=0)
-        spread = float(np.sqrt(((train - mean) ** 2).sum(axis=1).mean()))
-        reference = cls(mean, max(spread, 1e-12), len(train))
+    def of(cls, train: np.ndarray, validation: np.ndarray | None = None,
+           rows: np.ndarray | list[int] | None = None) -> "EmbeddingReference":
+        """The reference of training embeddings (N×D; only its ``rows`` when given), with the drift of
+        ``validation`` as its baseline. Read in chunks: memory stays flat whatever N."""
+        rows = np.arange(len(train)) if rows is None else np.asarray(rows)
+        chunks = [rows[i:i + REFERENCE_CHUNK] for i in range(0, len(rows), REFERENCE_CHUNK)]
+        total = np.zeros(np.shape(train)[1], np.float64)
+        for chunk in chunks:
+            total += np.asarray(train[chunk], np.float64).sum(axis=0)
+        mean = total / len(rows)
+        square = sum(float(((np.asarray(train[chunk], np.float64) - mean) ** 2).sum()) for chunk in chunks)
+        spread = float(np.sqrt(square / len(rows)))
+        reference = cls(mean, max(spread, 1e-12), len(rows))
         if validation is not None and len(validation):
             return cls(mean, reference.spread, len(train), reference.drift(np.asarray(validation).mean(axis=0)))
         return reference

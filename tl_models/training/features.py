@@ -16,7 +16,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -75,11 +77,12 @@ class Features:
     shards: int
     shards_cached: int
     engine: dict
+    where: str = "in process"  # or the Ray cluster that ran the engine
 
     def summary(self) -> dict:
         """What a build reports about its extraction (not in the manifest: a resumed build has the same one)."""
         return {"embedded": self.embedded, "images": len(self.array), "shards": self.shards,
-                "shards_cached": self.shards_cached, **self.engine}
+                "shards_cached": self.shards_cached, "where": self.where, **self.engine}
 
 
 class _Shards:
@@ -185,7 +188,8 @@ class FeatureCache:
                 _extract(engine, data, backbone.preprocessing, shards, todo, batch_size, progress)
             else:
                 log.info("feature cache hit: %s", root)
-            return Features(shards.read(), not todo, embedded, len(ranges), cached, ident)
+            return Features(shards.read(), not todo, embedded, len(ranges), cached, ident,
+                            getattr(engine, "where", "in process"))
 
     def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int = 32,
                        progress: bool = True, engine: Engine | None = None) -> tuple[np.ndarray, bool]:
@@ -194,22 +198,44 @@ class FeatureCache:
         return found.array, found.hit
 
 
+def _local_stream(engine: Engine, paths: list, preprocessing: Preprocessing, ranges: list[tuple[int, int]],
+                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image indices, embeddings) in order: decoding threads feed ``engine`` in this process."""
+    for first, batch in decoded_batches(paths, preprocessing, ranges, batch_size):
+        yield np.arange(first, first + len(batch)), engine(batch)
+
+
 def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing, shards: _Shards, todo: list[int],
              batch_size: int, progress: bool) -> None:
-    """Embed the images of the shards ``todo`` (decoding overlapped with the engine) and commit each shard."""
-    ranges = shards.ranges()
-    total = sum(ranges[n][1] - ranges[n][0] for n in todo)
-    pending = iter(todo)
-    number = next(pending)
-    start, stop = ranges[number]
-    out = np.empty((stop - start, shards.dim), dtype=np.float32)
-    with tqdm(total=total, desc=f"embed ({engine.ident()['engine']})", unit="img", disable=not progress) as bar:
-        for first, batch in decoded_batches(data.paths, preprocessing, [ranges[n] for n in todo], batch_size):
-            out[first - start:first - start + len(batch)] = engine(batch)
-            bar.update(len(batch))
-            if first + len(batch) == stop:
-                shards.commit(number, out)
-                number = next(pending, -1)
-                if number >= 0:
-                    start, stop = ranges[number]
-                    out = np.empty((stop - start, shards.dim), dtype=np.float32)
+    """Embed the images of the shards ``todo`` and commit each shard once all its images have arrived (from the
+    engine's own ``stream`` where it has one, as a cluster's engine does, in any order; an image that arrives
+    twice is kept once)."""
+    ranges = [shards.ranges()[n] for n in todo]
+    stream = getattr(engine, "stream", None)
+    batches = (stream or partial(_local_stream, engine))(data.paths, preprocessing, ranges, batch_size)
+    open_shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (embeddings, which rows arrived)
+    repeated = 0
+    with tqdm(total=sum(stop - start for start, stop in ranges), desc=f"embed ({engine.ident()['engine']})",
+              unit="img", disable=not progress) as bar:
+        for indices, embeddings in batches:
+            numbers = np.asarray(indices) // shards.shard_images
+            for number in np.unique(numbers):
+                start, stop = shards.ranges()[number]
+                if number not in open_shards:
+                    open_shards[number] = (np.empty((stop - start, shards.dim), dtype=np.float32),
+                                           np.zeros(stop - start, dtype=bool))
+                out, arrived = open_shards[number]
+                rows = np.asarray(indices)[numbers == number] - start
+                fresh = ~arrived[rows]
+                repeated += int((~fresh).sum())
+                out[rows[fresh]] = embeddings[numbers == number][fresh]
+                arrived[rows[fresh]] = True
+                bar.update(int(fresh.sum()))
+                if arrived.all():
+                    shards.commit(int(number), out)
+                    del open_shards[number]
+    if repeated:
+        log.warning("%d images arrived twice (a task retried after a worker died): each kept once", repeated)
+    if open_shards:
+        missing = sum(int((~arrived).sum()) for _, arrived in open_shards.values())
+        raise RuntimeError(f"extraction ended with {missing} images not embedded (shards {sorted(open_shards)})")

@@ -55,7 +55,7 @@ from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
 from .quantize import int8_parity
 from .semi import SelfTrainResult, self_train
-from .train import fit
+from .train import Rows, fit
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class BuildOptions:
     from_log: Path | None = None   # train from a service's embedding log instead (training.traffic)
     engine: str = "auto"           # feature extraction: auto, onnxruntime or torch (training.extract)
     device: str = "auto"           # auto, cpu or cuda: extraction and fine-tuning's stage 2
+    ray: str | None = None         # a Ray cluster's HOST:PORT: extraction there (training.distributed)
+    ray_actors: int = 2            # backbone sessions (actors) on the cluster
 
 
 @dataclass
@@ -153,6 +155,13 @@ def build(options: BuildOptions) -> BuildReport:
         raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
     options.fine_tune.check()
     resolve_engine(options.engine, resolve_device(options.device))  # an unusable device: refused before any work
+    if options.ray is not None:
+        from .distributed import connect
+
+        if options.engine == "torch" or not options.export:
+            raise BadRequest("--ray extracts with ONNX Runtime on the build's backbone.onnx: it cannot be combined "
+                             "with --engine torch or --no-export")
+        connect(options.ray)
     data = load_data(options.data)
     if options.fine_tune.stages and (options.unlabeled or options.target):
         raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
@@ -208,7 +217,7 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     engine, exported = extraction_engine(options, build_dir, manifest, backbone)
     extraction = cache.features(backbone, data, engine, progress=options.progress)
     features, cache_hit = extraction.array, extraction.hit
-    reference = EmbeddingReference.of(features[train_idx], features[val_idx])
+    reference = EmbeddingReference.of(features, features[val_idx], rows=train_idx)
     if target is not None:
         target_features = cache.features(backbone, target, engine, progress=options.progress).array
         alignment = coral(features, target_features)
@@ -230,7 +239,7 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         head, result = semi.head, semi.result
     else:
         head = make_head()
-        result = fit(head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
+        result = fit(head, Rows(inputs, train_idx), targets[train_idx], Rows(inputs, val_idx), targets[val_idx],
                      options.train, progress=options.progress)
         if options.fine_tune.stages:
             tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, features, options.train,
@@ -270,12 +279,16 @@ def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Mani
             raise BadRequest("--engine onnxruntime extracts with the build's backbone.onnx, which --no-export "
                              "does not write: drop one of them")
         engine = "torch"
-    if engine == "torch":
+    if engine == "torch" and options.ray is None:
         return TorchEngine(backbone, device), False
     path = build_dir.path / BACKBONE_ONNX
     if not has_onnx:
         export_backbone(backbone.module, manifest.input_size, path, build_metadata(manifest),
                         get_spec(manifest.backbone).onnx_exporter)
+    if options.ray is not None:
+        from .distributed import RayEngine
+
+        return RayEngine(path, device, options.ray_actors), not has_onnx
     return OrtEngine(path, device), not has_onnx
 
 
@@ -490,5 +503,7 @@ def _cache_word(report: BuildReport) -> str:
     run = report.extraction
     if run.get("shards_cached"):
         return (f"resumed: {run['shards_cached']} of {run['shards']} shards cached, {run['embedded']} of "
-                f"{run['images']} images embedded by {run['engine']} on {run['device']}")
-    return f"miss: {run['images']} images embedded by {run['engine']} on {run['device']}" if run else "miss"
+                f"{run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}")
+    if not run:
+        return "miss"
+    return f"miss: {run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}"

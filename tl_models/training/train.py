@@ -32,6 +32,20 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
+class Rows:
+    """Rows ``index`` of a tensor, gathered only when indexed: fit and predict take it where a copy of a split of
+    every embedding would cost N×D floats."""
+
+    def __init__(self, tensor: torch.Tensor, index: np.ndarray | list[int]):
+        self.tensor, self.index = tensor, torch.as_tensor(np.asarray(index), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: torch.Tensor | slice) -> torch.Tensor:
+        return self.tensor[self.index[key]]
+
+
 def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows = true class, columns = predicted)."""
     predicted = logits.argmax(axis=1)
@@ -62,7 +76,8 @@ def predict(head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = 
                       for i in range(0, len(inputs), batch_size)])
 
 
-def fit(head: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+def fit(head: nn.Module, x_train: torch.Tensor | Rows, y_train: torch.Tensor, x_val: torch.Tensor | Rows,
+        y_val: torch.Tensor,
         config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_start: bool = False,
         desc: str = "train head", device: str = "cpu") -> TrainResult:
