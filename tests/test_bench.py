@@ -60,3 +60,26 @@ def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.Cap
         assert row["int8_images_per_s"] > 0
         assert row["int8_over_ort"] == pytest.approx(row["int8_images_per_s"] / row["ort_images_per_s"])
     assert "resnet18 batch 2" in capsys.readouterr().out
+
+
+def test_bench_build_times_whole_builds_against_the_raw_backbone(offline_weights, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    from tl_models.bench.build import bench_build, synthetic_images
+    from tl_models.core.runtime import gpu_count
+
+    figures = bench_build(60, ("ort-cpu", "cuda"), tmp_path, epochs=10, seconds=0.5, json_path=tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text()) == pytest.approx(figures)
+    assert len(list((tmp_path / "images-60").rglob("*.jpg"))) == 60
+    assert sorted(p.name for p in (tmp_path / "images-60").iterdir() if p.is_dir()) == [f"c{i}" for i in range(10)]
+    (row,) = [r for r in figures["rows"] if r["stack"] == "ort-cpu"]
+    assert row["images_per_s"] == pytest.approx(60 / row["seconds"])
+    assert 200 * 2**20 < row["peak_rss_bytes"] < 8 * 2**30  # torch + ORT are in it; far from the machine's size
+    assert figures["raw_ort_batch32_images_per_s"] > 0
+    assert row["over_raw_ort"] == pytest.approx(row["images_per_s"] / figures["raw_ort_batch32_images_per_s"])
+    assert row["val_accuracy"] >= 0.8  # the synthetic classes are easy: a build that learns nothing is a bug
+    if gpu_count() == 0:
+        assert figures["skipped"] == [{"stack": "cuda", "why": "no CUDA device"}]
+    assert "ort-cpu:" in capsys.readouterr().out
+    before = (tmp_path / "images-60" / "c0").stat().st_mtime_ns
+    synthetic_images(tmp_path, 60)  # written once, reused after
+    assert (tmp_path / "images-60" / "c0").stat().st_mtime_ns == before
