@@ -286,8 +286,9 @@ def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Mani
         export_backbone(backbone.module, manifest.input_size, path, build_metadata(manifest),
                         get_spec(manifest.backbone).onnx_exporter)
     if options.ray is not None:
-        from .distributed import RayEngine
+        from .distributed import RayEngine, connect
 
+        connect(options.ray)  # joined already by build(); `build --from-log --data` joins here
         return RayEngine(path, device, options.ray_actors), not has_onnx
     return OrtEngine(path, device), not has_onnx
 
