@@ -99,17 +99,19 @@ def test_a_full_recorder_queue_drops_and_counts_and_never_blocks(deployment, tmp
     registry.bootstrap([h for h in heads if h.version == 1], None, backbone.build)
     head = registry.head("a", 1)
     judge = Judge(tmp_path / "state", JudgeConfig(log_dir=tmp_path / "log", queue_size=2), backbone, 1280)
-    release = threading.Event()
+    release, stalled = threading.Event(), threading.Event()
     record = judge.store.record
-    judge.store.record = lambda rows: (release.wait(30), record(rows))  # a disk that stalls
+    judge.store.record = lambda rows: (stalled.set(), release.wait(30), record(rows))  # a disk that stalls
     dropped_before = judge.metrics.dropped._value.get()
     embedding = np.zeros((1, 1280), np.float32)
     accepted, slowest = [], 0.0
-    for _ in range(10):
+    for number in range(10):
         start = time.perf_counter()
         accepted.append(judge.submit(Scored(request_ids(1), time.time(), embedding, head, [],
                                             head.logits(embedding))))
         slowest = max(slowest, time.perf_counter() - start)
+        if number == 0:  # the recorder has taken the first batch and stalls on it: no race with its thread
+            assert stalled.wait(10), "the recorder never took the first record"
     assert slowest < 0.01
     # the recorder holds one batch, the queue two more: the rest are dropped and counted
     assert 3 <= accepted.count(True) <= 4 and judge.metrics.dropped._value.get() - dropped_before == \
