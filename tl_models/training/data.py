@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import BadRequest
-from ..core.preprocess import ImageError, check_image
+from ..core.preprocess import ImageError, Preprocessing, check_image, preprocess_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,14 @@ def read_image_bytes(path: ImagePath) -> bytes:
         return handle.read()
 
 
-def scan_workers() -> int:
-    """Threads that check images while a data set is read: ``$TL_MODELS_DECODE_WORKERS`` or the CPU count."""
+def read_image(path: ImagePath, preprocessing: Preprocessing) -> np.ndarray:
+    """A local image file or fsspec URL as the model input serving makes of it (uint8 CHW)."""
+    return preprocess_bytes(read_image_bytes(path), preprocessing)
+
+
+def decode_workers() -> int:
+    """Threads that decode images (the scan's check, extraction): ``$TL_MODELS_DECODE_WORKERS``, else the CPU
+    count (PIL decodes and resizes without the GIL, so threads overlap with the backbone's own)."""
     return max(1, int(os.environ.get("TL_MODELS_DECODE_WORKERS", "0")) or os.cpu_count() or 1)
 
 
@@ -70,20 +76,20 @@ class ImageFolderData:
             self._file_hashes = [hashlib.sha256(read_image_bytes(path)).digest() for path in self.paths]
         return self._file_hashes
 
-    def name(self, index: int) -> str:
-        """How the content hash names image ``index``: its path relative to the root, or its URL."""
-        path = self.paths[index]
-        if isinstance(path, Path) and path.is_relative_to(self.root if self.root.is_dir() else self.root.parent):
-            return str(path.relative_to(self.root if self.root.is_dir() else self.root.parent))
-        return str(path)
+    def names(self) -> list[str]:
+        """How the content hash names each image: its path relative to the folder (a listing's: the listing's
+        folder), or its URL."""
+        base = self.root if self.root.is_dir() else self.root.parent
+        return [str(p.relative_to(base)) if isinstance(p, Path) and p.is_relative_to(base) else str(p)
+                for p in self.paths]
 
     def content_hash(self) -> str:
         """sha256 over (name, class, file sha256) of every image (and the split, from a listing that has one):
         the data part of the cache key."""
         if self._hash is None:
             digest = hashlib.sha256()
-            for index, (target, file_hash) in enumerate(zip(self.targets, self.file_hashes())):
-                digest.update(f"{self.name(index)}\0{self.classes[target]}\0".encode())
+            for index, (name, target, file_hash) in enumerate(zip(self.names(), self.targets, self.file_hashes())):
+                digest.update(f"{name}\0{self.classes[target]}\0".encode())
                 digest.update(file_hash)
                 if self.splits is not None:
                     digest.update(self.splits[index].encode())
@@ -120,10 +126,10 @@ def _check_image(path: ImagePath) -> tuple[str | None, bytes]:
 
 
 def _check_all(paths: list[ImagePath]) -> list[tuple[str | None, bytes]]:
-    """:func:`_check_image` of every path, in order, on :func:`scan_workers` threads (PIL decodes without the GIL)."""
+    """:func:`_check_image` of every path, in order, on :func:`decode_workers` threads."""
     if len(paths) < 64:
         return [_check_image(p) for p in paths]
-    with ThreadPoolExecutor(scan_workers(), thread_name_prefix="tl-models-scan") as pool:
+    with ThreadPoolExecutor(decode_workers(), thread_name_prefix="tl-models-scan") as pool:
         return list(pool.map(_check_image, paths, chunksize=64))
 
 

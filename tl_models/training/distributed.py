@@ -57,11 +57,10 @@ def connect(address: str, timeout: float = 5.0) -> None:
 
 def _decode(batch: dict, preprocessing: dict) -> dict:
     """Ray Data batch function: paths -> uint8 images, preprocessed as serving preprocesses them."""
-    from ..core.preprocess import preprocess_bytes
-    from .data import read_image_bytes
+    from .data import read_image
 
     spec = Preprocessing.from_dict(preprocessing)
-    images = [preprocess_bytes(read_image_bytes(p if "://" in p else Path(p)), spec) for p in batch["path"]]
+    images = [read_image(p if "://" in p else Path(p), spec) for p in batch["path"]]
     return {"index": batch["index"], "image": np.stack(images)}
 
 

@@ -13,7 +13,6 @@ on CUDA where one is visible. Pixels never pile up: at most ``2 * workers`` deco
 from __future__ import annotations
 
 import copy
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,11 +23,11 @@ import torch
 
 from ..core.errors import BadRequest
 from ..core.names import EMBEDDING, IMAGE
-from ..core.preprocess import Preprocessing, preprocess_bytes
+from ..core.preprocess import Preprocessing
 from ..core.runtime import active_provider, create_session
 from .backbones import LoadedBackbone
 from .config import DEVICES, ENGINES
-from .data import ImagePath, read_image_bytes
+from .data import ImagePath, decode_workers, read_image
 
 
 class Engine(Protocol):
@@ -94,14 +93,8 @@ def resolve_engine(requested: str, device: str) -> str:
     return "torch" if device == "cuda" else "onnxruntime"
 
 
-def decode_workers() -> int:
-    """Decoding threads: ``$TL_MODELS_DECODE_WORKERS``, else the CPU count (PIL decodes and resizes without the
-    GIL, so threads overlap with the backbone, which has its own threads)."""
-    return max(1, int(os.environ.get("TL_MODELS_DECODE_WORKERS", "0")) or os.cpu_count() or 1)
-
-
 def _decode_batch(paths: list[ImagePath], preprocessing: Preprocessing) -> np.ndarray:
-    return np.stack([preprocess_bytes(read_image_bytes(p), preprocessing) for p in paths])
+    return np.stack([read_image(p, preprocessing) for p in paths])
 
 
 def decoded_batches(paths: list[ImagePath], preprocessing: Preprocessing, ranges: list[tuple[int, int]],

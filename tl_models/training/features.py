@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from ..core.files import atomic_write_bytes, atomic_write_json, file_lock
-from ..core.preprocess import Preprocessing, preprocess_bytes
+from ..core.preprocess import Preprocessing
 from .backbones import LoadedBackbone
-from .data import ImageFolderData, read_image_bytes
+from .data import ImageFolderData, read_image
 from .extract import Engine, TorchEngine, decoded_batches
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def default_cache_dir() -> Path:
 def load_images(data: ImageFolderData, preprocessing: Preprocessing, progress: bool = True) -> np.ndarray:
     """Every image of the data set preprocessed to uint8 N×3×H×W, in memory: for small sets only (calibration,
     fine-tuning's augmented images, benchmarks); extraction streams instead."""
-    images = [preprocess_bytes(read_image_bytes(p), preprocessing)
-              for p in tqdm(data.paths, desc="preprocess", unit="img", disable=not progress)]
+    images = [read_image(p, preprocessing) for p in tqdm(data.paths, desc="preprocess", unit="img",
+                                                         disable=not progress)]
     return np.stack(images)
 
 
@@ -210,7 +210,8 @@ def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing
     """Embed the images of the shards ``todo`` and commit each shard once all its images have arrived (from the
     engine's own ``stream`` where it has one, as a cluster's engine does, in any order; an image that arrives
     twice is kept once)."""
-    ranges = [shards.ranges()[n] for n in todo]
+    every = shards.ranges()
+    ranges = [every[n] for n in todo]
     stream = getattr(engine, "stream", None)
     batches = (stream or partial(_local_stream, engine))(data.paths, preprocessing, ranges, batch_size)
     open_shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (embeddings, which rows arrived)
@@ -220,7 +221,7 @@ def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing
         for indices, embeddings in batches:
             numbers = np.asarray(indices) // shards.shard_images
             for number in np.unique(numbers):
-                start, stop = shards.ranges()[number]
+                start, stop = every[number]
                 if number not in open_shards:
                     open_shards[number] = (np.empty((stop - start, shards.dim), dtype=np.float32),
                                            np.zeros(stop - start, dtype=bool))
