@@ -38,8 +38,8 @@ from tl_models.core.preprocess import preprocess_bytes
 def test_drift_is_small_for_the_same_distribution_and_large_for_a_shifted_one():
     rng = np.random.default_rng(0)
     train, held = rng.normal(0, 1, (2000, 64)), rng.normal(0, 1, (400, 64))
-    reference = EmbeddingReference.of(train, held)
-    assert reference.baseline < 0.1
+    reference = EmbeddingReference.of(np.concatenate([train, held]), np.arange(2000), np.arange(2000, 2400))
+    assert reference.baseline < 0.1 and reference.images == 2000
     window = DriftWindow(64, size=256)
     window.add(held[:MIN_WINDOW - 1])
     assert window.mean() == (None, MIN_WINDOW - 1)  # too few to say

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -21,6 +22,23 @@ DRIFT_THRESHOLD = 0.5   # above this the served embeddings have moved (README "J
 DRIFT_WINDOW = 256      # served embeddings in the window
 MIN_WINDOW = 32         # below this many embeddings no drift is reported (sampling noise ~ 1/sqrt(n) dominates)
 REFERENCE_CHUNK = 8192  # training embeddings summarised at a time
+
+
+class Rowed(Protocol):
+    """N×D embeddings that can be read a chunk of rows at a time."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+def _chunks(rows: np.ndarray) -> list[np.ndarray]:
+    return [rows[i:i + REFERENCE_CHUNK] for i in range(0, len(rows), REFERENCE_CHUNK)]
+
+
+def _mean(embeddings: Rowed, rows: np.ndarray) -> np.ndarray:
+    """Mean of ``embeddings[rows]`` in float64, read a chunk at a time."""
+    return sum(np.asarray(embeddings[chunk], np.float64).sum(axis=0) for chunk in _chunks(rows)) / len(rows)
 
 
 @dataclass(frozen=True)
@@ -34,22 +52,20 @@ class EmbeddingReference:
     baseline: float | None = None
 
     @classmethod
-    def of(cls, train: np.ndarray, validation: np.ndarray | None = None,
-           rows: np.ndarray | list[int] | None = None) -> "EmbeddingReference":
-        """The reference of training embeddings (N×D; only its ``rows`` when given), with the drift of
-        ``validation`` as its baseline. Read in chunks: memory stays flat whatever N."""
-        rows = np.arange(len(train)) if rows is None else np.asarray(rows)
-        chunks = [rows[i:i + REFERENCE_CHUNK] for i in range(0, len(rows), REFERENCE_CHUNK)]
-        total = np.zeros(np.shape(train)[1], np.float64)
-        for chunk in chunks:
-            total += np.asarray(train[chunk], np.float64).sum(axis=0)
-        mean = total / len(rows)
-        square = sum(float(((np.asarray(train[chunk], np.float64) - mean) ** 2).sum()) for chunk in chunks)
-        spread = float(np.sqrt(square / len(rows)))
-        reference = cls(mean, max(spread, 1e-12), len(rows))
-        if validation is not None and len(validation):
-            return cls(mean, reference.spread, len(train), reference.drift(np.asarray(validation).mean(axis=0)))
-        return reference
+    def of(cls, embeddings: Rowed, rows: np.ndarray | list[int] | None = None,
+           validation_rows: np.ndarray | list[int] | None = None) -> "EmbeddingReference":
+        """The reference of the training embeddings ``embeddings[rows]`` (every row by default), with the drift of
+        the validation embeddings ``embeddings[validation_rows]`` as its baseline. Read in chunks (the feature
+        cache's shards will do as well as an array): memory stays flat whatever N."""
+        rows = np.arange(len(embeddings)) if rows is None else np.asarray(rows)
+        mean = _mean(embeddings, rows)
+        square = sum(float(((np.asarray(embeddings[chunk], np.float64) - mean) ** 2).sum())
+                      for chunk in _chunks(rows))
+        reference = cls(mean, max(float(np.sqrt(square / len(rows))), 1e-12), len(rows))
+        if validation_rows is None or not len(validation_rows):
+            return reference
+        baseline = reference.drift(_mean(embeddings, np.asarray(validation_rows)))
+        return cls(mean, reference.spread, len(rows), baseline)
 
     def drift(self, window_mean: np.ndarray) -> float:
         """Distance of a window's mean embedding from the training mean, in units of the training spread."""

@@ -29,6 +29,8 @@ from .backbones import LoadedBackbone
 from .config import DEVICES, ENGINES
 from .data import ImagePath, decode_workers, read_image
 
+BATCH = 32  # images per extraction batch
+
 
 class Engine(Protocol):
     """A backbone that turns uint8 B×3×H×W batches into float32 B×D embeddings."""
@@ -97,8 +99,31 @@ def _decode_batch(paths: list[ImagePath], preprocessing: Preprocessing) -> np.nd
     return np.stack([read_image(p, preprocessing) for p in paths])
 
 
+class DecodedImages:
+    """The images of ``paths`` decoded on demand: ``take(rows)`` decodes just those (on ``workers`` threads), so
+    training on images (fine-tuning's stage 2) holds a batch, not the data set. Use it as a context manager."""
+
+    def __init__(self, paths: list[ImagePath], preprocessing: Preprocessing, workers: int | None = None):
+        self.paths, self.preprocessing = paths, preprocessing
+        self._pool = ThreadPoolExecutor(workers or decode_workers(), thread_name_prefix="tl-models-decode")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 len(rows)×3×H×W, in the order of ``rows``."""
+        return np.stack(list(self._pool.map(lambda i: read_image(self.paths[i], self.preprocessing),
+                                            np.asarray(rows).tolist())))
+
+    def __enter__(self) -> "DecodedImages":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 def decoded_batches(paths: list[ImagePath], preprocessing: Preprocessing, ranges: list[tuple[int, int]],
-                    batch_size: int = 32, workers: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                    batch_size: int = BATCH, workers: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(first index, uint8 B×3×H×W) for the images of ``paths`` in each ``(start, stop)`` range, in order; batches
     never cross a range's end. Decoded by ``workers`` threads, at most ``2 * workers`` batches ahead."""
     workers = workers or decode_workers()

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,7 @@ from ..core.files import atomic_write_bytes, atomic_write_json, file_lock
 from ..core.preprocess import Preprocessing
 from .backbones import LoadedBackbone
 from .data import ImageFolderData, read_image
-from .extract import Engine, TorchEngine, decoded_batches
+from .extract import BATCH, Engine, TorchEngine, decoded_batches
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def load_images(data: ImageFolderData, preprocessing: Preprocessing, progress: b
 
 
 @torch.inference_mode()
-def embed(backbone: LoadedBackbone, images: np.ndarray, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+def embed(backbone: LoadedBackbone, images: np.ndarray, batch_size: int = BATCH, progress: bool = True) -> np.ndarray:
     """Run the frozen backbone (eval mode) over uint8 images; returns float32 N×D."""
     backbone.module.eval()
     out = []
@@ -71,7 +71,7 @@ class Features:
     """Embeddings of a data set, and how they were had: all from the cache (``hit``), or how many images this call
     embedded, with the engine that did."""
 
-    array: np.ndarray
+    embeddings: CachedEmbeddings
     hit: bool
     embedded: int
     shards: int
@@ -79,10 +79,83 @@ class Features:
     engine: dict
     where: str = "in process"  # or the Ray cluster that ran the engine
 
+    @cached_property
+    def array(self) -> np.ndarray:
+        """Every embedding as one N×D array in memory (for the methods that need them all at once)."""
+        return self.embeddings.load()
+
     def summary(self) -> dict:
         """What a build reports about its extraction (not in the manifest: a resumed build has the same one)."""
-        return {"embedded": self.embedded, "images": len(self.array), "shards": self.shards,
+        return {"embedded": self.embedded, "images": len(self.embeddings), "shards": self.shards,
                 "shards_cached": self.shards_cached, "where": self.where, **self.engine}
+
+
+class CachedEmbeddings:
+    """The N×D float32 embeddings of a committed cache entry, read from its shard files on demand: ``take(rows)``
+    reads just those rows (one positional read each, straight into the result), so what is in memory is what was
+    asked for, whatever N. The shards were verified against their sha256 when the entry was opened."""
+
+    def __init__(self, files: list[Path], ranges: list[tuple[int, int]], dim: int):
+        self.files, self.dim = files, dim
+        self.shape = (ranges[-1][1] if ranges else 0, dim)
+        self._starts = np.array([start for start, _ in ranges], dtype=np.int64)
+        self._offsets = np.array([_data_offset(path, stop - start, dim) for path, (start, stop) in zip(files, ranges)],
+                                dtype=np.int64)
+        self._row_bytes = dim * 4
+        self._fds: list[int] = []
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        return self.take(rows)
+
+    def take(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) as a len(rows)×D array."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        if not self._fds:
+            self._fds = [os.open(path, os.O_RDONLY) for path in self.files]
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        offsets = self._offsets[shard] + (rows - self._starts[shard]) * self._row_bytes
+        view, size = memoryview(out).cast("B"), self._row_bytes
+        for i, (number, offset) in enumerate(zip(shard.tolist(), offsets.tolist())):
+            if os.preadv(self._fds[number], [view[i * size:(i + 1) * size]], offset) != size:
+                raise OSError(f"feature cache shard {self.files[number]} is shorter than its index says")
+        return out
+
+    def load(self) -> np.ndarray:
+        """Every row, in order, as one array."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for path, start in zip(self.files, self._starts.tolist()):
+            shard = np.load(path, mmap_mode="r")
+            out[start:start + len(shard)] = shard
+        return out
+
+    def close(self) -> None:
+        """Close the shard files (``take`` opens them again when called)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _data_offset(path: Path, rows: int, dim: int) -> int:
+    """Where the rows of a shard ``.npy`` (rows×dim float32, C order) begin in its file."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        if fortran or dtype != np.float32 or shape != (rows, dim):
+            raise ValueError(f"feature cache shard {path} is not a C-order float32 {rows}×{dim} matrix")
+        return handle.tell()
 
 
 class _Shards:
@@ -139,12 +212,10 @@ class _Shards:
             "format": CACHE_FORMAT, "images": self.images, "dim": self.dim, "shard_images": self.shard_images,
             "ident": self.ident, "shards": [self.committed[k] for k in sorted(self.committed)]})
 
-    def read(self) -> np.ndarray:
-        """Every shard, in order, as one N×D array (each shard read through a memory map)."""
-        out = np.empty((self.images, self.dim), dtype=np.float32)
-        for number, (start, stop) in enumerate(self.ranges()):
-            out[start:stop] = np.load(self.root / self.committed[number]["file"], mmap_mode="r")
-        return out
+    def read(self) -> CachedEmbeddings:
+        """The committed shards, in order, as one N×D view read on demand."""
+        return CachedEmbeddings([self.root / self.committed[n]["file"] for n in range(len(self.ranges()))],
+                                self.ranges(), self.dim)
 
 
 @dataclass
@@ -168,7 +239,7 @@ class FeatureCache:
         return self.cache_dir / "features" / key
 
     def features(self, backbone: LoadedBackbone, data: ImageFolderData, engine: Engine | None = None,
-                 batch_size: int = 32, progress: bool = True) -> Features:
+                 batch_size: int = BATCH, progress: bool = True) -> Features:
         """The embeddings of every image of ``data``: committed shards are read (after their sha256 is checked),
         the others computed by ``engine`` (default: torch on the CPU) and committed one by one."""
         engine = engine or TorchEngine(backbone)
@@ -191,7 +262,7 @@ class FeatureCache:
             return Features(shards.read(), not todo, embedded, len(ranges), cached, ident,
                             getattr(engine, "where", "in process"))
 
-    def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int = 32,
+    def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int = BATCH,
                        progress: bool = True, engine: Engine | None = None) -> tuple[np.ndarray, bool]:
         """(embeddings N×D, cache hit?) — runs the backbone only on what the cache does not hold."""
         found = self.features(backbone, data, engine, batch_size, progress)

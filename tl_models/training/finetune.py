@@ -7,17 +7,19 @@ beats it on the validation split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .augment import CROP_SCALE, Augment
 from .backbones import LoadedBackbone, freeze, unfreeze_stages
 from .config import FineTune, TrainConfig
 from .data import ImageFolderData
-from .features import embed, load_images
-from .train import TrainResult, fit
+from .extract import BATCH, DecodedImages, TorchEngine, decoded_batches
+from .train import Rows, TrainResult, fit
 
 
 @dataclass
@@ -36,15 +38,15 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
     """Stage 2 on ``head`` (trained in stage 1) and ``backbone``, both changed in place to the kept result (trained
     on ``device``, returned on the CPU); ``embeddings``: the frozen backbone's, returned unchanged when stage 2
     does not beat stage 1."""
-    images = torch.from_numpy(load_images(data, backbone.preprocessing, progress))
     targets = torch.tensor(data.targets)
     lr = settings.learning_rate(config.lr)
     modules = unfreeze_stages(backbone, settings.stages)
     try:
-        stage2 = fit(head, images[train_idx], targets[train_idx], images[val_idx], targets[val_idx],
-                     replace(config, epochs=settings.epochs, lr=lr, backbone_lr=lr), embedder=backbone.module,
-                     progress=progress, augment=Augment(backbone.preprocessing.crop_size, settings.augment),
-                     keep_start=True, desc=f"fine-tune {settings.stages} stage(s)", device=device)
+        with DecodedImages(data.paths, backbone.preprocessing) as images:  # decoded batch by batch, every epoch
+            stage2 = fit(head, Rows(images, train_idx), targets[train_idx], Rows(images, val_idx), targets[val_idx],
+                         replace(config, epochs=settings.epochs, lr=lr, backbone_lr=lr), embedder=backbone.module,
+                         progress=progress, augment=Augment(backbone.preprocessing.crop_size, settings.augment),
+                         keep_start=True, desc=f"fine-tune {settings.stages} stage(s)", device=device)
     finally:
         freeze(backbone.module)
         backbone.module.cpu()
@@ -63,6 +65,9 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
               "stage1_val_accuracy": stage1.metrics["val_accuracy"],
               "stage2_val_accuracy": stage2.metrics["val_accuracy"], "stage2_best_epoch": stage2.best_epoch,
               "kept": improved}
-    if improved:
-        embeddings = embed(backbone, images.numpy(), progress=progress)
+    if improved:  # every image again, through the tuned backbone
+        engine = TorchEngine(backbone, device)
+        embeddings = np.concatenate([engine(batch) for _, batch in tqdm(
+            decoded_batches(data.paths, backbone.preprocessing, [(0, len(data.paths))]), desc="embed (tuned)",
+            unit="batch", total=math.ceil(len(data.paths) / BATCH), disable=not progress)])
     return FineTuned(result, record, embeddings)

@@ -49,7 +49,7 @@ from .config import FineTune, SelfTraining, TrainConfig
 from .data import ImageFolderData, load_data, load_unlabeled_folder
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
 from .extract import Engine, OrtEngine, TorchEngine, resolve_device, resolve_engine
-from .features import FeatureCache, default_cache_dir
+from .features import CachedEmbeddings, FeatureCache, default_cache_dir
 from .finetune import fine_tune
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
@@ -216,14 +216,21 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     cache = FeatureCache(options.cache_dir or default_cache_dir())
     engine, exported = extraction_engine(options, build_dir, manifest, backbone)
     extraction = cache.features(backbone, data, engine, progress=options.progress)
-    features, cache_hit = extraction.array, extraction.hit
-    reference = EmbeddingReference.of(features, features[val_idx], rows=train_idx)
-    if target is not None:
-        target_features = cache.features(backbone, target, engine, progress=options.progress).array
-        alignment = coral(features, target_features)
-        features = alignment.source  # the labelled images as the target domain would embed them
+    cache_hit = extraction.hit
+    target_features = None if target is None else cache.features(backbone, target, engine,
+                                                                 progress=options.progress).array
+    pool = None if unlabeled is None else cache.features(backbone, unlabeled, engine, progress=options.progress).array
+    del engine  # its session is not needed past extraction
+    # a plain head reads its rows from the cache's shards as it trains (memory flat whatever N); the methods
+    # work on every embedding at once
+    inputs: torch.Tensor | CachedEmbeddings = extraction.embeddings
+    reference = EmbeddingReference.of(extraction.embeddings, train_idx, val_idx)
+    if target_features is not None:
+        alignment = coral(extraction.array, target_features)
+        inputs = torch.from_numpy(alignment.source)  # the labelled images as the target domain would embed them
         reference = EmbeddingReference.of(target_features)  # what this head expects to be served
-    inputs = torch.from_numpy(features)
+    elif pool is not None:
+        inputs = torch.from_numpy(extraction.array)
 
     def make_head() -> torch.nn.Module:
         torch.manual_seed(options.train.seed)
@@ -232,8 +239,7 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
             head[0].set_statistics(torch.from_numpy(alignment.target_mean), torch.from_numpy(alignment.target_std))
         return head
 
-    if unlabeled is not None:
-        pool = cache.features(backbone, unlabeled, engine, progress=options.progress).array
+    if pool is not None:
         semi = self_train(make_head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
                           torch.from_numpy(pool), options.train, options.self_training, options.progress)
         head, result = semi.head, semi.result
@@ -242,10 +248,10 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         result = fit(head, Rows(inputs, train_idx), targets[train_idx], Rows(inputs, val_idx), targets[val_idx],
                      options.train, progress=options.progress)
         if options.fine_tune.stages:
-            tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, features, options.train,
+            tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, extraction.array, options.train,
                               options.fine_tune, options.progress, resolve_device(options.device))
             result = tuned.result
-            reference = EmbeddingReference.of(tuned.embeddings[train_idx], tuned.embeddings[val_idx])
+            reference = EmbeddingReference.of(tuned.embeddings, train_idx, val_idx)
             exported = exported and not tuned.record["kept"]  # the backbone changed: export it again
     if first:
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())

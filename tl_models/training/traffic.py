@@ -86,7 +86,7 @@ def build_from_log(options: BuildOptions) -> BuildReport:
         inputs, y = torch.from_numpy(features), torch.tensor(targets)
         result = fit(head, inputs[train_idx], y[train_idx], inputs[val_idx], y[val_idx], options.train,
                      progress=options.progress)
-        reference = EmbeddingReference.of(features[train_idx], features[val_idx])
+        reference = EmbeddingReference.of(features, train_idx, val_idx)
         entry, manifest = commit_head(build_dir, manifest, options, spec, head, result, record, backbone.module,
                                       reference, cache_hit)
     log.info("head %s v%d from %d logged labels", entry.name, entry.version, len(labels))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -32,18 +32,29 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-class Rows:
-    """Rows ``index`` of a tensor, gathered only when indexed: fit and predict take it where a copy of a split of
-    every embedding would cost N×D floats."""
+class RowSource(Protocol):
+    """What rows can be read from without holding them all: the feature cache's shards, images decoded on demand."""
 
-    def __init__(self, tensor: torch.Tensor, index: np.ndarray | list[int]):
-        self.tensor, self.index = tensor, torch.as_tensor(np.asarray(index), dtype=torch.long)
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class Rows:
+    """Rows ``index`` of a tensor or of a ``RowSource``, gathered only when indexed: fit and predict take it where a
+    copy of a split of every input would cost N rows."""
+
+    def __init__(self, source: torch.Tensor | RowSource, index: np.ndarray | list[int]):
+        self.source, self.index = source, torch.as_tensor(np.asarray(index), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, key: torch.Tensor | slice) -> torch.Tensor:
-        return self.tensor[self.index[key]]
+        index = self.index[key]
+        if isinstance(self.source, torch.Tensor):
+            return self.source[index]
+        return torch.from_numpy(self.source.take(index.numpy()))
 
 
 def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict:
