@@ -15,6 +15,7 @@ Exit codes: 0 done; 1 a user error (one line on stderr says what and how to fix 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -813,5 +814,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def console() -> None:
+    """The console script: ``main``, then an exit that skips the interpreter's last collection over every object
+    torch and its kin created (1.3-1.5 s of a 2-core machine's time per command, with nothing left to finalise:
+    every command has committed its files by the time it returns)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

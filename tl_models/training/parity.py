@@ -147,29 +147,23 @@ def run_parity(backbone, input_size: list[int], backbone_onnx: str | None, heads
     from ..core.runtime import active_provider, create_session
 
     report = ParityReport(tolerance)
-    sessions = {}
-    if backbone_onnx:
-        sessions["backbone"] = create_session(backbone_onnx, providers)
-    for label, (_, head_path, fused_path) in heads.items():
-        sessions[f"{label}/head"] = create_session(head_path, providers)
-        sessions[f"{label}/fused"] = create_session(fused_path, providers)
-    report.providers = {name: active_provider(s) for name, s in sessions.items()}
     # PyTorch runs once, on the largest batch: each smaller batch is its first rows (the inputs are prefixes of
     # one another), so the reference costs one batched pass instead of one per batch size
     largest = parity_inputs(max(batch_sizes), input_size, images)
     with torch.inference_mode():
-        reference = backbone(torch.from_numpy(largest)).numpy()
-    for batch in batch_sizes:
-        x, embedding = np.ascontiguousarray(largest[:batch]), np.ascontiguousarray(reference[:batch])
-        if backbone_onnx:
-            report.checks.append(compare("backbone", EMBEDDING, embedding,
-                                         sessions["backbone"].run(None, {IMAGE: x})[0], tolerance, False))
-        for label, (head, _, _) in heads.items():
-            with torch.inference_mode():
-                logits = head(torch.from_numpy(embedding)).numpy()
-            report.checks.append(compare(f"{label}/head", LOGITS, logits,
-                                         sessions[f"{label}/head"].run(None, {EMBEDDING: embedding})[0],
-                                         tolerance, True))
-            report.checks.append(compare(f"{label}/fused", LOGITS, logits,
-                                         sessions[f"{label}/fused"].run(None, {IMAGE: x})[0], tolerance, True))
+        embedding = backbone(torch.from_numpy(largest)).numpy()
+        logits = {label: head(torch.from_numpy(embedding)).numpy() for label, (head, _, _) in heads.items()}
+    # (graph, output, its ONNX file, input name, input, reference, compare top-1?): one session at a time
+    graphs = [("backbone", EMBEDDING, backbone_onnx, IMAGE, largest, embedding, False)] if backbone_onnx else []
+    for label, (_, head_path, fused_path) in heads.items():
+        graphs += [(f"{label}/head", LOGITS, head_path, EMBEDDING, embedding, logits[label], True),
+                   (f"{label}/fused", LOGITS, fused_path, IMAGE, largest, logits[label], True)]
+    for graph, output, model, name, inputs, reference, top1 in graphs:
+        session = create_session(model, providers)
+        report.providers[graph] = active_provider(session)
+        for batch in batch_sizes:
+            got = session.run(None, {name: np.ascontiguousarray(inputs[:batch])})[0]
+            report.checks.append(compare(graph, output, reference[:batch], got, tolerance, top1))
+        del session
+    report.checks.sort(key=lambda check: batch_sizes.index(check.batch))  # batch by batch, graphs in order
     return report
