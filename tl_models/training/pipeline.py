@@ -224,13 +224,14 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     # a plain head reads its rows from the cache's shards as it trains (memory flat whatever N); the methods
     # work on every embedding at once
     inputs: torch.Tensor | CachedEmbeddings = extraction.embeddings
-    reference = EmbeddingReference.of(extraction.embeddings, train_idx, val_idx)
     if target_features is not None:
         alignment = coral(extraction.array, target_features)
         inputs = torch.from_numpy(alignment.source)  # the labelled images as the target domain would embed them
         reference = EmbeddingReference.of(target_features)  # what this head expects to be served
-    elif pool is not None:
-        inputs = torch.from_numpy(extraction.array)
+    else:
+        reference = EmbeddingReference.of(extraction.embeddings, train_idx, val_idx)
+        if pool is not None:
+            inputs = torch.from_numpy(extraction.array)
 
     def make_head() -> torch.nn.Module:
         torch.manual_seed(options.train.seed)
