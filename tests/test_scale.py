@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,56 @@ def test_engines_agree_and_have_their_own_cache_entries(digits: Path, backbone, 
     np.testing.assert_allclose(by_ort.array, by_torch.array, atol=Tolerance().atol, rtol=Tolerance().rtol)
     again = cache.features(backbone, data, OrtEngine(onnx_backbone), progress=False)
     assert again.hit and again.embedded == 0 and np.array_equal(again.array, by_ort.array)
+
+
+def test_side_by_side_sessions_give_the_one_session_embeddings_in_order(digits: Path, backbone, onnx_backbone: Path,
+        tmp_path: Path) -> None:
+    data = load_data(digits).subset(range(0, 600, 4))  # 150 images
+    one = OrtEngine(onnx_backbone)
+    two = OrtEngine(onnx_backbone, sessions=2)
+    assert (one.parallel, one.batch, two.parallel, two.batch) == (1, 32, 2, 16)
+    calls: list[int] = []
+    running, most, lock = [0], [0], threading.Lock()
+    real = two.__call__
+
+    class Watched:  # the engine as embed_stream sees it, counting how many batches run at once
+        parallel, batch = two.parallel, two.batch
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                calls.append(len(batch))
+            try:
+                time.sleep(0.02)
+                return real(batch)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    rows, embeddings = zip(*extract.embed_stream(Watched(), data.paths, backbone.preprocessing, [(0, 150)]))
+    assert most[0] == 2 and max(calls) == 16 and sum(calls) == 150
+    assert np.array_equal(np.concatenate(rows), np.arange(150))
+    alone = FeatureCache(tmp_path / "one").features(backbone, data, one, progress=False).array
+    # the same bytes whatever the sessions and batch size: both share one cache entry
+    assert np.array_equal(np.concatenate(embeddings), alone)
+    assert float(np.abs(alone).max()) > 1.0
+
+
+def test_an_image_that_breaks_after_the_scan_is_named_and_committed_shards_are_kept(digits: Path, backbone,
+        onnx_backbone: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "digits"
+    subprocess.run(["cp", "-r", str(digits), str(folder)], check=True)
+    data = load_data(folder).subset(range(0, 600, 5))  # 120 images, shards of 32
+    broken = data.paths[70]  # in the third shard
+    cache = FeatureCache(tmp_path / "cache", shard_images=32)
+    Path(broken).write_bytes(b"not an image any more")
+    with pytest.raises(DataError, match=f"image {re.escape(str(broken))} passed the scan but no longer reads"):
+        cache.features(backbone, data, OrtEngine(onnx_backbone, sessions=2), progress=False)
+    index = json.loads(next((tmp_path / "cache" / "features").glob("*/index.json")).read_text())
+    assert [(s["start"], s["stop"]) for s in index["shards"]] == [(0, 32), (32, 64)]
+    again = load_data(folder)
+    assert broken not in again.paths and [p for p, _ in again.skipped] == [broken]
 
 
 def test_a_damaged_or_missing_shard_is_found_by_its_sha256_and_recomputed(digits: Path, backbone,

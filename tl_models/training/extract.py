@@ -8,11 +8,17 @@ backbone runs on each batch as it arrives, on one of two engines:
 
 ``auto`` is ONNX Runtime on the CPU (4-6x torch eager for mobilenet_v2 here, ``tl-models bench build``) and torch
 on CUDA where one is visible. Pixels never pile up: at most ``2 * workers`` decoded batches exist at once.
+
+On the CPU the ONNX Runtime engine runs :func:`extraction_sessions` sessions side by side, each on its own batch
+with its share of the cores: decoding shares those cores, and one session's intra-op threads wait at every parallel
+section for a thread a decoder has preempted; single-threaded sessions do not (README, "Build at scale").
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,18 +28,23 @@ import numpy as np
 import torch
 
 from ..core.errors import BadRequest
+from ..core.preprocess import ImageError
 from ..core.names import EMBEDDING, IMAGE
 from ..core.preprocess import Preprocessing
 from ..core.runtime import active_provider, create_session
 from .backbones import LoadedBackbone
 from .config import DEVICES, ENGINES
-from .data import ImagePath, decode_workers, read_image
+from .data import DataError, ImagePath, decode_workers, read_image
 
 BATCH = 32  # images per extraction batch
 
 
 class Engine(Protocol):
-    """A backbone that turns uint8 B×3×H×W batches into float32 B×D embeddings."""
+    """A backbone that turns uint8 B×3×H×W batches into float32 B×D embeddings, ``parallel`` batches at once
+    (called from that many threads), best fed ``batch`` images a call."""
+
+    parallel: int
+    batch: int
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -44,6 +55,8 @@ class Engine(Protocol):
 
 class TorchEngine:
     """The frozen module (eval mode, inference mode) on ``device``."""
+
+    parallel, batch = 1, BATCH
 
     def __init__(self, backbone: LoadedBackbone, device: str = "cpu"):
         self.device = torch.device(device)
@@ -59,18 +72,37 @@ class TorchEngine:
         return {"engine": "torch", "device": self.device.type, "precision": "fp32"}
 
 
-class OrtEngine:
-    """An ONNX Runtime session on a backbone graph (``image`` -> ``embedding``)."""
+def extraction_sessions() -> int:
+    """ONNX Runtime sessions that CPU extraction runs side by side: ``$TL_MODELS_EXTRACT_SESSIONS``, else the CPU
+    count up to 4 (each session holds its own copy of the weights)."""
+    return max(1, int(os.environ.get("TL_MODELS_EXTRACT_SESSIONS", "0")) or min(4, os.cpu_count() or 1))
 
-    def __init__(self, model: str | Path, device: str = "cpu"):
+
+class OrtEngine:
+    """ONNX Runtime on a backbone graph (``image`` -> ``embedding``): ``sessions`` sessions on the CPU, each with
+    an equal share of the cores, one batch at a time and ``BATCH / sessions`` images a batch (at least 8: as many
+    images in flight as one session at ``BATCH``); one session on CUDA. Embeddings do not depend on either."""
+
+    def __init__(self, model: str | Path, device: str = "cpu", sessions: int = 1):
         self.device = device
-        self.session = create_session(model, providers="cuda" if device == "cuda" else "cpu", name="extraction")
-        if device == "cuda" and active_provider(self.session) != "CUDAExecutionProvider":
+        self.parallel = 1 if device == "cuda" else max(1, sessions)
+        self.batch = max(8, BATCH // self.parallel)
+        threads = None if self.parallel == 1 else max(1, (os.cpu_count() or 1) // self.parallel)
+        sessions_made = [create_session(model, providers="cuda" if device == "cuda" else "cpu", threads=threads,
+                                        name="extraction") for _ in range(self.parallel)]
+        if device == "cuda" and active_provider(sessions_made[0]) != "CUDAExecutionProvider":
             raise BadRequest("--device cuda: ONNX Runtime has no CUDA provider here (onnxruntime-gpu and a CUDA "
                              "driver are needed); use --engine torch or --device cpu")
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for session in sessions_made:
+            self._free.put(session)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([EMBEDDING], {IMAGE: batch})[0]
+        session = self._free.get()
+        try:
+            return session.run([EMBEDDING], {IMAGE: batch})[0]
+        finally:
+            self._free.put(session)
 
     def ident(self) -> dict:
         return {"engine": "onnxruntime", "device": self.device, "precision": "fp32"}
@@ -95,8 +127,17 @@ def resolve_engine(requested: str, device: str) -> str:
     return "torch" if device == "cuda" else "onnxruntime"
 
 
+def _read_checked(path: ImagePath, preprocessing: Preprocessing) -> np.ndarray:
+    """:func:`read_image`, with the file named when it no longer reads (it passed the scan, then changed)."""
+    try:
+        return read_image(path, preprocessing)
+    except (ImageError, OSError) as exc:
+        raise DataError(f"image {path} passed the scan but no longer reads ({exc}): it changed while the build ran; "
+                        "what was embedded before it is kept, run the build again to skip it") from None
+
+
 def _decode_batch(paths: list[ImagePath], preprocessing: Preprocessing) -> np.ndarray:
-    return np.stack([read_image(p, preprocessing) for p in paths])
+    return np.stack([_read_checked(p, preprocessing) for p in paths])
 
 
 class DecodedImages:
@@ -112,7 +153,7 @@ class DecodedImages:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """uint8 len(rows)×3×H×W, in the order of ``rows``."""
-        return np.stack(list(self._pool.map(lambda i: read_image(self.paths[i], self.preprocessing),
+        return np.stack(list(self._pool.map(lambda i: _read_checked(self.paths[i], self.preprocessing),
                                             np.asarray(rows).tolist())))
 
     def __enter__(self) -> "DecodedImages":
@@ -142,3 +183,27 @@ def decoded_batches(paths: list[ImagePath], preprocessing: Preprocessing, ranges
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+def embed_stream(engine: Engine, paths: list[ImagePath], preprocessing: Preprocessing, ranges: list[tuple[int, int]],
+                 batch_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image indices, embeddings) for the images of ``paths`` in ``ranges``, in order: decoding threads feed
+    ``engine`` in this process, ``engine.parallel`` batches at a time. An image that no longer reads ends the
+    stream with its DataError after every batch before it."""
+    pending: deque[tuple[int, Future]] = deque()
+
+    def finished(keep: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while len(pending) > keep:
+            first, future = pending.popleft()
+            embeddings = future.result()
+            yield np.arange(first, first + len(embeddings)), embeddings
+
+    with ThreadPoolExecutor(engine.parallel, thread_name_prefix="tl-models-embed") as pool:
+        try:
+            for first, batch in decoded_batches(paths, preprocessing, ranges, batch_size or engine.batch):
+                pending.append((first, pool.submit(engine, batch)))
+                yield from finished(engine.parallel - 1)
+        except DataError:
+            yield from finished(0)
+            raise
+        yield from finished(0)

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from ..core.files import atomic_write_bytes, atomic_write_json, file_lock
 from ..core.preprocess import Preprocessing
 from .backbones import LoadedBackbone
 from .data import ImageFolderData, read_image
-from .extract import BATCH, Engine, TorchEngine, decoded_batches
+from .extract import BATCH, Engine, TorchEngine, embed_stream
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +238,10 @@ class FeatureCache:
         return self.cache_dir / "features" / key
 
     def features(self, backbone: LoadedBackbone, data: ImageFolderData, engine: Engine | None = None,
-                 batch_size: int = BATCH, progress: bool = True) -> Features:
+                 batch_size: int | None = None, progress: bool = True) -> Features:
         """The embeddings of every image of ``data``: committed shards are read (after their sha256 is checked),
-        the others computed by ``engine`` (default: torch on the CPU) and committed one by one."""
+        the others computed by ``engine`` (default: torch on the CPU) in batches of ``batch_size`` (default: the
+        engine's) and committed one by one."""
         engine = engine or TorchEngine(backbone)
         ident = engine.ident()
         key = self.key(backbone, data.content_hash(), ident)
@@ -256,24 +256,18 @@ class FeatureCache:
             if todo:
                 log.info("feature cache %s: embedding %d images (%d of %d shards cached)", root, embedded, cached,
                          len(ranges))
-                _extract(engine, data, backbone.preprocessing, shards, todo, batch_size, progress)
+                _extract(engine, data, backbone.preprocessing, shards, todo,
+                         batch_size or getattr(engine, "batch", BATCH), progress)
             else:
                 log.info("feature cache hit: %s", root)
             return Features(shards.read(), not todo, embedded, len(ranges), cached, ident,
                             getattr(engine, "where", "in process"))
 
-    def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int = BATCH,
+    def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int | None = None,
                        progress: bool = True, engine: Engine | None = None) -> tuple[np.ndarray, bool]:
         """(embeddings N×D, cache hit?) — runs the backbone only on what the cache does not hold."""
         found = self.features(backbone, data, engine, batch_size, progress)
         return found.array, found.hit
-
-
-def _local_stream(engine: Engine, paths: list, preprocessing: Preprocessing, ranges: list[tuple[int, int]],
-                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(image indices, embeddings) in order: decoding threads feed ``engine`` in this process."""
-    for first, batch in decoded_batches(paths, preprocessing, ranges, batch_size):
-        yield np.arange(first, first + len(batch)), engine(batch)
 
 
 def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing, shards: _Shards, todo: list[int],
@@ -284,7 +278,7 @@ def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing
     every = shards.ranges()
     ranges = [every[n] for n in todo]
     stream = getattr(engine, "stream", None)
-    batches = (stream or partial(_local_stream, engine))(data.paths, preprocessing, ranges, batch_size)
+    batches = (stream or partial(embed_stream, engine))(data.paths, preprocessing, ranges, batch_size)
     open_shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (embeddings, which rows arrived)
     repeated = 0
     with tqdm(total=sum(stop - start for start, stop in ranges), desc=f"embed ({engine.ident()['engine']})",

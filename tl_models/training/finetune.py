@@ -7,7 +7,6 @@ beats it on the validation split.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -18,7 +17,7 @@ from .augment import CROP_SCALE, Augment
 from .backbones import LoadedBackbone, freeze, unfreeze_stages
 from .config import FineTune, TrainConfig
 from .data import ImageFolderData
-from .extract import BATCH, DecodedImages, TorchEngine, decoded_batches
+from .extract import DecodedImages, TorchEngine, embed_stream
 from .train import Rows, TrainResult, fit
 
 
@@ -67,7 +66,9 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
               "kept": improved}
     if improved:  # every image again, through the tuned backbone
         engine = TorchEngine(backbone, device)
-        embeddings = np.concatenate([engine(batch) for _, batch in tqdm(
-            decoded_batches(data.paths, backbone.preprocessing, [(0, len(data.paths))]), desc="embed (tuned)",
-            unit="batch", total=math.ceil(len(data.paths) / BATCH), disable=not progress)])
+        embeddings = np.empty((len(data.paths), backbone.spec.embedding_dim), dtype=np.float32)
+        with tqdm(total=len(data.paths), desc="embed (tuned)", unit="img", disable=not progress) as bar:
+            for rows, batch in embed_stream(engine, data.paths, backbone.preprocessing, [(0, len(data.paths))]):
+                embeddings[rows] = batch
+                bar.update(len(rows))
     return FineTuned(result, record, embeddings)

@@ -48,7 +48,7 @@ from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backb
 from .config import FineTune, SelfTraining, TrainConfig
 from .data import ImageFolderData, load_data, load_unlabeled_folder
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
-from .extract import Engine, OrtEngine, TorchEngine, resolve_device, resolve_engine
+from .extract import Engine, OrtEngine, TorchEngine, extraction_sessions, resolve_device, resolve_engine
 from .features import CachedEmbeddings, FeatureCache, default_cache_dir
 from .finetune import fine_tune
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
@@ -297,7 +297,7 @@ def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Mani
 
         connect(options.ray)  # joined already by build(); `build --from-log --data` joins here
         return RayEngine(path, device, options.ray_actors), not has_onnx
-    return OrtEngine(path, device), not has_onnx
+    return OrtEngine(path, device, extraction_sessions()), not has_onnx
 
 
 def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, spec: HeadSpec,
