@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -212,3 +213,17 @@ def load_triton_until(served: dict, images: list[bytes], stop: threading.Event,
         thread.start()
     return records, threads
 
+
+
+def sticky_head(weights: dict[str, float], versions: dict[str, int], key: str) -> str:
+    """``head:version`` a sticky request with ``key`` must get, by the README's rule written out again here (not
+    through ``tl_models.core.routing``): sha256 of the key, its first 8 bytes as a point in [0, 1), the heads with
+    weight > 0 in name order taking consecutive shares of [0, 1) in proportion to their weights."""
+    point = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+    live = sorted((name, w) for name, w in weights.items() if w > 0)
+    total, edge = sum(w for _, w in live), 0.0
+    for name, weight in live:
+        edge += weight / total
+        if point < edge:
+            return f"{name}:{versions[name]}"
+    return f"{live[-1][0]}:{versions[live[-1][0]]}"

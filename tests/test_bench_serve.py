@@ -113,6 +113,9 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     heads = figures["heads_cost"]
     assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2 ** 20 for h in heads["heads"].values())
     assert heads["swap"]["status"] == 200 and heads["swap"]["requests"] > 0
+    # the swap the bench reports: no request failed, some ran while it happened, and it took a measured time
+    assert heads["swap"]["failed"] == heads["swap"]["failed_during_swap"] == 0, heads["swap"]
+    assert heads["swap"]["requests_during_swap"] > 0 and 0 < heads["swap"]["swap_s"] < 60
     assert heads["swap"]["new_version_share_after"] == 1.0  # after the swap, only the new version answers
     assert {t["target"].split(":")[0] for t in figures["targets"]} >= {"bentoml-http", "triton-http"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN
+from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, sticky_head
 
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
@@ -110,7 +110,7 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
     assert before["agree"], before
     route = fleet.route()
     sticky = _sticky(fleet.urls, image)
-    assert sticky == {k: "{}:{}".format(*route.choose(key=k)) for k in KEYS}
+    assert sticky == {k: sticky_head(route.weights, route.versions, k) for k in KEYS}
     stop = threading.Event()
     records, thread = _load(fleet.urls, deployment.images(10), stop)
     try:
@@ -131,7 +131,7 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
     after = status(fleet.urls, fleet.route_file)
     assert after["agree"] and all(r["versions"] == {"a": 2, "b": 1} for r in after["replicas"]), after
     new = fleet.route()
-    assert _sticky(fleet.urls, image) == {k: "{}:{}".format(*new.choose(key=k)) for k in KEYS}
+    assert _sticky(fleet.urls, image) == {k: sticky_head(new.weights, new.versions, k) for k in KEYS}
     answered = {r.answer["version"] for r in records if r.answer and r.answer["head"] == "a"}
     assert answered == {1, 2}, answered
 

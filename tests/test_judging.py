@@ -24,7 +24,7 @@ from tl_models.bento.registry import HeadRegistry
 from tl_models.training.data import write_demo_dataset
 from tl_models.training.pipeline import BuildOptions
 from tl_models.training.traffic import build_from_log
-from tl_models.core.drift import MIN_WINDOW, DriftWindow, EmbeddingReference
+from tl_models.core.drift import DRIFT_THRESHOLD, MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
 from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound
 from tl_models.core.feedback import FeedbackStore, request_ids
@@ -46,8 +46,14 @@ def test_drift_is_small_for_the_same_distribution_and_large_for_a_shifted_one():
     window.add(held)
     mean, count = window.mean()
     assert count == 256 and reference.drift(mean) < 0.15
-    window.add(rng.normal(0, 1, (256, 64)) + 0.5)  # every dimension moved by half a standard deviation
-    assert reference.drift(window.mean()[0]) > 0.45
+    assert reference.drift(mean) < DRIFT_THRESHOLD  # a held-out sample of the training distribution: no drift
+    shifted = rng.normal(0, 1, (256, 64)) + 1.0  # every dimension moved by one standard deviation
+    window.add(shifted)
+    # by hand: |mean shift| / training spread, spread = sqrt(mean squared distance from the training mean)
+    spread = np.sqrt(((train - train.mean(0)) ** 2).sum(1).mean())
+    expected = np.linalg.norm(shifted.mean(0) - train.mean(0)) / spread  # ~ sqrt(64) / sqrt(64) = 1.0
+    assert reference.drift(window.mean()[0]) == pytest.approx(expected, rel=1e-6)
+    assert expected > 1.5 * DRIFT_THRESHOLD  # far past the threshold, not at its edge
     assert EmbeddingReference.from_dict(reference.to_dict()).drift(mean) == pytest.approx(reference.drift(mean))
 
 

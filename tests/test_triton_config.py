@@ -152,11 +152,9 @@ PACKAGE_AND_SWAP = """
 import json, sys
 from tl_models.cli import main
 codes = [main(["triton", "package", sys.argv[1], "--repo", sys.argv[2]])]
-try:  # no server listens there: the swap admits the version, then fails to reach Triton
-    codes.append(main(["triton", "swap", "--url", "http://127.0.0.1:9", "--repo", sys.argv[2], "--build", "build",
-                       "--head", "a", "--version", "1"]))
-except Exception as exc:
-    codes.append(type(exc).__name__)
+# no server listens there: the swap is refused before it changes anything, with exit 1 (a crash fails the test)
+codes.append(main(["triton", "swap", "--url", "http://127.0.0.1:9", "--repo", sys.argv[2], "--build", "build",
+                   "--head", "a", "--version", "1"]))
 print(json.dumps([codes, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))]))
 """
 
@@ -166,6 +164,7 @@ def test_triton_package_and_swap_load_no_torch(build_dir, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     codes, torch_modules = json.loads(result.stdout.strip().splitlines()[-1])
-    assert codes[0] == 0 and codes[1] != 0, (codes, result.stderr[-2000:])
+    assert codes == [0, 1], (codes, result.stderr[-2000:])
+    assert "error: refused before any change: 127.0.0.1:9: cannot reach Triton" in result.stderr
     assert (tmp_path / "repo" / "build_head_a" / "1" / "head.json").is_file()
     assert torch_modules == []
