@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the in-process tests that need no model, build or server (image checks, limits, errors, data, runtime, layers):
+# about 10 s, for contributors between edits; `make test` (and CI) runs everything
+FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(FAST_TESTS:%=tests/%.py)
 
 clean:
 	rm -rf build $(VENV)
