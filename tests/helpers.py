@@ -214,7 +214,6 @@ def load_triton_until(served: dict, images: list[bytes], stop: threading.Event,
     return records, threads
 
 
-
 def sticky_head(weights: dict[str, float], versions: dict[str, int], key: str) -> str:
     """``head:version`` a sticky request with ``key`` must get, by the README's rule written out again here (not
     through ``tl_models.core.routing``): sha256 of the key, its first 8 bytes as a point in [0, 1), the heads with

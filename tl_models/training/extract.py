@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from ..core.errors import BadRequest
-from ..core.preprocess import ImageError
 from ..core.names import EMBEDDING, IMAGE
-from ..core.preprocess import Preprocessing
+from ..core.preprocess import ImageError, Preprocessing
 from ..core.runtime import active_provider, create_session
 from .backbones import LoadedBackbone
 from .config import DEVICES, ENGINES
