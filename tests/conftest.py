@@ -19,6 +19,7 @@ from helpers import (
     Deployment,
     DirectOnnx,
     Server,
+    restore_triton,
     serving_build,
 )
 
@@ -162,6 +163,19 @@ def reference(served):
 def images(served) -> list[bytes]:
     """One PNG per class of the demo digits."""
     return [sorted(d.iterdir())[0].read_bytes() for d in sorted(p for p in served["data"].iterdir() if p.is_dir())]
+
+
+# ---------------------------------------------------------------- shared servers, as started, for every test
+
+@pytest.fixture(autouse=True)
+def shared_servers_as_started(request: pytest.FixtureRequest) -> None:
+    """A test that uses the shared ``bentoml serve`` (``server``) or tritonserver (``served``) gets it as its fixture
+    started it, whatever the tests before it changed (routes, versions, shadow heads): no serving test depends on
+    the order the tests run in. Counters (requests, metrics, feedback) keep growing: tests compare before/after."""
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").reset()
+    if "served" in request.fixturenames:
+        restore_triton(request.getfixturevalue("served"))
 
 
 # ---------------------------------------------------------------- the reliability summary

@@ -19,13 +19,15 @@ import tritonclient.http as httpclient
 
 from tl_models.bench.loadgen import BentoCaller, Record, drive
 from tl_models.bento.launcher import BentoServer
-from tl_models.training.config import TrainConfig
-from tl_models.training.data import write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, build
 from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.core.preprocess import Preprocessing, preprocess_bytes
-from tl_models.core.routing import RoutingState
+from tl_models.core.routing import Route, RoutingState
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, build
+from tl_models.triton import swap as triton_swap
+from tl_models.triton.config import head_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
@@ -109,13 +111,18 @@ class Server:
         return {h["name"]: h["version"] for h in self.heads()["heads"]}
 
     def reset(self) -> None:
-        """Heads a:1 and b:1 from the store, live with equal weights: set up by each test that asserts versions."""
+        """The service as its fixture started it: no shadow head, heads a:1 and b:1 from the store, live with equal
+        weights (``conftest.shared_servers_as_started`` calls it before every test that uses the server)."""
+        for shadow in {s["name"] for s in self.heads()["shadow"]}:
+            response = self.admin("/admin/shadow", {"head": shadow, "share": 0})
+            assert response.status_code == 200, response.text
         for head in ("a", "b"):
             response = self.admin("/admin/load", {"head": head, "version": 1})
             assert response.status_code == 200, response.text
         response = self.admin("/admin/weights", {"weights": {"a": 1, "b": 1}})
         assert response.status_code == 200, response.text
-        assert self.live() == {"a": 1, "b": 1}
+        status = self.heads()
+        assert self.live() == {"a": 1, "b": 1} and status["shadow"] == [], status
 
     def classify(self, image: bytes, headers: dict | None = None, top_k: int | None = None) -> httpx.Response:
         data = {"top_k": str(top_k)} if top_k is not None else {}
@@ -164,6 +171,33 @@ class DirectOnnx:
 def live(served: dict, head: str) -> int:
     """The live version of ``head`` in the served repository's route file."""
     return RoutingState(served["repo"] / served["name"] / "route.json", poll=0).current().versions[head]
+
+
+TRITON_START = Route(weights={"a": 90.0, "b": 10.0}, versions={"a": 1, "b": 1})
+
+
+def restore_triton(served: dict) -> None:
+    """The shared tritonserver as the ``served`` fixture started it (``TRITON_START``: a:1 and b:1 live at 90/10,
+    no shadow head), through the same swap functions the CLI uses, each step only where the state differs
+    (``conftest.shared_servers_as_started`` calls it before every test that uses the server)."""
+    url, repo, name = served["server"].http_url, served["repo"], served["name"]
+    state = RoutingState(repo / name / "route.json", poll=0)
+    client = httpclient.InferenceServerClient(url)
+    try:
+        for head, version, _ in state.current().shadows():
+            if client.is_model_ready(head_model(name, head), str(version)):
+                triton_swap.shadow(url, repo, name, head, version, share=0, drain=0.2)
+            else:  # a version that never loaded (a test's failing shadow): only the route names it
+                state.update(shadow={f"{head}:{version}": 0})
+    finally:
+        client.close()
+    for head, version in TRITON_START.versions.items():
+        if state.current().versions.get(head) != version:
+            triton_swap.swap(url, repo, name, head, version, drain=0.2)
+    if state.current().weights != TRITON_START.weights:
+        state.update(weights=TRITON_START.weights)
+    route = state.current()
+    assert (route.versions, route.weights, route.shadow) == (TRITON_START.versions, TRITON_START.weights, {}), route
 
 
 def url(served: dict, protocol: str) -> str:

@@ -128,7 +128,6 @@ def test_batcher_shares_passes_and_isolates_a_failing_request(deployment, tmp_pa
 
 def test_ready_with_the_packaged_models(server):
     assert server.client.get("/readyz").status_code == 200
-    server.reset()
     status = server.heads()
     assert status["ready"] is True
     assert status["backbone"]["origin"].startswith("bentoml:build-backbone:")
@@ -284,7 +283,6 @@ def test_a_bad_head_is_refused_with_a_clear_error_and_live_heads_keep_serving(se
 
 
 def test_swap_under_load_loses_nothing_and_then_only_the_new_head_answers(server, deployment):
-    server.reset()
     images = deployment.images(16)
 
     # new version of head a, straight from the build directory
@@ -318,7 +316,6 @@ def _check_swap(calls: list[Record], swap_start: float, swap_end: float, old: in
 
 def test_retire_a_head_and_bring_a_head_in(server, deployment):
     image = deployment.images(1)[0]
-    server.reset()
     assert server.admin("/admin/weights", {"weights": {"a": 50, "b": 50}}).status_code == 200
     response = server.admin("/admin/retire", {"head": "b"})
     assert response.status_code == 200, response.text
@@ -364,7 +361,7 @@ def test_bentoml_build_bundles_the_models_offline(deployment):
     assert any(re.fullmatch(r"build-backbone:[0-9a-f]{16}", tag) for tag in declared), declared
     source = bentos[0].parent / "src"
     assert (source / "service.py").is_file() and (source / "tl_models" / "bento" / "engine.py").is_file()
-    assert not (source / "tl_models" / "build").exists()  # the bento ships the serving path only (no torch side)
+    assert not (source / "tl_models" / "training").exists()  # the bento ships the serving path only (no torch side)
 
     archive = deployment.root / "classifier.tar"  # what ships: the bento with its models (uncompressed: fast)
     result = subprocess.run([sys.executable, "-m", "bentoml", "export", "classifier:latest", str(archive)],

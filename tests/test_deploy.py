@@ -20,12 +20,12 @@ from tl_models.core.routing import Route
 KUBERNETES = "1.33"
 
 
-@pytest.mark.parametrize("server,gpu", [("bento", False), ("bento", True), ("triton", False), ("triton", True)])
-def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, tmp_path, server, gpu):
-    args = ["deploy", "render", str(deployment.build_dir), "--server", server, "--replicas", "3", "--out",
+@pytest.mark.parametrize("kind,gpu", [("bento", False), ("bento", True), ("triton", False), ("triton", True)])
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, tmp_path, kind, gpu):
+    args = ["deploy", "render", str(deployment.build_dir), "--server", kind, "--replicas", "3", "--out",
             str(tmp_path)] + (["--gpu"] if gpu else [])
     assert cli_main(args) == 0
-    folder = tmp_path / f"{deployment.manifest.name}-{server}"
+    folder = tmp_path / f"{deployment.manifest.name}-{kind}"
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     resources = kustomization["resources"]
     assert sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml") == resources
@@ -41,7 +41,7 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, 
     assert deployment_obj["spec"]["replicas"] == 3
     pod = deployment_obj["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == ("/readyz" if server == "bento" else "/v2/health/ready")
+    assert container["readinessProbe"]["httpGet"]["path"] == ("/readyz" if kind == "bento" else "/v2/health/ready")
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) is gpu
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     token = next(e for e in container["env"] if e["name"] == "TL_MODELS_ADMIN_TOKEN")
@@ -53,7 +53,7 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, 
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
                for v in pod["spec"]["volumes"])
-    if server == "bento":
+    if kind == "bento":
         env = {e["name"]: e.get("value") for e in container["env"]}
         route = json.loads(kinds["ConfigMap"][0]["data"]["route.json"])
         assert Route(route["weights"], route["versions"], route["revision"]).validate().versions == \
@@ -64,7 +64,7 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, 
     else:
         assert "--model-control-mode=explicit" in container["args"]
         assert any(a.startswith("--http-restricted-api=model-repository:") for a in container["args"])
-    _check_dockerfile(folder / "Dockerfile", server)
+    _check_dockerfile(folder / "Dockerfile", kind)
 
 
 def _check_dockerfile(path: Path, server: str) -> None:

@@ -53,6 +53,16 @@ class Fleet:
     def start(self, env: dict, index: int):
         return launcher.start(env, log_path=self.root / f"replica-{index}.log", timeout=600)
 
+    def at(self, version_a: int, deployment) -> None:
+        """Replicas 0-2 up and the fleet on a:``version_a`` (swapped there when it is not): what a test starts
+        from, whatever the tests before it did."""
+        for index, server in enumerate(self.servers[:3]):
+            if not server.alive():
+                self.servers[index] = self.start(self.envs[index], index)
+        if self.route().versions["a"] != version_a:
+            swap(self.urls, self.route_file, "a", version_a, TOKEN, build_dir=deployment.build_dir)
+        assert self.route().versions == {"a": version_a, "b": 1}
+
     def route(self) -> Route:
         return RoutingState(self.route_file, poll=0).current()
 
@@ -105,6 +115,7 @@ def _load(urls: list[str], images: list[bytes], stop: threading.Event, clients: 
 
 
 def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deployment):
+    fleet.at(1, deployment)
     image = deployment.images(1)[0]
     before = status(fleet.urls, fleet.route_file)
     assert before["agree"], before
@@ -137,7 +148,7 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
 
 
 def test_a_refusal_in_phase_1_leaves_every_replica_on_the_old_version(fleet, deployment):
-    assert fleet.route().versions["a"] == 2
+    fleet.at(2, deployment)
     damaged = Path(fleet.envs[2]["TL_MODELS_BUILD"]) / "heads" / "a" / "1" / "head.onnx"
     good = damaged.read_bytes()
     damaged.write_bytes(good[:-64] + b"\0" * 64)
@@ -159,6 +170,7 @@ def test_a_refusal_in_phase_1_leaves_every_replica_on_the_old_version(fleet, dep
 
 
 def test_a_replica_stopped_in_phase_2_converges_when_it_restarts(fleet, deployment):
+    fleet.at(2, deployment)
     assert [r["admitted"] for r in prepare(fleet.urls, "a", 1, TOKEN)] == [True] * 3
     fleet.servers[1].stop()
     replies = commit(fleet.urls, fleet.route_file, TOKEN, versions={"a": 1})

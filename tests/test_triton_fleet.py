@@ -121,15 +121,18 @@ def test_a_replica_down_refuses_the_swap_before_any_change(pair, images):
     revision, config = state.current().revision, (repo / f"{name}_head_a" / "config.pbtxt").read_text()
     down = pair["servers"][1]
     down.stop()
-    with pytest.raises(TritonSwapError, match="refused before any change") as info:
-        swap(_urls(pair), repo, name, "a", 3 - state.current().versions["a"])
-    assert down.http_url in str(info.value) and pair["servers"][0].http_url not in str(info.value)
-    assert cli_main(["triton", "status", "--url", ",".join(_urls(pair)), "--repo", str(repo), "--build",
-                     name]) == 1  # the replica that is down disagrees
-    assert state.current().revision == revision and (repo / f"{name}_head_a" / "config.pbtxt").read_text() == config
-    start = time.perf_counter()
-    pair["servers"][1] = start_triton(repo, workdir=pair["root"] / "tritonserver-1b", timeout=600)
-    ready = time.perf_counter() - start
+    try:
+        with pytest.raises(TritonSwapError, match="refused before any change") as info:
+            swap(_urls(pair), repo, name, "a", 3 - state.current().versions["a"])
+        assert down.http_url in str(info.value) and pair["servers"][0].http_url not in str(info.value)
+        assert cli_main(["triton", "status", "--url", ",".join(_urls(pair)), "--repo", str(repo), "--build",
+                         name]) == 1  # the replica that is down disagrees
+        assert state.current().revision == revision
+        assert (repo / f"{name}_head_a" / "config.pbtxt").read_text() == config
+    finally:  # the pair is whole again for whatever test runs next
+        start = time.perf_counter()
+        pair["servers"][1] = start_triton(repo, workdir=pair["root"] / "tritonserver-1b", timeout=600)
+        ready = time.perf_counter() - start
     RELIABILITY_NOTES["triton fleet restart"] = f"a restarted tritonserver was ready in {ready:.1f} s"
     restarted = Router(pair["servers"][1].http_url, name)
     assert restarted(images[0]) == f"a:{state.current().versions['a']}"  # the repository as it is now
