@@ -82,22 +82,31 @@ def bad_tensors(rng: np.random.Generator, count: int, input_size: tuple[int, int
         while True:
             shape = tuple(int(d) for d in rng.integers(1, 6, size=int(rng.integers(1, 6))))
             if shape[-3:] != input_size:
-                return Bad("wrong shape", np.zeros(shape, np.uint8), r"shape")
+                return Bad("wrong shape", np.zeros(shape, np.uint8), shape_message)
 
     def non_finite() -> Bad:
         tensor = np.full((1, channels, height, width), 128.0, np.float32)
         tensor.flat[int(rng.integers(0, tensor.size))] = rng.choice([np.nan, np.inf, -np.inf])
-        return Bad("NaN/Inf tensor", tensor, r"NaN|infinite|finite|data-?type|dtype")
+        return Bad("NaN/Inf tensor", tensor, r"holds NaN or infinite values|" + triton_type("FP32"))
+
+    # each alternative is one server's exact words: ours (tl_models.core.preprocess.tensor_problem, the BentoML
+    # engine) or Triton's frontend, which checks a tensor input's data type and shape against the model config
+    shape_message = (rf"must have shape N×{channels}×{height}×{width}, got \[|"
+                     rf"unexpected shape for input 'image' for model '\w+'\. Expected \[-1,{channels},{height},{width}\]")
+
+    def triton_type(sent: str) -> str:
+        return rf"data-type is '{sent}', but model '\w+' expects 'UINT8'"
 
     kinds = [
         wrong_shape,
         lambda: Bad("wrong dtype", np.full((1, channels, height, width), "x", dtype=np.str_),
-                    r"dtype|data-?type|numbers|type"),
+                    r"must hold numbers, got dtype <U|" + triton_type("BYTES")),
         lambda: Bad("wrong dtype", np.zeros((1, channels, height, width), np.complex64),
-                    r"dtype|data-?type|numbers|type"),
+                    r"must hold numbers, got dtype <U|" + triton_type("FP64")),
         non_finite,
         lambda: Bad("batch over the maximum", np.zeros((max_batch + 1, channels, height, width), np.uint8),
-                    r"batch"),
+                    rf"tensor batch must hold 1 to {max_batch} images, got {max_batch + 1}|"
+                    rf"batch-size must be <= {max_batch}"),
     ]
     for index in range(count):
         yield kinds[index % len(kinds)]()
