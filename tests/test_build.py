@@ -154,6 +154,30 @@ def test_augment_crops_and_flips_each_image_on_its_own_draw() -> None:
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(flipped(images), images))
 
 
+def test_stage_2_is_kept_only_where_it_beats_stage_1_on_validation(demo_data: Path, quick_build: QuickBuild,
+                                                                  tmp_path: Path) -> None:
+    """The recipe's rule: stage 2 replaces stage 1 only when one of its epochs beats stage 1's head on the
+    validation split. A stage 2 at a rate that wrecks the backbone is dropped: the build is stage 1's probe, its
+    backbone bit-identical to the original weights. (The default rate is 1/1000 of the head's.)"""
+    assert FineTune(stages=1).learning_rate(1e-3) == pytest.approx(1e-6)
+    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    for name, tune, epochs in (("kept", TUNE, 1), ("wrecked", FineTune(stages=2, lr=5.0, epochs=2, augment=()), 10)):
+        report = quick_build(small, tmp_path / name, fine_tune=tune, epochs=epochs)
+        record = report.head.train["fine_tune"]
+        history = json.loads((tmp_path / name / report.head.path / "history.json").read_text())
+        # the training loop's order of merit: validation accuracy, then lower validation loss
+        stage1, stage2 = (max((h["val_accuracy"], -h["val_loss"]) for h in history if h["stage"] == stage)
+                          for stage in (1, 2))
+        assert record["kept"] is (stage2 > stage1), (name, record, stage1, stage2)
+        assert record["kept"] is (name == "kept"), (name, record)
+        if not record["kept"]:
+            tuned = load_build_backbone(BuildDir(tmp_path / name), report.manifest)
+            original = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
+            assert all(torch.equal(value, original.module.state_dict()[key])
+                       for key, value in tuned.module.state_dict().items())
+            assert report.head.metrics["val_accuracy"] == stage1[0]
+
+
 def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(demo_data: Path, quick_build: QuickBuild,
                                                                         tmp_path: Path) -> None:
     """backbone.onnx is the fine-tuned backbone (parity against it passes; the original weights' embeddings differ)."""

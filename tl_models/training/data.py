@@ -14,7 +14,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -352,7 +352,7 @@ DEMO_SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # domain shifts 
 }
 
 
-def shifted_image(path: str | Path, shift: str) -> Image.Image:
+def shifted_image(path: str | Path | BinaryIO, shift: str) -> Image.Image:
     """An image with one of :data:`DEMO_SHIFTS` applied (the target domain of the methods and judging demos)."""
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
     return Image.fromarray(np.clip(DEMO_SHIFTS[shift](pixels), 0, 255).astype(np.uint8))
