@@ -26,7 +26,8 @@ TOP_LEVEL = ("README.md", "CONTRIBUTING.md", "CHANGELOG.md", "ARCHITECTURE.md")
 
 def _anchors(page: Path) -> set[str]:
     """The heading anchors of a Markdown page, as mkdocs and GitHub spell them (lowercase, spaces to '-')."""
-    headings = re.findall(r"^#+ (.*)$", page.read_text(), re.MULTILINE)
+    prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)  # no shell comments
+    headings = re.findall(r"^#+ (.*)$", prose, re.MULTILINE)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
