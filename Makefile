@@ -1,10 +1,11 @@
-# tl-models: `make demo` runs the main job, `make test` runs the tests. Both create .venv when missing.
+# tl-models: `make demo` runs the main job, `make test` runs the tests, `make docs` builds the docs site (strict).
+# All create .venv when missing.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast docs install clean
 
 install: $(STAMP)
 
@@ -26,11 +27,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# the in-process tests that need no model, build or server (image checks, limits, errors, data, runtime, layers):
+# the in-process tests that need no model, build or server (image checks, limits, errors, data, runtime, layers,
+# the environment table, the docs site):
 # about 10 s, for contributors between edits; `make test` (and CI) runs everything
-FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers
+FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers test_settings \
+	test_docs
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(FAST_TESTS:%=tests/%.py)
 
+# the mkdocs site of docs/ (mkdocs.yml): any warning fails it, e.g. a broken link or anchor, a page not in the nav
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build site $(VENV)
