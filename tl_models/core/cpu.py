@@ -62,11 +62,11 @@ def int8_machine_problem(machine: dict | None) -> str | None:
     CPU was recorded) may not serve either: nothing says it is correct, or faster, here."""
     here = this_machine()
     if not machine:
-        return f"the int8 backbone has no record of the CPU its gate measured (quantized by an older tl-models); " \
-               f"this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}"
+        return (f"the int8 backbone has no record of the CPU its gate measured (quantized by an older tl-models); "
+                f"this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}")
     if machine.get("isa") != here["isa"] or ort_minor(machine.get("onnxruntime", "?")) != ort_minor():
-        return (f"the int8 backbone was measured on a {machine.get('isa')} CPU with ONNX Runtime "
-                f"{machine.get('onnxruntime')}; this is {here['isa']} with ONNX Runtime {here['onnxruntime']}")
+        return (f"the int8 backbone was measured on CPU class {machine.get('isa')} with ONNX Runtime "
+                f"{machine.get('onnxruntime')}; this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}")
     return None
 
 
