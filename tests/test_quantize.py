@@ -44,15 +44,15 @@ def test_a_calibration_that_breaks_accuracy_is_refused_and_the_build_is_unchange
 
 def test_the_fastest_setting_past_the_gate_is_chosen_recorded_and_runs(deployment, tmp_path, capsys):
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")
-    code = main(["quantize", str(build), "--calibration-images", "8", "--search", "types", *OPEN,
-                 "--min-speedup", "0"])
+    code = main(["quantize", str(build), "--calibration-images", "8", "--types", "s8s8", "--search", "types", *OPEN,
+                 "--min-speedup", "0"])  # s8s8 first: on a VNNI CPU the slowest, so the first is not the fastest
     out, err = capsys.readouterr()
     assert code == 0, err
     manifest = BuildDir(build).verify()  # the int8 file is listed with its sha256
     assert "backbone.int8.onnx" in manifest.files and "backbone.int8.onnx" in manifest.top_files
     record = manifest.int8
     attempts = record["attempts"]
-    assert [a["calibration"]["types"] for a in attempts][:3] == ["u8s8", "s8s8", "u8u8"]
+    assert [a["calibration"]["types"] for a in attempts][:3] == ["s8s8", "u8s8", "u8u8"]
     assert all(a["passed"] and a["speed"]["speedup"] > 0 and a["speed"]["batch"] == 32 for a in attempts)
     speedups = [a["speed"]["speedup"] for a in attempts]
     chosen = attempts[record["chosen"]]
