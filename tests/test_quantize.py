@@ -90,13 +90,26 @@ def test_the_fastest_setting_past_the_gate_is_chosen_recorded_and_runs(deploymen
 def test_int8_that_passes_accuracy_but_is_not_fast_enough_is_refused(deployment, tmp_path, capsys):
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")
     before = _snapshot(build)
-    code = main(["quantize", str(build), "--calibration-images", "8", "--no-search", *OPEN, "--min-speedup", "1000"])
+    code = main(["quantize", str(build), "--calibration-images", "8", "--no-search", "--reduce-range", *OPEN,
+                 "--min-speedup", "1000"])
     err = capsys.readouterr().err
     assert code == 4, err
     first = err.splitlines()[0]
     assert "passes accuracy but is" in first and "x fp32 here" in first and ">= 1000x" in first, err
+    assert "(u8s8 reduce-range minmax, per-channel on, 8 images)" in first  # 7-bit weights, forced on any CPU
     assert isa_class() in first and "the build is unchanged" in first
     assert _snapshot(build) == before
+
+
+def test_the_search_covers_every_setting_and_reduce_range_only_without_vnni():
+    asked = Calibration(images=8, types="s8s8")
+    for isa, reduced in (("avx512_vnni", 0), ("amx", 0), ("avx2", 6), ("avx512", 6)):
+        every = candidates(asked, "all", isa)
+        assert every[0] == asked and len(every) == len(set(every)) == 18 + reduced, isa
+        assert sum(c.reduce_range for c in every) == reduced and all(c.types == "u8s8" for c in every if c.reduce_range)
+    assert [(c.types, c.reduce_range) for c in candidates(asked, "types", "avx2")] == [
+        ("s8s8", False), ("u8s8", False), ("u8s8", True), ("u8u8", False)]
+    assert candidates(asked, "none", "avx2") == [asked]
 
 
 def test_the_cli_exit_code_says_the_gate_refused(deployment, tmp_path, capsys):

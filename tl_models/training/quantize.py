@@ -319,7 +319,7 @@ def _refusal(report: QuantizeReport, what: str) -> QuantizeRefused:
     return QuantizeRefused(f"{what}; the build is unchanged\n{report.table()}")
 
 
-def _speed_verdict(build: BuildDir, report: QuantizeReport) -> Attempt:
+def _verdict(build: BuildDir, report: QuantizeReport) -> Attempt:
     """The chosen attempt when it passed accuracy and is fast enough here; QuantizeRefused otherwise."""
     chosen, gate = report.chosen, report.gate
     if chosen is None:
@@ -359,7 +359,7 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
                 report.attempts.append(attempt)
                 log.info("int8 %s: %s%s", candidate.label(), "passed" if attempt.passed else "refused",
                          f", {attempt.speedup:.2f}x fp32" if attempt.speed else "")
-            chosen = _speed_verdict(build, report)
+            chosen = _verdict(build, report)
             _commit(build, manifest, heads, graphs[id(chosen)], report)
     return report
 
@@ -377,7 +377,7 @@ def verify(path: str | Path) -> QuantizeReport:
         heads, splits = _gated_heads(build, manifest, calibration_images=1)
         report.attempts.append(_Judge(build, heads, splits).measure(
             build.file(BACKBONE_INT8), Calibration(**record["calibration"]), report.gate))
-        _speed_verdict(build, report)
+        _verdict(build, report)
         manifest.int8 = {**record, **_figures(report), "verified": utc_now()}
         build.commit(manifest)
     return report
