@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # the in-process tests that need no model, build or server (image checks, limits, errors, data, runtime, layers):
 # about 10 s, for contributors between edits; `make test` (and CI) runs everything
-FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers
+FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers test_cpu
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(FAST_TESTS:%=tests/%.py)
 
