@@ -769,7 +769,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="the same as --search none")
     p.add_argument("--verify", action="store_true",
                    help="re-measure the build's int8 backbone on this machine (accuracy with its recorded gate, then "
-                        "speed) and update its record, or refuse (exit 4) and leave the build as it is")
+                        "speed) and update its record, or refuse (exit 4) and leave the build as it is; it uses the "
+                        "recorded setting and gate, not the options above")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("report", help="how heads did on served traffic: agreement, accuracy with feedback, drift")
