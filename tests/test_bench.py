@@ -60,9 +60,13 @@ def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.Cap
         assert row["torch_images_per_s"] > 0 and row["ort_images_per_s"] > 0
         assert row["ort_over_torch"] == pytest.approx(row["ort_images_per_s"] / row["torch_images_per_s"])
         assert row["provider"] == "CPUExecutionProvider" or row["provider"].startswith(("CUDA", "Tensorrt"))
-        assert row["int8_images_per_s"] > 0
-        assert row["int8_over_ort"] == pytest.approx(row["int8_images_per_s"] / row["ort_images_per_s"])
-    assert "resnet18 batch 2" in capsys.readouterr().out
+        assert set(row["int8"]) == {"u8s8", "s8s8", "u8u8"}  # every integer type the gate searches
+        for measured in row["int8"].values():
+            assert measured["images_per_s"] > 0
+            assert measured["over_ort"] == pytest.approx(measured["images_per_s"] / row["ort_images_per_s"])
+        assert row["int8_fastest"] == max(row["int8"], key=lambda t: row["int8"][t]["images_per_s"])
+    out = capsys.readouterr().out
+    assert "resnet18 batch 2" in out and "int8 u8s8" in out and figures["isa"] in out
 
 
 def test_bench_build_times_whole_builds_against_the_raw_backbone(offline_weights, tmp_path: Path,

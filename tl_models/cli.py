@@ -8,8 +8,8 @@
   tl-models bench train | runtime | serve
 
 Exit codes: 0 done; 1 a user error (one line on stderr says what and how to fix it); 2 bad usage (argparse);
-3 parity failed (ONNX Runtime disagrees with PyTorch past tolerance); 4 the int8 gate refused every calibration
-(`quantize`; the build is unchanged). Anything else is a bug: its traceback is shown.
+3 parity failed (ONNX Runtime disagrees with PyTorch past tolerance); 4 the int8 gate refused: no setting passed
+accuracy, or the fastest that did is slower here than it asks (`quantize`; the build is unchanged). Anything else is a bug: its traceback is shown.
 """
 
 from __future__ import annotations
@@ -202,13 +202,21 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .training.quantize import Calibration, Gate, quantize
+    from .training.quantize import Calibration, Gate, quantize, verify
     from .core.names import BACKBONE_INT8
 
-    report = quantize(args.build_dir, Calibration(args.method, args.per_channel, args.calibration_images, args.types),
-                      Gate(args.min_agreement, args.max_drop), search=not args.no_search)
+    if args.verify:
+        report = verify(args.build_dir)
+        print(report.table())
+        print(f"verified {args.build_dir / BACKBONE_INT8} on this machine ({report.machine['isa']}, ONNX Runtime "
+              f"{report.machine['onnxruntime']}): {report.chosen.speedup:.2f}x fp32; the record is updated")
+        return EXIT_OK
+    calibration = Calibration(args.method, args.per_channel, args.calibration_images, args.types, args.reduce_range)
+    report = quantize(args.build_dir, calibration, Gate(args.min_agreement, args.max_drop, args.min_speedup),
+                      search="none" if args.no_search else args.search)
     print(report.table())
-    print(f"wrote {args.build_dir / BACKBONE_INT8} ({report.passed.calibration.label()})")
+    print(f"wrote {args.build_dir / BACKBONE_INT8} ({report.chosen.calibration.label()}: "
+          f"{report.chosen.speedup:.2f}x fp32 here)")
     return EXIT_OK
 
 
@@ -435,7 +443,8 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
     from .bench.offline import bench_runtime
 
-    bench_runtime(tuple(args.backbones), tuple(args.batch_sizes), args.seconds, args.providers, args.json, args.int8)
+    bench_runtime(tuple(args.backbones), tuple(args.batch_sizes), args.seconds, args.providers, args.json, args.int8,
+                  tuple(args.int8_types))
     return EXIT_OK
 
 
@@ -644,7 +653,10 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--providers", help="e.g. cuda,cpu (default: best available)")
-    p.add_argument("--int8", action="store_true", help="also the static int8 graph (speed only: random calibration)")
+    p.add_argument("--int8", action="store_true",
+                   help="also the static int8 graphs of --int8-types (speed only: random calibration)")
+    p.add_argument("--int8-types", nargs="+", choices=["u8s8", "s8s8", "u8u8"], default=["u8s8", "s8s8", "u8u8"],
+                   help="integer types timed with --int8 (default all three: the gate keeps the fastest that passes)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_runtime)
 
@@ -736,18 +748,29 @@ def make_parser() -> argparse.ArgumentParser:
     _add_tolerance_args(p)
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("quantize", help=f"int8 backbone for CPU serving, behind an accuracy gate; exits {EXIT_GATE} "
-                                         "when the gate refuses (the build unchanged)")
+    p = sub.add_parser("quantize", help=f"int8 backbone for CPU serving, behind an accuracy and a speed gate; exits "
+                                         f"{EXIT_GATE} when the gate refuses (the build unchanged)")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax", help="calibration")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="per-channel weight scales (default on)")
     p.add_argument("--calibration-images", type=int, default=64, help="training images used to calibrate")
-    p.add_argument("--types", choices=["s8s8", "u8u8"], default="s8s8",
-                   help="activation/weight integer types: s8s8 for CPUs with VNNI or AMX, u8u8 for AVX2-only CPUs")
+    p.add_argument("--types", choices=["u8s8", "s8s8", "u8u8"], default="u8s8",
+                   help="activation/weight integer types tried first: u8s8 is what VNNI and AMX run natively")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights (ONNX Runtime's remedy for u8s8 saturation without VNNI; searched there)")
     p.add_argument("--min-agreement", type=float, default=0.99, help="gate: top-1 agreement with fp32, per head")
     p.add_argument("--max-drop", type=float, default=0.01, help="gate: val accuracy drop, per head (0.01 = 1 point)")
-    p.add_argument("--no-search", action="store_true", help="try only the given calibration, not the others")
+    p.add_argument("--min-speedup", type=float, default=1.0,
+                   help="gate: int8 img/s over fp32 at batch 32 on this CPU (default 1: never slower than fp32)")
+    p.add_argument("--search", choices=["all", "types", "none"], default="all",
+                   help="settings tried besides the given one: all (types x methods x per-channel), types (each "
+                        "integer type with the given method), none; the fastest that passes accuracy is chosen")
+    p.add_argument("--no-search", action="store_true", help="the same as --search none")
+    p.add_argument("--verify", action="store_true",
+                   help="re-measure the build's int8 backbone on this machine (accuracy with its recorded gate, then "
+                        "speed) and update its record, or refuse (exit 4) and leave the build as it is; it uses the "
+                        "recorded setting and gate, not the options above")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("report", help="how heads did on served traffic: agreement, accuracy with feedback, drift")

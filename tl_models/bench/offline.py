@@ -147,15 +147,18 @@ def _embeddings(module: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
 
 def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"), batches: tuple[int, ...] = (1, 32),
                   seconds: float = 3.0, providers: str | None = None,
-                  json_path: str | Path | None = None, int8: bool = False) -> dict:
+                  json_path: str | Path | None = None, int8: bool = False,
+                  int8_types: tuple[str, ...] = ("u8s8", "s8s8", "u8u8")) -> dict:
     """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run; with
-    ``int8`` also the static int8 QDQ graph (calibrated on 16 random images: a speed figure, not an accuracy one)."""
+    ``int8`` also the static int8 QDQ graph of each of ``int8_types`` (per-channel minmax, the gate's default,
+    calibrated on 16 random images: speed figures, not accuracy ones) and the fastest of them, as the gate picks."""
     from ..training.export import export_backbone
     from ..training.quantize import Calibration, prepare, quantize_graph
+    from ..core.cpu import this_machine
     from ..core.runtime import active_provider, create_session
 
     figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds,
-                     "int8": int8, "rows": []}
+                     "int8": int8, "int8_types": list(int8_types) if int8 else [], **this_machine(), "rows": []}
     with tempfile.TemporaryDirectory(prefix="tl-models-bench-") as tmp:
         for name in backbones:
             loaded = load_backbone(name, "none")
@@ -163,12 +166,15 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
             path = Path(tmp) / f"{name}.onnx"
             export_backbone(loaded.module, size, path, {"backbone": name}, loaded.spec.onnx_exporter)
             session = create_session(path, providers)
+            quantized = {}
             if int8:
                 calibration = np.random.default_rng(0).integers(0, 256, (16, *size), dtype=np.uint8)
                 prepare(path, Path(tmp) / f"{name}.prepared.onnx")
-                quantize_graph(Path(tmp) / f"{name}.prepared.onnx", calibration, Calibration(images=16),
-                               Path(tmp) / f"{name}.int8.onnx")
-                quantized = create_session(Path(tmp) / f"{name}.int8.onnx", providers)
+                for types in int8_types:
+                    out = Path(tmp) / f"{name}.{types}.onnx"
+                    quantize_graph(Path(tmp) / f"{name}.prepared.onnx", calibration,
+                                   Calibration(images=16, types=types).check(), out)
+                    quantized[types] = create_session(out, providers)
             for batch in batches:
                 pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
                 tensor = torch.from_numpy(pixels)
@@ -182,14 +188,20 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
                 row = {"backbone": name, "batch": batch, "provider": active_provider(session),
                        "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
                        "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms, "ort_over_torch": ort_ips / torch_ips}
-                if int8:
-                    int8_ips, int8_ms = images_per_second(lambda: quantized.run(None, {IMAGE: pixels}), batch, seconds)
-                    row.update(int8_images_per_s=int8_ips, int8_ms_per_batch=int8_ms, int8_over_ort=int8_ips / ort_ips)
+                for types, int8_session in quantized.items():
+                    int8_ips, int8_ms = images_per_second(lambda: int8_session.run(None, {IMAGE: pixels}), batch,
+                                                          seconds)
+                    row.setdefault("int8", {})[types] = {"images_per_s": int8_ips, "ms_per_batch": int8_ms,
+                                                         "over_ort": int8_ips / ort_ips}
+                if quantized:
+                    row["int8_fastest"] = max(row["int8"], key=lambda t: row["int8"][t]["images_per_s"])
                 figures["rows"].append(row)
     rows = [(f"{r['backbone']} batch {r['batch']}: torch {r['torch_images_per_s']:.1f} img/s, "
              f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s" +
-             (f", int8 {r['int8_images_per_s']:.1f} img/s ({r['int8_over_ort']:.2f}x ORT)" if int8 else ""),
+             "".join(f", int8 {t} {m['images_per_s']:.1f} img/s ({m['over_ort']:.2f}x ORT)"
+                     for t, m in r.get("int8", {}).items()),
              f"{r['ort_over_torch']:.2f}x") for r in figures["rows"]]
-    print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads", rows))
+    print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads, "
+                       f"{figures['isa']} CPU, ONNX Runtime {figures['onnxruntime']}", rows))
     write_json(json_path, figures)
     return figures

@@ -94,6 +94,7 @@ class ServingEngine:
         self.ready = False
         self.config = config
         self.backbone_source = backbone
+        backbone.check_machine()
         data = read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
         self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone",
                                        spin=False)

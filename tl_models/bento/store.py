@@ -86,7 +86,8 @@ def _get(tag: str):
 
 
 def _save(tag: str, files: dict[str, Path], labels: dict[str, str], metadata: dict, report: PackageReport) -> None:
-    """Create ``tag`` with ``files`` unless it exists with the same sha256s (then keep it)."""
+    """Create ``tag`` with ``files`` unless it exists with the same sha256s (then keep it; an int8 backbone whose
+    record changed since, by `tl-models quantize --verify` on another machine, is stored again with the new one)."""
     import bentoml
 
     existing = _get(tag)
@@ -94,8 +95,10 @@ def _save(tag: str, files: dict[str, Path], labels: dict[str, str], metadata: di
         if existing.info.metadata.get("files") != metadata["files"]:
             raise BuildError(f"the BentoML store already holds {tag} with other files (a rebuilt build directory?); "
                              f"delete it with `bentoml models delete {tag}` or package under another build name")
-        report.existing.append(tag)
-        return
+        if existing.info.metadata.get("int8") == metadata.get("int8"):
+            report.existing.append(tag)
+            return
+        bentoml.models.delete(tag)
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
         for name, source in files.items():
             shutil.copyfile(source, model.path_of(name))
@@ -218,7 +221,8 @@ def backbone_source(model) -> BackboneSource:
     gated = frozenset(meta["gated"]) if "gated" in meta else None
     return BackboneSource(path=model.path_of(file), sha256=_backbone_sha256(model), preprocessing=meta["preprocessing"],
                           labels=tuple(meta["labels"]), build=model.info.labels["build"], origin=f"bentoml:{model.tag}",
-                          precision=precision, graph_sha256=meta["files"][file], gated=gated)
+                          precision=precision, graph_sha256=meta["files"][file], gated=gated,
+                          int8_machine=(meta.get("int8") or {}).get("machine"))
 
 
 def head_source(model) -> HeadSource:

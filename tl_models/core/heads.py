@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .cpu import check_int8_machine
 from .drift import EmbeddingReference
 from .errors import BadRequest, BuildError, Conflict, Forbidden, NotFound, Refused
 from .manifest import BuildDir, HeadEntry, Manifest
@@ -47,7 +48,8 @@ class BackboneSource:
 
     ``sha256`` is the fp32 ``backbone.onnx``'s: the backbone heads are trained on and admitted against, whatever
     the precision served. ``graph_sha256`` is the served file's (an int8 graph's own). ``gated``: for int8, the
-    sha256 of the head graphs its accuracy gate measured (only those may serve on it); None for fp32."""
+    sha256 of the head graphs its accuracy gate measured (only those may serve on it); None for fp32.
+    ``int8_machine``: for int8, the CPU class and ONNX Runtime its gate measured it on (:mod:`.cpu`)."""
 
     path: str
     sha256: str
@@ -58,6 +60,7 @@ class BackboneSource:
     precision: str = "fp32"
     graph_sha256: str = ""
     gated: frozenset[str] | None = None
+    int8_machine: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.graph_sha256:  # fp32: the served file is the identity
@@ -66,6 +69,11 @@ class BackboneSource:
     def serves(self, head_sha256: str) -> bool:
         """Whether a head graph may serve on this backbone as far as its precision goes (int8: gated heads only)."""
         return self.gated is None or head_sha256 in self.gated
+
+    def check_machine(self) -> None:
+        """For int8: Refused (one line) unless its gate measured it on this CPU class and ONNX Runtime minor."""
+        if self.precision == "int8":
+            check_int8_machine(self.int8_machine, self.origin)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ def backbone_from_build(build: BuildDir, manifest: Manifest, precision: str = "f
         return BackboneSource(path=str(build.file(BACKBONE_ONNX)), **common)
     gated = frozenset(int8_gated(build, manifest).values())
     return BackboneSource(path=str(build.file(BACKBONE_INT8)), precision="int8",
-                          graph_sha256=manifest.files[BACKBONE_INT8], gated=gated, **common)
+                          graph_sha256=manifest.files[BACKBONE_INT8], gated=gated,
+                          int8_machine=manifest.int8.get("machine"), **common)
 
 
 def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:

@@ -32,7 +32,8 @@ FORMAT_VERSION = 2  # 2: no fused model.onnx per head version (fused.onnx on req
 READABLE_FORMATS = (1, 2)
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second: the manifest's timestamps."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -59,7 +60,7 @@ class HeadEntry:
     metrics: dict
     train: dict
     data: dict
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_now)
     parity: dict | None = None
 
     @property
@@ -88,7 +89,7 @@ class Manifest:
     top_files: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_now)
     updated: str | None = None
     int8: dict | None = None      # `tl-models quantize`: calibration settings and the gate's figures per head
     format_version: int = FORMAT_VERSION
@@ -203,7 +204,7 @@ class BuildDir:
             os.replace(staged, target)
         known = {rel: digest for rel, digest in manifest.files.items() if rel not in rewritten}
         manifest.files = {rel: known.get(rel) or file_sha256(self.path / rel) for rel in _listed_files(manifest)}
-        manifest.updated = _now()
+        manifest.updated = utc_now()
         atomic_write_json(self.manifest_path, manifest.to_dict())
         return manifest
 

@@ -1,10 +1,13 @@
-"""int8 backbones behind an accuracy gate: `tl-models quantize BUILD`.
+"""int8 backbones behind an accuracy and a speed gate: `tl-models quantize BUILD`.
 
-ONNX Runtime's ``quant_pre_process`` then ``quantize_static`` (QDQ, S8S8) turn ``backbone.onnx`` into
+ONNX Runtime's ``quant_pre_process`` then ``quantize_static`` (QDQ) turn ``backbone.onnx`` into
 ``backbone.int8.onnx``, calibrated on the build's own training images. Heads stay fp32 (a D×C matmul). The gate
-runs each head's latest version on the build's validation split twice, on fp32 and on int8 embeddings, and
-accepts only when every head's top-1 agreement and val accuracy drop are within bounds. When the asked-for
-calibration fails the gate, the other settings are tried in turn; when none passes, nothing is written.
+runs each head's latest version on the build's validation split twice, on fp32 and on int8 embeddings; a setting
+passes accuracy when every head's top-1 agreement and val accuracy drop are within bounds. Every setting searched
+that passes accuracy is timed against fp32 at batch 32 on this CPU, in alternation, and the fastest is chosen; it is
+written only when it is at least ``min_speedup`` times fp32 (an int8 graph slower than fp32 is no product). The
+record names the CPU class and ONNX Runtime it was measured on (:mod:`tl_models.core.cpu`): the servers refuse it
+elsewhere until ``--verify`` has measured it there. When nothing passes, nothing is written.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.cpu import has_vnni, isa_class, this_machine
 from ..core.errors import BadRequest, BuildError
 from ..core.files import atomic_write_bytes
-from ..core.manifest import BuildDir, HeadEntry, Manifest
+from ..core.heads import int8_gated
+from ..core.manifest import BuildDir, HeadEntry, Manifest, utc_now
 from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, IMAGE, LOGITS
 from ..core.preprocess import Preprocessing
 from ..core.runtime import create_session
@@ -28,14 +33,19 @@ from .data import load_data
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
-# activation and weight integer types: s8s8 for CPUs with VNNI/AMX; u8u8 where they lack it (AVX2 only), since ONNX
-# Runtime's s8 kernels there multiply through int16 and saturate (mobilenet_v2 on the digits, AVX2: top-1 agreement
-# with fp32 0.49 as s8s8, 0.86 as u8u8)
-TYPES = ("s8s8", "u8u8")
+# activation/weight integer types. u8s8 (uint8 activations, int8 weights) is what VNNI and AMX multiply natively:
+# the fast one there (resnet50 b32 on a VNNI/AMX CPU: u8s8 2.7-3.0x fp32, s8s8 0.6-0.8x). Without VNNI (AVX2) the
+# u8s8 kernels multiply through int16 and can saturate; ``reduce_range`` (7-bit weights) is ONNX Runtime's remedy,
+# searched there. s8s8 also saturates on AVX2 (mobilenet_v2 on the digits: agreement 0.49 as s8s8, 0.86 as u8u8).
+TYPES = ("u8s8", "s8s8", "u8u8")
+SEARCHES = ("all", "types", "none")  # every setting, every integer type with the asked-for method, the asked-for one
+SPEED_BATCH = 32  # the batch the speed gate times
+SPEED_ROUNDS = 3  # timed batches of each graph, fp32 and int8 in alternation, after one warm-up each
 
 
 class QuantizeRefused(Exception):
-    """No calibration setting tried gave an int8 backbone within the gate; the build was left as it was."""
+    """No calibration setting tried gave an int8 backbone within the gate (accuracy, then speed on this CPU); the
+    build was left as it was."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,8 @@ class Calibration:
     method: str = "minmax"
     per_channel: bool = True  # mobilenet_v2 on the digits here: embedding cosine to fp32 0.72 per channel, 0.53 not
     images: int = 64
-    types: str = "s8s8"
+    types: str = "u8s8"
+    reduce_range: bool = False  # 7-bit weights: ONNX Runtime's remedy for u8s8 saturation on CPUs without VNNI
 
     def check(self) -> "Calibration":
         if self.method not in METHODS:
@@ -57,65 +68,94 @@ class Calibration:
         return self
 
     def label(self) -> str:
-        return f"{self.types} {self.method}, per-channel {'on' if self.per_channel else 'off'}, {self.images} images"
+        """One line naming the setting, e.g. ``u8s8 minmax, per-channel on, 64 images``."""
+        return (f"{self.types}{' reduce-range' if self.reduce_range else ''} {self.method}, per-channel "
+                f"{'on' if self.per_channel else 'off'}, {self.images} images")
 
 
 @dataclass(frozen=True)
 class Gate:
-    """What an int8 backbone must keep, per head, on the validation split."""
+    """What an int8 backbone must keep, per head, on the validation split, and how much faster than fp32 it must
+    run on this CPU."""
 
     min_agreement: float = 0.99
     max_accuracy_drop: float = 0.01
+    min_speedup: float = 1.0  # int8 img/s over fp32 img/s at batch 32 on this CPU (older records lack it: 1.0)
 
     def admits(self, measured: dict[str, dict]) -> bool:
-        """Whether every head's measures (from :meth:`_Judge.measure`) are within bounds."""
+        """Whether every head's accuracy measures (from :meth:`_Judge.accuracy`) are within bounds."""
         return all(m["agreement"] >= self.min_agreement and m["accuracy_drop"] <= self.max_accuracy_drop
                    for m in measured.values())
 
 
 @dataclass
 class Attempt:
-    """One calibration setting and what the gate measured for each head ("name:version")."""
+    """One calibration setting, what the gate measured for each head ("name:version") and, when it passed
+    accuracy, its speed against fp32 on this CPU."""
 
     calibration: Calibration
     heads: dict[str, dict] = field(default_factory=dict)
-    passed: bool = False
+    passed: bool = False  # accuracy
+    speed: dict | None = None  # :func:`time_against_fp32`, for settings that passed accuracy
     seconds: float = 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.speed["speedup"] if self.speed else 0.0
 
     def to_dict(self) -> dict:
         return {"calibration": asdict(self.calibration), "heads": self.heads, "passed": self.passed,
-                "seconds": round(self.seconds, 2)}
+                "speed": self.speed, "seconds": round(self.seconds, 2)}
 
 
 @dataclass
 class QuantizeReport:
-    """Every attempt, in order; the last one passed when the int8 backbone was written."""
+    """Every attempt, in order, and the one chosen: the fastest that passed accuracy (None when none did)."""
 
     gate: Gate
+    machine: dict = field(default_factory=this_machine)
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
-    def passed(self) -> Attempt | None:
-        return next((a for a in self.attempts if a.passed), None)
+    def chosen(self) -> Attempt | None:
+        passing = [a for a in self.attempts if a.passed]
+        return max(passing, key=lambda a: a.speedup) if passing else None
 
     def table(self) -> str:
-        lines = [f"gate: top-1 agreement >= {self.gate.min_agreement:g}, val accuracy drop <= "
-                 f"{self.gate.max_accuracy_drop:g} per head"]
+        """The search as a table: setting, accuracy verdict, worst head's agreement and drop, img/s vs fp32."""
+        gate, chosen = self.gate, self.chosen
+        lines = [f"gate: top-1 agreement >= {gate.min_agreement:g}, val accuracy drop <= {gate.max_accuracy_drop:g} "
+                 f"per head; int8 >= {gate.min_speedup:g}x fp32 img/s at batch {SPEED_BATCH} on this CPU "
+                 f"({self.machine['isa']}, ONNX Runtime {self.machine['onnxruntime']})",
+                 f"  {'setting':<48} {'accuracy':<8} {'agreement':>9} {'drop':>8} {'int8 img/s':>10} "
+                 f"{'fp32 img/s':>10} {'vs fp32':>7}"]
         for attempt in self.attempts:
-            lines.append(f"  {attempt.calibration.label()}: {'passed' if attempt.passed else 'refused'} "
-                         f"({attempt.seconds:.1f} s)")
-            for key, m in attempt.heads.items():
-                lines.append(f"    {key:<20} agreement {m['agreement']:.4f}  val accuracy fp32 {m['fp32_accuracy']:.4f}"
-                             f" int8 {m['int8_accuracy']:.4f}  drop {m['accuracy_drop']:+.4f}")
+            worst = min(attempt.heads.values(), key=lambda m: m["agreement"])
+            drop = max(m["accuracy_drop"] for m in attempt.heads.values())
+            speed = attempt.speed
+            timing = (f"{speed['images_per_s']:>10.1f} {speed['fp32_images_per_s']:>10.1f} "
+                      f"{speed['speedup']:>6.2f}x" if speed else f"{'-':>10} {'-':>10} {'-':>7}")
+            mark = " <- chosen" if attempt is chosen else ""
+            lines.append(f"  {attempt.calibration.label():<48} {'passed' if attempt.passed else 'refused':<8} "
+                         f"{worst['agreement']:>9.4f} {drop:>+8.4f} {timing}{mark}")
+        lines.append("  (agreement: the lowest head's; drop: the largest head's)")
         return "\n".join(lines)
 
 
-def candidates(asked: Calibration, search: bool) -> list[Calibration]:
-    """The asked-for setting first, then (with ``search``) the others this command offers."""
-    others = [Calibration(method, per_channel, asked.images, types) for types in (asked.types, *TYPES)
-              for method in METHODS for per_channel in (False, True)]
+def candidates(asked: Calibration, search: str, isa: str | None = None) -> list[Calibration]:
+    """The asked-for setting first, then the others ``search`` covers (``all``: every type, method and per-channel
+    choice; ``types``: every integer type with the asked-for method; ``none``: no others). On a CPU without VNNI
+    (``isa``, default this one's) u8s8 is also tried with ``reduce_range``."""
+    if search not in SEARCHES:
+        raise BadRequest(f"unknown search {search!r}; use one of {', '.join(SEARCHES)}")
+    ranges = (False,) if has_vnni(isa or isa_class()) else (False, True)
+    methods = METHODS if search == "all" else (asked.method,)
+    channels = (False, True) if search == "all" else (asked.per_channel,)
+    others = [Calibration(method, per_channel, asked.images, types, reduce_range)
+              for types in (asked.types, *TYPES) for reduce_range in (ranges if types == "u8s8" else (False,))
+              for method in methods for per_channel in channels]
     others = list(dict.fromkeys(others))  # asked.types first, each setting once
-    return [asked] + ([c for c in others if c != asked] if search else [])
+    return [asked] + ([c for c in others if c != asked] if search != "none" else [])
 
 
 @dataclass
@@ -175,9 +215,10 @@ def quantize_graph(prepared: Path, images: np.ndarray, calibration: Calibration,
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calibration.method]
-    kind = {"s8s8": QuantType.QInt8, "u8u8": QuantType.QUInt8}[calibration.types]
+    kind = {"s": QuantType.QInt8, "u": QuantType.QUInt8}
     quantize_static(str(prepared), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
-                    per_channel=calibration.per_channel, activation_type=kind, weight_type=kind,
+                    per_channel=calibration.per_channel, reduce_range=calibration.reduce_range,
+                    activation_type=kind[calibration.types[0]], weight_type=kind[calibration.types[2]],
                     calibrate_method=method)
 
 
@@ -186,11 +227,28 @@ def _embed(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
+def time_against_fp32(fp32, int8, images: np.ndarray, rounds: int = SPEED_ROUNDS) -> dict:
+    """img/s of two backbone sessions on one batch of ``SPEED_BATCH`` of ``images`` (repeated as needed): one
+    warm-up each, then ``rounds`` batches each in alternation, so that a neighbour's load hits both; the median
+    batch time of each, and their ratio (``speedup``: int8 over fp32 img/s)."""
+    batch = np.resize(images, (SPEED_BATCH, *images.shape[1:]))
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for round_ in range(rounds + 1):
+        for name, session in (("fp32", fp32), ("int8", int8)):
+            start = time.perf_counter()
+            session.run([EMBEDDING], {IMAGE: batch})
+            if round_:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    fp32_s, int8_s = float(np.median(times["fp32"])), float(np.median(times["int8"]))
+    return {"batch": SPEED_BATCH, "rounds": rounds, "images_per_s": round(SPEED_BATCH / int8_s, 2),
+            "fp32_images_per_s": round(SPEED_BATCH / fp32_s, 2), "speedup": round(fp32_s / int8_s, 3)}
+
+
 class _Judge:
     """The gate's fixed side, computed once: each head's session, its validation split and its fp32 top-1."""
 
     def __init__(self, build: BuildDir, heads: list[HeadEntry], splits: dict[str, _Split]):
-        fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
+        self.fp32 = fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
         self.splits = splits
         self.heads = {h.key: create_session(build.file(h.rel(HEAD_ONNX)), providers="cpu", threads=1,
                                             name=f"head {h.key}") for h in heads}
@@ -204,9 +262,20 @@ class _Judge:
     def _top1(self, key: str, embeddings: np.ndarray) -> np.ndarray:
         return self.heads[key].run([LOGITS], {EMBEDDING: embeddings})[0].argmax(1)
 
-    def measure(self, int8: Path) -> dict[str, dict]:
-        """Per head: top-1 agreement and val accuracy on fp32 vs int8 embeddings of its val split."""
+    def measure(self, int8: Path, calibration: Calibration, gate: Gate) -> Attempt:
+        """The gate on one int8 graph (made with ``calibration``): per head, top-1 agreement and val accuracy on fp32
+        vs int8 embeddings of its val split; when every head is within bounds, its speed against fp32 on this CPU."""
+        start = time.perf_counter()
         session = create_session(int8, providers="cpu", name="backbone int8")
+        attempt = Attempt(calibration, self.accuracy(session))
+        attempt.passed = gate.admits(attempt.heads)
+        if attempt.passed:
+            attempt.speed = time_against_fp32(self.fp32, session, next(iter(self.splits.values())).val)
+        attempt.seconds = time.perf_counter() - start
+        return attempt
+
+    def accuracy(self, session) -> dict[str, dict]:
+        """Per head: top-1 agreement and val accuracy on fp32 vs ``session``'s embeddings of its val split."""
         embeddings = self._per_split(lambda split: _embed(session, split.val))
         measured = {}
         for key, fp32 in self.fp32_top1.items():
@@ -240,14 +309,33 @@ def int8_parity(build: BuildDir, manifest: Manifest) -> dict:
     drop) of the file as it is now, against the bounds it was admitted with."""
     gate = Gate(**manifest.int8["gate"])
     heads, splits = _gated_heads(build, manifest, calibration_images=1)
-    measured = _Judge(build, heads, splits).measure(build.file(BACKBONE_INT8))
+    judge = _Judge(build, heads, splits)
+    measured = judge.accuracy(create_session(build.file(BACKBONE_INT8), providers="cpu", name="backbone int8"))
     return {"graph": BACKBONE_INT8, "gate": asdict(gate), "heads": measured, "passed": gate.admits(measured)}
 
 
-def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: Gate = Gate(), search: bool = True,
+def _refusal(report: QuantizeReport, what: str) -> QuantizeRefused:
+    """The gate's refusal: what failed on the first line, then the table of every attempt."""
+    return QuantizeRefused(f"{what}; the build is unchanged\n{report.table()}")
+
+
+def _verdict(build: BuildDir, report: QuantizeReport) -> Attempt:
+    """The chosen attempt when it passed accuracy and is fast enough here; QuantizeRefused otherwise."""
+    chosen, gate = report.chosen, report.gate
+    if chosen is None:
+        raise _refusal(report, f"no int8 backbone of {build.path} passed the accuracy gate")
+    if chosen.speedup < gate.min_speedup:
+        raise _refusal(report, f"the int8 backbone of {build.path} ({chosen.calibration.label()}) passes accuracy "
+                               f"but is {chosen.speedup:.2f}x fp32 here ({report.machine['isa']}, ONNX Runtime "
+                               f"{report.machine['onnxruntime']}; the gate asks >= {gate.min_speedup:g}x)")
+    return chosen
+
+
+def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: Gate = Gate(), search: str = "all",
              calibration_images: np.ndarray | None = None) -> QuantizeReport:
-    """Write ``backbone.int8.onnx`` into the build when a calibration passes the gate; QuantizeRefused (the build
-    unchanged) when none does. ``calibration_images`` (uint8 N×3×H×W) replaces the build's training images."""
+    """Write ``backbone.int8.onnx`` into the build: of the settings ``search`` covers (:func:`candidates`), the
+    fastest on this CPU that passes accuracy, when it is at least ``gate.min_speedup`` times fp32; QuantizeRefused
+    (the build unchanged) otherwise. ``calibration_images`` (uint8 N×3×H×W) replaces the build's training images."""
     calibration = calibration.check()
     build = BuildDir(path)
     report = QuantizeReport(gate)
@@ -261,27 +349,54 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
         with tempfile.TemporaryDirectory(prefix="tl-quantize-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             prepare(build.file(BACKBONE_ONNX), prepared)
-            for candidate in candidates(calibration, search):
+            graphs: dict[int, Path] = {}
+            for candidate in candidates(calibration, search, report.machine["isa"]):
                 start, out = time.perf_counter(), Path(tmp) / f"int8-{len(report.attempts)}.onnx"
                 quantize_graph(prepared, calibrate[:candidate.images], candidate, out)
-                attempt = Attempt(candidate, judge.measure(out))
-                attempt.passed = gate.admits(attempt.heads)
+                attempt = judge.measure(out, candidate, gate)
                 attempt.seconds = time.perf_counter() - start
+                graphs[id(attempt)] = out
                 report.attempts.append(attempt)
-                log.info("int8 calibration %s: %s", candidate.label(), "passed" if attempt.passed else "refused")
-                if attempt.passed:
-                    _commit(build, manifest, heads, out, report)
-                    return report
-    raise QuantizeRefused(f"no int8 backbone of {build.path} passed the gate; the build is unchanged\n{report.table()}")
+                log.info("int8 %s: %s%s", candidate.label(), "passed" if attempt.passed else "refused",
+                         f", {attempt.speedup:.2f}x fp32" if attempt.speed else "")
+            chosen = _verdict(build, report)
+            _commit(build, manifest, heads, graphs[id(chosen)], report)
+    return report
+
+
+def verify(path: str | Path) -> QuantizeReport:
+    """`tl-models quantize BUILD --verify`: the gate again on this machine for the int8 backbone the build has (the
+    stored calibration setting's graph): accuracy with the recorded bounds, then speed against fp32 here. Updates
+    the record's figures and machine when it passes; QuantizeRefused, the build unchanged, when not."""
+    build = BuildDir(path)
+    with build.lock():
+        manifest = build.verify()
+        int8_gated(build, manifest)  # an int8 backbone of this backbone.onnx, measured with the latest heads
+        record = manifest.int8
+        report = QuantizeReport(Gate(**record["gate"]))
+        heads, splits = _gated_heads(build, manifest, calibration_images=1)
+        report.attempts.append(_Judge(build, heads, splits).measure(
+            build.file(BACKBONE_INT8), Calibration(**record["calibration"]), report.gate))
+        _verdict(build, report)
+        manifest.int8 = {**record, **_figures(report), "verified": utc_now()}
+        build.commit(manifest)
+    return report
+
+
+def _figures(report: QuantizeReport) -> dict:
+    """The record's measured part: the chosen setting, every attempt, the machine it was measured on."""
+    chosen = report.chosen
+    return {"calibration": asdict(chosen.calibration), "heads": chosen.heads, "gate": asdict(report.gate),
+            "attempts": [a.to_dict() for a in report.attempts], "chosen": report.attempts.index(chosen),
+            "machine": {**report.machine, **chosen.speed, "measured": utc_now()}}
 
 
 def _commit(build: BuildDir, manifest: Manifest, heads: list[HeadEntry], int8: Path, report: QuantizeReport) -> None:
-    """Move the passing int8 backbone into the build and record its settings and the gate's figures."""
+    """Move the chosen int8 backbone into the build and record its settings, the search and the machine."""
     atomic_write_bytes(build.file(BACKBONE_INT8), int8.read_bytes())
     if BACKBONE_INT8 not in manifest.top_files:
         manifest.top_files.append(BACKBONE_INT8)
     gated = {h.key: manifest.files[h.rel(HEAD_ONNX)] for h in heads}  # what serves on it: core.heads.int8_gated
     manifest.int8 = {"file": BACKBONE_INT8, "backbone_sha256": manifest.backbone_sha256(), "gated": gated,
-                     "calibration": asdict(report.passed.calibration), "gate": asdict(report.gate),
-                     "attempts": [a.to_dict() for a in report.attempts]}
+                     **_figures(report)}
     build.commit(manifest, rewritten=(BACKBONE_INT8,))

@@ -217,6 +217,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     if not manifest.is_exported():
         raise TritonConfigError(f"build {build.path} is not exported to ONNX: run `tl-models export {build.path}`")
     backbone = backbone_from_build(build, manifest, options.precision)
+    backbone.check_machine()
     models = model_names(name, heads)
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
                                            threads=1),  # a D×C matmul: a thread pool would only get in the way
                     {LABELS: labels}, versions)
     backbone_facts = {"sha256": backbone.sha256, "precision": backbone.precision,
-                      "gated": None if backbone.gated is None else sorted(backbone.gated)}
+                      "gated": None if backbone.gated is None else sorted(backbone.gated),
+                      "int8_machine": backbone.int8_machine, "origin": backbone.origin}
     write_model(repo, onnx_step_config(backbone_model(name), options, _tensor(IMAGE, "TYPE_UINT8", size),
                                        _tensor(EMBEDDING, "TYPE_FP32", [dim]), [1], precision=backbone.precision),
                 versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})})

@@ -8,13 +8,15 @@ only the bad one gets an error response.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tl_models.core.cpu import check_int8_machine
 from tl_models.core.errors import BadRequest, ModelFault
-from tl_models.core.names import VERSION_ONNX
+from tl_models.core.names import VERSION_BACKBONE, VERSION_ONNX
 from tl_models.core.preprocess import tensor_problem
 from tl_models.core.runtime import create_session
 from tl_models.triton.models.common import error_response, model_parameters
@@ -28,6 +30,11 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(params.get("threads", "0")) or None
         label = f"{args['model_name']}:{args['model_version']}"
+        facts = version_dir / VERSION_BACKBONE
+        if facts.is_file():  # the backbone: an int8 graph loads only on the CPU class its gate measured it on
+            backbone = json.loads(facts.read_text())
+            if backbone["precision"] == "int8":
+                check_int8_machine(backbone.get("int8_machine"), backbone.get("origin", ""))
         self.session = create_session(version_dir / params.get("onnx_file", VERSION_ONNX), threads=threads, name=label,
                                       spin=params.get("spin", "0") == "1")
         pb_utils.Logger.log_info(f"{label}: ONNX Runtime providers {self.session.get_providers()}")
