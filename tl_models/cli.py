@@ -124,14 +124,13 @@ def _address(url: str | None, *schemes: str) -> str | None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .training.pipeline import build, summary_line
-    from .training.traffic import build_from_log
 
     self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap,
                                  stop=not args.pseudo_all_rounds)
     options = _build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
                              self_training=self_training, target=args.target, from_log=args.from_log,
                              ray=args.ray, ray_actors=args.ray_actors)
-    report = build_from_log(options) if args.from_log else build(options)
+    report = build(options)  # --from-log: its registered entry (training.methods)
     print(summary_line(report))
     print(f"build directory: {args.out}")
     return EXIT_OK

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -37,25 +38,21 @@ from ..core.names import (
     HEADS_DIR,
     HISTORY_JSON,
     PARITY_JSON,
-    PSEUDO_LABELS_JSON,
     check_name,
 )
 from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
-from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, build_head
-from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone, stage_paths
+from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone
 from .config import FineTune, SelfTraining, TrainConfig
-from .data import ImageFolderData, load_data, load_unlabeled_folder
+from .data import ImageFolderData, load_data
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
 from .extract import Engine, OrtEngine, TorchEngine, extraction_sessions, resolve_device, resolve_engine
-from .features import CachedEmbeddings, FeatureCache, default_cache_dir
-from .finetune import fine_tune
+from .features import FeatureCache, default_cache_dir
+from .methods import Run, TrainingMethod, checked, entry_point, trainer
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .plots import plot_confusion, plot_curves
 from .quantize import int8_parity
-from .semi import SelfTrainResult, self_train
-from .train import Rows, fit
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +144,14 @@ def fine_tuned(head: HeadEntry) -> bool:
 
 
 def build(options: BuildOptions) -> BuildReport:
-    """Train one head and commit it into the build directory (a new head, or a new version of one).
+    """Train one head and commit it into the build directory (a new head, or a new version of one), with the
+    training methods the options select (``training.methods``; one that replaces the whole build, such as
+    ``--from-log``, gets it).
 
     A first build that fails leaves no folder behind (or, in a folder that existed, none of its own files)."""
+    entry = entry_point(options)
+    if entry is not None:
+        return entry(options)
     check_name(options.head)
     if options.data is None:
         raise BadRequest("give the labelled images (--data DIR), or --from-log LOG to train from served traffic")
@@ -163,25 +165,16 @@ def build(options: BuildOptions) -> BuildReport:
                              "with --engine torch or --no-export")
         connect(options.ray)
     data = load_data(options.data)
-    if options.fine_tune.stages and (options.unlabeled or options.target):
-        raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
-                         "--fine-tune")
-    unlabeled = target = None
-    if options.unlabeled is not None:
-        options.self_training.check()
-        unlabeled = load_unlabeled_folder(options.unlabeled, data)
-    if options.target is not None:  # the same folder for both (self-training on the aligned target): read once
-        same = unlabeled is not None and Path(options.target).resolve() == unlabeled.root.resolve()
-        target = unlabeled if same else load_unlabeled_folder(options.target, data, "target folder")
+    methods = checked(options, data)
     backbone = load_backbone(options.backbone, options.weights, seed=options.train.seed)
-    if options.fine_tune.stages:
-        stage_paths(backbone.spec, options.fine_tune.stages)  # a backbone with fewer stages: refuse before training
+    for method in methods:
+        method.check_backbone(options, backbone)
     build_dir = BuildDir(options.out)
     created = not build_dir.path.exists()
     first = not build_dir.exists()
     try:
         with build_dir.lock():
-            return _build_locked(options, build_dir, data, backbone, unlabeled, target)
+            return _build_locked(options, build_dir, data, backbone, methods)
     except BaseException:
         if first and not build_dir.exists():
             _remove_partial(build_dir, created)
@@ -199,7 +192,7 @@ def _remove_partial(build_dir: BuildDir, created: bool) -> None:
 
 
 def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderData, backbone: LoadedBackbone,
-                  unlabeled: ImageFolderData | None = None, target: ImageFolderData | None = None) -> BuildReport:
+                  methods: list[TrainingMethod]) -> BuildReport:
     build_dir.clean_staging()
     manifest = build_dir.manifest() if build_dir.exists() else None
     first = manifest is None
@@ -208,70 +201,42 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     else:
         _check_compatible(manifest, options, backbone, data.classes)
         build_dir.verify(manifest)
-    spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout,
-                    standardise=target is not None)
+    spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
     train_idx, val_idx = data.split(options.val_fraction, options.train.seed)
-    targets = torch.tensor(data.targets)
-    semi, alignment, tuned = None, None, None
     cache = FeatureCache(options.cache_dir or default_cache_dir())
     engine, exported = extraction_engine(options, build_dir, manifest, backbone)
     extraction = cache.features(backbone, data, engine, progress=options.progress)
-    cache_hit = extraction.hit
-    target_features = None if target is None else cache.features(backbone, target, engine,
-                                                                 progress=options.progress).array
-    pool = None if unlabeled is None else cache.features(backbone, unlabeled, engine, progress=options.progress).array
-    del engine  # its session is not needed past extraction
-    # a plain head reads its rows from the cache's shards as it trains (memory flat whatever N); the methods
-    # work on every embedding at once
-    inputs: torch.Tensor | CachedEmbeddings = extraction.embeddings
-    if target_features is not None:
-        alignment = coral(extraction.array, target_features)
-        inputs = torch.from_numpy(alignment.source)  # the labelled images as the target domain would embed them
-        reference = EmbeddingReference.of(target_features)  # what this head expects to be served
-    else:
-        reference = EmbeddingReference.of(extraction.embeddings, train_idx, val_idx)
-        if pool is not None:
-            inputs = torch.from_numpy(extraction.array)
+    # a plain head reads its rows from the cache's shards as it trains (memory flat whatever N)
+    run = Run(options, data, backbone, spec, train_idx, val_idx, torch.tensor(data.targets), extraction,
+              extraction.embeddings, exported)
 
-    def make_head() -> torch.nn.Module:
-        torch.manual_seed(options.train.seed)
-        head = build_head(spec)
-        if alignment is not None:
-            head[0].set_statistics(torch.from_numpy(alignment.target_mean), torch.from_numpy(alignment.target_std))
-        return head
+    def embed(folder: ImageFolderData) -> np.ndarray:
+        return cache.features(backbone, folder, engine, progress=options.progress).array
 
-    if pool is not None:
-        semi = self_train(make_head, inputs[train_idx], targets[train_idx], inputs[val_idx], targets[val_idx],
-                          torch.from_numpy(pool), options.train, options.self_training, options.progress)
-        head, result = semi.head, semi.result
+    for method in methods:
+        method.prepare(run, embed)
+    del engine, embed  # its session is not needed past extraction
+    if run.reference is None:
+        run.reference = EmbeddingReference.of(extraction.embeddings, train_idx, val_idx)
+    head_trainer = trainer(methods)
+    if head_trainer is None:
+        run.fit()
     else:
-        head = make_head()
-        result = fit(head, Rows(inputs, train_idx), targets[train_idx], Rows(inputs, val_idx), targets[val_idx],
-                     options.train, progress=options.progress)
-        if options.fine_tune.stages:
-            tuned = fine_tune(backbone, head, data, train_idx, val_idx, result, extraction.array, options.train,
-                              options.fine_tune, options.progress, resolve_device(options.device))
-            result = tuned.result
-            reference = EmbeddingReference.of(tuned.embeddings, train_idx, val_idx)
-            exported = exported and not tuned.record["kept"]  # the backbone changed: export it again
+        head_trainer.train(run)
     if first:
         atomic_save_torch(build_dir.path / BACKBONE_PT, backbone.module.state_dict())
 
     def annotate(staged: Path, entry: HeadEntry) -> None:
-        if semi is not None:
-            _record_self_training(staged, entry, options.self_training, semi, unlabeled, data.classes)
-        if tuned is not None:
-            entry.train["fine_tune"] = tuned.record
-        if target is not None:
-            entry.train["adaptation"] = {"method": "coral", "eps": CORAL_EPS, "standardise": "per domain"}
-            entry.data["target"] = _folder_record(target)
+        for method in methods:
+            method.annotate(run, staged, entry)
 
     record = {"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
               "train": len(train_idx), "val": len(val_idx), "val_fraction": options.val_fraction,
               "skipped": len(data.skipped), "split": "random" if data.splits is None else "listing"}
-    entry, manifest = commit_head(build_dir, manifest, options, spec, head, result, record, backbone.module,
-                                  reference, cache_hit, annotate, backbone_exported=exported)
-    return BuildReport(entry, cache_hit, manifest, extraction.summary())
+    entry, manifest = commit_head(build_dir, manifest, options, run.spec, run.head, run.result, record,
+                                  backbone.module, run.reference, extraction.hit, annotate,
+                                  backbone_exported=run.exported)
+    return BuildReport(entry, extraction.hit, manifest, extraction.summary())
 
 
 def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Manifest,
@@ -346,23 +311,6 @@ def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: in
         metrics=result.metrics,
         train={**options.train.__dict__, "fine_tune": None, "feature_cache_hit": cache_hit},
         data=data_record)
-
-
-def _record_self_training(staged: Path, entry: HeadEntry, settings: SelfTraining, semi: SelfTrainResult,
-                          unlabeled: ImageFolderData, classes: list[str]) -> None:
-    """Rounds and settings into the head entry; the pseudo-labels it trained on into ``pseudo_labels.json``."""
-    labels = [{"image": str(unlabeled.paths[i].relative_to(unlabeled.root)), "label": classes[label],
-               "confidence": round(float(confidence), 6)}
-              for i, label, confidence in zip(semi.pseudo_index, semi.pseudo_label, semi.pseudo_confidence)]
-    (staged / PSEUDO_LABELS_JSON).write_text(json.dumps(labels, indent=1))
-    entry.train["self_training"] = semi.record(settings)
-    entry.data["unlabeled"] = _folder_record(unlabeled)
-
-
-def _folder_record(folder: ImageFolderData) -> dict:
-    """An unlabelled folder as the manifest names it: where, content hash, image counts."""
-    return {"root": str(folder.root), "content_hash": folder.content_hash(), "images": len(folder.paths),
-            "skipped": len(folder.skipped)}
 
 
 HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to
