@@ -1,6 +1,7 @@
 """The transfer-learning methods measured on the demo digits, through `tl_models.training.pipeline.build`
-(mobilenet_v2, ImageNet weights, linear head, no export); accuracy is the head on held-out embeddings, mean ± std
-over the seeds, printed as a table and written as JSON.
+(mobilenet_v2, ImageNet weights, linear head; the methods of one split are heads of one build, whose images ONNX
+Runtime embeds on its backbone.onnx; a fine-tuning build has its own, embedded by torch); accuracy is the head on
+held-out embeddings, mean ± std over the seeds, printed as a table and written as JSON.
 
 few-labels: per seed and labels-per-class count, that many digits per class are labelled (the build splits them
 into train and val as usual), 54 per class are held out, the rest is the unlabelled folder; a head on the labelled
@@ -32,12 +33,14 @@ from pathlib import Path
 
 import torch
 
+from tl_models.core.manifest import BuildDir
+from tl_models.core.names import BACKBONE_ONNX
 from tl_models.training.config import FineTune, SelfTraining, TrainConfig
 from tl_models.training.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
+from tl_models.training.extract import OrtEngine, extraction_sessions
 from tl_models.training.features import FeatureCache
 from tl_models.training.pipeline import BuildOptions, build, load_build_backbone, load_head_module
 from tl_models.training.train import predict
-from tl_models.core.manifest import BuildDir
 
 HELD_OUT = 54  # per class: 540 test digits
 
@@ -47,7 +50,7 @@ def _split_digits(data: Path, out: Path, labels: int, seed: int,
     """``labels`` per class into out/labelled/<class>, ``held_out`` per class into out/test/<class>, the rest into
     out/unlabelled (flat); ``held_out`` None: the rest is the test set and out/unlabelled stays empty."""
     rng = random.Random(seed)
-    for part in ("labelled", "test", "unlabelled"):
+    for part in ("labelled", "test", "unlabelled", "build"):
         shutil.rmtree(out / part, ignore_errors=True)
     for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
         files = sorted(class_dir.iterdir())
@@ -63,12 +66,17 @@ def _split_digits(data: Path, out: Path, labels: int, seed: int,
     return out / "labelled", out / "test", out / "unlabelled"
 
 
-def _test_accuracy(build_dir: Path, test: Path, cache: Path) -> float:
+def _test_accuracy(build_dir: Path, head_name: str, test: Path, cache: Path) -> float:
+    """Accuracy of the newest version of ``head_name`` on the images of ``test``, embedded as the build embeds
+    (ONNX Runtime on its backbone.onnx where it has one, else torch on its backbone)."""
     build_ = BuildDir(build_dir)
     manifest = build_.manifest()
     data = load_image_folder(test)
-    features, _ = FeatureCache(cache).get_or_compute(load_build_backbone(build_, manifest), data, progress=False)
-    head = load_head_module(build_, manifest.head(manifest.heads[-1].name))
+    backbone = load_build_backbone(build_, manifest)
+    onnx = build_dir / BACKBONE_ONNX
+    engine = OrtEngine(onnx, sessions=extraction_sessions()) if onnx.is_file() else None
+    features, _ = FeatureCache(cache).get_or_compute(backbone, data, progress=False, engine=engine)
+    head = load_head_module(build_, manifest.head(head_name))
     predicted = predict(head, torch.from_numpy(features)).argmax(1).numpy()
     return float((predicted == torch.tensor(data.targets).numpy()).mean())
 
@@ -85,15 +93,22 @@ def _table(rows: list[dict], group: str, methods: list[str]) -> str:
 
 
 def _run(work: Path, test: Path, cache: Path, method: str, options: dict) -> tuple[float, dict]:
-    """Build one head with ``options`` into ``work/<method>``; its held-out accuracy and its manifest entry, with
-    the build's wall-clock seconds as ``seconds``."""
-    out = work / method.replace(" ", "-").replace("+", "and").replace(",", "")
-    shutil.rmtree(out, ignore_errors=True)
+    """Build one head with ``options``; its held-out accuracy and its manifest entry, with the build's wall-clock
+    seconds as ``seconds``. Each method is a head of its own in ``work/build``: the first exports the backbone
+    (with its parity), the others use that backbone.onnx to embed their images with ONNX Runtime, each folder
+    once, and skip export; a fine-tuning build changes its backbone, so it gets a build directory of its own,
+    ``work/<method>``, embedded by torch."""
+    head = method.lower().replace(" ", "-").replace("+", "and").replace(",", "")
+    tuned = "fine_tune" in options
+    out = work / (head if tuned else "build")
+    if tuned:
+        shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    report = build(BuildOptions(out=out, head="digits", backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                                kind="linear", cache_dir=cache, progress=False, export=False, **options))
+    export = not tuned and not (out / BACKBONE_ONNX).exists()  # the first head exports the backbone, once
+    report = build(BuildOptions(out=out, head=head, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
+                                kind="linear", cache_dir=cache, progress=False, export=export, **options))
     seconds = round(time.perf_counter() - start, 1)
-    return _test_accuracy(out, test, cache), {**report.head.train, "seconds": seconds}
+    return _test_accuracy(out, head, test, cache), {**report.head.train, "seconds": seconds}
 
 
 def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
@@ -148,7 +163,7 @@ def fine_tune(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
 def _shifted_digits(data: Path, work: Path, shift: str, seed: int) -> tuple[Path, Path]:
     """Every digit shifted: a random half into work/target (flat, unlabelled), the rest into work/test/<class>."""
     rng = random.Random(seed)
-    for part in ("target", "test"):
+    for part in ("target", "test", "build"):
         shutil.rmtree(work / part, ignore_errors=True)
     (work / "target").mkdir(parents=True)
     for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
