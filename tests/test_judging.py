@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_inputs import encode
 from helpers import ADMIN, FEEDBACK, DirectOnnx
 from onnx import TensorProto, helper
-from PIL import Image
 
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento.judge import Judge, JudgeConfig, Scored
@@ -270,7 +270,7 @@ def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
 
 def _inverted(root: Path, deployment, per_class: int) -> list[tuple[str, bytes]]:
     """The held-out digits (``_held_out``), inverted: the shifted domain of the README's judging figures."""
-    return [(label, _encode(shifted_image(io.BytesIO(png), "inverted")))
+    return [(label, encode(shifted_image(io.BytesIO(png), "inverted")))
             for label, png in _held_out(root, deployment.build_dir.parent / "data", per_class)]
 
 
@@ -299,7 +299,7 @@ def test_drift_of_real_digits_flags_a_shift_and_not_a_held_out_split(deployment,
     same = judged("held-out", held)
     assert same["drifted"] is False and same["drift"] < 0.6 * DRIFT_THRESHOLD, same
     for shift in DEMO_SHIFTS:
-        moved = judged(shift, [_encode(shifted_image(io.BytesIO(png), shift)) for png in held])
+        moved = judged(shift, [encode(shifted_image(io.BytesIO(png), shift)) for png in held])
         assert moved["drifted"] is True and moved["drift"] > 1.4 * DRIFT_THRESHOLD, (shift, moved)
 
 
@@ -333,11 +333,6 @@ def test_a_head_trained_from_labelled_traffic_knows_the_served_domain_better(dep
     now = (after.logits(batch, "a", entry.version).argmax(1) == truth).mean()
     assert now >= before + 0.30, f"a:{entry.version} from the log {now:.3f} vs a:1 {before:.3f}"  # here 0.39 -> 0.89
 
-
-def _encode(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_serve_log_label_train_shadow_promote(server, deployment, tmp_path):
