@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,6 +211,21 @@ def prepare(source: Path, out: Path) -> None:
     quant_pre_process(str(source), str(out))
 
 
+@contextmanager
+def _root_info_silenced() -> Iterator[None]:
+    """Drops INFO records logged on the root logger itself: ONNX Runtime's quantizer writes one per tensor there
+    (hundreds of "Created a copy of bias input" lines); records of named loggers pass untouched."""
+    def warnings_and_above(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    root = logging.getLogger()
+    root.addFilter(warnings_and_above)
+    try:
+        yield
+    finally:
+        root.removeFilter(warnings_and_above)
+
+
 def quantize_graph(prepared: Path, images: np.ndarray, calibration: Calibration, out: Path) -> None:
     """Static int8 QDQ of a prepared image -> embedding graph, calibrated on uint8 ``images``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -216,10 +233,11 @@ def quantize_graph(prepared: Path, images: np.ndarray, calibration: Calibration,
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calibration.method]
     kind = {"s": QuantType.QInt8, "u": QuantType.QUInt8}
-    quantize_static(str(prepared), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
-                    per_channel=calibration.per_channel, reduce_range=calibration.reduce_range,
-                    activation_type=kind[calibration.types[0]], weight_type=kind[calibration.types[2]],
-                    calibrate_method=method)
+    with _root_info_silenced():
+            quantize_static(str(prepared), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
+                        per_channel=calibration.per_channel, reduce_range=calibration.reduce_range,
+                        activation_type=kind[calibration.types[0]], weight_type=kind[calibration.types[2]],
+                        calibrate_method=method)
 
 
 def _embed(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
