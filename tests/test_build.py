@@ -505,8 +505,8 @@ def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuil
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal
 
 
-def test_cli_exit_codes_and_the_old_spelling(deployment, tmp_path: Path, run_cli: RunCli) -> None:
-    """0 done, 1 user error, 2 usage, 3 parity failed; `package triton` still works once, with a warning."""
+def test_cli_exit_codes_and_no_old_spelling(deployment, tmp_path: Path, run_cli: RunCli) -> None:
+    """0 done, 1 user error, 2 usage, 3 parity failed; the spellings before 0.2 (`package triton`) are gone."""
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")
     assert run_cli("parity", str(build), "--batch-sizes", "2")[0] == 0
     code, _, err = run_cli("parity", str(build), "--batch-sizes", "2", "--atol", "0", "--rtol", "0")
@@ -516,8 +516,10 @@ def test_cli_exit_codes_and_the_old_spelling(deployment, tmp_path: Path, run_cli
     with pytest.raises(SystemExit) as usage:
         run_cli("triton", "unpack", str(build))
     assert usage.value.code == 2
-    with pytest.warns(FutureWarning, match="tl-models triton package"):
-        code, out, _ = run_cli("package", "triton", str(build), "--repo", str(tmp_path / "repo"))
+    with pytest.raises(SystemExit) as old_spelling:
+        run_cli("package", "triton", str(build), "--repo", str(tmp_path / "repo"))
+    assert old_spelling.value.code == 2 and not (tmp_path / "repo").exists()
+    code, out, _ = run_cli("triton", "package", str(build), "--repo", str(tmp_path / "repo"))
     assert code == 0 and "build_head_a" in out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from .core.drift import DRIFT_THRESHOLD, MIN_WINDOW, EmbeddingReference
@@ -68,6 +69,18 @@ def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -
                          "heads": judge(rows)})
     return {"source": "log", "facts": log.facts, "records": len(times), "labelled": sum(x is not None for x in labels),
             "threshold": DRIFT_THRESHOLD, "heads": judge(range(len(times))), "timeline": timeline}
+
+
+def read_service(url: str, timeout: float = 30.0) -> dict:
+    """:func:`service_report` of the BentoML service at ``url`` (its ``GET /heads``); :class:`BadRequest` when it
+    cannot be reached or does not answer 200."""
+    try:
+        response = httpx.get(url.rstrip("/") + "/heads", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"cannot reach {url}: {exc}") from None
+    if response.status_code != 200:
+        raise BadRequest(f"{url}/heads answered {response.status_code}: {response.text[:200]}")
+    return service_report(response.json())
 
 
 def service_report(status: dict) -> dict:
