@@ -22,7 +22,7 @@ from tl_models.bento.launcher import BentoServer
 from tl_models.core.files import file_sha256
 from tl_models.core.manifest import BuildDir, Manifest
 from tl_models.core.preprocess import Preprocessing, preprocess_bytes
-from tl_models.core.routing import Route, RoutingState
+from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.training.config import TrainConfig
 from tl_models.training.data import write_demo_dataset
 from tl_models.training.pipeline import BuildOptions, build
@@ -170,7 +170,7 @@ class DirectOnnx:
 
 def live(served: dict, head: str) -> int:
     """The live version of ``head`` in the served repository's route file."""
-    return RoutingState(served["repo"] / served["name"] / "route.json", poll=0).current().versions[head]
+    return read_route(served["repo"] / served["name"] / "route.json").versions[head]
 
 
 TRITON_START = Route(weights={"a": 90.0, "b": 10.0}, versions={"a": 1, "b": 1})

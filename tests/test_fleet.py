@@ -22,7 +22,7 @@ from tl_models.bento import launcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
 from tl_models.core.errors import BadRequest, UserError
 from tl_models.core.heads import head_source_from_build, sources_from_build
-from tl_models.core.routing import Route, RoutingState
+from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.fleet.bento import FleetError, commit, prepare, status, swap
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ class Fleet:
         assert self.route().versions == {"a": version_a, "b": 1}
 
     def route(self) -> Route:
-        return RoutingState(self.route_file, poll=0).current()
+        return read_route(self.route_file)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from tl_models.core.cpu import isa_class, this_machine
 from tl_models.core.errors import BuildError, Refused
 from tl_models.core.heads import backbone_from_build, sources_from_build
 from tl_models.core.manifest import BuildDir
-from tl_models.core.routing import RoutingState
+from tl_models.core.routing import read_route
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
@@ -237,4 +237,4 @@ def test_a_triton_swap_to_a_head_the_int8_gate_did_not_measure_is_refused(int8_t
     repo = int8_triton["repo"]
     with pytest.raises(TritonSwapError, match="not measured by the accuracy gate"):
         swap(int8_triton["server"].http_url, repo.path, repo.name, "a", 1)
-    assert RoutingState(repo.path / repo.name / "route.json", poll=0).current().versions == {"a": 2, "b": 1}
+    assert read_route(repo.path / repo.name / "route.json").versions == {"a": 2, "b": 1}

@@ -21,7 +21,7 @@ from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tl_models.core.names import CONFIG, VERSION_SHA256
-from tl_models.core.routing import RoutingState
+from tl_models.core.routing import read_route
 from tl_models.triton import swap as triton_swap
 from tl_models.triton.config import read_config
 
@@ -128,7 +128,7 @@ def test_odd_but_valid_images_are_converted_and_answered(served, reference, prot
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_soak_at_concurrency_32(served, reference, images, protocol):
     module, name = CLIENTS[protocol], served["name"]
-    route = RoutingState(served["repo"] / name / "route.json", poll=0).current()
+    route = read_route(served["repo"] / name / "route.json")
     expected = {f"{head}:{version}": reference(images, head, version) for head, version in route.versions.items()}
     outputs = [module.InferRequestedOutput("logits"), module.InferRequestedOutput("head")]
 
@@ -160,7 +160,7 @@ def _swap_state(served) -> tuple:
     """Everything a swap changes: the route and the configs of the head and its ensembles."""
     repo, name = served["repo"], served["name"]
     configs = tuple((repo / model / CONFIG).read_text() for model in (f"{name}_head_a", f"{name}_a", f"{name}_a_tensor"))
-    return RoutingState(repo / name / "route.json", poll=0).current(), configs
+    return read_route(repo / name / "route.json"), configs
 
 
 def _still_serving_version(served, reference, images, version: int) -> None:

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from tl_models.bench.loadgen import TritonCaller, drive
 from tl_models.cli import main as cli_main
 from tl_models.core.preprocess import preprocess_bytes
-from tl_models.core.routing import RoutingState
+from tl_models.core.routing import read_route
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -110,7 +110,7 @@ def test_router_split_sticky_key_and_explicit_head(served, reference, images):
         result = client.infer(name, inputs, outputs=outputs)
         return result.as_numpy("logits")[0], result.as_numpy("head")[0, 0].decode()
 
-    route = RoutingState(served["repo"] / name / "route.json", poll=0).current()
+    route = read_route(served["repo"] / name / "route.json")
     for key in (f"user-{n}" for n in range(20)):  # sticky: the head the README's rule gives the key, every time
         expected_head = sticky_head(route.weights, route.versions, key)
         assert {ask(images[0], key=key)[1] for _ in range(3)} == {expected_head}, f"key {key} is not sticky"
@@ -164,7 +164,7 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     assert sum(1 for r in records if r.answer == f"{name}_a") > 10
     admin = httpclient.InferenceServerClient(served["server"].http_url)
     assert admin.is_model_ready(f"{name}_head_a", "2") and not admin.is_model_ready(f"{name}_head_a", "1")
-    route = RoutingState(repo / name / "route.json", poll=0).current()
+    route = read_route(repo / name / "route.json")
     assert route.versions["a"] == 2 and route.weights == {"a": 50.0, "b": 50.0}
     logits = admin.infer(f"{name}_a", [bytes_input(httpclient, images[:4])]).as_numpy("logits")
     np.testing.assert_allclose(logits, reference(images[:4], "a", 2), atol=1e-4, rtol=0)

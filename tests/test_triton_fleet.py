@@ -16,7 +16,7 @@ from helpers import RELIABILITY, RELIABILITY_NOTES, bytes_input
 
 from tl_models.bench.loadgen import drive
 from tl_models.cli import main as cli_main
-from tl_models.core.routing import RoutingState
+from tl_models.core.routing import RoutingState, read_route
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
@@ -78,7 +78,7 @@ def _sticky(pair: dict, image: bytes) -> list[str]:
 
 def test_swap_on_both_replicas_under_load(pair, images, tmp_path):
     name, urls = pair["name"], _urls(pair)
-    old = RoutingState(pair["repo"] / name / "route.json", poll=0).current().versions["a"]
+    old = read_route(pair["repo"] / name / "route.json").versions["a"]
     new = 3 - old
     before = _sticky(pair, images[0])
     spread = itertools.cycle(s.http_url for s in pair["servers"])

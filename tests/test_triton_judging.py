@@ -3,6 +3,7 @@ Triton's custom metrics, answers a request id per image, and survives a shadow h
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -10,8 +11,9 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import bytes_input, live, url
+from helpers import ADMIN, TOKEN, bytes_input, live, url
 
+from tl_models.bento import launcher as bento_server
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingState
 
@@ -96,3 +98,42 @@ def test_a_failing_shadow_head_never_fails_a_request(served, images):
     assert state.current().shadow == {}  # dropped from the route by the router
     assert _counter(_metrics(served), "tl_models_shadow_errors", head="b", version="9") >= 1
     assert all(_ask(served, "http", image, "a")[0].startswith("a:") for image in images[:2])
+
+
+def test_bentoml_and_triton_count_the_same_agreement_for_the_same_traffic(served, reference, tmp_path):
+    """One rule for both servers (``tl_models.core.heads.agreed``): the same shadow head beside the same answering
+    head on the same images gives the same agreement on BentoML (``/heads``) and on Triton (its metrics), equal to
+    the count from the build's ONNX files run directly."""
+    paths = sorted(served["data"].rglob("*.png"))
+    images = [p.read_bytes() for p in paths[::max(1, len(paths) // 40)][:40]]
+    answering, shadow = ("b", live(served, "b")), ("a", 2)
+    expected = int((reference(images, *answering).argmax(1) == reference(images, *shadow).argmax(1)).sum())
+
+    assert _shadow(served, "--version", str(shadow[1]), "--share", "1") == 0
+    time.sleep(0.5)  # the router re-reads the route every 0.2 s
+    labels = {"head": shadow[0], "version": str(shadow[1])}
+    before = _metrics(served)
+    assert all(_ask(served, "http", image, answering[0])[0] == "%s:%d" % answering for image in images)
+    after = _metrics(served)
+    triton = {family: _counter(after, f"tl_models_shadow_{family}", **labels) -
+              _counter(before, f"tl_models_shadow_{family}", **labels) for family in ("scored", "agreed")}
+
+    env = {**os.environ, "TL_MODELS_BUILD": str(served["build"]), "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
+           "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "TL_MODELS_WORKERS": "1",
+           "TL_MODELS_ADMIN_TOKEN": TOKEN, "TL_MODELS_BUILD_ROOTS": str(served["build"])}
+    process = bento_server.start(env, log_path=tmp_path / "serve.log", timeout=600)
+    try:
+        with httpx.Client(base_url=process.url, timeout=60) as client:
+            response = client.post("/admin/shadow", json={"build_dir": str(served["build"]), "head": shadow[0],
+                                                          "version": shadow[1], "share": 1}, headers=ADMIN)
+            assert response.status_code == 200, response.text
+            for image in images:
+                answer = client.post("/classify", files={"image": ("x.png", image, "image/png")},
+                                     headers={"X-TL-Head": answering[0]}).json()
+                assert (answer["head"], answer["version"]) == answering, answer
+            entry = next(e for e in client.get("/heads").json()["shadow"]
+                         if (e["name"], e["version"]) == shadow)
+    finally:
+        process.stop()
+    assert triton["scored"] == entry["scored"] == len(images)
+    assert triton["agreed"] == round(entry["agreement"] * entry["scored"]) == expected

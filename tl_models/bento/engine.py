@@ -40,7 +40,7 @@ from ..core.preprocess import (
     preprocess_bytes,
     tensor_problem,
 )
-from ..core.routing import Route, RoutingState, parse_weights
+from ..core.routing import Route, parse_weights, read_route
 from ..core.runtime import create_session
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
@@ -129,7 +129,7 @@ class ServingEngine:
         path = self.config.fleet_route
         if path is None:
             raise BadRequest("this service is not in a fleet: start it with TL_MODELS_FLEET_ROUTE")
-        target = RoutingState(path, poll=0).current()
+        target = read_route(path)
         if pushed is not None and pushed.revision >= target.revision:
             target = pushed.validate()
         followed = self.fleet.get("revision", -1) if self.fleet.get("in_sync") else -1
@@ -169,8 +169,11 @@ class ServingEngine:
     def _run_backbone(self, images: np.ndarray) -> np.ndarray:
         return self.backbone.run([EMBEDDING], {IMAGE: images})[0]
 
-    async def resolve(self, key: str | None = None, head: str | None = None, endpoint: str = "") -> LoadedHead:
-        """The head (and version) that answers one request: ``head`` if given, else the weighted split."""
+    async def route(self, key: str | None = None, head: str | None = None,
+                    endpoint: str = "") -> tuple[LoadedHead, Route]:
+        """The head (and version) that answers one request, ``head`` if given, else the weighted split; and the
+        route it was chosen from, which the rest of the request uses (its shadow heads): one route read per
+        request."""
         route = self.heads.routing.current()
         try:
             name, version = route.choose(key=key or None, head=head or None)
@@ -178,9 +181,13 @@ class ServingEngine:
             reason = "unknown_head" if isinstance(exc, NotFound) else "no_route"
             self.metrics.errors.labels("", "", endpoint, reason).inc()
             raise
-        loaded = self.heads.cached(name, version) or await asyncio.to_thread(self.heads.head, name, version)
+        loaded = await self.resolve(name, version)
         self.heads.follow(route)
-        return loaded
+        return loaded, route
+
+    async def resolve(self, name: str, version: int) -> LoadedHead:
+        """A head version this worker has loaded, else loaded now in a thread (off the event loop)."""
+        return self.heads.cached(name, version) or await asyncio.to_thread(self.heads.head, name, version)
 
     # -- requests
 
@@ -235,61 +242,60 @@ class ServingEngine:
                        top_k: int | None = None) -> dict:
         """One encoded image -> top-k labels and scores from the routed head."""
         k = self._top_k(top_k)
-        chosen = await self.resolve(key, head, "classify")
+        chosen, route = await self.route(key, head, "classify")
         async with self._observed(chosen, "classify"):
             image = await asyncio.to_thread(self.preprocess, data)
             embedding = await self.batcher.submit(image[None])
             logits = chosen.logits(embedding)
-            return {**chosen.answer(logits, k)[0], "request_id": (await self._judge(chosen, embedding, logits))[0]}
+            ids = await self._judge(route, chosen, embedding, logits)
+            return {**chosen.answer(logits, k)[0], "request_id": ids[0]}
 
     async def predict(self, tensor: np.ndarray, key: str | None = None, head: str | None = None,
                       top_k: int | None = None) -> dict:
         """A preprocessed tensor batch -> logits and top-k per image, all from one routed head."""
         k = self._top_k(top_k)
-        chosen = await self.resolve(key, head, "predict")
+        chosen, route = await self.route(key, head, "predict")
         async with self._observed(chosen, "predict"):
             batch = self.tensor_input(tensor)
             embedding = await self.batcher.submit(batch)
             logits = chosen.logits(embedding)
             answers = chosen.answer(logits, k)
-            ids = await self._judge(chosen, embedding, logits)
+            ids = await self._judge(route, chosen, embedding, logits)
             return {"head": chosen.name, "version": chosen.version, "logits": logits.tolist(),
                     "predictions": [a["predictions"] for a in answers], "request_id": ids[0].partition("-")[0],
                     "request_ids": ids}
 
-    async def _judge(self, chosen: LoadedHead, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
-        """Score the route's shadow heads on this embedding, queue the request for recording; its request ids."""
+    async def _judge(self, route: Route, chosen: LoadedHead, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
+        """Score ``route``'s shadow heads on this embedding, queue the request for recording; its request ids."""
         ids = request_ids(len(embedding))
         shadows = []
-        for name, version, share in self.heads.routing.current().shadows():
-            if (name, version) == (chosen.name, chosen.version):
+        for name, version, share in route.shadows():
+            key = f"{name}:{version}"
+            if (name, version) == (chosen.name, chosen.version) or self.judge.dropped(key):
                 continue
-            head = self.heads.cached(name, version)
-            if head is None:
-                try:
-                    head = await asyncio.to_thread(self.heads.head, name, version)
-                except UserError as exc:
-                    self._drop_shadow(f"{name}:{version}", exc.message)
-                    continue
-            shadows.append((head, share))
+            try:
+                shadows.append((await self.resolve(name, version), share))
+            except UserError as exc:
+                self.judge.drop(key, exc.message)
+                self._unroute_shadow(key)
         scored, failed = self.judge.shadow(chosen, logits, embedding, shadows) if shadows else ([], [])
         for key in failed:
-            self._drop_shadow(key, self.judge.dropped_shadows[key])
+            self._unroute_shadow(key)
         self.judge.submit(Scored(ids, time.time(), embedding, chosen, scored, logits))
         return ids
 
-    def _drop_shadow(self, key: str, reason: str) -> None:
-        """Take a failing shadow head out of the route, off the request path (another worker may have already)."""
-        self.judge.dropped_shadows[key] = reason
+    def _unroute_shadow(self, key: str) -> None:
+        """Take a shadow head the judge dropped out of the route, off the request path (another worker may have
+        already)."""
         name, _, version = key.partition(":")
 
-        def drop() -> None:
+        def unroute() -> None:
             try:
                 self.heads.unshadow(name, int(version))
             except UserError:
                 pass
 
-        asyncio.get_running_loop().run_in_executor(None, drop)
+        asyncio.get_running_loop().run_in_executor(None, unroute)
 
     async def embed(self, data: bytes) -> dict:
         """One encoded image -> its backbone embedding."""
@@ -343,7 +349,7 @@ class ServingEngine:
         for entry in heads:
             entry.update(judging["live"][f"{entry['name']}:{entry['version']}"])
         return {"shadow": judging["shadow"], "drift": judging["drift"], "recorder": judging["recorder"],
-                "dropped_shadows": dict(self.judge.dropped_shadows), "fleet": self.fleet or None}
+                "dropped_shadows": self.judge.dropped_shadows(), "fleet": self.fleet or None}
 
     async def set_shadow(self, source: HeadSource | None, name: str, version: int | None, share: float) -> dict:
         """Shadow a head version on ``share`` of requests (``source`` given), or stop shadowing ``name``

@@ -30,7 +30,7 @@ from ..core.drift import DRIFT_THRESHOLD, DRIFT_WINDOW, DriftWindow
 from ..core.embedding_log import EmbeddingLogWriter, append_feedback
 from ..core.errors import BadRequest
 from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore, issued_recently
-from ..core.heads import BackboneSource, LoadedHead, softmax
+from ..core.heads import BackboneSource, LoadedHead, agreed, softmax
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Judge:
             self.log = EmbeddingLogWriter(config.log_dir, {"build": backbone.build, "backbone_sha256": backbone.sha256,
                                                            "embedding_dim": embedding_dim},
                                           max_bytes=config.log_max_bytes)
-        self.dropped_shadows: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
+        self._dropped: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
         self._children: dict[str, tuple] = {}
         self._queue: queue.Queue[Scored] = queue.Queue(maxsize=config.queue_size)
         self._thread = threading.Thread(target=self._record_forever, name="tl-models-judge", daemon=True)
@@ -121,15 +121,30 @@ class Judge:
 
     # -- the request path
 
+    def drop(self, key: str, reason: str) -> None:
+        """Stop scoring shadow head ``key`` in this worker (it failed to load or to run); ``reason`` is shown in
+        ``/heads``."""
+        if key not in self._dropped:
+            log.warning("shadow head %s is dropped from shadowing: %s", key, reason)
+        self._dropped[key] = reason
+
+    def dropped(self, key: str) -> bool:
+        """Whether shadow head ``key`` was dropped in this worker."""
+        return key in self._dropped
+
+    def dropped_shadows(self) -> dict[str, str]:
+        """This worker's dropped shadow heads: key -> reason."""
+        return dict(self._dropped)
+
     def shadow(self, answered: LoadedHead, logits: np.ndarray, embedding: np.ndarray,
                shadows: list[tuple[LoadedHead, float]]) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
         """Score each shadow head drawn by its share on ``embedding``: ``(head, logits)`` of those that ran, and
-        the keys of those that failed (the caller drops them from shadowing)."""
+        the keys of those that failed (dropped here; the caller takes them out of the route)."""
         scored, failed = [], []
         answer_top, answer_confidence = _top1(logits)
         for head, share in shadows:
             key = head.source.key
-            if key in self.dropped_shadows or (share < 1 and random.random() >= share):
+            if key in self._dropped or (share < 1 and random.random() >= share):
                 continue
             start = time.perf_counter()
             try:
@@ -139,18 +154,14 @@ class Judge:
                 top, confidence = _top1(shadow_logits)
             except Exception as exc:  # a shadow head never fails the request
                 self._shadow_metrics(head)[5].inc()
-                self.dropped_shadows[key] = f"{type(exc).__name__}: {exc}"
+                self.drop(key, f"{type(exc).__name__}: {exc}")
                 failed.append(key)
-                log.warning("shadow head %s failed and is dropped from shadowing: %s", key, exc)
                 continue
-            if head.source.labels == answered.source.labels:
-                agreed = int((top == answer_top).sum())
-            else:
-                agreed = sum(head.source.labels[i] == answered.source.labels[j] for i, j in zip(top, answer_top))
+            same = agreed(answered.source.labels, answer_top, head.source.labels, top)
             seconds, images, agreements, confidences, answer_confidences, _ = self._shadow_metrics(head)
             seconds.inc(time.perf_counter() - start)
             images.inc(len(embedding))
-            agreements.inc(agreed)
+            agreements.inc(same)
             confidences.inc(float(confidence.sum()))
             answer_confidences.inc(float(answer_confidence.sum()))
             scored.append((head, shadow_logits))
@@ -299,7 +310,7 @@ class Judge:
                     "answer_confidence": per("tl_models_shadow_answer_confidence"),
                     "added_ms_per_image": seconds / scored * 1000 if scored else None,
                     "errors": int(totals["tl_models_shadow_errors"].get(key, 0.0)),
-                    "dropped": self.dropped_shadows.get(head.source.key), **judged(head, SHADOW)}
+                    "dropped": self._dropped.get(head.source.key), **judged(head, SHADOW)}
 
         window_mean, count = self.drift_window.mean()
         return {"live": {head.source.key: judged(head, LIVE) for head in live},

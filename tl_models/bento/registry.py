@@ -14,7 +14,7 @@ from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
 from ..core.manifest import latest_versions
 from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
-from ..core.routing import Route, RoutingState
+from ..core.routing import Route, RoutingState, read_route
 from .catalog import HeadCatalog
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class HeadRegistry:
         with self.catalog.locked():
             source = self._enter(head, data)
             if live:
-                route = RoutingState(self.routing.path, poll=0).current()  # fresh read: no cached weights
+                route = read_route(self.routing.path)  # fresh read: no cached weights
                 weights = None
                 if weight is not None or source.name not in route.weights:
                     default = 0.0 if any(w > 0 for w in route.weights.values()) else 1.0
@@ -131,7 +131,7 @@ class HeadRegistry:
     def unshadow(self, name: str, version: int | None = None) -> list[str]:
         """Stop shadowing ``name`` (one version, or all); the keys removed (NotFound when none)."""
         with self.catalog.locked():
-            route = RoutingState(self.routing.path, poll=0).current()
+            route = read_route(self.routing.path)
             keys = [f"{n}:{v}" for n, v, _ in route.shadows() if n == name and version in (None, v)]
             if not keys:
                 raise NotFound(f"{name}{'' if version is None else f':{version}'} is not a shadow head; shadow "
@@ -144,7 +144,7 @@ class HeadRegistry:
         swap that another replica refused): out of the catalog and this worker's sessions; Conflict if routed."""
         key = f"{name}:{version}"
         with self.catalog.locked():
-            route = RoutingState(self.routing.path, poll=0).current()
+            route = read_route(self.routing.path)
             if route.versions.get(name) == version or key in route.shadow:
                 raise Conflict(f"head {key} is in the route (live or shadow): swap or retire it first")
             if self.catalog.get(name, version) is None:
@@ -167,7 +167,7 @@ class HeadRegistry:
                 with self.catalog.locked():
                     self._enter(head, data)
         with self.catalog.locked():
-            local = RoutingState(self.routing.path, poll=0).current()
+            local = read_route(self.routing.path)
             if (local.weights, local.versions, local.shadow) == (target.weights, target.versions, target.shadow):
                 return False
             self._update_route(weights=target.weights, versions=target.versions,
@@ -194,7 +194,7 @@ class HeadRegistry:
     def retire(self, name: str) -> None:
         """Take a head out of the route (weights and live version); its requests go to the other heads."""
         with self.catalog.locked():
-            route = RoutingState(self.routing.path, poll=0).current()
+            route = read_route(self.routing.path)
             if name not in route.versions:
                 raise NotFound(f"cannot retire unknown head {name!r}; live heads: "
                                f"{', '.join(sorted(route.versions)) or 'none'}")

@@ -118,6 +118,11 @@ def _key_point(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64
 
 
+def read_route(path: str | Path) -> Route:
+    """The route in the file at ``path`` now (empty when there is none): read afresh, no cache."""
+    return read_route(path)
+
+
 class RoutingState:
     """The route table on disk: cached reads (re-checked every ``poll`` s), locked atomic updates."""
 

@@ -35,7 +35,7 @@ import httpx
 from ..core.errors import UserError
 from ..core.heads import head_source_from_build
 from ..core.manifest import BuildDir
-from ..core.routing import Route, RoutingState
+from ..core.routing import Route, RoutingState, read_route
 
 
 class FleetError(UserError):
@@ -107,7 +107,7 @@ def status(urls: list[str], route_file: str | Path | None = None) -> dict:
     routes = {json.dumps(_live(r.body), sort_keys=True) for r in replies if r.ok}
     figures: dict = {"replicas": replicas, "agree": len(routes) == 1 and all(r.ok for r in replies)}
     if route_file is not None:
-        target = RoutingState(route_file, poll=0).current()
+        target = read_route(route_file)
         figures["route"] = {**target.to_dict(), "file": str(route_file)}
         wanted = {"versions": target.versions, "weights": target.weights, "shadow": target.shadow}
         for entry in replicas:

@@ -52,7 +52,7 @@ from ..core.names import (
     VERSION_SHA256,
 )
 from ..core.preprocess import blank_image
-from ..core.routing import Route, RoutingState
+from ..core.routing import Route, RoutingState, read_route
 from .config import (
     RepositoryOptions,
     TritonConfigError,
@@ -192,7 +192,7 @@ def _version_files(onnx_path: Path, options: RepositoryOptions, facts: dict[str,
 
 def _live_versions(route_path: Path, manifest: Manifest) -> dict[str, int]:
     """Live version per head: the route file's where it names one the build has, else the latest."""
-    routed = RoutingState(route_path).current().versions
+    routed = read_route(route_path).versions
     built = {name: {h.version for h in manifest.heads if h.name == name} for name in manifest.head_names()}
     latest = manifest.latest_versions()
     return {name: routed[name] if routed.get(name) in built[name] else latest[name] for name in built}

@@ -42,7 +42,7 @@ from ..core.names import (
     VERSION_ONNX,
     VERSION_SHA256,
 )
-from ..core.routing import Route, RoutingState
+from ..core.routing import Route, RoutingState, read_route
 from .config import backbone_model, ensemble_model, head_model, read_config
 from .repository import write_config
 
@@ -351,7 +351,7 @@ def status(url: str | list[str], repo: str | Path, name: str) -> dict:
     the route uses, and only those."""
     repo = Path(repo)
     urls = _url_list(url)
-    route = RoutingState(repo / name / ROUTE_FILE, poll=0).current()
+    route = read_route(repo / name / ROUTE_FILE)
     if not route.versions:
         raise TritonSwapError(f"no route file {repo / name / ROUTE_FILE}: is {name!r} a build packaged into {repo}?")
     prefix = head_model(name, "")

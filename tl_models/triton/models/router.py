@@ -10,7 +10,8 @@ just unloaded is retried once on the route in force. Bad requests get their own 
 batch is answered.
 
 Shadow heads named in the route (``tl-models triton shadow``) run on the same embeddings, concurrently with the
-answering heads, on each request drawn by their share; their top-1 agreement with the answering head is counted in
+answering heads, on each request drawn by their share; their top-1 agreement with the answering head (by label,
+``tl_models.core.heads.agreed``, the rule BentoML's judge uses) is counted in
 Triton's custom metrics (``tl_models_shadow_scored`` / ``_agreed`` / ``_errors``, labels head and version, on the
 metrics port). A shadow head that fails is counted, dropped from this router's shadowing and from the route; the
 request is answered.
@@ -22,6 +23,7 @@ import asyncio
 import json
 import random
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +31,42 @@ import triton_python_backend_utils as pb_utils
 
 from tl_models.core.errors import BadRequest, ModelFault, UserError
 from tl_models.core.feedback import request_ids
-from tl_models.core.names import EMBEDDING, HEAD, IMAGE, IMAGE_BYTES, LOGITS, REQUEST_ID, ROUTE_HEAD, ROUTE_KEY
+from tl_models.core.heads import agreed
+from tl_models.core.names import (
+    EMBEDDING,
+    HEAD,
+    IMAGE,
+    IMAGE_BYTES,
+    LOGITS,
+    REQUEST_ID,
+    ROUTE_HEAD,
+    ROUTE_KEY,
+    VERSION_HEAD,
+)
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
-from tl_models.core.routing import Route, RoutingState
+from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.triton.models.common import error_response, model_parameters
 
 
 class StepError(ModelFault):
     """A BLS call that returned an error."""
+
+
+@dataclass
+class Routed:
+    """One request of a batch, routed and preprocessed: its place in the batch, the head version chosen for it and
+    its images, whose embeddings are rows ``start:stop`` of the batch's."""
+
+    index: int
+    head: str
+    version: int
+    images: np.ndarray
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.arange(self.start, self.stop)
 
 
 def _first_string(request: "pb_utils.InferenceRequest", name: str) -> str | None:
@@ -75,6 +105,8 @@ class TritonPythonModel:
                                             "dropped from shadowing; the request is answered)", kind)}
         self.metrics: dict[tuple[str, str, int], object] = {}
         self.dropped: set[str] = set()
+        self.repository = Path(args["model_repository"]).parent
+        self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
         request = pb_utils.InferenceRequest(model_name=model, model_version=version, inputs=inputs,
@@ -92,19 +124,28 @@ class TritonPythonModel:
                                        for c in chunks))
         return np.concatenate(parts)
 
-    async def _prepare(self, request: "pb_utils.InferenceRequest") -> tuple[str, int, np.ndarray]:
-        """Route one request and preprocess its images; a UserError (its code from the table) for a bad request."""
-        head, version = self.routing.current().choose(_first_string(request, ROUTE_KEY),
-                                                      _first_string(request, ROUTE_HEAD))
+    async def _prepare(self, route: Route, index: int, request: "pb_utils.InferenceRequest") -> Routed:
+        """Route one request on ``route`` and preprocess its images; a UserError (its code from the table) for a
+        bad request."""
+        head, version = route.choose(_first_string(request, ROUTE_KEY), _first_string(request, ROUTE_HEAD))
         data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy()
         images = await asyncio.to_thread(preprocess_many, data.reshape(-1), self.spec, self.max_pixels)
-        return head, version, images  # in a thread: PIL releases the GIL while it decodes and resizes
+        return Routed(index, head, version, images)  # in a thread: PIL releases the GIL while it decodes and resizes
+
+    def labels(self, head: str, version: int) -> tuple[str, ...]:
+        """The labels of a head version, from its ``head.json`` in the repository (read once)."""
+        labels = self._labels.get((head, version))
+        if labels is None:
+            facts = json.loads((self.repository / f"{self.head_prefix}{head}" / str(version) / VERSION_HEAD)
+                               .read_text())
+            labels = self._labels[(head, version)] = tuple(facts["labels"])
+        return labels
 
     async def _head(self, head: str, version: int, embeddings: np.ndarray) -> tuple[int, np.ndarray]:
         try:
             return version, await self._batched(self.head_prefix + head, version, EMBEDDING, embeddings, LOGITS)
         except StepError:
-            live = RoutingState(self.route_file, poll=0).current().versions.get(head)
+            live = read_route(self.route_file).versions.get(head)
             if live is None or live == version:
                 raise
             return live, await self._batched(self.head_prefix + head, live, EMBEDDING, embeddings, LOGITS)
@@ -116,32 +157,42 @@ class TritonPythonModel:
                 labels={"head": head, "version": str(version)})
         metric.increment(value)
 
-    def _shadow_rows(self, route: Route, good: list, starts: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    def _shadow_rows(self, route: Route, routed: list[Routed]) -> dict[tuple[str, int], np.ndarray]:
         """Per shadow head of the route, the embedding rows it scores: the requests drawn by its share, except
         those its own version answers."""
         chosen = {}
         for name, version, share in route.shadows():
             if f"{name}:{version}" in self.dropped:
                 continue
-            picked = [np.arange(starts[p], starts[p + 1]) for p, (_, head, answered, _) in enumerate(good)
-                      if (head, answered) != (name, version) and (share >= 1 or random.random() < share)]
+            picked = [r.rows for r in routed
+                      if (r.head, r.version) != (name, version) and (share >= 1 or random.random() < share)]
             if picked:
                 chosen[(name, version)] = np.concatenate(picked)
         return chosen
 
-    def _judge_shadows(self, shadows: dict, results: list, answers: np.ndarray, answered: np.ndarray) -> None:
-        """Count agreement of each shadow head with the answering heads (rows whose head answered)."""
+    def _judge_shadows(self, shadows: dict, results: list, answers: list[tuple[str, int, int] | None]) -> None:
+        """Count agreement of each shadow head with the head that answered each row (:func:`agreed`: by label);
+        ``answers`` holds per embedding row the answering head, version and top-1 index, None where none did."""
         for (name, version), result in zip(shadows, results):
             rows = shadows[(name, version)]
             if isinstance(result, BaseException):
                 self._count("errors", name, version, 1)
                 self._drop(name, version)
                 continue
-            keep = answered[rows]
-            if keep.any():
-                agreed = result.argmax(axis=1)[keep] == answers[rows[keep]].argmax(axis=1)
-                self._count("scored", name, version, int(keep.sum()))
-                self._count("agreed", name, version, int(agreed.sum()))
+            top = result.argmax(axis=1)
+            by_head: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+            for position, row in enumerate(rows):
+                answer = answers[row]
+                if answer is not None:
+                    tops = by_head.setdefault(answer[:2], ([], []))
+                    tops[0].append(int(answer[2]))
+                    tops[1].append(int(top[position]))
+            if by_head:
+                shadow_labels = self.labels(name, version)
+                same = sum(agreed(self.labels(*head), answer_top, shadow_labels, shadow_top)
+                           for head, (answer_top, shadow_top) in by_head.items())
+                self._count("scored", name, version, sum(len(t[0]) for t in by_head.values()))
+                self._count("agreed", name, version, same)
 
     def _drop(self, name: str, version: int) -> None:
         """Stop shadowing a failing head here at once, and in the route (off the request path)."""
@@ -158,58 +209,60 @@ class TritonPythonModel:
 
     async def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
-        prepared = await asyncio.gather(*(self._prepare(r) for r in requests), return_exceptions=True)
-        good = []
+        route = self.routing.current()  # one read for the whole batch: answers and shadows follow the same route
+        prepared = await asyncio.gather(*(self._prepare(route, i, r) for i, r in enumerate(requests)),
+                                        return_exceptions=True)
+        routed: list[Routed] = []
         for index, item in enumerate(prepared):
             if isinstance(item, BaseException):
                 responses[index] = error_response(item)
             else:
-                good.append((index, *item))
-        if not good:
+                routed.append(item)
+        if not routed:
             return responses
-        sizes = [len(images) for *_, images in good]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        start = 0
+        for r in routed:
+            r.start, r.stop = start, start + len(r.images)
+            start = r.stop
         try:
-            embeddings = await self._batched(self.backbone, -1, IMAGE, np.concatenate([g[3] for g in good]), EMBEDDING)
+            embeddings = await self._batched(self.backbone, -1, IMAGE, np.concatenate([r.images for r in routed]),
+                                             EMBEDDING)
         except StepError as exc:
-            for index, *_ in good:
-                responses[index] = error_response(exc)
+            for r in routed:
+                responses[r.index] = error_response(exc)
             return responses
-        groups: dict[tuple[str, int], list[int]] = {}
-        for position, (_, head, version, _) in enumerate(good):
-            groups.setdefault((head, version), []).append(position)
-        rows = {key: np.concatenate([np.arange(starts[p], starts[p + 1]) for p in members])
-                for key, members in groups.items()}
-        shadows = self._shadow_rows(self.routing.current(), good, starts)
+        groups: dict[tuple[str, int], list[Routed]] = {}
+        for r in routed:
+            groups.setdefault((r.head, r.version), []).append(r)
+        rows = {key: np.concatenate([r.rows for r in members]) for key, members in groups.items()}
+        shadows = self._shadow_rows(route, routed)
         results = await asyncio.gather(*(self._head(head, version, embeddings[rows[(head, version)]])
                                           for head, version in groups),
                                         *(self._batched(self.head_prefix + name, version, EMBEDDING, embeddings[r],
                                                         LOGITS) for (name, version), r in shadows.items()),
                                         return_exceptions=True)
-        answers, answered_rows = None, np.zeros(len(embeddings), dtype=bool)
+        answers: list[tuple[str, int, int] | None] = [None] * len(embeddings)
         for (head, version), result in zip(groups, results):
             members = groups[(head, version)]
             if isinstance(result, BaseException):
-                for position in members:
-                    responses[good[position][0]] = error_response(result)
+                for r in members:
+                    responses[r.index] = error_response(result)
                 continue
             answered, logits = result
             if shadows:
-                if answers is None:
-                    answers = np.zeros((len(embeddings), logits.shape[1]), logits.dtype)
-                answers[rows[(head, version)]] = logits
-                answered_rows[rows[(head, version)]] = True
+                for row, top in zip(rows[(head, version)], logits.argmax(axis=1)):
+                    answers[row] = (head, answered, int(top))
             offset = 0
-            for position in members:
-                size = sizes[position]
+            for r in members:
+                size = r.stop - r.start
                 label = np.array([[f"{head}:{answered}".encode()]] * size, dtype=np.object_)
                 ids = np.array([[rid.encode()] for rid in request_ids(size)], dtype=np.object_)
-                responses[good[position][0]] = pb_utils.InferenceResponse(output_tensors=[
+                responses[r.index] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(LOGITS, logits[offset:offset + size]), pb_utils.Tensor(HEAD, label),
                     pb_utils.Tensor(REQUEST_ID, ids)])
                 offset += size
-        if shadows and answers is not None:
-            self._judge_shadows(shadows, results[len(groups):], answers, answered_rows)
+        if shadows:
+            self._judge_shadows(shadows, results[len(groups):], answers)
         return responses
 
     def finalize(self) -> None:
