@@ -90,18 +90,25 @@ read_routes = Starlette(routes=[Route("/heads", _heads, methods=["GET"])])
 limits.refuse_remote_files()
 
 
-@bentoml.service(workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
-                 traffic={"timeout": float(os.environ.get("TL_MODELS_TIMEOUT", "60"))},
-                 logging={"access": {"enabled": os.environ.get("TL_MODELS_ACCESS_LOG", "1") != "0"}},
-                 labels={"project": "tl-models"}, **({"resources": {"gpu": 1}} if gpu_count() else {}))
+@bentoml.service(
+    workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
+    traffic={"timeout": float(os.environ.get("TL_MODELS_TIMEOUT", "60"))},
+    logging={"access": {"enabled": os.environ.get("TL_MODELS_ACCESS_LOG", "1") != "0"}},
+    labels={"project": "tl-models"},
+    **({"resources": {"gpu": 1}} if gpu_count() else {}),
+)
 @bentoml.asgi_app(read_routes, path="/")
 class Classifier:
     """Image classification: one shared backbone, heads chosen per request by weight, key or X-TL-Head."""
 
     def __init__(self) -> None:
         backbone, heads = store.serving_sources()
-        self.engine = ServingEngine(backbone, heads, ServingConfig.from_env(store.default_state_dir(backbone)),
-                                    find_head=lambda name, version: store.find_head(backbone.build, name, version))
+        self.engine = ServingEngine(
+            backbone,
+            heads,
+            ServingConfig.from_env(store.default_state_dir(backbone)),
+            find_head=lambda name, version: store.find_head(backbone.build, name, version),
+        )
         self.engine.warm_up()
 
     def __is_ready__(self) -> bool:
@@ -137,27 +144,43 @@ class Classifier:
         return _admin_denied(ctx) or await _answer(ctx, self.engine.set_weights(weights))
 
     @bentoml.api(route="/admin/load")
-    async def admin_load(self, head: str = "", version: int | None = None, tag: str | None = None,
-                         build_dir: str | None = None, live: bool = True, weight: float | None = None,
-                         ctx: bentoml.Context = None) -> dict:
+    async def admin_load(
+        self,
+        head: str = "",
+        version: int | None = None,
+        tag: str | None = None,
+        build_dir: str | None = None,
+        live: bool = True,
+        weight: float | None = None,
+        ctx: bentoml.Context = None,
+    ) -> dict:
         """Load a head version from the store (``tag``, or ``head`` + ``version`` of the served build) or from
         a build directory (``build_dir`` + ``head`` [+ ``version``]) and, if ``live``, route its name to it."""
         return _admin_denied(ctx) or await _answer(ctx, self._load(head, version, tag, build_dir, live, weight))
 
     @bentoml.api(route="/admin/shadow")
-    async def admin_shadow(self, head: str = "", version: int | None = None, share: float = 1.0,
-                           tag: str | None = None, build_dir: str | None = None, ctx: bentoml.Context = None) -> dict:
+    async def admin_shadow(
+        self,
+        head: str = "",
+        version: int | None = None,
+        share: float = 1.0,
+        tag: str | None = None,
+        build_dir: str | None = None,
+        ctx: bentoml.Context = None,
+    ) -> dict:
         """Score a head version beside every answer on ``share`` (0..1) of requests, never returned; found like
         /admin/load. ``share`` 0 stops shadowing ``head`` (``version``, or every version)."""
         return _admin_denied(ctx) or await _answer(ctx, self._shadow(head, version, share, tag, build_dir))
 
-    async def _shadow(self, head: str, version: int | None, share: float, tag: str | None,
-                      build_dir: str | None) -> dict:
+    async def _shadow(
+        self, head: str, version: int | None, share: float, tag: str | None, build_dir: str | None
+    ) -> dict:
         source = None if share == 0 else await asyncio.to_thread(self._find, head, version, tag, build_dir)
         return await self.engine.set_shadow(source, check_name(head) if share == 0 else source.name, version, share)
 
-    async def _load(self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool,
-                    weight: float | None) -> dict:
+    async def _load(
+        self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool, weight: float | None
+    ) -> dict:
         source = await asyncio.to_thread(self._find, head, version, tag, build_dir)
         return await self.engine.load(source, live=live, weight=weight)
 
@@ -170,8 +193,9 @@ class Classifier:
         elif head and version is not None:
             source = store.find_head(self.engine.backbone_source.build, head, version)
         else:
-            raise BadRequest("name a head: {\"tag\": ...}, {\"head\": ..., \"version\": ...} "
-                             "or {\"build_dir\": ..., \"head\": ...}")
+            raise BadRequest(
+                'name a head: {"tag": ...}, {"head": ..., "version": ...} or {"build_dir": ..., "head": ...}'
+            )
         return source
 
     @bentoml.api(route="/admin/unload")

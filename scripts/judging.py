@@ -51,13 +51,13 @@ def _split(data: Path, work: Path, shift: str, seed: int = 0) -> dict[str, list[
         rng.shuffle(files)
         label = class_dir.name
         parts["held"] += [(label, p) for p in files[:HELD]]
-        for i, path in enumerate(files[HELD:HELD + SHIFTED]):
+        for i, path in enumerate(files[HELD : HELD + SHIFTED]):
             target = work / "shifted" / label / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shifted_image(path, shift).save(target)
             parts["shifted_served" if i % 2 == 0 else "shifted_eval"].append((label, target))
         (work / "train" / label).mkdir(parents=True)
-        for path in files[HELD + SHIFTED:]:
+        for path in files[HELD + SHIFTED :]:
             shutil.copy(path, work / "train" / label / path.name)
     for images in parts.values():  # served in random order, as traffic comes, not class by class
         rng.shuffle(images)
@@ -92,8 +92,9 @@ def serve_and_label(client: httpx.Client, images: list[tuple[str, Path]]) -> Non
     for label, path in images:
         answer = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/png")})
         answer.raise_for_status()
-        client.post("/feedback", json={"request_id": answer.json()["request_id"], "label": label},
-                    headers=AUTH).raise_for_status()
+        client.post(
+            "/feedback", json={"request_id": answer.json()["request_id"], "label": label}, headers=AUTH
+        ).raise_for_status()
 
 
 def heads(client: httpx.Client) -> dict:
@@ -130,14 +131,33 @@ def main() -> None:
     build_dir = out / "build"
     shutil.rmtree(build_dir, ignore_errors=True)
     for head, kind in (("a", "linear"), ("b", "mlp")):
-        build(BuildOptions(data=out / "train", out=build_dir, weights="IMAGENET1K_V1", kind=kind, head=head,
-                           train=TrainConfig(seed=0), cache_dir=out / "cache", progress=False))
+        build(
+            BuildOptions(
+                data=out / "train",
+                out=build_dir,
+                weights="IMAGENET1K_V1",
+                kind=kind,
+                head=head,
+                train=TrainConfig(seed=0),
+                cache_dir=out / "cache",
+                progress=False,
+            )
+        )
     offline = Offline(build_dir)
     state = out / "state"
     shutil.rmtree(state, ignore_errors=True)
-    env = launcher.service_environment(build_dir=build_dir, state_dir=state, extra={
-        "TL_MODELS_ADMIN_TOKEN": TOKEN, "TL_MODELS_LOG_SHARE": "1", "TL_MODELS_LOG_FLUSH": "1",
-        "TL_MODELS_DRIFT_WINDOW": "128", "TL_MODELS_BUILD_ROOTS": str(out), "TL_MODELS_ACCESS_LOG": "0"})
+    env = launcher.service_environment(
+        build_dir=build_dir,
+        state_dir=state,
+        extra={
+            "TL_MODELS_ADMIN_TOKEN": TOKEN,
+            "TL_MODELS_LOG_SHARE": "1",
+            "TL_MODELS_LOG_FLUSH": "1",
+            "TL_MODELS_DRIFT_WINDOW": "128",
+            "TL_MODELS_BUILD_ROOTS": str(out),
+            "TL_MODELS_ACCESS_LOG": "0",
+        },
+    )
     server = launcher.start(env, log_path=out / "serve.log")
     figures: dict = {"shift": args.shift, "images": {k: len(v) for k, v in parts.items()}}
     try:
@@ -152,22 +172,40 @@ def main() -> None:
             name, version = key.split(":")
             entry = judged(status, key)
             figures["held_out"][key] = {
-                "role": entry["role"], "served_accuracy": entry["feedback"]["accuracy"],
+                "role": entry["role"],
+                "served_accuracy": entry["feedback"]["accuracy"],
                 "labelled": entry["feedback"]["labelled"],
-                "offline_accuracy": accuracy(offline.top1(parts["held"], name, int(version)), parts["held"])}
+                "offline_accuracy": accuracy(offline.top1(parts["held"], name, int(version)), parts["held"]),
+            }
         figures["held_out"]["agreement_b_with_a"] = judged(status, "b:1")["agreement"]
-        figures["drift"] = {"threshold": status["drift"]["threshold"],
-                            "after_held_out": judged(status, "a:1")["drift"]}
+        figures["drift"] = {"threshold": status["drift"]["threshold"], "after_held_out": judged(status, "a:1")["drift"]}
 
         serve_and_label(client, parts["shifted_served"])
         figures["drift"]["after_shifted"] = judged(heads(client), "a:1")["drift"]
 
-        subprocess.run([sys.executable, "-m", "tl_models.cli", "build", "--from-log", str(state / "embedding-log"),
-                        "--out", str(build_dir), "--head", "a"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tl_models.cli",
+                "build",
+                "--from-log",
+                str(state / "embedding-log"),
+                "--out",
+                str(build_dir),
+                "--head",
+                "a",
+            ],
+            check=True,
+        )
         evaluation = parts["shifted_eval"]
-        figures["from_log"] = {f"a:{v}": {"shifted_accuracy": accuracy(offline.top1(evaluation, "a", v), evaluation),
-                                          "held_out_accuracy": accuracy(offline.top1(parts["held"], "a", v),
-                                                                        parts["held"])} for v in (1, 2)}
+        figures["from_log"] = {
+            f"a:{v}": {
+                "shifted_accuracy": accuracy(offline.top1(evaluation, "a", v), evaluation),
+                "held_out_accuracy": accuracy(offline.top1(parts["held"], "a", v), parts["held"]),
+            }
+            for v in (1, 2)
+        }
         admin(client, "/admin/shadow", {"head": "b", "share": 0})
         admin(client, "/admin/shadow", {"build_dir": str(build_dir), "head": "a", "version": 2, "share": 1})
         before = heads(client)
@@ -178,14 +216,32 @@ def main() -> None:
             was = judged(before, key)["feedback"] if key == "a:1" else {"labelled": 0, "correct": 0}
             now = judged(after, key)
             labelled = now["feedback"]["labelled"] - was["labelled"]
-            figures["shadow_on_shifted"][key] = {"role": now["role"], "labelled": labelled,
-                                                 "accuracy": (now["feedback"]["correct"] - was["correct"]) / labelled}
+            figures["shadow_on_shifted"][key] = {
+                "role": now["role"],
+                "labelled": labelled,
+                "accuracy": (now["feedback"]["correct"] - was["correct"]) / labelled,
+            }
         admin(client, "/admin/load", {"build_dir": str(build_dir), "head": "a", "version": 2})
         figures["promoted"] = judged(heads(client), "a:2")["role"]
     finally:
         server.stop()
-    subprocess.run([sys.executable, "-m", "tl_models.cli", "report", "--log", str(state / "embedding-log"),
-                    "--build", str(build_dir), "--slices", "12", "--plot", str(out / "judging.png")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tl_models.cli",
+            "report",
+            "--log",
+            str(state / "embedding-log"),
+            "--build",
+            str(build_dir),
+            "--slices",
+            "12",
+            "--plot",
+            str(out / "judging.png"),
+        ],
+        check=True,
+    )
     (out / "judging.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
     print(f"figures: {out / 'judging.json'}, plot: {out / 'judging.png'}")

@@ -45,8 +45,9 @@ from tl_models.training.train import predict
 HELD_OUT = 54  # per class: 540 test digits
 
 
-def _split_digits(data: Path, out: Path, labels: int, seed: int,
-                  held_out: int | None = HELD_OUT) -> tuple[Path, Path, Path]:
+def _split_digits(
+    data: Path, out: Path, labels: int, seed: int, held_out: int | None = HELD_OUT
+) -> tuple[Path, Path, Path]:
     """``labels`` per class into out/labelled/<class>, ``held_out`` per class into out/test/<class>, the rest into
     out/unlabelled (flat); ``held_out`` None: the rest is the test set and out/unlabelled stays empty."""
     rng = random.Random(seed)
@@ -86,8 +87,10 @@ def _table(rows: list[dict], group: str, methods: list[str]) -> str:
     lines = [f"| {group} | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
     for value in dict.fromkeys(r[group] for r in rows):
         picked = [r for r in rows if r[group] == value]
-        cells = [f"{100 * statistics.mean(r[m] for r in picked):.1f} ± {100 * statistics.pstdev(r[m] for r in picked):.1f}%"
-                 for m in methods]
+        cells = [
+            f"{100 * statistics.mean(r[m] for r in picked):.1f} ± {100 * statistics.pstdev(r[m] for r in picked):.1f}%"
+            for m in methods
+        ]
         lines.append(f"| {value} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,8 +108,19 @@ def _run(work: Path, test: Path, cache: Path, method: str, options: dict) -> tup
         shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     export = not tuned and not (out / BACKBONE_ONNX).exists()  # the first head exports the backbone, once
-    report = build(BuildOptions(out=out, head=head, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                                kind="linear", cache_dir=cache, progress=False, export=export, **options))
+    report = build(
+        BuildOptions(
+            out=out,
+            head=head,
+            backbone="mobilenet_v2",
+            weights="IMAGENET1K_V1",
+            kind="linear",
+            cache_dir=cache,
+            progress=False,
+            export=export,
+            **options,
+        )
+    )
     seconds = round(time.perf_counter() - start, 1)
     return _test_accuracy(out, head, test, cache), {**report.head.train, "seconds": seconds}
 
@@ -120,12 +134,17 @@ def few_labels(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
             common = {"data": labelled, "train": TrainConfig(seed=seed)}
             row = {"labels per class": labels, "seed": seed}
             row["labelled only"], _ = _run(work, test, cache, "labelled only", common)
-            row["self-training"], train = _run(work, test, cache, "self-training",
-                                               {**common, "unlabeled": unlabelled, "self_training": SelfTraining()})
+            row["self-training"], train = _run(
+                work, test, cache, "self-training", {**common, "unlabeled": unlabelled, "self_training": SelfTraining()}
+            )
             row["pseudo_labels"] = train["self_training"]["pseudo_labels"]
             row["self-training, all rounds"], _ = _run(
-                work, test, cache, "self-training all rounds",
-                {**common, "unlabeled": unlabelled, "self_training": SelfTraining(stop=False)})
+                work,
+                test,
+                cache,
+                "self-training all rounds",
+                {**common, "unlabeled": unlabelled, "self_training": SelfTraining(stop=False)},
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(_table(rows, "labels per class", ["labelled only", "self-training", "self-training, all rounds"]))
@@ -148,8 +167,9 @@ def fine_tune(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
             options = dict(common)
             if method != "linear probe":
                 stages = int(method.split()[1].rstrip(","))
-                options["fine_tune"] = FineTune(stages=stages, lr=args.fine_tune_lr,
-                                                augment=() if "no augmentation" in method else ("crop",))
+                options["fine_tune"] = FineTune(
+                    stages=stages, lr=args.fine_tune_lr, augment=() if "no augmentation" in method else ("crop",)
+                )
             row[method], train = _run(work, test, cache, method, options)
             row[f"{method} seconds"] = train["seconds"]  # the build alone (features cached), not the test
             if train.get("fine_tune"):
@@ -187,9 +207,13 @@ def shift(args: argparse.Namespace, data: Path, cache: Path) -> list[dict]:
             row = {"shift": name, "seed": seed}
             row["source only"], _ = _run(work, test, cache, "source only", common)
             row["CORAL"], _ = _run(work, test, cache, "CORAL", {**common, "target": target})
-            row["CORAL + self-training"], _ = _run(work, test, cache, "CORAL + self-training",
-                                                   {**common, "target": target, "unlabeled": target,
-                                                    "self_training": SelfTraining()})
+            row["CORAL + self-training"], _ = _run(
+                work,
+                test,
+                cache,
+                "CORAL + self-training",
+                {**common, "target": target, "unlabeled": target, "self_training": SelfTraining()},
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(_table(rows, "shift", ["source only", "CORAL", "CORAL + self-training"]))

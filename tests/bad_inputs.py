@@ -59,11 +59,12 @@ def bad_images(rng: np.random.Generator, count: int) -> Iterator[Bad]:
     kinds = [
         lambda: Bad("random bytes", rng.bytes(int(rng.integers(1, 4096))), NOT_AN_IMAGE),
         lambda: Bad("text", b"hello, " + rng.bytes(8).hex().encode(), NOT_AN_IMAGE),
-        lambda: Bad("truncated png", png[:int(len(png) * rng.uniform(0.02, 0.95))], NOT_AN_IMAGE),
-        lambda: Bad("truncated jpeg", jpeg[:int(len(jpeg) * rng.uniform(0.02, 0.95))], NOT_AN_IMAGE),
+        lambda: Bad("truncated png", png[: int(len(png) * rng.uniform(0.02, 0.95))], NOT_AN_IMAGE),
+        lambda: Bad("truncated jpeg", jpeg[: int(len(jpeg) * rng.uniform(0.02, 0.95))], NOT_AN_IMAGE),
         lambda: Bad("empty", b"", r"empty"),
-        lambda: Bad("tiny image", encode(Image.new("RGB", (int(rng.integers(1, 8)), int(rng.integers(1, 8))))),
-                    r"too small"),
+        lambda: Bad(
+            "tiny image", encode(Image.new("RGB", (int(rng.integers(1, 8)), int(rng.integers(1, 8))))), r"too small"
+        ),
         lambda: Bad("decompression bomb", declared_png(20000, 20000), r"too large"),
         lambda: Bad("over the pixel limit", declared_png(int(rng.integers(6400, 12000)), 7000), r"too large"),
         lambda: Bad("extreme aspect ratio", declared_png(int(rng.integers(8, 40)), 60000), r"aspect ratio"),
@@ -73,8 +74,9 @@ def bad_images(rng: np.random.Generator, count: int) -> Iterator[Bad]:
         yield kinds[index % len(kinds)]()
 
 
-def bad_tensors(rng: np.random.Generator, count: int, input_size: tuple[int, int, int],
-                max_batch: int) -> Iterator[Bad]:
+def bad_tensors(
+    rng: np.random.Generator, count: int, input_size: tuple[int, int, int], max_batch: int
+) -> Iterator[Bad]:
     """``count`` tensor payloads that no server may accept: wrong shape, wrong dtype, NaN/Inf, too many images."""
     channels, height, width = input_size
 
@@ -91,22 +93,33 @@ def bad_tensors(rng: np.random.Generator, count: int, input_size: tuple[int, int
 
     # each alternative is one server's exact words: ours (tl_models.core.preprocess.tensor_problem, the BentoML
     # engine) or Triton's frontend, which checks a tensor input's data type and shape against the model config
-    shape_message = (rf"must have shape N×{channels}×{height}×{width}, got \[|"
-                     rf"unexpected shape for input 'image' for model '\w+'\. Expected \[-1,{channels},{height},{width}\]")
+    shape_message = (
+        rf"must have shape N×{channels}×{height}×{width}, got \[|"
+        rf"unexpected shape for input 'image' for model '\w+'\. Expected \[-1,{channels},{height},{width}\]"
+    )
 
     def triton_type(sent: str) -> str:
         return rf"data-type is '{sent}', but model '\w+' expects 'UINT8'"
 
     kinds = [
         wrong_shape,
-        lambda: Bad("wrong dtype", np.full((1, channels, height, width), "x", dtype=np.str_),
-                    r"must hold numbers, got dtype <U|" + triton_type("BYTES")),
-        lambda: Bad("wrong dtype", np.zeros((1, channels, height, width), np.complex64),
-                    r"must hold numbers, got dtype <U|" + triton_type("FP64")),
+        lambda: Bad(
+            "wrong dtype",
+            np.full((1, channels, height, width), "x", dtype=np.str_),
+            r"must hold numbers, got dtype <U|" + triton_type("BYTES"),
+        ),
+        lambda: Bad(
+            "wrong dtype",
+            np.zeros((1, channels, height, width), np.complex64),
+            r"must hold numbers, got dtype <U|" + triton_type("FP64"),
+        ),
         non_finite,
-        lambda: Bad("batch over the maximum", np.zeros((max_batch + 1, channels, height, width), np.uint8),
-                    rf"tensor batch must hold 1 to {max_batch} images, got {max_batch + 1}|"
-                    rf"batch-size must be <= {max_batch}"),
+        lambda: Bad(
+            "batch over the maximum",
+            np.zeros((max_batch + 1, channels, height, width), np.uint8),
+            rf"tensor batch must hold 1 to {max_batch} images, got {max_batch + 1}|"
+            rf"batch-size must be <= {max_batch}",
+        ),
     ]
     for index in range(count):
         yield kinds[index % len(kinds)]()
@@ -117,9 +130,11 @@ def odd_images(rng: np.random.Generator) -> dict[str, bytes]:
     base = noise_image(rng, 80, 60)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
-    return {"grayscale png": encode(base.convert("L")),
-            "cmyk jpeg": encode(base.convert("CMYK"), "JPEG"),
-            "rgba png": encode(base.convert("RGBA")),
-            "palette png": encode(base.convert("P")),
-            "16-bit grayscale png": encode(Image.fromarray(rng.integers(0, 65535, (60, 80), dtype=np.uint16))),
-            "exif-rotated jpeg": encode(base, "JPEG", exif=exif.tobytes())}
+    return {
+        "grayscale png": encode(base.convert("L")),
+        "cmyk jpeg": encode(base.convert("CMYK"), "JPEG"),
+        "rgba png": encode(base.convert("RGBA")),
+        "palette png": encode(base.convert("P")),
+        "16-bit grayscale png": encode(Image.fromarray(rng.integers(0, 65535, (60, 80), dtype=np.uint16))),
+        "exif-rotated jpeg": encode(base, "JPEG", exif=exif.tobytes()),
+    }

@@ -75,16 +75,25 @@ def quick_build(offline_weights: list[Path]) -> QuickBuild:
     """
 
     def run(data: Path, out: Path, **overrides) -> BuildReport:
-        train = TrainConfig(epochs=overrides.pop("epochs", 3), seed=overrides.pop("seed", 0),
-                            patience=overrides.pop("patience", 10))
-        options = BuildOptions(data=Path(data), out=Path(out), backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                               train=train, progress=False, export=False)
+        train = TrainConfig(
+            epochs=overrides.pop("epochs", 3), seed=overrides.pop("seed", 0), patience=overrides.pop("patience", 10)
+        )
+        options = BuildOptions(
+            data=Path(data),
+            out=Path(out),
+            backbone="mobilenet_v2",
+            weights="IMAGENET1K_V1",
+            train=train,
+            progress=False,
+            export=False,
+        )
         return build(dataclasses.replace(options, **overrides))
 
     return run
 
 
 # ---------------------------------------------------------------- BentoML: a packaged build and a served one
+
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory) -> Deployment:
@@ -94,16 +103,30 @@ def deployment(tmp_path_factory) -> Deployment:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TL_MODELS_CACHE", str(root / "cache"))
         build_dir = serving_build(root)
-        env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "TL_MODELS_CACHE": str(root / "cache"),
-               "BENTOML_DO_NOT_TRACK": "true"}
+        env = {
+            **os.environ,
+            "BENTOML_HOME": str(root / "bentoml"),
+            "TL_MODELS_CACHE": str(root / "cache"),
+            "BENTOML_DO_NOT_TRACK": "true",
+        }
         deployment = Deployment(root, build_dir, env)
         out = deployment.cli("bento", "package", str(build_dir))
         assert re.search(r"created\s+build-backbone:[0-9a-f]{16}", out), out
         assert "build-head-a:v1" in out and "build-head-b:v1" in out
         # a second version of head a, trained after packaging: the swap tests load it from the build dir
-        build(BuildOptions(data=root / "data", out=build_dir, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           kind="linear", head="a", train=TrainConfig(epochs=15, seed=1), cache_dir=root / "cache",
-                           progress=False))
+        build(
+            BuildOptions(
+                data=root / "data",
+                out=build_dir,
+                backbone="mobilenet_v2",
+                weights="IMAGENET1K_V1",
+                kind="linear",
+                head="a",
+                train=TrainConfig(epochs=15, seed=1),
+                cache_dir=root / "cache",
+                progress=False,
+            )
+        )
         yield deployment
 
 
@@ -113,11 +136,21 @@ def server(deployment, tmp_path_factory) -> Server:
     ``helpers.FEEDBACK_TOKEN``; bodies up to 8 MiB, tensors of up to 4 images, builds loadable from this session's
     temp dirs only; half the requests in the embedding log (a shard every second, at most 20 MB); recorder queues
     of 256 requests per worker (a stall fills them quickly)."""
-    env = {**deployment.env, "TL_MODELS_STATE_DIR": str(deployment.root / "state"), "TL_MODELS_ADMIN_TOKEN": TOKEN,
-           "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN, "TL_MODELS_LOG_SHARE": "0.5", "TL_MODELS_LOG_FLUSH": "1",
-           "TL_MODELS_LOG_MAX_MB": "20", "TL_MODELS_JUDGE_QUEUE": "256",
-           "TL_MODELS_WORKERS": "2", "TL_MODELS_THREADS": "1", "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
-           "TL_MODELS_MAX_TENSOR_BATCH": "4", "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp())}
+    env = {
+        **deployment.env,
+        "TL_MODELS_STATE_DIR": str(deployment.root / "state"),
+        "TL_MODELS_ADMIN_TOKEN": TOKEN,
+        "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
+        "TL_MODELS_LOG_SHARE": "0.5",
+        "TL_MODELS_LOG_FLUSH": "1",
+        "TL_MODELS_LOG_MAX_MB": "20",
+        "TL_MODELS_JUDGE_QUEUE": "256",
+        "TL_MODELS_WORKERS": "2",
+        "TL_MODELS_THREADS": "1",
+        "TL_MODELS_MAX_REQUEST_BYTES": str(8 << 20),
+        "TL_MODELS_MAX_TENSOR_BATCH": "4",
+        "TL_MODELS_BUILD_ROOTS": str(tmp_path_factory.getbasetemp()),
+    }
     process = bento_server.start(env, log_path=deployment.root / "serve.log")
     client = httpx.Client(base_url=process.url, timeout=60, limits=httpx.Limits(max_connections=32))
     try:
@@ -129,6 +162,7 @@ def server(deployment, tmp_path_factory) -> Server:
 
 # ---------------------------------------------------------------- Triton: a repository and a served one
 
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """Build (a:1, b:1), package, build a:2, package again (a:1 stays live), start tritonserver."""
@@ -139,9 +173,19 @@ def served(tmp_path_factory):
         out = serving_build(root)
         repo = root / "model_repository"
         write_repository(out, repo, RepositoryOptions(flavour="python", weights={"a": 90, "b": 10}))
-        build(BuildOptions(data=root / "data", out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                           kind="linear", head="a", train=TrainConfig(epochs=15, seed=7), cache_dir=root / "cache",
-                           progress=False))
+        build(
+            BuildOptions(
+                data=root / "data",
+                out=out,
+                backbone="mobilenet_v2",
+                weights="IMAGENET1K_V1",
+                kind="linear",
+                head="a",
+                train=TrainConfig(epochs=15, seed=7),
+                cache_dir=root / "cache",
+                progress=False,
+            )
+        )
         packaged = write_repository(out, repo, RepositoryOptions(flavour="python"))
         assert packaged.live == {"a": 1, "b": 1} and (repo / "build_head_a" / "2" / "model.onnx").is_file()
     # a generous start-up bound: on a loaded 2-core CI machine each python-backend stub takes seconds to start
@@ -167,6 +211,7 @@ def images(served) -> list[bytes]:
 
 # ---------------------------------------------------------------- shared servers, as started, for every test
 
+
 @pytest.fixture(autouse=True)
 def shared_servers_as_started(request: pytest.FixtureRequest) -> None:
     """A test that uses the shared ``bentoml serve`` (``server``) or tritonserver (``served``) gets it as its fixture
@@ -179,6 +224,7 @@ def shared_servers_as_started(request: pytest.FixtureRequest) -> None:
 
 
 # ---------------------------------------------------------------- the reliability summary
+
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """Print the figures the reliability tests recorded in ``helpers.RELIABILITY`` (nothing when none ran)."""

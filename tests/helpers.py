@@ -46,12 +46,24 @@ def serving_build(root: Path, per_class: int = 10) -> Path:
     data = write_demo_dataset(root / "data", per_class=per_class)
     out = root / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
-        build(BuildOptions(data=data, out=out, backbone="mobilenet_v2", weights="IMAGENET1K_V1", kind=kind,
-                           head=name, train=TrainConfig(epochs=15), cache_dir=root / "cache", progress=False))
+        build(
+            BuildOptions(
+                data=data,
+                out=out,
+                backbone="mobilenet_v2",
+                weights="IMAGENET1K_V1",
+                kind=kind,
+                head=name,
+                train=TrainConfig(epochs=15),
+                cache_dir=root / "cache",
+                progress=False,
+            )
+        )
     return out
 
 
 # ---------------------------------------------------------------- BentoML
+
 
 @dataclass
 class Deployment:
@@ -65,18 +77,28 @@ class Deployment:
     def manifest(self) -> Manifest:
         return BuildDir(self.build_dir).manifest()
 
-    def fake_build(self, root: Path, head: str, version: int, head_bytes: bytes, sha: str | None = None,
-                   backbone_sha: str | None = None) -> Path:
+    def fake_build(
+        self,
+        root: Path,
+        head: str,
+        version: int,
+        head_bytes: bytes,
+        sha: str | None = None,
+        backbone_sha: str | None = None,
+    ) -> Path:
         """A build directory at ``root`` whose only head ``head``:``version`` has ``head_bytes`` as head.onnx (and
         ``sha`` / ``backbone_sha`` in its manifest instead of the true ones, when given)."""
         manifest = self.manifest.to_dict()
         rel = f"heads/{head}/{version}"
         (root / rel).mkdir(parents=True)
         (root / rel / "head.onnx").write_bytes(head_bytes)
-        manifest["heads"] = [{**manifest["heads"][0], "name": head, "version": version, "path": rel,
-                              "files": ["head.onnx"]}]
-        manifest["files"] = {"backbone.onnx": backbone_sha or manifest["files"]["backbone.onnx"],
-                             f"{rel}/head.onnx": sha or file_sha256(root / rel / "head.onnx")}
+        manifest["heads"] = [
+            {**manifest["heads"][0], "name": head, "version": version, "path": rel, "files": ["head.onnx"]}
+        ]
+        manifest["files"] = {
+            "backbone.onnx": backbone_sha or manifest["files"]["backbone.onnx"],
+            f"{rel}/head.onnx": sha or file_sha256(root / rel / "head.onnx"),
+        }
         (root / "manifest.json").write_text(json.dumps(manifest))
         return root
 
@@ -85,8 +107,14 @@ class Deployment:
         return [p.read_bytes() for p in paths[:: max(1, len(paths) // n)][:n]]
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "tl_models.cli", *args], env=self.env, cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "tl_models.cli", *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
@@ -126,17 +154,20 @@ class Server:
 
     def classify(self, image: bytes, headers: dict | None = None, top_k: int | None = None) -> httpx.Response:
         data = {"top_k": str(top_k)} if top_k is not None else {}
-        return self.client.post("/classify", files={"image": ("x.png", image, "image/png")}, data=data,
-                                headers=headers or {})
+        return self.client.post(
+            "/classify", files={"image": ("x.png", image, "image/png")}, data=data, headers=headers or {}
+        )
 
 
-def load_until(server: Server, images: list[bytes], stop: threading.Event,
-                threads: int = 8) -> tuple[list[Record], list[threading.Thread]]:
+def load_until(
+    server: Server, images: list[bytes], stop: threading.Event, threads: int = 8
+) -> tuple[list[Record], list[threading.Thread]]:
     """``threads`` clients (``tl_models.bench.loadgen.drive``) sending /classify until ``stop`` is set; the records
     (``answer``: the JSON body; ``error``: None on success) are in the list once the returned thread has ended."""
     records: list[Record] = []
-    runner = threading.Thread(target=lambda: records.extend(
-        drive(lambda: BentoCaller(server.url), images, threads, stop=stop)[0]))
+    runner = threading.Thread(
+        target=lambda: records.extend(drive(lambda: BentoCaller(server.url), images, threads, stop=stop)[0])
+    )
     runner.start()
     return records, [runner]
 
@@ -167,6 +198,7 @@ class DirectOnnx:
 
 
 # ---------------------------------------------------------------- Triton
+
 
 def live(served: dict, head: str) -> int:
     """The live version of ``head`` in the served repository's route file."""
@@ -235,14 +267,21 @@ class RouterCaller:
         self.client.close()
 
 
-def load_triton_until(served: dict, images: list[bytes], stop: threading.Event,
-                      force_head: str | None = None) -> tuple[list[Record], list[threading.Thread]]:
+def load_triton_until(
+    served: dict, images: list[bytes], stop: threading.Event, force_head: str | None = None
+) -> tuple[list[Record], list[threading.Thread]]:
     """One ``loadgen.drive`` client per (router, ensemble ``NAME_a``) x (HTTP, gRPC) until ``stop`` is set; the
     records are in the list once the returned threads have ended."""
     records: list[Record] = []
-    threads = [threading.Thread(target=lambda model=model, protocol=protocol: records.extend(drive(
-                   lambda: RouterCaller(served, model, protocol, force_head), images, 1, stop=stop)[0]))
-               for model in (served["name"], f"{served['name']}_a") for protocol in ("http", "grpc")]
+    threads = [
+        threading.Thread(
+            target=lambda model=model, protocol=protocol: records.extend(
+                drive(lambda: RouterCaller(served, model, protocol, force_head), images, 1, stop=stop)[0]
+            )
+        )
+        for model in (served["name"], f"{served['name']}_a")
+        for protocol in ("http", "grpc")
+    ]
     for thread in threads:
         thread.start()
     return records, threads

@@ -74,9 +74,15 @@ class Soak:
         return float(slope * (times[-1] - times[0]) / rss[0])
 
 
-def soak(pid: int, make_worker: Callable[[], Callable[[int], str | None]], seconds: float = SOAK_SECONDS,
-         concurrency: int = SOAK_CONCURRENCY, warm_up_requests: int = WARM_UP_REQUESTS,
-         min_warm_up: float = MIN_WARM_UP, max_warm_up: float = MAX_WARM_UP) -> Soak:
+def soak(
+    pid: int,
+    make_worker: Callable[[], Callable[[int], str | None]],
+    seconds: float = SOAK_SECONDS,
+    concurrency: int = SOAK_CONCURRENCY,
+    warm_up_requests: int = WARM_UP_REQUESTS,
+    min_warm_up: float = MIN_WARM_UP,
+    max_warm_up: float = MAX_WARM_UP,
+) -> Soak:
     """``concurrency`` threads each call their own ``make_worker()`` (i -> None, or what was wrong) in a loop: a
     warm-up until the resident memory of the server's tree has settled (:data:`WARM_UP_REQUESTS`,
     :data:`SETTLED`), then ``seconds`` measured, memory sampled every :data:`SAMPLE_EVERY` seconds."""
@@ -103,8 +109,9 @@ def soak(pid: int, make_worker: Callable[[], Callable[[int], str | None]], secon
             time.sleep(SAMPLE_EVERY)
             now = time.monotonic() - started
             recent = [(t, r) for t, r in recent if t >= now - SETTLE_WINDOW] + [(now, tree_rss(pid))]
-            settled = recent[0][0] <= now - SETTLE_WINDOW + SAMPLE_EVERY and \
-                max(r for _, r in recent) <= recent[0][1] * (1 + SETTLED)
+            settled = recent[0][0] <= now - SETTLE_WINDOW + SAMPLE_EVERY and max(r for _, r in recent) <= recent[0][
+                1
+            ] * (1 + SETTLED)
             if now >= max_warm_up or (now >= min_warm_up and result.calls >= warm_up_requests and settled):
                 break
         result.warm_up_seconds = now
@@ -127,4 +134,5 @@ def record_soak(server: str, outcome: Soak) -> None:
     RELIABILITY_NOTES[f"soak {server}"] = (
         f"{outcome.calls} requests at concurrency {SOAK_CONCURRENCY}: warm-up {outcome.warm_up_seconds:.0f} s, then "
         f"{SOAK_SECONDS:.0f} s measured, RSS {outcome.rss_start / 2**20:.0f} -> {outcome.rss_end / 2**20:.0f} MiB "
-        f"(slope over the window {outcome.growth:+.1%})")
+        f"(slope over the window {outcome.growth:+.1%})"
+    )

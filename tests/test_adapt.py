@@ -29,8 +29,7 @@ def test_coral_gives_the_source_the_target_covariance():
     target = rng.normal(size=(4000, 3)) @ np.array([[0.5, 0.0, 0.9], [0.4, 1.5, 0.0], [0.0, 0.0, 1.0]]) - 2.0
     aligned = coral(source, target, eps=1e-6)
     np.testing.assert_allclose(aligned.source.mean(axis=0), target.mean(axis=0), atol=1e-3)
-    np.testing.assert_allclose(np.cov(aligned.source, rowvar=False), np.cov(target, rowvar=False), rtol=0.02,
-                               atol=0.02)
+    np.testing.assert_allclose(np.cov(aligned.source, rowvar=False), np.cov(target, rowvar=False), rtol=0.02, atol=0.02)
     np.testing.assert_allclose(aligned.target_std, target.std(axis=0), rtol=1e-4)  # no dimension below the floor
 
 
@@ -63,15 +62,23 @@ def _accuracy(build_dir: Path, images: Path, cache: Path) -> float:
     return float((predict(head, torch.from_numpy(features)).argmax(1).numpy() == np.array(data.targets)).mean())
 
 
-def test_the_alignment_is_inside_the_exported_head_and_beats_source_only(domains, tmp_path, offline_weights,
-                                                                          capsys):
+def test_the_alignment_is_inside_the_exported_head_and_beats_source_only(domains, tmp_path, offline_weights, capsys):
     cache = domains["root"] / "cache"
-    common = ["--data", str(domains["source"]), "--head", "digits", "--weights", "IMAGENET1K_V1",
-              "--cache-dir", str(cache)]
+    common = [
+        "--data",
+        str(domains["source"]),
+        "--head",
+        "digits",
+        "--weights",
+        "IMAGENET1K_V1",
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(["build", *common, "--out", str(tmp_path / "source-only"), "--no-export"]) == 0
     adapted = tmp_path / "adapted"
-    assert main(["build", *common, "--out", str(adapted), "--target", str(domains["target"])]) == 0, \
+    assert main(["build", *common, "--out", str(adapted), "--target", str(domains["target"])]) == 0, (
         capsys.readouterr().err
+    )
     build = BuildDir(adapted)
     manifest = build.verify()
     entry = manifest.head("digits")
@@ -93,14 +100,27 @@ def test_the_alignment_is_inside_the_exported_head_and_beats_source_only(domains
     assert aligned > source_only + 0.05, f"CORAL {aligned:.3f} vs source only {source_only:.3f}"
 
 
-def test_a_target_folder_without_images_is_refused_and_nothing_is_written(domains, tmp_path, offline_weights,
-                                                                          capsys):
+def test_a_target_folder_without_images_is_refused_and_nothing_is_written(domains, tmp_path, offline_weights, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
     out = tmp_path / "build"
-    assert main(["build", "--data", str(domains["source"]), "--out", str(out), "--weights", "IMAGENET1K_V1",
-                 "--target", str(empty)]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "--data",
+                str(domains["source"]),
+                "--out",
+                str(out),
+                "--weights",
+                "IMAGENET1K_V1",
+                "--target",
+                str(empty),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "target folder" in err and "has no readable images" in err, err
     assert not out.exists()

@@ -114,8 +114,10 @@ def test_mobilenet_v2_imagenet_weights_load_offline_and_see_a_cat(offline_weight
     with torch.inference_mode():
         embedding = backbone.module(image)
         logits = full.classifier(embedding)
-        reference = full((image.float() / 255.0 - torch.tensor(backbone.preprocessing.mean).reshape(1, 3, 1, 1))
-                         / torch.tensor(backbone.preprocessing.std).reshape(1, 3, 1, 1))
+        reference = full(
+            (image.float() / 255.0 - torch.tensor(backbone.preprocessing.mean).reshape(1, 3, 1, 1))
+            / torch.tensor(backbone.preprocessing.std).reshape(1, 3, 1, 1)
+        )
     assert int(logits.argmax()) in TABBY_TO_EGYPTIAN_CAT
     assert int(reference.argmax()) == int(logits.argmax())
     torch.testing.assert_close(logits, reference, atol=1e-3, rtol=1e-3)
@@ -155,7 +157,10 @@ def test_inception_v3_weights_keep_torchvision_transform_input(tmp_path: Path) -
     assert (prep.crop_size, prep.resize_size, prep.mean, prep.std) == (299, 342, (0.5,) * 3, (0.5,) * 3)
     assert backbone.module.features.AuxLogits is None and "AuxLogits" not in str(list(backbone.module.state_dict()))
     image = _chelsea(backbone)
-    imagenet = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    imagenet = (
+        torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1),
+    )
     with torch.inference_mode():
         ours = backbone.module(image)
         theirs = reference((image.float() / 255.0 - imagenet[0]) / imagenet[1])

@@ -10,10 +10,26 @@ import pytest
 from tl_models.bench.offline import bench_train, subset
 from tl_models.training.data import DataError, load_image_folder
 
-FIELDS = {"backbone", "weights", "images", "classes", "epochs", "train_images", "val_images", "batch_size",
-          "preprocess_s", "extract_s", "cached_train_s", "cached_total_s", "nocache_train_s",
-          "speedup_train_only", "speedup_with_extraction", "val_accuracy_cached", "val_accuracy_nocache",
-          "max_abs_feature_diff"}
+FIELDS = {
+    "backbone",
+    "weights",
+    "images",
+    "classes",
+    "epochs",
+    "train_images",
+    "val_images",
+    "batch_size",
+    "preprocess_s",
+    "extract_s",
+    "cached_train_s",
+    "cached_total_s",
+    "nocache_train_s",
+    "speedup_train_only",
+    "speedup_with_extraction",
+    "val_accuracy_cached",
+    "val_accuracy_nocache",
+    "max_abs_feature_diff",
+}
 
 
 def test_bench_train_writes_its_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -69,8 +85,9 @@ def test_bench_runtime_measures_both_runtimes(tmp_path: Path, capsys: pytest.Cap
     assert "resnet18 batch 2" in out and "int8 u8s8" in out and figures["isa"] in out
 
 
-def test_bench_build_times_whole_builds_against_the_raw_backbone(offline_weights, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
+def test_bench_build_times_whole_builds_against_the_raw_backbone(
+    offline_weights, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from tl_models.bench.build import bench_build, synthetic_images
     from tl_models.core.runtime import gpu_count
 

@@ -21,8 +21,20 @@ from tl_models.core.process import free_port
 
 pytestmark = pytest.mark.slow
 
-ROW_FIELDS = {"stack", "concurrency", "requests", "errors", "seconds", "throughput", "p50_ms", "p90_ms", "p99_ms",
-              "first_error", "client_cpu_share", "vs_ort_best"}
+ROW_FIELDS = {
+    "stack",
+    "concurrency",
+    "requests",
+    "errors",
+    "seconds",
+    "throughput",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "first_error",
+    "client_cpu_share",
+    "vs_ort_best",
+}
 
 
 class _Refuse(BaseHTTPRequestHandler):
@@ -66,8 +78,7 @@ def test_drive_reports_a_refused_connection_as_errors(protocol):
 
 
 def test_options_are_checked(tmp_path):
-    for bad in ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1},
-                {"build_dir": tmp_path}):
+    for bad in ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1}, {"build_dir": tmp_path}):
         with pytest.raises(BenchServeError):
             ServeBenchOptions(**bad).check()
 
@@ -86,10 +97,20 @@ def built(tmp_path_factory) -> Path:
 def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys):
     build_dir = built / "build"
     json_path, plot_path = tmp_path / "serve.json", tmp_path / "serve.png"
-    options = ServeBenchOptions(build_dir=build_dir, data=built / "data", workdir=tmp_path / "work", batches=(1, 2), concurrency=(1, 3),
-                                seconds=0.5, max_requests=30, heads=2, triton_http_url=f"127.0.0.1:{free_port()}",
-                                stacks=("onnxruntime", "torch", "bentoml-http", "triton-http"),
-                                json_path=json_path, plot_path=plot_path)
+    options = ServeBenchOptions(
+        build_dir=build_dir,
+        data=built / "data",
+        workdir=tmp_path / "work",
+        batches=(1, 2),
+        concurrency=(1, 3),
+        seconds=0.5,
+        max_requests=30,
+        heads=2,
+        triton_http_url=f"127.0.0.1:{free_port()}",
+        stacks=("onnxruntime", "torch", "bentoml-http", "triton-http"),
+        json_path=json_path,
+        plot_path=plot_path,
+    )
     figures = bench_serve(options)
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(figures))
     assert plot_path.read_bytes().startswith(b"\x89PNG")
@@ -111,7 +132,7 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert triton["server_cpu_ms_per_request"] is None  # a server given by URL: its CPU is not ours to read
 
     heads = figures["heads_cost"]
-    assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2 ** 20 for h in heads["heads"].values())
+    assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2**20 for h in heads["heads"].values())
     assert heads["swap"]["status"] == 200 and heads["swap"]["requests"] > 0
     # the swap the bench reports: no request failed, some ran while it happened, and it took a measured time
     assert heads["swap"]["failed"] == heads["swap"]["failed_during_swap"] == 0, heads["swap"]
@@ -134,8 +155,9 @@ def test_heads_part_refuses_data_with_other_labels_before_measuring(built, tmp_p
         (other / label).mkdir(parents=True)
         for image in sorted((demo_data / "0").iterdir())[:3]:
             (other / label / image.name).write_bytes(image.read_bytes())
-    options = ServeBenchOptions(build_dir=built / "build", data=other, stacks=("onnxruntime",), batches=(1,),
-                                seconds=0.1, heads=2)
+    options = ServeBenchOptions(
+        build_dir=built / "build", data=other, stacks=("onnxruntime",), batches=(1,), seconds=0.1, heads=2
+    )
     with pytest.raises(BenchServeError, match="not the build's labels"):
         bench_serve(options)
     assert "in process" not in capsys.readouterr().out
@@ -143,13 +165,23 @@ def test_heads_part_refuses_data_with_other_labels_before_measuring(built, tmp_p
 
 def test_int8_columns_sit_beside_fp32(built, tmp_path):
     build_dir = shutil.copytree(built / "build", tmp_path / "build")
-    options = ServeBenchOptions(build_dir=build_dir, data=built / "data", workdir=tmp_path / "work", batches=(1,),
-                                concurrency=(2,), seconds=0.5, max_requests=20, heads=0,
-                                stacks=("onnxruntime", "bentoml-http"), int8=True)
+    options = ServeBenchOptions(
+        build_dir=build_dir,
+        data=built / "data",
+        workdir=tmp_path / "work",
+        batches=(1,),
+        concurrency=(2,),
+        seconds=0.5,
+        max_requests=20,
+        heads=0,
+        stacks=("onnxruntime", "bentoml-http"),
+        int8=True,
+    )
     with pytest.raises(BenchServeError, match="--int8: .*no int8 backbone"):  # a user's build is never quantized here
         bench_serve(options)
-    quantize(build_dir, Calibration(images=4), Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0),
-             search="none")
+    quantize(
+        build_dir, Calibration(images=4), Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0), search="none"
+    )
     figures = bench_serve(options)
     assert [r["stack"] for r in figures["in_process"]] == ["onnxruntime", "onnxruntime-int8"]
     rows = {r["stack"]: r for r in figures["servers"]}
@@ -157,5 +189,7 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
     int8 = rows["bentoml-http-int8"]
     assert int8["precision"] == "int8" and int8["errors"] == 0 and int8["requests"] > 0
     assert int8["vs_ort_best"] == pytest.approx(int8["throughput"] / figures["ort_best_int8"]["throughput"])
-    assert [(s["server"], s["precision"]) for s in figures["servers_started"]] == [("bentoml", "fp32"),
-                                                                                  ("bentoml", "int8")]
+    assert [(s["server"], s["precision"]) for s in figures["servers_started"]] == [
+        ("bentoml", "fp32"),
+        ("bentoml", "int8"),
+    ]

@@ -81,6 +81,7 @@ def swap_under_load(server: Server, images: list[bytes], body: dict) -> tuple[li
 
 # ---------------------------------------------------------------- the core, in process
 
+
 def test_core_is_ready_only_after_warm_up_and_rejects_bad_heads(deployment, tmp_path):
     backbone, heads = sources_from_build(deployment.build_dir)
     engine = ServingEngine(backbone, [h for h in heads if h.version == 1], ServingConfig(state_dir=tmp_path / "state"))
@@ -114,7 +115,7 @@ def test_batcher_shares_passes_and_isolates_a_failing_request(deployment, tmp_pa
     assert isinstance(results[1], Exception)
     reference = direct.embed(np.concatenate(good))
     for i, result in zip((0, 2, 3), (0, 1, 2), strict=True):
-        np.testing.assert_allclose(results[i], reference[result:result + 1], atol=1e-4)
+        np.testing.assert_allclose(results[i], reference[result : result + 1], atol=1e-4)
     assert sizes[0] == 4  # all four went into one pass, which ONNX Runtime refused; then each ran alone
     assert sorted(sizes[1:]) == [1, 1, 1, 1]
 
@@ -126,13 +127,16 @@ def test_batcher_shares_passes_and_isolates_a_failing_request(deployment, tmp_pa
 
 # ---------------------------------------------------------------- the served service
 
+
 def test_ready_with_the_packaged_models(server):
     assert server.client.get("/readyz").status_code == 200
     status = server.heads()
     assert status["ready"] is True
     assert status["backbone"]["origin"].startswith("bentoml:build-backbone:")
     assert {h["name"]: (h["version"], h["origin"]) for h in status["heads"]} == {
-        "a": (1, "bentoml:build-head-a:v1"), "b": (1, "bentoml:build-head-b:v1")}
+        "a": (1, "bentoml:build-head-a:v1"),
+        "b": (1, "bentoml:build-head-b:v1"),
+    }
 
 
 def test_answers_equal_onnxruntime_run_directly(server, deployment):
@@ -154,8 +158,9 @@ def test_answers_equal_onnxruntime_run_directly(server, deployment):
 
     batch = np.stack([preprocess_bytes(image, direct.spec) for image in images])
     for payload in (batch, batch.astype(np.float32)):  # uint8 and float pixel values
-        response = server.client.post("/predict", json={"tensor": payload.tolist(), "top_k": 3},
-                                      headers={"X-TL-Head": "b"})
+        response = server.client.post(
+            "/predict", json={"tensor": payload.tolist(), "top_k": 3}, headers={"X-TL-Head": "b"}
+        )
         assert response.status_code == 200, response.text
         answer = response.json()
         expected = direct.logits(batch, "b", answer["version"])
@@ -180,8 +185,7 @@ def test_weighted_split_and_shared_backbone_passes(server, deployment):
     share_a = heads.count("a") / len(heads)
     assert abs(share_a - 0.9) <= 0.03, share_a
     after_heads = {h["name"]: h["requests"] for h in server.heads()["heads"]}
-    assert {n: after_heads[n] - before_heads[n] for n in after_heads} == {"a": heads.count("a"),
-                                                                         "b": heads.count("b")}
+    assert {n: after_heads[n] - before_heads[n] for n in after_heads} == {"a": heads.count("a"), "b": heads.count("b")}
     after = server.client.get("/metrics").text
     name = "tl_models_backbone_batch_size"
     passes, images = (metric(after, f"{name}_{s}") - metric(before, f"{name}_{s}") for s in ("count", "sum"))
@@ -235,8 +239,11 @@ def test_one_bad_image_does_not_fail_its_concurrent_neighbours(server, deploymen
 
 def test_admin_needs_the_token_and_changes_nothing_without_it(server):
     before = server.heads()
-    calls = [("/admin/weights", {"weights": {"a": 1, "b": 99}}), ("/admin/retire", {"head": "b"}),
-             ("/admin/load", {"head": "a", "version": 1})]
+    calls = [
+        ("/admin/weights", {"weights": {"a": 1, "b": 99}}),
+        ("/admin/retire", {"head": "b"}),
+        ("/admin/load", {"head": "a", "version": 1}),
+    ]
     for path, body in calls:
         for headers in (None, {"Authorization": "Bearer wrong"}, {"X-TL-Admin-Token": "wrong"}):
             response = server.admin(path, body, headers=headers)
@@ -244,16 +251,19 @@ def test_admin_needs_the_token_and_changes_nothing_without_it(server):
             assert "token" in response.json()["error"]
     after = server.heads()
     assert after["revision"] == before["revision"]
-    assert [(h["name"], h["version"], h["weight"]) for h in after["heads"]] == \
-        [(h["name"], h["version"], h["weight"]) for h in before["heads"]]
+    assert [(h["name"], h["version"], h["weight"]) for h in after["heads"]] == [
+        (h["name"], h["version"], h["weight"]) for h in before["heads"]
+    ]
 
 
 def _head_onnx(dim: int, classes: int = 10, output: str = "logits") -> bytes:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["embedding", "w"], [output])], "head",
+        [helper.make_node("MatMul", ["embedding", "w"], [output])],
+        "head",
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", classes])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.ones(dim * classes, np.float32))])
+        [helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.ones(dim * classes, np.float32))],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10).SerializeToString()
 
 
@@ -263,10 +273,16 @@ def test_a_bad_head_is_refused_with_a_clear_error_and_live_heads_keep_serving(se
         (deployment.fake_build(tmp_path / "garbage", "bad", 1, b"not onnx at all"), 422, "not a loadable ONNX model"),
         (deployment.fake_build(tmp_path / "dim", "bad", 1, _head_onnx(7)), 422, "dimension 1280"),
         (deployment.fake_build(tmp_path / "sha", "bad", 1, _head_onnx(1280), sha="f" * 64), 422, "sha256"),
-        (deployment.fake_build(tmp_path / "other", "bad", 1, _head_onnx(1280), backbone_sha="e" * 64), 409,
-         "another backbone"),
-        (deployment.fake_build(tmp_path / "names", "bad", 1, _head_onnx(1280, output="scores")), 422,
-         "expected one input 'embedding' and one output 'logits'"),
+        (
+            deployment.fake_build(tmp_path / "other", "bad", 1, _head_onnx(1280), backbone_sha="e" * 64),
+            409,
+            "another backbone",
+        ),
+        (
+            deployment.fake_build(tmp_path / "names", "bad", 1, _head_onnx(1280, output="scores")),
+            422,
+            "expected one input 'embedding' and one output 'logits'",
+        ),
     ]
     for build_dir, status, message in cases:
         response = server.admin("/admin/load", {"build_dir": str(build_dir), "head": "bad"})
@@ -276,8 +292,9 @@ def test_a_bad_head_is_refused_with_a_clear_error_and_live_heads_keep_serving(se
     assert response.status_code == 404 and "no model" in response.json()["error"]
     after = server.heads()
     assert after["revision"] == before["revision"]
-    assert [(h["name"], h["version"], h["weight"], h["origin"]) for h in after["heads"]] == \
-        [(h["name"], h["version"], h["weight"], h["origin"]) for h in before["heads"]]
+    assert [(h["name"], h["version"], h["weight"], h["origin"]) for h in after["heads"]] == [
+        (h["name"], h["version"], h["weight"], h["origin"]) for h in before["heads"]
+    ]
     for head in ("a", "b"):
         assert server.classify(deployment.images(1)[0], {"X-TL-Head": head}).status_code == 200
 
@@ -287,7 +304,8 @@ def test_swap_under_load_loses_nothing_and_then_only_the_new_head_answers(server
 
     # new version of head a, straight from the build directory
     calls, swap_start, swap_end, status = swap_under_load(
-        server, images, {"build_dir": str(deployment.build_dir), "head": "a", "version": 2})
+        server, images, {"build_dir": str(deployment.build_dir), "head": "a", "version": 2}
+    )
     assert {h["name"]: h["version"] for h in status["heads"]} == {"a": 2, "b": 1}
     _check_swap(calls, swap_start, swap_end, old=1, new=2)
 
@@ -339,19 +357,34 @@ def test_per_head_metrics(server, deployment):
     assert server.classify(b"nope", {"X-TL-Head": "b"}).status_code == 400
     after = server.client.get("/metrics").text
     labels = {"head": "b", "version": "1", "endpoint": "classify"}
-    assert metric(after, "tl_models_head_requests_total", **labels) - \
-        metric(before, "tl_models_head_requests_total", **labels) == 2
-    assert metric(after, "tl_models_head_errors_total", reason="bad_input", **labels) - \
-        metric(before, "tl_models_head_errors_total", reason="bad_input", **labels) == 1
-    assert metric(after, "tl_models_head_request_duration_seconds_count", **labels) - \
-        metric(before, "tl_models_head_request_duration_seconds_count", **labels) == 2
+    assert (
+        metric(after, "tl_models_head_requests_total", **labels)
+        - metric(before, "tl_models_head_requests_total", **labels)
+        == 2
+    )
+    assert (
+        metric(after, "tl_models_head_errors_total", reason="bad_input", **labels)
+        - metric(before, "tl_models_head_errors_total", reason="bad_input", **labels)
+        == 1
+    )
+    assert (
+        metric(after, "tl_models_head_request_duration_seconds_count", **labels)
+        - metric(before, "tl_models_head_request_duration_seconds_count", **labels)
+        == 2
+    )
 
 
 def test_bentoml_build_bundles_the_models_offline(deployment):
     deployment.cli("bento", "package", str(deployment.build_dir))  # a:2 joins the store (kept if already there)
     env = {**deployment.env, "TL_MODELS_BENTO": "build", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "bentoml", "build", str(REPO), "--output", "tag"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", str(REPO), "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     bentos = list((deployment.root / "bentoml" / "bentos" / "classifier").glob("*/bento.yaml"))
     assert len(bentos) == 1, bentos
@@ -364,8 +397,14 @@ def test_bentoml_build_bundles_the_models_offline(deployment):
     assert not (source / "tl_models" / "training").exists()  # the bento ships the serving path only (no torch side)
 
     archive = deployment.root / "classifier.tar"  # what ships: the bento with its models (uncompressed: fast)
-    result = subprocess.run([sys.executable, "-m", "bentoml", "export", "classifier:latest", str(archive)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "export", "classifier:latest", str(archive)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with tarfile.open(archive) as bundle:
         names = {Path(n).as_posix().lstrip("./") for n in bundle.getnames()}

@@ -135,8 +135,7 @@ def test_stage_two_that_never_beats_stage_one_leaves_both_as_they_were() -> None
     head = build_head(HeadSpec("linear", 8, 2))
     fit(head, x[:30], y[:30], x[30:], y[30:], TrainConfig(epochs=3), progress=False)
     start = {k: v.clone() for k, v in head.state_dict().items()}
-    result = fit(head, x[:30], y[:30], x[30:], y[30:], TrainConfig(epochs=2, lr=0.0), progress=False,
-                 keep_start=True)
+    result = fit(head, x[:30], y[:30], x[30:], y[30:], TrainConfig(epochs=2, lr=0.0), progress=False, keep_start=True)
     assert result.best_epoch == 0 and len(result.history) == 2
     assert all(torch.equal(start[k], v) for k, v in head.state_dict().items())
 
@@ -154,8 +153,9 @@ def test_augment_crops_and_flips_each_image_on_its_own_draw() -> None:
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(flipped(images), images))
 
 
-def test_stage_2_is_kept_only_where_it_beats_stage_1_on_validation(demo_data: Path, quick_build: QuickBuild,
-                                                                  tmp_path: Path) -> None:
+def test_stage_2_is_kept_only_where_it_beats_stage_1_on_validation(
+    demo_data: Path, quick_build: QuickBuild, tmp_path: Path
+) -> None:
     """The recipe's rule: stage 2 replaces stage 1 only when one of its epochs beats stage 1's head on the
     validation split. A stage 2 at a rate that wrecks the backbone is dropped: the build is stage 1's probe, its
     backbone bit-identical to the original weights. (The default rate is 1/1000 of the head's.)"""
@@ -166,34 +166,40 @@ def test_stage_2_is_kept_only_where_it_beats_stage_1_on_validation(demo_data: Pa
         record = report.head.train["fine_tune"]
         history = json.loads((tmp_path / name / report.head.path / "history.json").read_text())
         # the training loop's order of merit: validation accuracy, then lower validation loss
-        stage1, stage2 = (max((h["val_accuracy"], -h["val_loss"]) for h in history if h["stage"] == stage)
-                          for stage in (1, 2))
+        stage1, stage2 = (
+            max((h["val_accuracy"], -h["val_loss"]) for h in history if h["stage"] == stage) for stage in (1, 2)
+        )
         assert record["kept"] is (stage2 > stage1), (name, record, stage1, stage2)
         assert record["kept"] is (name == "kept"), (name, record)
         if not record["kept"]:
             tuned = load_build_backbone(BuildDir(tmp_path / name), report.manifest)
             original = load_backbone("mobilenet_v2", "IMAGENET1K_V1")
-            assert all(torch.equal(value, original.module.state_dict()[key])
-                       for key, value in tuned.module.state_dict().items())
+            assert all(
+                torch.equal(value, original.module.state_dict()[key])
+                for key, value in tuned.module.state_dict().items()
+            )
             assert report.head.metrics["val_accuracy"] == stage1[0]
 
 
-def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(demo_data: Path, quick_build: QuickBuild,
-                                                                        tmp_path: Path) -> None:
+def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(
+    demo_data: Path, quick_build: QuickBuild, tmp_path: Path
+) -> None:
     """backbone.onnx is the fine-tuned backbone (parity against it passes; the original weights' embeddings differ)."""
     small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
     report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1, export=True)
     assert report.head.train["fine_tune"]["kept"] and report.head.parity["passed"]
-    images = load_images(load_image_folder(small), Preprocessing.from_dict(report.manifest.preprocessing),
-                         progress=False)[:4]
+    images = load_images(
+        load_image_folder(small), Preprocessing.from_dict(report.manifest.preprocessing), progress=False
+    )[:4]
     served = create_session(tmp_path / "out" / "backbone.onnx").run(["embedding"], {"image": images})[0]
     with torch.inference_mode():
         original = load_backbone("mobilenet_v2", "IMAGENET1K_V1").module(torch.from_numpy(images)).numpy()
     assert np.abs(served - original).max() > 1e-2
 
 
-def test_chained_transfer_starts_from_another_builds_backbone(demo_data: Path, quick_build: QuickBuild,
-                                                               tmp_path: Path) -> None:
+def test_chained_transfer_starts_from_another_builds_backbone(
+    demo_data: Path, quick_build: QuickBuild, tmp_path: Path
+) -> None:
     """--weights BUILD_DIR: the source build's (here fine-tuned) backbone, bit for bit, for another label set."""
     source = tmp_path / "source"
     quick_build(_subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8), source, fine_tune=TUNE, epochs=1)
@@ -212,8 +218,9 @@ def test_chained_transfer_starts_from_another_builds_backbone(demo_data: Path, q
 # (b) the feature cache is hit by the second head
 
 
-def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickBuild, fresh_cache: Path,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_head_hits_the_feature_cache(
+    demo_data: Path, quick_build: QuickBuild, fresh_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _subset(demo_data, tmp_path / "data", ["1", "7"], per_class=4)
     out = tmp_path / "out"
     first = quick_build(data, out, head="a")
@@ -238,8 +245,9 @@ def test_second_head_hits_the_feature_cache(demo_data: Path, quick_build: QuickB
 # (c) heads and versions
 
 
-def test_second_head_and_new_version_leave_other_heads_untouched(demo_data: Path, quick_build: QuickBuild,
-        built: Path) -> None:
+def test_second_head_and_new_version_leave_other_heads_untouched(
+    demo_data: Path, quick_build: QuickBuild, built: Path
+) -> None:
     out = built
     quick_build(demo_data, out, head="b", kind="mlp")
     files_before = dict(BuildDir(out).manifest().files)
@@ -248,8 +256,11 @@ def test_second_head_and_new_version_leave_other_heads_untouched(demo_data: Path
 
     report = quick_build(demo_data, out, head="a", seed=1)
     manifest = report.manifest
-    assert [(h.name, h.version, h.kind) for h in manifest.heads] == \
-        [("a", 1, "linear"), ("b", 1, "mlp"), ("a", 2, "linear")]
+    assert [(h.name, h.version, h.kind) for h in manifest.heads] == [
+        ("a", 1, "linear"),
+        ("b", 1, "mlp"),
+        ("a", 2, "linear"),
+    ]
     assert report.head.path == "heads/a/2"
     for rel, digest in files_before.items():
         assert manifest.files[rel] == digest
@@ -271,8 +282,9 @@ def _raise(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize("where", ["staging", "manifest"])
-def test_failed_build_keeps_the_previous_manifest(demo_data: Path, quick_build: QuickBuild, built: Path,
-        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+def test_failed_build_keeps_the_previous_manifest(
+    demo_data: Path, quick_build: QuickBuild, built: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     """A failure while the head is staged, or after it was moved into place but before the manifest is
     written, leaves the committed manifest and its files as they were."""
     out = built
@@ -308,12 +320,28 @@ def _cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "tl_models.cli"]
 
 
-def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, quick_build: QuickBuild, built: Path,
-        tmp_path: Path) -> None:
+def test_sigkill_mid_build_leaves_the_previous_build_usable(
+    demo_data: Path, quick_build: QuickBuild, built: Path, tmp_path: Path
+) -> None:
     out = built  # the base build also filled the session feature cache that the subprocess reads
     manifest_bytes = (out / MANIFEST).read_bytes()
-    command = _cli() + ["build", "--data", str(demo_data), "--out", str(out), "--head", "b", "--kind", "mlp",
-                        "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--epochs", "3"]
+    command = _cli() + [
+        "build",
+        "--data",
+        str(demo_data),
+        "--out",
+        str(out),
+        "--head",
+        "b",
+        "--kind",
+        "mlp",
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        "IMAGENET1K_V1",
+        "--epochs",
+        "3",
+    ]
     with open(tmp_path / "stderr.txt", "wb") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy())
         try:
@@ -330,8 +358,9 @@ def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, qui
                 proc.kill()
                 proc.wait()
     log = (tmp_path / "stderr.txt").read_text()
-    assert killed and proc.returncode == -signal.SIGKILL, \
+    assert killed and proc.returncode == -signal.SIGKILL, (
         f"the build was not killed while staging its head (rc {proc.returncode}):\n{log}"
+    )
 
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     build_dir = BuildDir(out)
@@ -349,8 +378,9 @@ def test_sigkill_mid_build_leaves_the_previous_build_usable(demo_data: Path, qui
 # (f) an incompatible second build
 
 
-def test_incompatible_second_build_is_refused(demo_data: Path, quick_build: QuickBuild, built: Path,
-        tmp_path: Path) -> None:
+def test_incompatible_second_build_is_refused(
+    demo_data: Path, quick_build: QuickBuild, built: Path, tmp_path: Path
+) -> None:
     out = built
     manifest_bytes = (out / MANIFEST).read_bytes()
     with pytest.raises(BuildError, match="heads share one backbone"):
@@ -428,9 +458,22 @@ def run_cli(capsys: pytest.CaptureFixture) -> Iterator[RunCli]:
 
 def test_cli_build_on_bad_data_fails_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "data" / "only-class").mkdir(parents=True)
-    result = subprocess.run(_cli() + ["build", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
-                                      "--weights", "none", "--no-export"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _cli()
+        + [
+            "build",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--no-export",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") or "\nerror: " in result.stderr, result.stderr
     assert "one class (only-class)" in result.stderr
@@ -438,18 +481,22 @@ def test_cli_build_on_bad_data_fails_with_a_message(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
-    (["--weights", "IMAGENET9"], "unknown weights 'IMAGENET9'"),
-    (["--head", "../up"], "bad head name"),
-    (["--weights", "missing.pth"], "does not exist"),
-    (["--fine-tune", "8", "--weights", "none"], "mobilenet_v2 has 7 trainable stages: --fine-tune takes 1 to 7"),
-    (["--fine-tune", "-1"], "--fine-tune takes a number of backbone stages"),
-    (["--fine-tune", "1", "--augment", "crop,rotate"], "unknown augmentation rotate"),
-    (["--fine-tune", "1", "--fine-tune-lr", "0"], "--fine-tune-lr must be positive"),
-])
-def test_cli_errors_are_one_line(demo_data: Path, tmp_path: Path, run_cli: RunCli, args: list[str],
-        message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
+        (["--weights", "IMAGENET9"], "unknown weights 'IMAGENET9'"),
+        (["--head", "../up"], "bad head name"),
+        (["--weights", "missing.pth"], "does not exist"),
+        (["--fine-tune", "8", "--weights", "none"], "mobilenet_v2 has 7 trainable stages: --fine-tune takes 1 to 7"),
+        (["--fine-tune", "-1"], "--fine-tune takes a number of backbone stages"),
+        (["--fine-tune", "1", "--augment", "crop,rotate"], "unknown augmentation rotate"),
+        (["--fine-tune", "1", "--fine-tune-lr", "0"], "--fine-tune-lr must be positive"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    demo_data: Path, tmp_path: Path, run_cli: RunCli, args: list[str], message: str
+) -> None:
     code, _, err = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--no-export", *args)
     assert code == 1
     assert err.startswith("error: ") and message in err, err
@@ -457,16 +504,29 @@ def test_cli_errors_are_one_line(demo_data: Path, tmp_path: Path, run_cli: RunCl
 
 
 def test_cli_build_succeeds(demo_data: Path, offline_weights: list[Path], tmp_path: Path, run_cli: RunCli) -> None:
-    code, out, _ = run_cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"),
-                           "--weights", "IMAGENET1K_V1", "--epochs", "2", "--no-export", "--head", "cli")
+    code, out, _ = run_cli(
+        "build",
+        "--data",
+        str(demo_data),
+        "--out",
+        str(tmp_path / "out"),
+        "--weights",
+        "IMAGENET1K_V1",
+        "--epochs",
+        "2",
+        "--no-export",
+        "--head",
+        "cli",
+    )
     assert code == 0
     assert "cli v1 (linear) on mobilenet_v2" in out
     BuildDir(tmp_path / "out").verify()
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_a_failed_first_build_leaves_no_partial_folder(demo_data: Path, quick_build: QuickBuild, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, existing: bool) -> None:
+def test_a_failed_first_build_leaves_no_partial_folder(
+    demo_data: Path, quick_build: QuickBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
     out = tmp_path / "out"
     if existing:
         out.mkdir()
@@ -495,13 +555,13 @@ def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuil
     first = quick_build(demo_data, tmp_path / "one", **kwargs)
     second = quick_build(demo_data, tmp_path / "two", **kwargs)
     other = quick_build(demo_data, tmp_path / "three", seed=1, **kwargs)
-    a, b, c = (_head_state(tmp_path / d, r.head) for d, r in
-               (("one", first), ("two", second), ("three", other)))
+    a, b, c = (_head_state(tmp_path / d, r.head) for d, r in (("one", first), ("two", second), ("three", other)))
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert first.head.metrics == second.head.metrics
-    assert (tmp_path / "one" / "heads/default/1/history.json").read_text() == \
-        (tmp_path / "two" / "heads/default/1/history.json").read_text()
+    assert (tmp_path / "one" / "heads/default/1/history.json").read_text() == (
+        tmp_path / "two" / "heads/default/1/history.json"
+    ).read_text()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal
 
 

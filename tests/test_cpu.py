@@ -13,18 +13,23 @@ from tl_models.core.errors import Refused
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx"
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (f"{BASE} avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16", "amx"),
-    (f"{BASE} avx2 avx512f avx512bw avx512_vnni avx_vnni", "avx512_vnni"),
-    (f"{BASE} avx2 avx_vnni", "avx_vnni"),
-    (f"{BASE} avx2 avx512f avx512bw", "avx512"),
-    (f"{BASE} avx2 fma", "avx2"),
-    (BASE, "x86"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (f"{BASE} avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16", "amx"),
+        (f"{BASE} avx2 avx512f avx512bw avx512_vnni avx_vnni", "avx512_vnni"),
+        (f"{BASE} avx2 avx_vnni", "avx_vnni"),
+        (f"{BASE} avx2 avx512f avx512bw", "avx512"),
+        (f"{BASE} avx2 fma", "avx2"),
+        (BASE, "x86"),
+    ],
+)
 def test_the_isa_class_is_the_best_int8_instruction_set_the_flags_name(tmp_path: Path, flags: str, expected: str):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\nbogomips\t: 4000\n\n"
-                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    cpuinfo.write_text(
+        f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\nbogomips\t: 4000\n\n"
+        f"processor\t: 1\nflags\t\t: {flags}\n"
+    )
     assert isa_class(cpuinfo) == expected
     assert has_vnni(expected) == (expected in ("amx", "avx512_vnni", "avx_vnni"))
 

@@ -22,8 +22,17 @@ KUBERNETES = "1.33"
 
 @pytest.mark.parametrize("kind,gpu", [("bento", False), ("bento", True), ("triton", False), ("triton", True)])
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, tmp_path, kind, gpu):
-    args = ["deploy", "render", str(deployment.build_dir), "--server", kind, "--replicas", "3", "--out",
-            str(tmp_path)] + (["--gpu"] if gpu else [])
+    args = [
+        "deploy",
+        "render",
+        str(deployment.build_dir),
+        "--server",
+        kind,
+        "--replicas",
+        "3",
+        "--out",
+        str(tmp_path),
+    ] + (["--gpu"] if gpu else [])
     assert cli_main(args) == 0
     folder = tmp_path / f"{deployment.manifest.name}-{kind}"
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
@@ -51,13 +60,16 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(deployment, 
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.name in (folder / ".gitignore").read_text()
     claim = kinds["PersistentVolumeClaim"][0]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
-               for v in pod["spec"]["volumes"])
+    assert any(
+        v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"] for v in pod["spec"]["volumes"]
+    )
     if kind == "bento":
         env = {e["name"]: e.get("value") for e in container["env"]}
         route = json.loads(kinds["ConfigMap"][0]["data"]["route.json"])
-        assert Route(route["weights"], route["versions"], route["revision"]).validate().versions == \
-            BuildDir(deployment.build_dir).manifest().latest_versions()
+        assert (
+            Route(route["weights"], route["versions"], route["revision"]).validate().versions
+            == BuildDir(deployment.build_dir).manifest().latest_versions()
+        )
         mount = next(m for m in container["volumeMounts"] if m["name"] == "route")
         assert env["TL_MODELS_FLEET_ROUTE"].startswith(mount["mountPath"] + "/")  # a directory mount: it updates
         assert "subPath" not in mount
@@ -80,15 +92,30 @@ def _check_dockerfile(path: Path, server: str) -> None:
 
 def test_rendering_again_keeps_the_admin_token(deployment, tmp_path):
     def token() -> str:
-        assert cli_main(["deploy", "render", str(deployment.build_dir), "--server", "bento", "--out",
-                         str(tmp_path)]) == 0
+        assert (
+            cli_main(["deploy", "render", str(deployment.build_dir), "--server", "bento", "--out", str(tmp_path)]) == 0
+        )
         return (tmp_path / f"{deployment.manifest.name}-bento" / "admin-token.env").read_text()
 
     assert token() == token()
 
 
 def test_bad_render_options_are_user_errors(deployment, tmp_path, capsys):
-    assert cli_main(["deploy", "render", str(deployment.build_dir), "--server", "bento", "--replicas", "0",
-                     "--out", str(tmp_path)]) == 1
+    assert (
+        cli_main(
+            [
+                "deploy",
+                "render",
+                str(deployment.build_dir),
+                "--server",
+                "bento",
+                "--replicas",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "replicas must be at least 1" in capsys.readouterr().err
     assert cli_main(["deploy", "render", str(tmp_path / "nope"), "--server", "triton", "--out", str(tmp_path)]) == 1

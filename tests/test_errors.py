@@ -12,23 +12,26 @@ from tl_models.core.routing import NoTraffic, Route, RoutingError, UnknownHead
 from tl_models.triton.config import TritonConfigError
 
 
-@pytest.mark.parametrize("error, status, code", [
-    (errors.BadRequest("x"), 400, "INVALID_ARG"),
-    (ImageError("not an image"), 400, "INVALID_ARG"),
-    (RoutingError("bad weight"), 400, "INVALID_ARG"),
-    (DataError("one class"), 400, "INVALID_ARG"),
-    (TritonConfigError("bad config"), 400, "INVALID_ARG"),
-    (errors.Unauthorized("token"), 401, "INVALID_ARG"),
-    (errors.Forbidden("outside"), 403, "INVALID_ARG"),
-    (UnknownHead("zzz"), 404, "NOT_FOUND"),
-    (errors.Conflict("other bytes"), 409, "ALREADY_EXISTS"),
-    (errors.Refused("sha256"), 422, "INVALID_ARG"),
-    (errors.BuildError("no manifest"), 422, "INVALID_ARG"),
-    (NoTraffic("no weight"), 503, "UNAVAILABLE"),
-    (errors.ModelFault("ORT failed"), 500, "INTERNAL"),
-    (RuntimeError("a bug"), 500, "INTERNAL"),
-    (ParityError("past tolerance"), 500, "INTERNAL"),  # a build-time failure, never a served answer
-])
+@pytest.mark.parametrize(
+    "error, status, code",
+    [
+        (errors.BadRequest("x"), 400, "INVALID_ARG"),
+        (ImageError("not an image"), 400, "INVALID_ARG"),
+        (RoutingError("bad weight"), 400, "INVALID_ARG"),
+        (DataError("one class"), 400, "INVALID_ARG"),
+        (TritonConfigError("bad config"), 400, "INVALID_ARG"),
+        (errors.Unauthorized("token"), 401, "INVALID_ARG"),
+        (errors.Forbidden("outside"), 403, "INVALID_ARG"),
+        (UnknownHead("zzz"), 404, "NOT_FOUND"),
+        (errors.Conflict("other bytes"), 409, "ALREADY_EXISTS"),
+        (errors.Refused("sha256"), 422, "INVALID_ARG"),
+        (errors.BuildError("no manifest"), 422, "INVALID_ARG"),
+        (NoTraffic("no weight"), 503, "UNAVAILABLE"),
+        (errors.ModelFault("ORT failed"), 500, "INTERNAL"),
+        (RuntimeError("a bug"), 500, "INTERNAL"),
+        (ParityError("past tolerance"), 500, "INTERNAL"),  # a build-time failure, never a served answer
+    ],
+)
 def test_each_error_has_one_status_and_one_code(error, status, code):
     assert errors.http_status(error) == status
     assert errors.triton_code(error) == code

@@ -48,7 +48,7 @@ def spread_head(embedding_dim: int, classes: int = 5) -> torch.nn.Module:
     head = build_head(HeadSpec("mlp", embedding_dim, classes, hidden=64))
     for layer in head:
         if isinstance(layer, torch.nn.Linear):
-            torch.nn.init.normal_(layer.weight, std=1.0 / layer.in_features ** 0.5 * 3)
+            torch.nn.init.normal_(layer.weight, std=1.0 / layer.in_features**0.5 * 3)
             torch.nn.init.normal_(layer.bias, std=0.1)
     return head.eval()
 
@@ -57,8 +57,7 @@ def export_all(backbone, head, tmp_path, meta=None):
     meta = meta or {"labels": [str(i) for i in range(5)]}
     paths = tmp_path / "backbone.onnx", tmp_path / "head.onnx", tmp_path / "fused.onnx"
     size = [3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size]
-    export_backbone(backbone.module, size,
-                    paths[0], meta, backbone.spec.onnx_exporter)
+    export_backbone(backbone.module, size, paths[0], meta, backbone.spec.onnx_exporter)
     export_head(head, backbone.spec.embedding_dim, paths[1], {**meta, "head": "h:1"})
     fuse(paths[0], paths[1], {**meta, "head": "h:1"}, paths[2])
     return [str(p) for p in paths]
@@ -73,8 +72,15 @@ def test_every_backbone_exports_with_parity(name, tmp_path):
     head = spread_head(backbone.spec.embedding_dim)
     backbone_path, head_path, fused_path = export_all(backbone, head, tmp_path)
     size = [3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size]
-    report = run_parity(backbone.module, size, backbone_path, {"h:1": (head, head_path, fused_path)},
-                        Tolerance(), BATCH_SIZES, images=images)
+    report = run_parity(
+        backbone.module,
+        size,
+        backbone_path,
+        {"h:1": (head, head_path, fused_path)},
+        Tolerance(),
+        BATCH_SIZES,
+        images=images,
+    )
     assert report.passed, report.table()
     assert {c.batch for c in report.checks} == set(BATCH_SIZES)
     assert len(report.checks) == 3 * len(BATCH_SIZES)
@@ -103,8 +109,15 @@ def test_mobilenet_v2_imagenet_top1_agrees_on_real_photos(imagenet_mobilenet, tm
     backbone, classifier = imagenet_mobilenet
     backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
     images = photos(backbone.preprocessing)
-    report = run_parity(backbone.module, [3, 224, 224], backbone_path, {"imagenet": (classifier, head_path, fused_path)},
-                        Tolerance(), (len(PHOTOS),), images=images)
+    report = run_parity(
+        backbone.module,
+        [3, 224, 224],
+        backbone_path,
+        {"imagenet": (classifier, head_path, fused_path)},
+        Tolerance(),
+        (len(PHOTOS),),
+        images=images,
+    )
     assert report.passed, report.table()
     fused = create_session(fused_path).run(None, {"image": images})[0]
     assert all(c.top1_agreement == 1.0 for c in report.checks if c.top1_agreement is not None)
@@ -130,8 +143,15 @@ def test_parity_fails_loudly_on_a_wrong_graph(imagenet_mobilenet, tmp_path):
     backbone, classifier = imagenet_mobilenet
     backbone_path, head_path, fused_path = export_all(backbone, classifier, tmp_path, {"labels": "imagenet"})
     tampered = build_head(HeadSpec("linear", 1280, 1000)).eval()
-    report = run_parity(backbone.module, [3, 224, 224], None, {"imagenet": (tampered, head_path, fused_path)},
-                        Tolerance(), (2,), images=photos(backbone.preprocessing))
+    report = run_parity(
+        backbone.module,
+        [3, 224, 224],
+        None,
+        {"imagenet": (tampered, head_path, fused_path)},
+        Tolerance(),
+        (2,),
+        images=photos(backbone.preprocessing),
+    )
     assert not report.passed
     with pytest.raises(ParityError, match=r"imagenet/(head|fused)/logits at batch 2: max abs diff"):
         report.raise_on_failure()
@@ -161,13 +181,17 @@ def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mob
 
     images = photos(backbone.preprocessing)
     np.save(tmp_path / "images.npy", images)
-    script = (f"import numpy as np; from tl_models.core.runtime import create_session; "
-              f"s = create_session({str(fp16_path)!r}); "
-              f"np.save({str(tmp_path / 'out.npy')!r}, s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])")
+    script = (
+        f"import numpy as np; from tl_models.core.runtime import create_session; "
+        f"s = create_session({str(fp16_path)!r}); "
+        f"np.save({str(tmp_path / 'out.npy')!r}, s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])"
+    )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     if run.returncode < 0 or re.search(r"NOT_IMPLEMENTED|Could not find an implementation", run.stderr):
-        pytest.skip(f"this CPU has no fp16 kernel for a node of the graph, or the session crashed "
-                    f"(signal {-run.returncode}): {run.stderr[-300:]}")
+        pytest.skip(
+            f"this CPU has no fp16 kernel for a node of the graph, or the session crashed "
+            f"(signal {-run.returncode}): {run.stderr[-300:]}"
+        )
     assert run.returncode == 0, run.stderr[-2000:]  # any other failure of the fp16 graph fails the test
     with torch.inference_mode():
         reference = classifier(backbone.module(torch.from_numpy(images))).numpy()

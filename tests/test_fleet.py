@@ -46,9 +46,12 @@ class Fleet:
     def env(self, index: int, build: Path | None = None) -> dict:
         """Replica ``index``: its state dir, and its own BENTOML_HOME (`bentoml serve` empties
         $BENTOML_HOME/prometheus_multiproc_dir when it starts: a shared home would reset the others' metrics)."""
-        return {**self.base, "TL_MODELS_BUILD": str(build or self.build),
-                "TL_MODELS_STATE_DIR": str(self.root / f"state-{index}"),
-                "BENTOML_HOME": str(self.root / f"bentoml-{index}")}
+        return {
+            **self.base,
+            "TL_MODELS_BUILD": str(build or self.build),
+            "TL_MODELS_STATE_DIR": str(self.root / f"state-{index}"),
+            "BENTOML_HOME": str(self.root / f"bentoml-{index}"),
+        }
 
     def start(self, env: dict, index: int):
         return launcher.start(env, log_path=self.root / f"replica-{index}.log", timeout=600)
@@ -75,9 +78,15 @@ def fleet(deployment, tmp_path_factory):
     route_file = root / "shared" / "route.json"
     RoutingState(route_file).update(weights={"a": 1, "b": 1}, versions={"a": 1, "b": 1})
     fleet = Fleet(root, deployment.build_dir, route_file)
-    fleet.base = {**deployment.env, "TL_MODELS_ADMIN_TOKEN": TOKEN, "TL_MODELS_WORKERS": "1",
-                  "TL_MODELS_THREADS": "1", "TL_MODELS_FLEET_ROUTE": str(route_file), "TL_MODELS_FLEET_POLL": "1",
-                  "TL_MODELS_ACCESS_LOG": "0"}
+    fleet.base = {
+        **deployment.env,
+        "TL_MODELS_ADMIN_TOKEN": TOKEN,
+        "TL_MODELS_WORKERS": "1",
+        "TL_MODELS_THREADS": "1",
+        "TL_MODELS_FLEET_ROUTE": str(route_file),
+        "TL_MODELS_FLEET_POLL": "1",
+        "TL_MODELS_ACCESS_LOG": "0",
+    }
     own = root / "replica-2-build"
     shutil.copytree(deployment.build_dir, own)
     fleet.envs = [fleet.env(0), fleet.env(1), fleet.env(2, own)]
@@ -95,8 +104,9 @@ def _sticky(urls: list[str], image: bytes) -> dict[str, str]:
         for key in KEYS:
             heads = set()
             for url in urls:
-                response = client.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")},
-                                       headers={"X-TL-Key": key})
+                response = client.post(
+                    f"{url}/classify", files={"image": ("x.png", image, "image/png")}, headers={"X-TL-Key": key}
+                )
                 assert response.status_code == 200, response.text
                 heads.add(f"{response.json()['head']}:{response.json()['version']}")
             assert len(heads) == 1, (key, heads)
@@ -108,8 +118,9 @@ def _load(urls: list[str], images: list[bytes], stop: threading.Event, clients: 
     """``clients`` closed-loop clients spread over the replicas until ``stop``; (records, thread)."""
     spread = itertools.cycle(urls)
     records: list = []
-    thread = threading.Thread(target=lambda: records.extend(
-        drive(lambda: BentoCaller(next(spread)), images, clients, stop=stop)[0]))
+    thread = threading.Thread(
+        target=lambda: records.extend(drive(lambda: BentoCaller(next(spread)), images, clients, stop=stop)[0])
+    )
     thread.start()
     return records, thread
 
@@ -126,8 +137,9 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
     records, thread = _load(fleet.urls, deployment.images(10), stop)
     try:
         time.sleep(2)
-        report = swap(fleet.urls, fleet.route_file, "a", 2, TOKEN, weights={"a": 3, "b": 1},
-                      build_dir=deployment.build_dir)
+        report = swap(
+            fleet.urls, fleet.route_file, "a", 2, TOKEN, weights={"a": 3, "b": 1}, build_dir=deployment.build_dir
+        )
         time.sleep(2)
     finally:
         stop.set()
@@ -135,8 +147,10 @@ def test_fleet_swap_under_load_loses_nothing_and_keys_stay_sticky(fleet, deploym
     failures = [r.error for r in records if r.error]
     RELIABILITY["requests during fleet swaps"] += len(records)
     RELIABILITY["failed requests during fleet swaps"] += len(failures)
-    RELIABILITY_NOTES["fleet swap"] = (f"a:1 -> a:2 across 3 replicas under 6 clients: {report['seconds']:.2f} s, "
-                                       f"{len(failures)} of {len(records)} requests failed")
+    RELIABILITY_NOTES["fleet swap"] = (
+        f"a:1 -> a:2 across 3 replicas under 6 clients: {report['seconds']:.2f} s, "
+        f"{len(failures)} of {len(records)} requests failed"
+    )
     assert not failures, failures[:3]
     assert all(r["converged"] for r in report["phase2"]), report
     after = status(fleet.urls, fleet.route_file)
@@ -186,16 +200,23 @@ def test_a_replica_stopped_in_phase_2_converges_when_it_restarts(fleet, deployme
     finally:
         stop.set()
         thread.join()
-    held = len([r for r in records if r.error is None]) / max(1e-9, max(r.end for r in records) - min(
-        r.start for r in records))
-    RELIABILITY_NOTES["fleet restart"] = (f"replica restarted and converged in {restart:.1f} s (ready = converged); "
-                                          f"the other 2 held {held:.0f} req/s meanwhile, "
-                                          f"{sum(r.error is not None for r in records)} failed")
+    held = len([r for r in records if r.error is None]) / max(
+        1e-9, max(r.end for r in records) - min(r.start for r in records)
+    )
+    RELIABILITY_NOTES["fleet restart"] = (
+        f"replica restarted and converged in {restart:.1f} s (ready = converged); "
+        f"the other 2 held {held:.0f} req/s meanwhile, "
+        f"{sum(r.error is not None for r in records)} failed"
+    )
     assert not [r.error for r in records if r.error]
     after = status(fleet.urls, fleet.route_file)
     assert after["agree"] and all(r["versions"]["a"] == 1 for r in after["replicas"]), after
-    answer = httpx.post(f"{fleet.urls[1]}/classify", files={"image": ("x.png", deployment.images(1)[0])},
-                        headers={"X-TL-Head": "a"}, timeout=60).json()
+    answer = httpx.post(
+        f"{fleet.urls[1]}/classify",
+        files={"image": ("x.png", deployment.images(1)[0])},
+        headers={"X-TL-Head": "a"},
+        timeout=60,
+    ).json()
     assert answer["version"] == 1
 
 
@@ -203,8 +224,12 @@ def test_a_new_replica_serves_the_fleet_route_from_its_first_request(fleet, depl
     route = fleet.route()
     server = fleet.start(fleet.env(3), 3)
     try:
-        answer = httpx.post(f"{server.url}/classify", files={"image": ("x.png", deployment.images(1)[0])},
-                            headers={"X-TL-Head": "a"}, timeout=60).json()
+        answer = httpx.post(
+            f"{server.url}/classify",
+            files={"image": ("x.png", deployment.images(1)[0])},
+            headers={"X-TL-Head": "a"},
+            timeout=60,
+        ).json()
         assert answer["version"] == route.versions["a"]
         assert status(fleet.urls + [server.url], fleet.route_file)["agree"]
     finally:
@@ -213,11 +238,19 @@ def test_a_new_replica_serves_the_fleet_route_from_its_first_request(fleet, depl
 
 def test_a_bad_fleet_call_is_refused_before_any_replica_changes(fleet, deployment):
     revision = fleet.route().revision
-    for call, match in ((lambda: swap(fleet.urls, fleet.route_file, "a", 9, TOKEN, build_dir=deployment.build_dir),
-                         "no version 9|not found|9"),
-                        (lambda: swap(fleet.urls, fleet.route_file, "zz", 1, TOKEN, weights={"a": 1, "zz": 1},
-                                      build_dir=deployment.build_dir), "zz"),
-                        (lambda: swap(fleet.urls, fleet.route_file, "a", 1, "wrong-token"), "token")):
+    for call, match in (
+        (
+            lambda: swap(fleet.urls, fleet.route_file, "a", 9, TOKEN, build_dir=deployment.build_dir),
+            "no version 9|not found|9",
+        ),
+        (
+            lambda: swap(
+                fleet.urls, fleet.route_file, "zz", 1, TOKEN, weights={"a": 1, "zz": 1}, build_dir=deployment.build_dir
+            ),
+            "zz",
+        ),
+        (lambda: swap(fleet.urls, fleet.route_file, "a", 1, "wrong-token"), "token"),
+    ):
         with pytest.raises(UserError, match=match):
             call()
     assert fleet.route().revision == revision
@@ -229,9 +262,12 @@ def test_a_pushed_route_wins_over_an_older_route_file(deployment, tmp_path):
     route_file = tmp_path / "route.json"
     RoutingState(route_file).update(weights={"a": 1, "b": 1}, versions={"a": 1, "b": 1})
     backbone, heads = sources_from_build(deployment.build_dir)
-    engine = ServingEngine(backbone, [h for h in heads if h.version == 1],
-                           ServingConfig(state_dir=tmp_path / "state", fleet_route=route_file, fleet_poll=3600),
-                           find_head=lambda name, version: head_source_from_build(deployment.build_dir, name, version))
+    engine = ServingEngine(
+        backbone,
+        [h for h in heads if h.version == 1],
+        ServingConfig(state_dir=tmp_path / "state", fleet_route=route_file, fleet_poll=3600),
+        find_head=lambda name, version: head_source_from_build(deployment.build_dir, name, version),
+    )
     assert engine.heads.routing.current().versions == {"a": 1, "b": 1} and engine.fleet["in_sync"]
     asyncio.run(engine.sync(Route({"a": 3.0, "b": 1.0}, {"a": 2, "b": 1}, revision=5).to_dict()))
     assert engine.heads.routing.current().versions == {"a": 2, "b": 1}

@@ -27,8 +27,7 @@ from tl_models.triton.config import RepositoryOptions, head_model, read_config
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA device")]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +82,25 @@ def test_tritonserver_loads_kind_gpu_configs_and_answers_like_the_cpu(gpu_build,
 
 
 def test_bentoml_serves_on_cuda_like_the_cpu(gpu_build, tmp_path):
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "TL_MODELS_PROVIDERS": "cuda", "TL_MODELS_WORKERS": "1", "TL_MODELS_STATE_DIR": str(tmp_path / "state")}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TL_MODELS_PROVIDERS": "cuda",
+        "TL_MODELS_WORKERS": "1",
+        "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
+    }
     Deployment(tmp_path, gpu_build, env).cli("bento", "package", str(gpu_build))
     server = bento_server.start(env, log_path=tmp_path / "serve.log", timeout=600)
     try:
         image = _images(gpu_build, 1)[0]
-        response = httpx.post(f"{server.url}/classify", files={"image": ("x.png", image, "image/png")},
-                              headers={"X-TL-Head": "a"}, data={"top_k": "10"}, timeout=60)
+        response = httpx.post(
+            f"{server.url}/classify",
+            files={"image": ("x.png", image, "image/png")},
+            headers={"X-TL-Head": "a"},
+            data={"top_k": "10"},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         assert "fell back" not in (tmp_path / "serve.log").read_text()  # core.runtime warns when CUDA was refused
         answer, direct = response.json(), DirectOnnx(gpu_build)

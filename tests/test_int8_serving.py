@@ -61,16 +61,19 @@ def gate_images(int8_build) -> dict[str, object]:
         data = load_image_folder(entry.data["root"])
         _, val = stratified_split(data.targets, entry.data["val_fraction"], entry.train["seed"])
         val_images[key] = [Path(data.paths[i]).read_bytes() for i in val]
-    return {"images": val_images, "measured": measured, "int8": DirectOnnx(int8_build, "backbone.int8.onnx"),
-            "fp32": DirectOnnx(int8_build)}
+    return {
+        "images": val_images,
+        "measured": measured,
+        "int8": DirectOnnx(int8_build, "backbone.int8.onnx"),
+        "fp32": DirectOnnx(int8_build),
+    }
 
 
 def _agreement(top1: list[int], fp32: DirectOnnx, images: list[bytes], head: str, version: int) -> float:
     return float(np.mean(np.array(top1) == fp32(images, head, version).argmax(1)))
 
 
-def test_int8_sources_carry_the_gate_and_refuse_what_it_did_not_measure(int8_build, deployment, tmp_path,
-                                                                        monkeypatch):
+def test_int8_sources_carry_the_gate_and_refuse_what_it_did_not_measure(int8_build, deployment, tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     backbone, heads = sources_from_build(int8_build, "int8")
     assert backbone.precision == "int8" and backbone.sha256 == BuildDir(int8_build).manifest().backbone_sha256()
@@ -84,8 +87,10 @@ def test_int8_sources_carry_the_gate_and_refuse_what_it_did_not_measure(int8_bui
     (stale / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BuildError, match=r"heads \['b:1'\] were built after the int8 gate"):
         backbone_from_build(BuildDir(stale), BuildDir(stale).manifest(), "int8")
-    for command in (["bento", "package", str(stale), "--precision", "int8"],
-                    ["triton", "package", str(stale), "--repo", str(tmp_path / "repo"), "--precision", "int8"]):
+    for command in (
+        ["bento", "package", str(stale), "--precision", "int8"],
+        ["triton", "package", str(stale), "--repo", str(tmp_path / "repo"), "--precision", "int8"],
+    ):
         assert cli_main(command) == 1
     assert not (tmp_path / "repo" / "build_backbone").exists()
 
@@ -115,8 +120,9 @@ def _recorded_machine(build: Path, machine: dict | None) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def test_int8_measured_on_another_cpu_is_refused_by_both_servers_until_verified_here(int8_build, deployment, tmp_path,
-                                                                                    capsys):
+def test_int8_measured_on_another_cpu_is_refused_by_both_servers_until_verified_here(
+    int8_build, deployment, tmp_path, capsys
+):
     other = shutil.copytree(int8_build, tmp_path / "other").resolve()
     recorded = "avx2" if isa_class() != "avx2" else "amx"  # a class this machine is not
     _recorded_machine(other, {"isa": recorded})
@@ -136,10 +142,18 @@ def test_int8_measured_on_another_cpu_is_refused_by_both_servers_until_verified_
     assert err.count("\n") == 1 and "int8 refused" in err and recorded in err and verify in err, err
     assert not (tmp_path / "repo" / "build_backbone").exists()
 
-    env = {**deployment.env, "BENTOML_HOME": str(tmp_path / "bentoml"), "TL_MODELS_PRECISION": "int8",
-           "TL_MODELS_STATE_DIR": str(tmp_path / "state")}
-    subprocess.run([sys.executable, "-m", "tl_models.cli", "bento", "package", str(other), "--precision", "int8"],
-                   env=env, check=True, capture_output=True)  # the store keeps the record (its own process: the
+    env = {
+        **deployment.env,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "TL_MODELS_PRECISION": "int8",
+        "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "tl_models.cli", "bento", "package", str(other), "--precision", "int8"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # the store keeps the record (its own process: the
     with pytest.raises(BentoServerError, match=r"int8 refused: .*--verify`, then package it again"):  # store binds
         bento_server.start(env, log_path=tmp_path / "refused.log", timeout=45)  # BENTOML_HOME once per process;
         # `bentoml serve` restarts a worker that fails to start, so it never exits: the log holds the refusal
@@ -157,8 +171,12 @@ def test_int8_measured_on_another_cpu_is_refused_by_both_servers_until_verified_
     repo = write_repository(other, tmp_path / "repo", RepositoryOptions(precision="int8"))
     facts = json.loads((repo.path / f"{repo.name}_backbone" / "1" / "backbone.json").read_text())
     assert facts["int8_machine"]["isa"] == isa_class()  # what the python backend checks when Triton loads it
-    subprocess.run([sys.executable, "-m", "tl_models.cli", "bento", "package", str(other), "--precision", "int8"],
-                   env=env, check=True, capture_output=True)  # stored again, with the new record: it serves
+    subprocess.run(
+        [sys.executable, "-m", "tl_models.cli", "bento", "package", str(other), "--precision", "int8"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # stored again, with the new record: it serves
     bento_server.start(env, log_path=tmp_path / "serve.log", timeout=300).stop()
 
 
@@ -189,15 +207,20 @@ def test_bentoml_serves_the_int8_backbone_as_the_gate_measured_it(int8_bento, in
     assert {(h["name"], h["version"]) for h in status["heads"]} == {("a", 2), ("b", 1)}
     for head, version in (("a", 2), ("b", 1)):
         images = gate_images["images"][f"{head}:{version}"]
-        answers = [int8_bento.post("/classify", files={"image": ("x.png", image, "image/png")},
-                                   headers={"X-TL-Head": head}).json() for image in images]
+        answers = [
+            int8_bento.post(
+                "/classify", files={"image": ("x.png", image, "image/png")}, headers={"X-TL-Head": head}
+            ).json()
+            for image in images
+        ]
         assert {(a["head"], a["version"]) for a in answers} == {(head, version)}
         expected = gate_images["int8"](images, head, version)
         labels = manifest.labels
         assert [a["predictions"][0]["label"] for a in answers] == [labels[i] for i in expected.argmax(1)]
         top1 = [labels.index(a["predictions"][0]["label"]) for a in answers]
         assert _agreement(top1, gate_images["fp32"], images, head, version) == pytest.approx(
-            gate_images["measured"][f"{head}:{version}"]["agreement"])
+            gate_images["measured"][f"{head}:{version}"]["agreement"]
+        )
 
     response = int8_bento.post("/admin/load", json={"head": "a", "version": 1}, headers=ADMIN)
     assert response.status_code == 422 and "not measured by the accuracy gate" in response.text, response.text
@@ -226,11 +249,18 @@ def test_triton_serves_the_int8_backbone_as_the_gate_measured_it(int8_triton, ga
         assert config["parameters"]["precision"]["string_value"] == "int8", model
     for head, version in sorted(repo.live.items()):
         images = gate_images["images"][f"{head}:{version}"]
-        logits = np.concatenate([client.infer(repo.name, [bytes_input(module, [image]), bytes_input(
-            module, [head.encode()], "route_head")]).as_numpy("logits") for image in images])
+        logits = np.concatenate(
+            [
+                client.infer(
+                    repo.name, [bytes_input(module, [image]), bytes_input(module, [head.encode()], "route_head")]
+                ).as_numpy("logits")
+                for image in images
+            ]
+        )
         np.testing.assert_allclose(logits, gate_images["int8"](images, head, version), atol=1e-4, rtol=0)
         assert _agreement(list(logits.argmax(1)), gate_images["fp32"], images, head, version) == pytest.approx(
-            gate_images["measured"][f"{head}:{version}"]["agreement"])
+            gate_images["measured"][f"{head}:{version}"]["agreement"]
+        )
 
 
 def test_a_triton_swap_to_a_head_the_int8_gate_did_not_measure_is_refused(int8_triton):

@@ -44,7 +44,7 @@ def test_drift_is_small_for_the_same_distribution_and_large_for_a_shifted_one():
     reference = EmbeddingReference.of(np.concatenate([train, held]), np.arange(2000), np.arange(2000, 2400))
     assert reference.baseline < 0.1 and reference.images == 2000
     window = DriftWindow(64, size=256)
-    window.add(held[:MIN_WINDOW - 1])
+    window.add(held[: MIN_WINDOW - 1])
     assert window.mean() == (None, MIN_WINDOW - 1)  # too few to say
     window.add(held)
     mean, count = window.mean()
@@ -63,8 +63,13 @@ def test_drift_is_small_for_the_same_distribution_and_large_for_a_shifted_one():
 def test_feedback_store_labels_once_and_refuses_unknown_ids_and_labels(tmp_path):
     store = FeedbackStore(tmp_path / "feedback.sqlite")
     now = time.time()
-    store.record([("r1", "a:1", "live", "3", 0.9, now), ("r1", "b:1", "shadow", "5", 0.6, now),
-                  ("r2", "a:1", "live", "4", 0.8, now)])
+    store.record(
+        [
+            ("r1", "a:1", "live", "3", 0.9, now),
+            ("r1", "b:1", "shadow", "5", 0.6, now),
+            ("r2", "a:1", "live", "4", 0.8, now),
+        ]
+    )
     new, judged = store.label("r1", "3", {"3", "4", "5"})
     assert new and judged == [("a:1", "live", True), ("b:1", "shadow", False)]
     assert store.label("r1", "3", {"3", "4", "5"})[0] is False  # the same label again changes nothing
@@ -86,8 +91,7 @@ def test_embedding_log_rotates_within_its_bound_and_joins_feedback(tmp_path):
     writer = EmbeddingLogWriter(tmp_path / "log", facts, max_bytes=3 * 2500)
     for shard in range(6):
         for i in range(10):
-            writer.add(f"r{shard}-{i}", 1000.0 + shard, np.full(8, shard, np.float32), "a:1",
-                       {"a:1": [["3", 0.9]]})
+            writer.add(f"r{shard}-{i}", 1000.0 + shard, np.full(8, shard, np.float32), "a:1", {"a:1": [["3", 0.9]]})
         assert writer.flush() == 10
     assert writer.flush() == 0
     shards = sorted((tmp_path / "log").glob("shard-*.npz"))
@@ -116,15 +120,15 @@ def test_a_full_recorder_queue_drops_and_counts_and_never_blocks(deployment, tmp
     accepted, slowest = [], 0.0
     for number in range(10):
         start = time.perf_counter()
-        accepted.append(judge.submit(Scored(request_ids(1), time.time(), embedding, head, [],
-                                            head.logits(embedding))))
+        accepted.append(judge.submit(Scored(request_ids(1), time.time(), embedding, head, [], head.logits(embedding))))
         slowest = max(slowest, time.perf_counter() - start)
         if number == 0:  # the recorder has taken the first batch and stalls on it: no race with its thread
             assert stalled.wait(10), "the recorder never took the first record"
     assert slowest < 0.01
     # the recorder holds one batch, the queue two more: the rest are dropped and counted
-    assert 3 <= accepted.count(True) <= 4 and judge.metrics.dropped._value.get() - dropped_before == \
-        accepted.count(False)
+    assert 3 <= accepted.count(True) <= 4 and judge.metrics.dropped._value.get() - dropped_before == accepted.count(
+        False
+    )
     release.set()
     assert judge.settle(10)
     assert len(judge.store.accuracy()) == 0  # recorded, none labelled
@@ -156,14 +160,14 @@ def test_shadow_agreement_and_feedback_accuracy_equal_offline(server, deployment
     direct = DirectOnnx(deployment.build_dir)
     held = _held_out(tmp_path, deployment.build_dir.parent / "data")[:60]
     truth = [label for label, _ in held]
-    offline = {head: [direct.labels[i] for i in direct([png for _, png in held], head, 1).argmax(1)]
-               for head in ("a", "b")}
+    offline = {
+        head: [direct.labels[i] for i in direct([png for _, png in held], head, 1).argmax(1)] for head in ("a", "b")
+    }
     status = _shadow(server, "b", 1)
     assert [(s["name"], s["version"], s["share"]) for s in status["shadow"]] == [("b", 1, 1.0)]
     before = _shadow_entry(server, "b:1")
     # the feedback store is shared by the session's tests: this test's labels are what the counts gain
-    counted = {"a": next(h for h in server.heads()["heads"] if h["name"] == "a")["feedback"],
-               "b": before["feedback"]}
+    counted = {"a": next(h for h in server.heads()["heads"] if h["name"] == "a")["feedback"], "b": before["feedback"]}
     answers = []
     for label, png in held:
         response = server.classify(png, {"X-TL-Head": "a"})
@@ -178,12 +182,15 @@ def test_shadow_agreement_and_feedback_accuracy_equal_offline(server, deployment
     assert after["added_ms_per_image"] > 0 and after["errors"] == 0
 
     for answer, label in zip(answers, truth):
-        response = server.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
-                                      headers=FEEDBACK)
+        response = server.client.post(
+            "/feedback", json={"request_id": answer["request_id"], "label": label}, headers=FEEDBACK
+        )
         assert response.status_code == 200, response.text
         judged = {h["head"]: h["correct"] for h in response.json()["heads"]}
-        assert judged == {"a:1": answer["predictions"][0]["label"] == label,
-                          "b:1": offline["b"][answers.index(answer)] == label}
+        assert judged == {
+            "a:1": answer["predictions"][0]["label"] == label,
+            "b:1": offline["b"][answers.index(answer)] == label,
+        }
     status = server.heads()
     live_a = next(h for h in status["heads"] if h["name"] == "a")
     now = {"a": live_a["feedback"], "b": _shadow_entry(server, "b:1")["feedback"]}
@@ -191,8 +198,12 @@ def test_shadow_agreement_and_feedback_accuracy_equal_offline(server, deployment
         gained = (now[head]["labelled"] - counted[head]["labelled"], now[head]["correct"] - counted[head]["correct"])
         assert gained == (len(truth), sum(x == y for x, y in zip(offline[head], truth))), (head, now, counted)
     metrics = server.client.get("/metrics").text
-    for family in ("tl_models_shadow_agreed_total", "tl_models_feedback_correct_total",
-                   "tl_models_judge_recorded_total", "tl_models_embedding_drift"):
+    for family in (
+        "tl_models_shadow_agreed_total",
+        "tl_models_feedback_correct_total",
+        "tl_models_judge_recorded_total",
+        "tl_models_embedding_drift",
+    ):
         assert family in metrics
     assert status["drift"]["ready"] and live_a["drift"] < status["drift"]["threshold"]
 
@@ -214,12 +225,18 @@ def test_a_failing_shadow_head_never_fails_a_request(server, deployment, tmp_pat
     # admitted (a batch of 2 runs) but fails on one image: Reshape to 2 rows, then a matmul that needs them
     dim, classes = 1280, len(deployment.manifest.labels)
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["embedding", "shape"], ["rows"]),
-         helper.make_node("MatMul", ["rows", "w"], ["logits"])], "fails_on_one",
+        [
+            helper.make_node("Reshape", ["embedding", "shape"], ["rows"]),
+            helper.make_node("MatMul", ["rows", "w"], ["logits"]),
+        ],
+        "fails_on_one",
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", dim])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, -1]),
-         helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.zeros(dim * classes).tolist())])
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [2], [2, -1]),
+            helper.make_tensor("w", TensorProto.FLOAT, [dim, classes], np.zeros(dim * classes).tolist()),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     build = deployment.fake_build(tmp_path / "flaky", "flaky", 1, model.SerializeToString())
     _shadow(server, "flaky", 1, build_dir=str(build))
@@ -242,13 +259,15 @@ def test_a_failing_shadow_head_never_fails_a_request(server, deployment, tmp_pat
 def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
     answer = server.classify(deployment.images(1)[0]).json()
     rid = answer["request_id"]
-    cases = [({"request_id": rid, "label": "3"}, {}, 401),
-             ({"request_id": rid, "label": "3"}, {"Authorization": "Bearer wrong"}, 401),
-             ({"request_id": "0" * 27, "label": "3"}, FEEDBACK, 404),
-             ({"request_id": "not-an-id", "label": "3"}, FEEDBACK, 404),
-             ({"request_id": rid, "label": "cat"}, FEEDBACK, 400),
-             ({"request_id": rid}, FEEDBACK, 400),
-             ({"label": "3"}, FEEDBACK, 400)]
+    cases = [
+        ({"request_id": rid, "label": "3"}, {}, 401),
+        ({"request_id": rid, "label": "3"}, {"Authorization": "Bearer wrong"}, 401),
+        ({"request_id": "0" * 27, "label": "3"}, FEEDBACK, 404),
+        ({"request_id": "not-an-id", "label": "3"}, FEEDBACK, 404),
+        ({"request_id": rid, "label": "cat"}, FEEDBACK, 400),
+        ({"request_id": rid}, FEEDBACK, 400),
+        ({"label": "3"}, FEEDBACK, 400),
+    ]
     for body, headers, status in cases:
         response = server.client.post("/feedback", json=body, headers=headers)
         assert response.status_code == status, (body, response.text)
@@ -256,11 +275,14 @@ def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
     assert first.status_code == 200 and first.json()["recorded"] is True  # the admin token works too
     again = server.client.post("/feedback", json={"request_id": rid, "label": "3"}, headers=FEEDBACK)
     assert again.status_code == 200 and again.json()["recorded"] is False
-    assert server.client.post("/feedback", json={"request_id": rid, "label": "4"},
-                              headers=FEEDBACK).status_code == 409
-    for body, status in [({"head": "b", "version": 1, "share": 1.5}, 400), ({"head": "b", "version": 9}, 404),
-                         ({"head": "zz", "share": 0}, 404), ({"head": "../x", "share": 0}, 400),
-                         ({"share": 0.5}, 400)]:
+    assert server.client.post("/feedback", json={"request_id": rid, "label": "4"}, headers=FEEDBACK).status_code == 409
+    for body, status in [
+        ({"head": "b", "version": 1, "share": 1.5}, 400),
+        ({"head": "b", "version": 9}, 404),
+        ({"head": "zz", "share": 0}, 404),
+        ({"head": "../x", "share": 0}, 400),
+        ({"share": 0.5}, 400),
+    ]:
         response = server.admin("/admin/shadow", body)
         assert response.status_code == status, (body, response.text)
     assert server.admin("/admin/shadow", {"head": "b", "version": 1}, headers=FEEDBACK).status_code == 401
@@ -270,8 +292,10 @@ def test_bad_feedback_and_bad_shadow_calls_are_4xx(server, deployment):
 
 def _inverted(root: Path, deployment, per_class: int) -> list[tuple[str, bytes]]:
     """The held-out digits (``_held_out``), inverted: the shifted domain of the README's judging figures."""
-    return [(label, encode(shifted_image(io.BytesIO(png), "inverted")))
-            for label, png in _held_out(root, deployment.build_dir.parent / "data", per_class)]
+    return [
+        (label, encode(shifted_image(io.BytesIO(png), "inverted")))
+        for label, png in _held_out(root, deployment.build_dir.parent / "data", per_class)
+    ]
 
 
 def test_drift_of_real_digits_flags_a_shift_and_not_a_held_out_split(deployment, tmp_path):
@@ -288,8 +312,9 @@ def test_drift_of_real_digits_flags_a_shift_and_not_a_held_out_split(deployment,
     def judged(name: str, images: list[bytes]) -> dict:
         judge = Judge(tmp_path / name, JudgeConfig(tmp_path / name / "log", drift_window=len(images)), backbone, 1280)
         embeddings = direct.embed(np.stack([preprocess_bytes(png, direct.spec) for png in images]))
-        assert judge.submit(Scored(request_ids(len(images)), time.time(), embeddings, head, [],
-                                   head.logits(embeddings)))
+        assert judge.submit(
+            Scored(request_ids(len(images)), time.time(), embeddings, head, [], head.logits(embeddings))
+        )
         assert judge.settle(10)
         status = judge.status([head], [])
         judge.close()
@@ -311,8 +336,9 @@ def test_a_head_trained_from_labelled_traffic_knows_the_served_domain_better(dep
     direct = DirectOnnx(deployment.build_dir)
     inverted = _inverted(tmp_path, deployment, per_class=50)
     served, unseen = inverted[::2], inverted[1::2]
-    log = EmbeddingLogWriter(tmp_path / "log", {"build": backbone.build, "backbone_sha256": backbone.sha256,
-                                                "embedding_dim": 1280})
+    log = EmbeddingLogWriter(
+        tmp_path / "log", {"build": backbone.build, "backbone_sha256": backbone.sha256, "embedding_dim": 1280}
+    )
     ids = request_ids(len(served))
     embeddings = direct.embed(np.stack([preprocess_bytes(png, direct.spec) for _, png in served]))
     for request_id, embedding, (label, _) in zip(ids, embeddings, served, strict=True):
@@ -321,9 +347,17 @@ def test_a_head_trained_from_labelled_traffic_knows_the_served_domain_better(dep
     for request_id, (label, _) in zip(ids, served, strict=True):
         append_feedback(tmp_path / "log", request_id, label, time.time())
     build = Path(shutil.copytree(deployment.build_dir, tmp_path / "build"))
-    build_from_log(BuildOptions(data=deployment.build_dir.parent / "data", out=build, head="a",
-                                from_log=tmp_path / "log", train=TrainConfig(epochs=15), progress=False,
-                                cache_dir=deployment.root / "cache"))
+    build_from_log(
+        BuildOptions(
+            data=deployment.build_dir.parent / "data",
+            out=build,
+            head="a",
+            from_log=tmp_path / "log",
+            train=TrainConfig(epochs=15),
+            progress=False,
+            cache_dir=deployment.root / "cache",
+        )
+    )
     entry = BuildDir(build).manifest().heads[-1]
     assert entry.name == "a" and entry.data["log"]["labelled"] == len(served)
     after = DirectOnnx(build)
@@ -334,23 +368,35 @@ def test_a_head_trained_from_labelled_traffic_knows_the_served_domain_better(dep
     assert now >= before + 0.30, f"a:{entry.version} from the log {now:.3f} vs a:1 {before:.3f}"  # here 0.39 -> 0.89
 
 
-
 def test_serve_log_label_train_shadow_promote(server, deployment, tmp_path):
     """The loop: served and labelled images -> a head version trained from the log (with the original images) ->
     shadowed -> promoted with a swap."""
     held = _held_out(tmp_path, deployment.build_dir.parent / "data")
     for label, png in held:
         answer = server.classify(png).json()
-        response = server.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
-                                      headers=FEEDBACK)
+        response = server.client.post(
+            "/feedback", json={"request_id": answer["request_id"], "label": label}, headers=FEEDBACK
+        )
         assert response.status_code == 200, response.text
     time.sleep(1.5)  # a log shard every second
     build = tmp_path / "build"
     shutil.copytree(deployment.build_dir, build)
     log_dir = deployment.root / "state" / "embedding-log"
-    out = deployment.cli("build", "--from-log", str(log_dir), "--data", str(deployment.build_dir.parent / "data"),
-                         "--out", str(build), "--head", "a", "--epochs", "15", "--cache-dir",
-                         str(deployment.root / "cache"))
+    out = deployment.cli(
+        "build",
+        "--from-log",
+        str(log_dir),
+        "--data",
+        str(deployment.build_dir.parent / "data"),
+        "--out",
+        str(build),
+        "--head",
+        "a",
+        "--epochs",
+        "15",
+        "--cache-dir",
+        str(deployment.root / "cache"),
+    )
     assert "val accuracy" in out
     entry = BuildDir(build).manifest().heads[-1]
     labelled = read_log(log_dir).labelled()[1]
@@ -380,8 +426,9 @@ def test_from_log_refuses_a_log_of_another_backbone_and_a_log_without_labels(dep
     options = BuildOptions(data=None, out=build, head="a", from_log=tmp_path / "other", progress=False)
     with pytest.raises(BuildError, match="embeddings of backbone ffffffffffff"):
         build_from_log(options)
-    writer = EmbeddingLogWriter(tmp_path / "unlabelled", {**facts, "backbone_sha256":
-                                                          BuildDir(build).manifest().files["backbone.onnx"]})
+    writer = EmbeddingLogWriter(
+        tmp_path / "unlabelled", {**facts, "backbone_sha256": BuildDir(build).manifest().files["backbone.onnx"]}
+    )
     writer.add("r1", 1.0, np.zeros(1280, np.float32), "a:1", {})
     writer.flush()
     with pytest.raises(BuildError, match="no records with feedback"):
@@ -420,14 +467,25 @@ def test_report_from_a_service_and_from_its_log(server, deployment, tmp_path):
     for png in deployment.images(40) * 3:  # 120 answers, about 60 logged: one slice of at least 32 for drift
         assert server.classify(png, {"X-TL-Head": "a"}).status_code == 200
     time.sleep(1.5)
-    out = deployment.cli("report", "--url", server.url, "--json", str(tmp_path / "s.json"), "--plot",
-                         str(tmp_path / "s.png"))
+    out = deployment.cli(
+        "report", "--url", server.url, "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")
+    )
     figures = json.loads((tmp_path / "s.json").read_text())
     assert figures["heads"]["b:1"]["role"] == "shadow" and figures["heads"]["a:1"]["role"] == "live"
     assert "b:1" in out and (tmp_path / "s.png").stat().st_size > 10_000
-    out = deployment.cli("report", "--log", str(deployment.root / "state" / "embedding-log"), "--build",
-                         str(deployment.build_dir), "--slices", "1", "--json", str(tmp_path / "l.json"), "--plot",
-                         str(tmp_path / "l.png"))
+    out = deployment.cli(
+        "report",
+        "--log",
+        str(deployment.root / "state" / "embedding-log"),
+        "--build",
+        str(deployment.build_dir),
+        "--slices",
+        "1",
+        "--json",
+        str(tmp_path / "l.json"),
+        "--plot",
+        str(tmp_path / "l.png"),
+    )
     assert "drift per time slice" in out
     figures = json.loads((tmp_path / "l.json").read_text())
     assert figures["records"] > 0 and figures["heads"]["a:1"]["scored"] > 0

@@ -15,9 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tl_models"
 # layer -> the layers of ours it may import (besides itself)
 LAYERS = {"core", "training", "bento", "triton", "fleet", "deploy", "bench", "report", "cli"}
-ALLOWED = {"core": set(), "training": {"core"}, "bento": {"core"}, "triton": {"core"}, "fleet": {"core"},
-           "deploy": {"core"}, "report": {"core"}, "bench": {"core", "training", "bento", "triton"},
-           "cli": LAYERS - {"cli"}}  # nothing imports the command line
+ALLOWED = {
+    "core": set(),
+    "training": {"core"},
+    "bento": {"core"},
+    "triton": {"core"},
+    "fleet": {"core"},
+    "deploy": {"core"},
+    "report": {"core"},
+    "bench": {"core", "training", "bento", "triton"},
+    "cli": LAYERS - {"cli"},
+}  # nothing imports the command line
 
 
 def _imported_layers(path: Path) -> set[str]:
@@ -30,7 +38,7 @@ def _imported_layers(path: Path) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = list(parts[:len(parts) - node.level])
+                base = list(parts[: len(parts) - node.level])
                 names = [".".join(base + ([node.module] if node.module else []))]
                 if not node.module:
                     names = [".".join(base + [alias.name]) for alias in node.names]
@@ -74,7 +82,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
 
 def test_the_serving_path_imports_no_torch():
     env = {"TL_MODELS_BUILD": "unused", "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", SERVING], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SERVING], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []

@@ -16,8 +16,15 @@ import pytest
 from tl_models.bento.limits import BodyLimit
 
 REPO = Path(__file__).resolve().parents[1]
-SERVING_PATH = ["service.py", *sorted(str(p.relative_to(REPO)) for layer in ("core", "bento", "triton/models")
-                                    for p in (REPO / "tl_models" / layer).glob("*.py") if p.stat().st_size)]
+SERVING_PATH = [
+    "service.py",
+    *sorted(
+        str(p.relative_to(REPO))
+        for layer in ("core", "bento", "triton/models")
+        for p in (REPO / "tl_models" / layer).glob("*.py")
+        if p.stat().st_size
+    ),
+]
 
 
 def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
@@ -41,8 +48,12 @@ def test_every_torch_load_is_weights_only():
 @pytest.mark.parametrize("rel", SERVING_PATH)
 def test_the_serving_path_never_unpickles(rel):
     tree = ast.parse((REPO / rel).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
     assert not imported & {"pickle", "dill", "cloudpickle", "joblib"}, imported
     for loader in ("torch.load", "pickle.load", "pickle.loads"):
         assert not _calls(tree, loader), loader
@@ -85,12 +96,20 @@ def test_body_limit_refuses_declared_and_streamed_bodies_over_the_bound():
 
 
 def test_limit_settings_reach_the_bentoml_service():
-    code = ("import service, json; c = service.Classifier; "
-            "print(json.dumps([c.config['traffic'], [[m.__name__, o] for m, o in c.middlewares]]))")
-    env = {**os.environ, "TL_MODELS_BUILD": "unused", "TL_MODELS_TIMEOUT": "7.5",
-           "TL_MODELS_MAX_REQUEST_BYTES": "12345", "BENTOML_DO_NOT_TRACK": "true"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import service, json; c = service.Classifier; "
+        "print(json.dumps([c.config['traffic'], [[m.__name__, o] for m, o in c.middlewares]]))"
+    )
+    env = {
+        **os.environ,
+        "TL_MODELS_BUILD": "unused",
+        "TL_MODELS_TIMEOUT": "7.5",
+        "TL_MODELS_MAX_REQUEST_BYTES": "12345",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     traffic, middlewares = json.loads(result.stdout.strip().splitlines()[-1])
     assert traffic["timeout"] == 7.5

@@ -32,8 +32,10 @@ def test_the_registry_lists_the_four_methods_in_their_order():
 def test_options_select_their_methods(digits, tmp_path):
     plain = BuildOptions(data=digits, out=tmp_path / "out")
     assert _names(plain) == []
-    assert _names(BuildOptions(data=digits, out=tmp_path, unlabeled=digits, target=digits)) == ["self-training",
-                                                                                                   "coral"]
+    assert _names(BuildOptions(data=digits, out=tmp_path, unlabeled=digits, target=digits)) == [
+        "self-training",
+        "coral",
+    ]
     assert _names(BuildOptions(data=digits, out=tmp_path, fine_tune=FineTune(stages=2))) == ["fine-tune"]
     from_log = BuildOptions(data=None, out=tmp_path, from_log=tmp_path / "log")
     assert _names(from_log) == ["from-log"] and methods.entry_point(from_log) is not None

@@ -27,8 +27,15 @@ def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("backbone, weights", [("mobilenet_v2", "IMAGENET1K_V1"), ("efficientnet_b0", "IMAGENET1K_V1"),
-                                               ("convnext_tiny", "IMAGENET1K_V1"), ("resnet50", "IMAGENET1K_V2")])
+@pytest.mark.parametrize(
+    "backbone, weights",
+    [
+        ("mobilenet_v2", "IMAGENET1K_V1"),
+        ("efficientnet_b0", "IMAGENET1K_V1"),
+        ("convnext_tiny", "IMAGENET1K_V1"),
+        ("resnet50", "IMAGENET1K_V2"),
+    ],
+)
 @pytest.mark.parametrize("photo", ["chelsea", "astronaut", "coffee"])
 def test_matches_torchvision_eval_transform(backbone, weights, photo):
     """Same tensor as torchvision's ImageClassification transform (bilinear and bicubic, non-square images)."""
@@ -45,7 +52,7 @@ def test_training_and_serving_paths_give_identical_tensors(tmp_path):
     spec = get_spec("mobilenet_v2").preprocessing()
     path = tmp_path / "cat.jpg"
     Image.fromarray(skdata.chelsea()).save(path, quality=90)
-    from_file = preprocess_file(path, spec)      # what feature extraction uses
+    from_file = preprocess_file(path, spec)  # what feature extraction uses
     from_bytes = preprocess_bytes(path.read_bytes(), spec)  # what BentoML and Triton use
     assert from_file.dtype == np.uint8 and from_file.shape == (3, 224, 224)
     assert np.array_equal(from_file, from_bytes)
@@ -76,11 +83,14 @@ def test_exif_rotation_is_applied():
     assert decode_image(encoded(image, "JPEG", exif=exif)).size == (20, 40)
 
 
-@pytest.mark.parametrize("payload, message", [
-    (b"", "empty input"),
-    (b"this is not an image at all", "not an image"),
-    (np.random.default_rng(0).bytes(4096), "not an image"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"", "empty input"),
+        (b"this is not an image at all", "not an image"),
+        (np.random.default_rng(0).bytes(4096), "not an image"),
+    ],
+)
 def test_bad_bytes_raise_image_error(payload, message):
     with pytest.raises(ImageError, match=message):
         preprocess_bytes(payload, get_spec("mobilenet_v2").preprocessing())
@@ -107,8 +117,9 @@ def test_pixel_limit_is_configurable():
     assert decode_image(data, max_pixels=10000).size == (100, 100)
 
 
-@pytest.mark.parametrize("size, message", [((1, 1), "too small: 1x1"), ((7, 300), "too small"),
-                                           ((10, 1001), "aspect ratio beyond 100:1")])
+@pytest.mark.parametrize(
+    "size, message", [((1, 1), "too small: 1x1"), ((7, 300), "too small"), ((10, 1001), "aspect ratio beyond 100:1")]
+)
 def test_tiny_and_needle_shaped_images_are_refused(size, message):
     with pytest.raises(ImageError, match=message):
         decode_image(encoded(Image.new("RGB", size)))

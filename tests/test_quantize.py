@@ -25,8 +25,9 @@ OPEN = ["--min-agreement", "0", "--max-drop", "1"]  # the accuracy gate open: th
 
 
 def _snapshot(build: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(build)): p.read_bytes() for p in sorted(build.rglob("*")) if p.is_file()
-            and p.name != ".lock"}
+    return {
+        str(p.relative_to(build)): p.read_bytes() for p in sorted(build.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_a_calibration_that_breaks_accuracy_is_refused_and_the_build_is_unchanged(deployment, tmp_path):
@@ -44,8 +45,21 @@ def test_a_calibration_that_breaks_accuracy_is_refused_and_the_build_is_unchange
 
 def test_the_fastest_setting_past_the_gate_is_chosen_recorded_and_runs(deployment, tmp_path, capsys):
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")
-    code = main(["quantize", str(build), "--calibration-images", "8", "--types", "s8s8", "--search", "types", *OPEN,
-                 "--min-speedup", "0"])  # s8s8 first: on a VNNI CPU the slowest, so the first is not the fastest
+    code = main(
+        [
+            "quantize",
+            str(build),
+            "--calibration-images",
+            "8",
+            "--types",
+            "s8s8",
+            "--search",
+            "types",
+            *OPEN,
+            "--min-speedup",
+            "0",
+        ]
+    )  # s8s8 first: on a VNNI CPU the slowest, so the first is not the fastest
     out, err = capsys.readouterr()
     assert code == 0, err
     manifest = BuildDir(build).verify()  # the int8 file is listed with its sha256
@@ -90,8 +104,19 @@ def test_the_fastest_setting_past_the_gate_is_chosen_recorded_and_runs(deploymen
 def test_int8_that_passes_accuracy_but_is_not_fast_enough_is_refused(deployment, tmp_path, capsys):
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")
     before = _snapshot(build)
-    code = main(["quantize", str(build), "--calibration-images", "8", "--no-search", "--reduce-range", *OPEN,
-                 "--min-speedup", "1000"])
+    code = main(
+        [
+            "quantize",
+            str(build),
+            "--calibration-images",
+            "8",
+            "--no-search",
+            "--reduce-range",
+            *OPEN,
+            "--min-speedup",
+            "1000",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 4, err
     first = err.splitlines()[0]
@@ -108,7 +133,11 @@ def test_the_search_covers_every_setting_and_reduce_range_only_without_vnni():
         assert every[0] == asked and len(every) == len(set(every)) == 18 + reduced, isa
         assert sum(c.reduce_range for c in every) == reduced and all(c.types == "u8s8" for c in every if c.reduce_range)
     assert [(c.types, c.reduce_range) for c in candidates(asked, "types", "avx2")] == [
-        ("s8s8", False), ("u8s8", False), ("u8s8", True), ("u8u8", False)]
+        ("s8s8", False),
+        ("u8s8", False),
+        ("u8s8", True),
+        ("u8u8", False),
+    ]
     assert candidates(asked, "none", "avx2") == [asked]
 
 
@@ -135,10 +164,13 @@ def test_verify_re_measures_here_and_updates_the_record_or_refuses(deployment, t
     out = capsys.readouterr().out
     assert "verified" in out and "the record is updated" in out
     updated = BuildDir(build).verify().int8
-    assert updated["machine"]["isa"] == isa_class() and updated["machine"]["onnxruntime"] == this_machine()[
-        "onnxruntime"]
-    assert updated["machine"]["speedup"] != 99.0 and updated["machine"]["speedup"] == updated["attempts"][0][
-        "speed"]["speedup"]
+    assert (
+        updated["machine"]["isa"] == isa_class() and updated["machine"]["onnxruntime"] == this_machine()["onnxruntime"]
+    )
+    assert (
+        updated["machine"]["speedup"] != 99.0
+        and updated["machine"]["speedup"] == updated["attempts"][0]["speed"]["speedup"]
+    )
     assert updated["calibration"] == record["int8"]["calibration"] and "verified" in updated
     assert updated["gated"] == record["int8"]["gated"]
     assert (build / "backbone.int8.onnx").read_bytes() == int8_bytes  # the graph is the stored setting's, kept

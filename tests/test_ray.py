@@ -31,20 +31,37 @@ ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 def _ray(*args: str) -> subprocess.CompletedProcess:
     ray = Path(sys.executable).with_name("ray")
-    return subprocess.run([str(ray), *args], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **ENV})
+    return subprocess.run([str(ray), *args], capture_output=True, text=True, timeout=180, env={**os.environ, **ENV})
 
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A head node and a worker node, 2 logical CPUs each; stopped (with every Ray process here) afterwards."""
     port = free_port()
-    head = _ray("start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--num-cpus", "2",
-                "--include-dashboard=false", "--disable-usage-stats")
+    head = _ray(
+        "start",
+        "--head",
+        "--node-ip-address",
+        HEAD_IP,
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    )
     assert head.returncode == 0, head.stderr[-2000:]
     try:
-        worker = _ray("start", "--address", f"{HEAD_IP}:{port}", "--node-ip-address", WORKER_IP, "--num-cpus", "2",
-                      "--disable-usage-stats")
+        worker = _ray(
+            "start",
+            "--address",
+            f"{HEAD_IP}:{port}",
+            "--node-ip-address",
+            WORKER_IP,
+            "--num-cpus",
+            "2",
+            "--disable-usage-stats",
+        )
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"{HEAD_IP}:{port}"
     finally:
@@ -57,10 +74,31 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(data: Path, out: Path, cache: Path, *more: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tl_models.cli", "build", "--data", str(data), "--out", str(out), "--weights",
-               "IMAGENET1K_V1", "--epochs", "3", "--cache-dir", str(cache), *more]
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV, "TL_MODELS_SHARD_IMAGES": "25"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tl_models.cli",
+        "build",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--weights",
+        "IMAGENET1K_V1",
+        "--epochs",
+        "3",
+        "--cache-dir",
+        str(cache),
+        *more,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **ENV, "TL_MODELS_SHARD_IMAGES": "25"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _shards(cache: Path) -> np.ndarray:
@@ -77,8 +115,9 @@ def _embed_workers() -> list[psutil.Process]:
     return found
 
 
-def test_a_ray_build_matches_the_local_one_and_survives_a_killed_worker(cluster: str, digits: Path,
-        offline_weights, tmp_path: Path) -> None:
+def test_a_ray_build_matches_the_local_one_and_survives_a_killed_worker(
+    cluster: str, digits: Path, offline_weights, tmp_path: Path
+) -> None:
     local = _build(digits, tmp_path / "local", tmp_path / "local-cache", "--engine", "onnxruntime")
     out, err = local.communicate(timeout=600)
     assert local.returncode == 0, err[-3000:]
@@ -109,9 +148,27 @@ def test_a_ray_build_matches_the_local_one_and_survives_a_killed_worker(cluster:
 
 def test_an_unreachable_ray_address_is_one_line_before_anything_is_written(digits: Path, tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    result = subprocess.run([sys.executable, "-m", "tl_models.cli", "build", "--data", str(digits), "--out",
-                             str(tmp_path / "out"), "--weights", "none", "--ray", f"127.0.0.1:{port}"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, **ENV})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tl_models.cli",
+            "build",
+            "--data",
+            str(digits),
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--ray",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+    )
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: --ray 127.0.0.1:{port}: no Ray cluster answers there"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -120,9 +177,29 @@ def test_an_unreachable_ray_address_is_one_line_before_anything_is_written(digit
 
 def test_a_cluster_too_small_for_its_actors_is_refused(cluster: str, digits: Path, tmp_path: Path) -> None:
     small = shutil.copytree(digits, tmp_path / "small", ignore=lambda d, names: sorted(names)[4:])
-    result = subprocess.run([sys.executable, "-m", "tl_models.cli", "build", "--data", str(small), "--out",
-                             str(tmp_path / "out"), "--weights", "none", "--ray", cluster, "--ray-actors", "9"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **ENV})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tl_models.cli",
+            "build",
+            "--data",
+            str(small),
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--ray",
+            cluster,
+            "--ray-actors",
+            "9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+    )
     assert result.returncode == 1
     assert "the Ray cluster has 4 CPUs: 9 actor(s) take one each" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

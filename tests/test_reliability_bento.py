@@ -37,37 +37,81 @@ def _tensor_body(array: np.ndarray) -> bytes:
 # malformed HTTP requests: (kind, path, httpx keyword arguments, regex the answer must match)
 MALFORMED = [
     ("json body to /classify", "/classify", {"json": {"image": "abc"}}, r"file type|validation"),
-    ("raw png body to /classify", "/classify", {"content": b"\x89PNG\r\n", "headers": {"content-type": "image/png"}},
-     r"invalid json|validation"),
+    (
+        "raw png body to /classify",
+        "/classify",
+        {"content": b"\x89PNG\r\n", "headers": {"content-type": "image/png"}},
+        r"invalid json|validation",
+    ),
     ("form field instead of a file", "/classify", {"data": {"image": "http://example.com/cat.png"}}, r"file upload"),
-    ("multipart without the image", "/classify", {"files": {"picture": ("x.png", b"abc", "image/png")}},
-     r"field required"),
-    ("top_k not a number", "/classify", {"files": {"image": ("x.png", b"abc", "image/png")}, "data": {"top_k": "all"}},
-     r"valid integer"),
-    ("top_k zero", "/classify", {"files": {"image": ("x.png", encode(Image.new("RGB", (64, 64))), "image/png")},
-                                 "data": {"top_k": "0"}}, r"top_k must be at least 1, got 0"),
-    ("text body to /predict", "/predict", {"content": b"hello", "headers": {"content-type": "text/plain"}},
-     r"invalid json"),
-    ("broken json to /predict", "/predict", {"content": b"{nope", "headers": {"content-type": "application/json"}},
-     r"invalid json"),
+    (
+        "multipart without the image",
+        "/classify",
+        {"files": {"picture": ("x.png", b"abc", "image/png")}},
+        r"field required",
+    ),
+    (
+        "top_k not a number",
+        "/classify",
+        {"files": {"image": ("x.png", b"abc", "image/png")}, "data": {"top_k": "all"}},
+        r"valid integer",
+    ),
+    (
+        "top_k zero",
+        "/classify",
+        {"files": {"image": ("x.png", encode(Image.new("RGB", (64, 64))), "image/png")}, "data": {"top_k": "0"}},
+        r"top_k must be at least 1, got 0",
+    ),
+    (
+        "text body to /predict",
+        "/predict",
+        {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        r"invalid json",
+    ),
+    (
+        "broken json to /predict",
+        "/predict",
+        {"content": b"{nope", "headers": {"content-type": "application/json"}},
+        r"invalid json",
+    ),
     ("ragged tensor", "/predict", {"json": {"tensor": [[1, 2], [3]]}}, r"validation|shape"),
     ("no tensor", "/predict", {"json": {"x": 1}}, r"field required"),
-    ("body over the size limit", "/classify", {"files": {"image": ("x.png", b"\0" * (9 << 20), "image/png")}},
-     r"too large"),
-    ("unknown head", "/classify", {"files": {"image": ("x.png", b"abc", "image/png")},
-                                   "headers": {"X-TL-Head": "nope"}}, r"unknown head"),
-    ("head header walking out", "/classify", {"files": {"image": ("x.png", b"abc", "image/png")},
-                                              "headers": {"X-TL-Head": "../../etc/passwd"}}, r"unknown head"),
+    (
+        "body over the size limit",
+        "/classify",
+        {"files": {"image": ("x.png", b"\0" * (9 << 20), "image/png")}},
+        r"too large",
+    ),
+    (
+        "unknown head",
+        "/classify",
+        {"files": {"image": ("x.png", b"abc", "image/png")}, "headers": {"X-TL-Head": "nope"}},
+        r"unknown head",
+    ),
+    (
+        "head header walking out",
+        "/classify",
+        {"files": {"image": ("x.png", b"abc", "image/png")}, "headers": {"X-TL-Head": "../../etc/passwd"}},
+        r"unknown head",
+    ),
 ]
 
 
 def _bad_requests(rng: np.random.Generator) -> list[tuple[str, str, dict, str]]:
     """At least 1,000 bad requests: images to /classify, tensors to /predict, malformed HTTP."""
-    requests = [(b.kind, "/classify", {"files": {"image": ("x.png", b.payload, "image/png")}}, b.expect)
-                for b in bad_images(rng, 800)]
-    requests += [(b.kind, "/predict", {"content": _tensor_body(b.payload),
-                                       "headers": {"content-type": "application/json"}}, b.expect)
-                 for b in bad_tensors(rng, 100, INPUT_SIZE, max_batch=4)]
+    requests = [
+        (b.kind, "/classify", {"files": {"image": ("x.png", b.payload, "image/png")}}, b.expect)
+        for b in bad_images(rng, 800)
+    ]
+    requests += [
+        (
+            b.kind,
+            "/predict",
+            {"content": _tensor_body(b.payload), "headers": {"content-type": "application/json"}},
+            b.expect,
+        )
+        for b in bad_tensors(rng, 100, INPUT_SIZE, max_batch=4)
+    ]
     requests += [MALFORMED[i % len(MALFORMED)] for i in range(130)]
     return requests
 
@@ -110,8 +154,11 @@ def test_fuzzed_bad_requests_get_a_4xx_that_says_what_was_wrong(server, deployme
     RELIABILITY["bad inputs tried (BentoML)"] += len(results)
     RELIABILITY["5xx answers"] += len(server_errors)
     assert not server_errors, server_errors[:5]
-    wrong = [(kind, status, text[:200]) for kind, status, text, expect in results
-             if not 400 <= status < 500 or not re.search(expect, _readable(text), re.IGNORECASE)]
+    wrong = [
+        (kind, status, text[:200])
+        for kind, status, text, expect in results
+        if not 400 <= status < 500 or not re.search(expect, _readable(text), re.IGNORECASE)
+    ]
     assert not wrong, wrong[:5]
     assert {kind for kind, status, *_ in results if status == 413} == {"body over the size limit"}
     assert server.process.alive() and tree_pids(server.process.pid) == workers, "a worker died"
@@ -158,6 +205,7 @@ def test_soak_at_concurrency_32(server, deployment):
 
 # ---------------------------------------------------------------- faults
 
+
 def _route(server: Server) -> list[tuple]:
     status = server.heads()
     return [status["revision"]] + [(h["name"], h["version"], h["weight"]) for h in status["heads"]]
@@ -169,8 +217,10 @@ def test_truncated_or_corrupt_head_is_refused_and_the_live_heads_keep_serving(se
     source = deployment.build_dir / "heads" / "a" / "2" / "head.onnx"
     data = source.read_bytes()
     before = _route(server)
-    for name, head_bytes, keep_sha in (("truncated", data[: len(data) // 2], False),
-                                       ("changed", data[:-1] + b"x", True)):
+    for name, head_bytes, keep_sha in (
+        ("truncated", data[: len(data) // 2], False),
+        ("changed", data[:-1] + b"x", True),
+    ):
         root = deployment.fake_build(tmp_path / name, "a", 9, head_bytes, sha=file_sha256(source) if keep_sha else None)
         response = server.admin("/admin/load", {"build_dir": str(root), "head": "a"})
         assert response.status_code == 422, response.text
@@ -188,8 +238,9 @@ def test_a_swap_refused_half_way_leaves_the_previous_route_in_force(server, depl
     stop = threading.Event()
     calls, pool = load_until(server, deployment.images(8), stop)
     time.sleep(1.0)
-    response = server.admin("/admin/load", {"build_dir": str(deployment.build_dir), "head": "a", "version": new,
-                                            "weight": -1})
+    response = server.admin(
+        "/admin/load", {"build_dir": str(deployment.build_dir), "head": "a", "version": new, "weight": -1}
+    )
     time.sleep(1.0)
     stop.set()
     for thread in pool:
@@ -239,9 +290,11 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers(server, deployment
     failed = [c for c in calls if c.error]
     RELIABILITY["requests tried"] += len(calls)
     RELIABILITY["failed requests while a worker was down"] += len(failed)
-    RELIABILITY_NOTES["worker kill"] = (f"SIGKILL of 1 of 2 workers under 8 clients: replaced after "
-                                        f"{replaced_at - killed_at:.1f} s, {len(failed)} of {len(calls)} requests "
-                                        "failed (those in flight on the killed worker)")
+    RELIABILITY_NOTES["worker kill"] = (
+        f"SIGKILL of 1 of 2 workers under 8 clients: replaced after "
+        f"{replaced_at - killed_at:.1f} s, {len(failed)} of {len(calls)} requests "
+        "failed (those in flight on the killed worker)"
+    )
     assert len(failed) <= 8, failed[:10]  # at most the requests in flight on the killed worker
     assert all(c.start < killed_at + 0.5 for c in failed), [c for c in failed if c.start >= killed_at + 0.5][:5]
     after = [c for c in calls if c.start > replaced_at + 1.0]
@@ -251,6 +304,7 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers(server, deployment
 
 
 # ---------------------------------------------------------------- who may change the model
+
 
 def test_paths_from_requests_cannot_leave_the_model_store(server, deployment, tmp_path_factory):
     """Admin token tests (401, nothing changes) are in test_bento; here, with the token: names and paths."""

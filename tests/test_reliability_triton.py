@@ -36,14 +36,16 @@ def _tensor(module, name: str, array: np.ndarray):
         array = array.astype(np.object_)
     elif array.dtype.kind == "c":
         array = array.real.astype(np.float64)
-    tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else
-                               np_to_triton_dtype(array.dtype))
+    tensor = module.InferInput(
+        name, list(array.shape), "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
+    )
     tensor.set_data_from_numpy(array)
     return tensor
 
 
 def _protocol_cases(module, name: str, good: bytes, dim: int) -> list[tuple[str, str, list, str]]:
     """Bad requests at the KServe level: (kind, model, inputs, regex the error must match)."""
+
     def embedding(array: np.ndarray):
         return [_tensor(module, "embedding", array)]
 
@@ -51,15 +53,31 @@ def _protocol_cases(module, name: str, good: bytes, dim: int) -> list[tuple[str,
     nan[0, 3] = np.nan
     return [
         ("image_bytes as INT32", name, [_tensor(module, "image_bytes", np.zeros((1, 1), np.int32))], r"data-?type"),
-        ("image_bytes of shape 1x2", name, [_tensor(module, "image_bytes", np.array([[good, good]], np.object_))],
-         r"shape"),
+        (
+            "image_bytes of shape 1x2",
+            name,
+            [_tensor(module, "image_bytes", np.array([[good, good]], np.object_))],
+            r"shape",
+        ),
         ("batch over the maximum", name, [bytes_input(module, [good] * 33)], r"batch-size"),
-        ("unknown head", name, [bytes_input(module, [good]), bytes_input(module, [b"zzz"], "route_head")],
-         r"unknown head 'zzz'"),
-        ("route_head not UTF-8", name, [bytes_input(module, [good]), bytes_input(module, [b"\xff\xfe"], "route_head")],
-         r"UTF-8"),
-        ("route_key not UTF-8", name, [bytes_input(module, [good]), bytes_input(module, [b"\xc3("], "route_key")],
-         r"UTF-8"),
+        (
+            "unknown head",
+            name,
+            [bytes_input(module, [good]), bytes_input(module, [b"zzz"], "route_head")],
+            r"unknown head 'zzz'",
+        ),
+        (
+            "route_head not UTF-8",
+            name,
+            [bytes_input(module, [good]), bytes_input(module, [b"\xff\xfe"], "route_head")],
+            r"UTF-8",
+        ),
+        (
+            "route_key not UTF-8",
+            name,
+            [bytes_input(module, [good]), bytes_input(module, [b"\xc3("], "route_key")],
+            r"UTF-8",
+        ),
         ("NaN embedding", f"{name}_head_a", embedding(nan), r"NaN"),
         ("embedding of the wrong size", f"{name}_head_a", embedding(np.zeros((1, 7), np.float32)), r"shape"),
         ("unknown model", "no_such_model", [bytes_input(module, [good])], r"unknown model|not found"),
@@ -75,8 +93,10 @@ def test_fuzzed_bad_requests_get_a_client_error_that_says_what_was_wrong(served,
     dim = int(read_config(served["repo"] / f"{name}_head_a").input[0].dims[0])
     input_size = (3, reference.spec.crop_size, reference.spec.crop_size)
     cases = [(b.kind, name, [bytes_input(module, [b.payload])], b.expect) for b in bad_images(rng, 800)]
-    cases += [(b.kind, f"{name}_a_tensor", [_tensor(module, "image", b.payload)], b.expect)
-              for b in bad_tensors(rng, 100, input_size, max_batch=32)]
+    cases += [
+        (b.kind, f"{name}_a_tensor", [_tensor(module, "image", b.payload)], b.expect)
+        for b in bad_tensors(rng, 100, input_size, max_batch=32)
+    ]
     protocol_cases = _protocol_cases(module, name, good, dim)
     cases += [protocol_cases[i % len(protocol_cases)] for i in range(120)]
     cases = [item for i, case in enumerate(cases) for item in ([case, None] if i % 10 == 0 else [case])]
@@ -121,8 +141,9 @@ def test_odd_but_valid_images_are_converted_and_answered(served, reference, prot
     version = live(served, "a")
     for kind, image in odd_images(np.random.default_rng(5)).items():
         result = client.infer(name, [bytes_input(module, [image]), bytes_input(module, [b"a"], "route_head")])
-        np.testing.assert_allclose(result.as_numpy("logits")[0], reference([image], "a", version)[0],
-                                   atol=1e-4, rtol=0, err_msg=kind)
+        np.testing.assert_allclose(
+            result.as_numpy("logits")[0], reference([image], "a", version)[0], atol=1e-4, rtol=0, err_msg=kind
+        )
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -156,10 +177,13 @@ def test_soak_at_concurrency_32(served, reference, images, protocol):
 
 # ---------------------------------------------------------------- swaps that fail
 
+
 def _swap_state(served) -> tuple:
     """Everything a swap changes: the route and the configs of the head and its ensembles."""
     repo, name = served["repo"], served["name"]
-    configs = tuple((repo / model / CONFIG).read_text() for model in (f"{name}_head_a", f"{name}_a", f"{name}_a_tensor"))
+    configs = tuple(
+        (repo / model / CONFIG).read_text() for model in (f"{name}_head_a", f"{name}_a", f"{name}_a_tensor")
+    )
     return read_route(repo / name / "route.json"), configs
 
 
@@ -167,17 +191,24 @@ def _still_serving_version(served, reference, images, version: int) -> None:
     client = httpclient.InferenceServerClient(served["server"].http_url)
     assert client.is_server_ready()
     assert client.is_model_ready(f"{served['name']}_head_a", str(version))
-    result = client.infer(served["name"], [bytes_input(httpclient, images[:2]), bytes_input(httpclient, [b"a"] * 2,
-                                                                                           "route_head")])
+    result = client.infer(
+        served["name"], [bytes_input(httpclient, images[:2]), bytes_input(httpclient, [b"a"] * 2, "route_head")]
+    )
     assert [h.decode() for h in result.as_numpy("head")[:, 0]] == [f"a:{version}"] * 2
     np.testing.assert_allclose(result.as_numpy("logits"), reference(images[:2], "a", version), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("fault, message", [("wrong sha256", "fails its sha256 check"),
-                                            ("corrupt", "not a loadable ONNX model"),
-                                            ("truncated", "not a loadable ONNX model")])
-def test_a_bad_head_file_is_refused_by_the_swap_and_the_live_version_keeps_serving(served, reference, images,
-                                                                                  fault, message):
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("wrong sha256", "fails its sha256 check"),
+        ("corrupt", "not a loadable ONNX model"),
+        ("truncated", "not a loadable ONNX model"),
+    ],
+)
+def test_a_bad_head_file_is_refused_by_the_swap_and_the_live_version_keeps_serving(
+    served, reference, images, fault, message
+):
     head_dir = served["repo"] / f"{served['name']}_head_a"
     version_dir = head_dir / "9"
     shutil.copytree(head_dir / "1", version_dir, ignore=shutil.ignore_patterns("__pycache__"))

@@ -16,8 +16,12 @@ from tl_models.core.runtime import active_provider, create_session, gpu_count, r
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     node = helper.make_node("Relu", ["x"], ["y"])
-    graph = helper.make_graph([node], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    graph = helper.make_graph(
+        [node],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
     path = tmp_path_factory.mktemp("onnx") / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), path)
     return path
@@ -25,8 +29,11 @@ def tiny_model(tmp_path_factory):
 
 def test_explicit_and_env_overrides(monkeypatch):
     assert resolve_providers("cpu") == ["CPUExecutionProvider"]
-    assert resolve_providers(["trt", "cuda"]) == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
-                                                  "CPUExecutionProvider"]
+    assert resolve_providers(["trt", "cuda"]) == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     monkeypatch.setenv("TL_MODELS_PROVIDERS", "cuda,cpu")
     assert resolve_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(BadRequest, match="unknown execution provider 'tpu'"):

@@ -50,14 +50,22 @@ def onnx_backbone(backbone, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tl_models.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tl_models.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------- decoding is bounded and in order
 
-def test_decoding_runs_ahead_by_at_most_two_batches_per_worker(digits: Path, backbone,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_decoding_runs_ahead_by_at_most_two_batches_per_worker(
+    digits: Path, backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = load_data(digits)
     decoded, consumed, lock = [0], [0], threading.Lock()
     real = extract._decode_batch
@@ -83,8 +91,10 @@ def test_decoding_runs_ahead_by_at_most_two_batches_per_worker(digits: Path, bac
 
 # ---------------------------------------------------------------- the sharded cache
 
-def test_engines_agree_and_have_their_own_cache_entries(digits: Path, backbone, onnx_backbone: Path,
-        tmp_path: Path) -> None:
+
+def test_engines_agree_and_have_their_own_cache_entries(
+    digits: Path, backbone, onnx_backbone: Path, tmp_path: Path
+) -> None:
     data = load_data(digits).subset(range(0, 600, 6))
     cache = FeatureCache(tmp_path, shard_images=30)
     by_torch = cache.features(backbone, data, TorchEngine(backbone), progress=False)
@@ -99,8 +109,9 @@ def test_engines_agree_and_have_their_own_cache_entries(digits: Path, backbone, 
     assert again.hit and again.embedded == 0 and np.array_equal(again.array, by_ort.array)
 
 
-def test_side_by_side_sessions_give_the_one_session_embeddings_in_order(digits: Path, backbone, onnx_backbone: Path,
-        tmp_path: Path) -> None:
+def test_side_by_side_sessions_give_the_one_session_embeddings_in_order(
+    digits: Path, backbone, onnx_backbone: Path, tmp_path: Path
+) -> None:
     data = load_data(digits).subset(range(0, 600, 4))  # 150 images
     one = OrtEngine(onnx_backbone)
     two = OrtEngine(onnx_backbone, sessions=2)
@@ -133,8 +144,9 @@ def test_side_by_side_sessions_give_the_one_session_embeddings_in_order(digits: 
     assert float(np.abs(alone).max()) > 1.0
 
 
-def test_an_image_that_breaks_after_the_scan_is_named_and_committed_shards_are_kept(digits: Path, backbone,
-        onnx_backbone: Path, tmp_path: Path) -> None:
+def test_an_image_that_breaks_after_the_scan_is_named_and_committed_shards_are_kept(
+    digits: Path, backbone, onnx_backbone: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "digits"
     subprocess.run(["cp", "-r", str(digits), str(folder)], check=True)
     data = load_data(folder).subset(range(0, 600, 5))  # 120 images, shards of 32
@@ -149,8 +161,9 @@ def test_an_image_that_breaks_after_the_scan_is_named_and_committed_shards_are_k
     assert broken not in again.paths and [p for p, _ in again.skipped] == [broken]
 
 
-def test_a_damaged_or_missing_shard_is_found_by_its_sha256_and_recomputed(digits: Path, backbone,
-        onnx_backbone: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_or_missing_shard_is_found_by_its_sha256_and_recomputed(
+    digits: Path, backbone, onnx_backbone: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = load_data(digits).subset(range(0, 600, 5))  # 120 images, 4 shards of 32 (the last one 24)
     cache = FeatureCache(tmp_path, shard_images=32)
     engine = OrtEngine(onnx_backbone)
@@ -174,15 +187,20 @@ def test_a_damaged_or_missing_shard_is_found_by_its_sha256_and_recomputed(digits
     assert "not readable" in caplog.text and third.embedded == 120 and np.array_equal(third.array, first.array)
 
 
-def test_a_build_killed_mid_extraction_resumes_and_ends_as_an_uninterrupted_one(digits: Path, offline_weights,
-        tmp_path: Path) -> None:
+def test_a_build_killed_mid_extraction_resumes_and_ends_as_an_uninterrupted_one(
+    digits: Path, offline_weights, tmp_path: Path
+) -> None:
     """SIGKILL once shards are committed; the rerun embeds only what is missing (at most one shard's work is
     lost), and its manifest says what an uninterrupted build's says."""
     args = ["build", "--data", str(digits), "--weights", "IMAGENET1K_V1", "--epochs", "3", "--engine", "onnxruntime"]
     env = {"TL_MODELS_SHARD_IMAGES": "50", "TL_MODELS_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen([sys.executable, "-m", "tl_models.cli", *args, "--out", str(tmp_path / "killed")],
-                               cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tl_models.cli", *args, "--out", str(tmp_path / "killed")],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     committed = 0
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -217,13 +235,15 @@ def test_a_build_killed_mid_extraction_resumes_and_ends_as_an_uninterrupted_one(
     a, b = BuildDir(tmp_path / "killed").verify(), BuildDir(tmp_path / "whole").verify()
     for field in ("metrics", "train", "spec", "parity"):
         assert getattr(a.heads[0], field) == getattr(b.heads[0], field), field
-    assert {k: v for k, v in a.heads[0].data.items() if k != "root"} == \
-        {k: v for k, v in b.heads[0].data.items() if k != "root"}
+    assert {k: v for k, v in a.heads[0].data.items() if k != "root"} == {
+        k: v for k, v in b.heads[0].data.items() if k != "root"
+    }
     assert a.files["heads/default/1/head.pt"] == b.files["heads/default/1/head.pt"]
     assert a.files[BACKBONE_ONNX] == b.files[BACKBONE_ONNX]
 
 
 # ---------------------------------------------------------------- listings
+
 
 def _listing(path: Path, rows: list[dict], columns: tuple[str, ...] = ("path", "label", "split")) -> Path:
     with open(path, "w", newline="") as handle:
@@ -237,8 +257,13 @@ def _rows(digits: Path, classes=("3", "8"), per_class: int = 10) -> list[dict]:
     rows = []
     for label in classes:
         for i, image in enumerate(sorted((digits / label).iterdir())[:per_class]):
-            rows.append({"path": str(image.relative_to(digits.parent)), "label": f"digit-{label}",
-                         "split": "val" if i % 4 == 0 else "train"})
+            rows.append(
+                {
+                    "path": str(image.relative_to(digits.parent)),
+                    "label": f"digit-{label}",
+                    "split": "val" if i % 4 == 0 else "train",
+                }
+            )
     return rows
 
 
@@ -250,8 +275,9 @@ def test_a_csv_listing_with_a_split_column_builds_on_that_split(digits: Path, qu
     record = report.head.data
     assert (record["train"], record["val"], record["split"]) == (14, 6, "listing")
     assert record["root"] == str(listing)
-    random_split = _listing(tmp_path / "nosplit.csv", [{**r, "path": str(digits.parent / r["path"])} for r in rows],
-                            ("path", "label"))
+    random_split = _listing(
+        tmp_path / "nosplit.csv", [{**r, "path": str(digits.parent / r["path"])} for r in rows], ("path", "label")
+    )
     data = load_data(random_split)
     assert data.splits is None and data.classes == ["digit-3", "digit-8"] and len(data.paths) == 20
 
@@ -282,11 +308,13 @@ def test_parquet_listings_and_fsspec_urls_read_the_same_images(digits: Path, tmp
 def test_bad_listing_rows_are_skipped_with_their_reasons(digits: Path, tmp_path: Path) -> None:
     rows = _rows(digits, per_class=4)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    bad = [{"path": "nowhere/0000.png", "label": "digit-3", "split": "train"},
-           {"path": str(tmp_path / "broken.png"), "label": "digit-8", "split": "train"},
-           {"path": str(digits.parent / rows[0]["path"]), "label": "", "split": "train"},
-           {"path": "", "label": "digit-3", "split": "val"},
-           {"path": str(digits.parent / rows[1]["path"]), "label": "digit-3", "split": "test"}]
+    bad = [
+        {"path": "nowhere/0000.png", "label": "digit-3", "split": "train"},
+        {"path": str(tmp_path / "broken.png"), "label": "digit-8", "split": "train"},
+        {"path": str(digits.parent / rows[0]["path"]), "label": "", "split": "train"},
+        {"path": "", "label": "digit-3", "split": "val"},
+        {"path": str(digits.parent / rows[1]["path"]), "label": "digit-3", "split": "test"},
+    ]
     listing = _listing(digits.parent / "with-bad.csv", rows + bad)
     data = load_listing(listing)
     assert len(data.paths) == len(rows) and len(data.skipped) == len(bad)
@@ -295,13 +323,17 @@ def test_bad_listing_rows_are_skipped_with_their_reasons(digits: Path, tmp_path:
         assert expected in reasons, reasons
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file,class\na.png,x\n", "has no 'path' or 'label' column (columns: class, file)"),
-    ("path,klass\na.png,x\n", "has no 'label' column"),
-    ("", "has no 'path' or 'label' column (columns: none)"),
-])
-def test_a_listing_without_its_columns_is_one_line_and_writes_nothing(tmp_path: Path, content: str,
-        message: str) -> None:
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("file,class\na.png,x\n", "has no 'path' or 'label' column (columns: class, file)"),
+        ("path,klass\na.png,x\n", "has no 'label' column"),
+        ("", "has no 'path' or 'label' column (columns: none)"),
+    ],
+)
+def test_a_listing_without_its_columns_is_one_line_and_writes_nothing(
+    tmp_path: Path, content: str, message: str
+) -> None:
     listing = tmp_path / "listing.csv"
     listing.write_text(content)
     result = _cli("build", "--data", str(listing), "--out", str(tmp_path / "out"), "--weights", "none")
@@ -314,10 +346,12 @@ def test_a_listing_without_its_columns_is_one_line_and_writes_nothing(tmp_path: 
 
 # ---------------------------------------------------------------- devices
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_device_cuda_without_a_gpu_is_a_one_line_error(demo_data: Path, tmp_path: Path) -> None:
-    result = _cli("build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--weights", "none",
-                  "--device", "cuda")
+    result = _cli(
+        "build", "--data", str(demo_data), "--out", str(tmp_path / "out"), "--weights", "none", "--device", "cuda"
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: --device cuda: torch sees no CUDA device"), result.stderr
     assert not (tmp_path / "out").exists()

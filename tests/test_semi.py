@@ -44,8 +44,23 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build(digits, out: Path, unlabelled: Path, *extra: str) -> int:
-    return main(["build", "--data", str(digits["labelled"]), "--out", str(out), "--head", "digits",
-                 "--weights", "IMAGENET1K_V1", "--no-export", "--unlabeled", str(unlabelled), *extra])
+    return main(
+        [
+            "build",
+            "--data",
+            str(digits["labelled"]),
+            "--out",
+            str(out),
+            "--head",
+            "digits",
+            "--weights",
+            "IMAGENET1K_V1",
+            "--no-export",
+            "--unlabeled",
+            str(unlabelled),
+            *extra,
+        ]
+    )
 
 
 def test_select_keeps_confident_rows_and_caps_each_class():
@@ -89,15 +104,33 @@ def test_bad_unlabelled_folders_are_refused_and_leave_the_build_as_it_was(digits
     copies = tmp_path / "copies"
     shutil.copytree(digits["labelled"] / "3", copies)
     out = tmp_path / "build"
-    cases = [(empty, [], "has no readable images"), (copies, [], "are also labelled images"),
-             (digits["labelled"] / "3", [], "overlaps the labelled data"),
-             (digits["unlabelled"], ["--fine-tune", "1"], "cannot be combined with --fine-tune")]
+    cases = [
+        (empty, [], "has no readable images"),
+        (copies, [], "are also labelled images"),
+        (digits["labelled"] / "3", [], "overlaps the labelled data"),
+        (digits["unlabelled"], ["--fine-tune", "1"], "cannot be combined with --fine-tune"),
+    ]
     for folder, extra, message in cases:
         assert _build(digits, out, folder, *extra) == 1
         assert message in capsys.readouterr().err
         assert not out.exists()  # a first build that fails leaves nothing
-    assert main(["build", "--data", str(digits["labelled"]), "--out", str(out), "--head", "digits",
-                 "--weights", "IMAGENET1K_V1", "--no-export"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--data",
+                str(digits["labelled"]),
+                "--out",
+                str(out),
+                "--head",
+                "digits",
+                "--weights",
+                "IMAGENET1K_V1",
+                "--no-export",
+            ]
+        )
+        == 0
+    )
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert _build(digits, out, empty) == 1
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
@@ -108,8 +141,9 @@ def test_bad_unlabelled_folders_are_refused_and_leave_the_build_as_it_was(digits
 def test_all_rounds_runs_every_round_and_keeps_the_last(digits, tmp_path, offline_weights, capsys):
     """--pseudo-all-rounds: no validation stop; each round is labelled by the one before, the last is the head."""
     out = tmp_path / "build"
-    assert _build(digits, out, digits["unlabelled"], "--pseudo-rounds", "3", "--pseudo-all-rounds") == 0, \
+    assert _build(digits, out, digits["unlabelled"], "--pseudo-rounds", "3", "--pseudo-all-rounds") == 0, (
         capsys.readouterr().err
+    )
     entry = BuildDir(out).manifest().head("digits")
     record = entry.train["self_training"]
     assert record["stop"] is False and record["best_round"] == 3

@@ -21,8 +21,12 @@ LITERAL_DEFAULT = re.compile(r"""\.get\(\s*"(TL_MODELS_[A-Z0-9_]+)"\s*,\s*"([^"]
 def _sources() -> list[Path]:
     """Every file whose ``TL_MODELS_*`` names count: the package, the service, scripts and the tests' helpers
     (this file and the registry itself excepted)."""
-    files = [*(REPO / "tl_models").rglob("*.py"), REPO / "service.py", *(REPO / "scripts").glob("*"),
-             *(REPO / "tests").glob("*.py")]
+    files = [
+        *(REPO / "tl_models").rglob("*.py"),
+        REPO / "service.py",
+        *(REPO / "scripts").glob("*"),
+        *(REPO / "tests").glob("*.py"),
+    ]
     skip = {REPO / "tl_models" / "core" / "settings.py", Path(__file__).resolve()}
     return sorted(f for f in files if f.is_file() and f.resolve() not in skip)
 
@@ -60,14 +64,16 @@ def test_literal_defaults_in_the_code_are_the_documented_ones():
         for name, literal in LITERAL_DEFAULT.findall(path.read_text()):
             found.append(name)
             assert f"`{literal}`" in documented[name], (
-                f"{path.relative_to(REPO)} defaults {name} to {literal!r}; the table says {documented[name]!r}")
+                f"{path.relative_to(REPO)} defaults {name} to {literal!r}; the table says {documented[name]!r}"
+            )
     assert len(set(found)) >= 15, found  # the pattern still finds the code's defaults (19 when written)
 
 
 def test_the_reference_page_is_the_rendered_table():
     assert PAGE.read_text() == render(), (
         "docs/reference/environment.md is out of date: "
-        ".venv/bin/python -m tl_models.core.settings > docs/reference/environment.md")
+        ".venv/bin/python -m tl_models.core.settings > docs/reference/environment.md"
+    )
 
 
 def test_a_pipe_in_a_cell_is_refused():

@@ -28,6 +28,7 @@ while True:
 def _worker():
     def call(i: int) -> None:
         time.sleep(0.005)
+
     return call
 
 
@@ -47,8 +48,7 @@ def process():
 
 @pytest.mark.slow
 def test_memory_that_settles_after_its_warm_up_passes(process) -> None:
-    outcome = soak(process(0), _worker, seconds=8, concurrency=2, warm_up_requests=100, min_warm_up=2,
-                   max_warm_up=30)
+    outcome = soak(process(0), _worker, seconds=8, concurrency=2, warm_up_requests=100, min_warm_up=2, max_warm_up=30)
     assert outcome.warm_up_seconds >= 10  # waited for the ramp to end and the memory to hold still
     assert outcome.rss_start > 120 * 2**20 and abs(outcome.growth) < 0.02, outcome.samples
     assert outcome.growth < MAX_MEMORY_GROWTH and not outcome.failures and outcome.calls > 100
@@ -56,8 +56,9 @@ def test_memory_that_settles_after_its_warm_up_passes(process) -> None:
 
 @pytest.mark.slow
 def test_a_steady_leak_fails_the_bound(process) -> None:
-    outcome = soak(process(5), _worker, seconds=8, concurrency=2, warm_up_requests=100, min_warm_up=2,
-                   max_warm_up=12)  # it never settles: the warm-up ends at its bound
+    outcome = soak(
+        process(5), _worker, seconds=8, concurrency=2, warm_up_requests=100, min_warm_up=2, max_warm_up=12
+    )  # it never settles: the warm-up ends at its bound
     assert outcome.warm_up_seconds >= 12
     # 5 MiB/s over 8 s on ~180 MiB: about +22%
     assert outcome.growth > MAX_MEMORY_GROWTH, outcome.samples

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 
 
-
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bytes_ensemble_matches_onnxruntime_and_gives_topk_labels(served, reference, images, protocol):
     module = CLIENTS[protocol]
@@ -34,11 +33,13 @@ def test_bytes_ensemble_matches_onnxruntime_and_gives_topk_labels(served, refere
     model, version = f"{served['name']}_a", live(served, "a")
     expected = reference(images, "a", version)
     for index, data in enumerate(images):
-        logits = client.infer(model, [bytes_input(module, [data])],
-                              outputs=[module.InferRequestedOutput("logits")]).as_numpy("logits")
+        logits = client.infer(
+            model, [bytes_input(module, [data])], outputs=[module.InferRequestedOutput("logits")]
+        ).as_numpy("logits")
         np.testing.assert_allclose(logits[0], expected[index], atol=1e-4, rtol=0)
-        top = client.infer(model, [bytes_input(module, [data])],
-                           outputs=[module.InferRequestedOutput("logits", class_count=3)]).as_numpy("logits")
+        top = client.infer(
+            model, [bytes_input(module, [data])], outputs=[module.InferRequestedOutput("logits", class_count=3)]
+        ).as_numpy("logits")
         entries = [item.decode().split(":") for item in top.reshape(-1)]
         order = np.argsort(-expected[index])[:3]
         assert [int(i) for _, i, _ in entries] == order.tolist()
@@ -67,8 +68,9 @@ def test_dynamic_batching_under_16_concurrent_clients(served, images):
         return int(stats["inference_count"]), int(stats["execution_count"])
 
     before = counts()
-    records = drive(lambda: TritonCaller("http", served["server"].http_url, f"{served['name']}_b"), images, 16,
-                    max_requests=16 * 6)[0]
+    records = drive(
+        lambda: TritonCaller("http", served["server"].http_url, f"{served['name']}_b"), images, 16, max_requests=16 * 6
+    )[0]
     errors = [r.error for r in records if r.error]
     after = counts()
     inferences, executions = after[0] - before[0], after[1] - before[1]
@@ -148,8 +150,26 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     stop = threading.Event()
     records, threads = load_triton_until(served, images, stop, force_head="a")
     time.sleep(2)
-    code = cli_main(["triton", "swap", "--url", f"http://{served['server'].http_url}", "--repo", str(repo),
-                     "--build", name, "--head", "a", "--version", "2", "--split", "a=50,b=50", "--drain", "1.5"])
+    code = cli_main(
+        [
+            "triton",
+            "swap",
+            "--url",
+            f"http://{served['server'].http_url}",
+            "--repo",
+            str(repo),
+            "--build",
+            name,
+            "--head",
+            "a",
+            "--version",
+            "2",
+            "--split",
+            "a=50,b=50",
+            "--drain",
+            "1.5",
+        ]
+    )
     time.sleep(2)
     stop.set()
     for thread in threads:
@@ -168,5 +188,6 @@ def test_swap_under_load_loses_no_request(served, reference, images):
     assert route.versions["a"] == 2 and route.weights == {"a": 50.0, "b": 50.0}
     logits = admin.infer(f"{name}_a", [bytes_input(httpclient, images[:4])]).as_numpy("logits")
     np.testing.assert_allclose(logits, reference(images[:4], "a", 2), atol=1e-4, rtol=0)
-    assert np.abs(reference(images[:4], "a", 2) - reference(images[:4], "a", 1)).max() > 1e-2, \
+    assert np.abs(reference(images[:4], "a", 2) - reference(images[:4], "a", 1)).max() > 1e-2, (
         "versions 1 and 2 of head a must differ, or this test proves nothing"
+    )

@@ -32,8 +32,10 @@ def build_dir(tmp_path_factory):
 
 def configs(repo) -> dict[str, mc.ModelConfig]:
     """Every config.pbtxt of the repository, parsed with Triton's own schema."""
-    return {path.parent.name: text_format.Parse(path.read_text(), mc.ModelConfig())
-            for path in sorted(repo.glob("*/config.pbtxt"))}
+    return {
+        path.parent.name: text_format.Parse(path.read_text(), mc.ModelConfig())
+        for path in sorted(repo.glob("*/config.pbtxt"))
+    }
 
 
 @pytest.mark.parametrize("flavour", ["onnxruntime", "python"])
@@ -90,8 +92,22 @@ def test_tensorrt_accelerator_needs_the_onnxruntime_flavour_on_gpu(build_dir, tm
 
 def test_cli_package_triton_gpu(build_dir, tmp_path, capsys):
     repo = tmp_path / "cli-repo"
-    code = cli_main(["triton", "package", str(build_dir), "--repo", str(repo), "--flavour", "onnxruntime", "--gpu",
-                     "--split", "a=90,b=10", "--max-queue-delay-us", "100"])
+    code = cli_main(
+        [
+            "triton",
+            "package",
+            str(build_dir),
+            "--repo",
+            str(repo),
+            "--flavour",
+            "onnxruntime",
+            "--gpu",
+            "--split",
+            "a=90,b=10",
+            "--max-queue-delay-us",
+            "100",
+        ]
+    )
     assert code == 0 and "build_head_a" in capsys.readouterr().out
     backbone = configs(repo)["build_backbone"]
     assert backbone.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -117,8 +133,10 @@ def test_repackaging_rewrites_nothing_unchanged_and_replaces_changed_versions_wh
 def test_validation_rejects_what_triton_would_reject(tmp_path):
     with pytest.raises(TritonConfigError, match="does not parse"):
         validate_config('name: "m"\nmax_batch_sise: 4\n')
-    base = ('name: "m" backend: "python" input { name: "x" data_type: TYPE_FP32 dims: 4 } '
-            'output { name: "y" data_type: TYPE_FP32 dims: 2 } ')
+    base = (
+        'name: "m" backend: "python" input { name: "x" data_type: TYPE_FP32 dims: 4 } '
+        'output { name: "y" data_type: TYPE_FP32 dims: 2 } '
+    )
     validate_config(base + "max_batch_size: 8 dynamic_batching {}")
     with pytest.raises(TritonConfigError, match="dynamic_batching needs max_batch_size"):
         validate_config(base + "dynamic_batching {}")
@@ -126,11 +144,16 @@ def test_validation_rejects_what_triton_would_reject(tmp_path):
         (tmp_path / "m" / "1").mkdir(parents=True)
         validate_config(base.replace("dims: 2", 'dims: 2 label_filename: "labels.txt"'), tmp_path / "m")
     with pytest.raises(TritonConfigError, match="missing file warmup/x"):
-        validate_config(base + 'max_batch_size: 1 model_warmup { name: "w" batch_size: 1 inputs { key: "x" value '
-                        '{ data_type: TYPE_FP32 dims: 4 input_data_file: "x" } } }', tmp_path / "m")
-    ensemble = ('name: "e" platform: "ensemble" max_batch_size: 8 input { name: "x" data_type: TYPE_FP32 dims: 4 } '
-                'output { name: "y" data_type: TYPE_FP32 dims: 2 } ensemble_scheduling { step { model_name: "m" '
-                'model_version: -1 input_map { key: "x" value: "%s" } output_map { key: "y" value: "y" } } }')
+        validate_config(
+            base + 'max_batch_size: 1 model_warmup { name: "w" batch_size: 1 inputs { key: "x" value '
+            '{ data_type: TYPE_FP32 dims: 4 input_data_file: "x" } } }',
+            tmp_path / "m",
+        )
+    ensemble = (
+        'name: "e" platform: "ensemble" max_batch_size: 8 input { name: "x" data_type: TYPE_FP32 dims: 4 } '
+        'output { name: "y" data_type: TYPE_FP32 dims: 2 } ensemble_scheduling { step { model_name: "m" '
+        'model_version: -1 input_map { key: "x" value: "%s" } output_map { key: "y" value: "y" } } }'
+    )
     validate_config(ensemble % "x")
     with pytest.raises(TritonConfigError, match="reads 'z' before any step"):
         validate_config(ensemble % "z")
@@ -160,8 +183,12 @@ print(json.dumps([codes, sorted(m for m in sys.modules if m.split(".")[0] in ("t
 
 
 def test_triton_package_and_swap_load_no_torch(build_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-c", PACKAGE_AND_SWAP, str(build_dir), str(tmp_path / "repo")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PACKAGE_AND_SWAP, str(build_dir), str(tmp_path / "repo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     codes, torch_modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert codes == [0, 1], (codes, result.stderr[-2000:])

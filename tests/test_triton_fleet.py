@@ -30,11 +30,13 @@ def pair(served, tmp_path_factory):
     """A repository of the Triton build (heads a with versions 1 and 2, one of them live, and b) served by two
     tritonservers."""
     root = tmp_path_factory.mktemp("triton-fleet")
-    repo = write_repository(served["build"], root / "repo", RepositoryOptions(flavour="python",
-                                                                               weights={"a": 1, "b": 1})).path
+    repo = write_repository(
+        served["build"], root / "repo", RepositoryOptions(flavour="python", weights={"a": 1, "b": 1})
+    ).path
     with ThreadPoolExecutor(2) as pool:
-        servers = list(pool.map(lambda i: start_triton(repo, workdir=root / f"tritonserver-{i}", timeout=600),
-                                range(2)))
+        servers = list(
+            pool.map(lambda i: start_triton(repo, workdir=root / f"tritonserver-{i}", timeout=600), range(2))
+        )
     state = {"root": root, "repo": repo, "servers": servers, "name": served["name"]}
     yield state
     for server in state["servers"]:
@@ -68,8 +70,12 @@ def _sticky(pair: dict, image: bytes) -> list[str]:
         for server in pair["servers"]:
             client = httpclient.InferenceServerClient(server.http_url)
             inputs = [bytes_input(httpclient, [image]), bytes_input(httpclient, [key.encode()], "route_key")]
-            answers.add(client.infer(pair["name"], inputs, outputs=[httpclient.InferRequestedOutput("head")])
-                        .as_numpy("head")[0, 0].decode().split(":")[0])
+            answers.add(
+                client.infer(pair["name"], inputs, outputs=[httpclient.InferRequestedOutput("head")])
+                .as_numpy("head")[0, 0]
+                .decode()
+                .split(":")[0]
+            )
             client.close()
         assert len(answers) == 1, (key, answers)
         heads += answers
@@ -83,14 +89,31 @@ def test_swap_on_both_replicas_under_load(pair, images, tmp_path):
     before = _sticky(pair, images[0])
     spread = itertools.cycle(s.http_url for s in pair["servers"])
     stop, records = threading.Event(), []
-    runner = threading.Thread(target=lambda: records.extend(
-        drive(lambda: Router(next(spread), name), images, 4, stop=stop)[0]))
+    runner = threading.Thread(
+        target=lambda: records.extend(drive(lambda: Router(next(spread), name), images, 4, stop=stop)[0])
+    )
     runner.start()
     try:
         time.sleep(2)
         start = time.perf_counter()
-        code = cli_main(["triton", "swap", "--url", ",".join(urls), "--repo", str(pair["repo"]), "--build", name,
-                         "--head", "a", "--version", str(new), "--drain", "1"])
+        code = cli_main(
+            [
+                "triton",
+                "swap",
+                "--url",
+                ",".join(urls),
+                "--repo",
+                str(pair["repo"]),
+                "--build",
+                name,
+                "--head",
+                "a",
+                "--version",
+                str(new),
+                "--drain",
+                "1",
+            ]
+        )
         seconds = time.perf_counter() - start
         time.sleep(1)
     finally:
@@ -99,18 +122,36 @@ def test_swap_on_both_replicas_under_load(pair, images, tmp_path):
     failures = [r.error for r in records if r.error]
     RELIABILITY["requests during fleet swaps"] += len(records)
     RELIABILITY["failed requests during fleet swaps"] += len(failures)
-    RELIABILITY_NOTES["triton fleet swap"] = (f"a:{old} -> a:{new} on 2 tritonservers under 4 clients: {seconds:.2f} s "
-                                              f"(drain 1 s), {len(failures)} of {len(records)} requests failed")
+    RELIABILITY_NOTES["triton fleet swap"] = (
+        f"a:{old} -> a:{new} on 2 tritonservers under 4 clients: {seconds:.2f} s "
+        f"(drain 1 s), {len(failures)} of {len(records)} requests failed"
+    )
     assert code == 0 and not failures, failures[:3]
     assert {r.answer for r in records} == {f"a:{old}", f"a:{new}"}
     for server in pair["servers"]:
         client = httpclient.InferenceServerClient(server.http_url)
-        assert client.is_model_ready(f"{name}_head_a", str(new)) and \
-            not client.is_model_ready(f"{name}_head_a", str(old))
+        assert client.is_model_ready(f"{name}_head_a", str(new)) and not client.is_model_ready(
+            f"{name}_head_a", str(old)
+        )
     assert _sticky(pair, images[0]) == before  # weights unchanged: every key keeps its head name
     report = tmp_path / "status.json"
-    assert cli_main(["triton", "status", "--url", ",".join(urls), "--repo", str(pair["repo"]), "--build", name,
-                     "--json", str(report)]) == 0
+    assert (
+        cli_main(
+            [
+                "triton",
+                "status",
+                "--url",
+                ",".join(urls),
+                "--repo",
+                str(pair["repo"]),
+                "--build",
+                name,
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(report.read_text())
     assert [r["loaded"]["a"] for r in figures["replicas"]] == [[new], [new]] and figures["agree"]
 
@@ -125,8 +166,9 @@ def test_a_replica_down_refuses_the_swap_before_any_change(pair, images):
         with pytest.raises(TritonSwapError, match="refused before any change") as info:
             swap(_urls(pair), repo, name, "a", 3 - state.current().versions["a"])
         assert down.http_url in str(info.value) and pair["servers"][0].http_url not in str(info.value)
-        assert cli_main(["triton", "status", "--url", ",".join(_urls(pair)), "--repo", str(repo), "--build",
-                         name]) == 1  # the replica that is down disagrees
+        assert (
+            cli_main(["triton", "status", "--url", ",".join(_urls(pair)), "--repo", str(repo), "--build", name]) == 1
+        )  # the replica that is down disagrees
         assert state.current().revision == revision
         assert (repo / f"{name}_head_a" / "config.pbtxt").read_text() == config
     finally:  # the pair is whole again for whatever test runs next

@@ -39,17 +39,32 @@ def _ask(served: dict, protocol: str, image: bytes, head: str) -> tuple[str, str
     module = CLIENTS[protocol]
     client = module.InferenceServerClient(url(served, protocol))
     try:
-        result = client.infer(served["name"], [bytes_input(module, [image]),
-                                               bytes_input(module, [head.encode()], "route_head")],
-                              outputs=[module.InferRequestedOutput(n) for n in ("head", "request_id")])
+        result = client.infer(
+            served["name"],
+            [bytes_input(module, [image]), bytes_input(module, [head.encode()], "route_head")],
+            outputs=[module.InferRequestedOutput(n) for n in ("head", "request_id")],
+        )
         return result.as_numpy("head")[0, 0].decode(), result.as_numpy("request_id")[0, 0].decode()
     finally:
         client.close()
 
 
 def _shadow(served: dict, *args: str) -> int:
-    return cli_main(["triton", "shadow", "--url", f"http://{served['server'].http_url}", "--repo",
-                     str(served["repo"]), "--build", served["name"], "--head", "a", *args])
+    return cli_main(
+        [
+            "triton",
+            "shadow",
+            "--url",
+            f"http://{served['server'].http_url}",
+            "--repo",
+            str(served["repo"]),
+            "--build",
+            served["name"],
+            "--head",
+            "a",
+            *args,
+        ]
+    )
 
 
 def test_shadow_agreement_equals_offline_and_answers_carry_request_ids(served, reference, images):
@@ -60,8 +75,9 @@ def test_shadow_agreement_equals_offline_and_answers_carry_request_ids(served, r
     assert _shadow(served, "--version", str(shadow), "--share", "1") == 0
     assert state.current().shadow == {f"a:{shadow}": 1.0}
     admin = httpclient.InferenceServerClient(served["server"].http_url)
-    assert admin.is_model_ready(f"{name}_head_a", str(shadow)) and \
-        admin.is_model_ready(f"{name}_head_a", str(live(served, "a")))
+    assert admin.is_model_ready(f"{name}_head_a", str(shadow)) and admin.is_model_ready(
+        f"{name}_head_a", str(live(served, "a"))
+    )
     time.sleep(0.5)  # the router re-reads the route every 0.2 s
     labels = {"head": "a", "version": str(shadow)}
     before = _metrics(served)
@@ -71,12 +87,14 @@ def test_shadow_agreement_equals_offline_and_answers_carry_request_ids(served, r
         assert head == f"b:{live(served, 'b')}"
         ids.append(request_id)
     after = _metrics(served)
-    expected = (reference(images, "b", live(served, "b")).argmax(1) ==
-                reference(images, "a", shadow).argmax(1)).sum()
-    assert _counter(after, "tl_models_shadow_scored", **labels) - \
-        _counter(before, "tl_models_shadow_scored", **labels) == len(images)
-    assert _counter(after, "tl_models_shadow_agreed", **labels) - \
-        _counter(before, "tl_models_shadow_agreed", **labels) == expected
+    expected = (reference(images, "b", live(served, "b")).argmax(1) == reference(images, "a", shadow).argmax(1)).sum()
+    assert _counter(after, "tl_models_shadow_scored", **labels) - _counter(
+        before, "tl_models_shadow_scored", **labels
+    ) == len(images)
+    assert (
+        _counter(after, "tl_models_shadow_agreed", **labels) - _counter(before, "tl_models_shadow_agreed", **labels)
+        == expected
+    )
     assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{27}", i) for i in ids)
 
     assert _shadow(served, "--share", "0", "--drain", "0.5") == 0
@@ -105,7 +123,7 @@ def test_bentoml_and_triton_count_the_same_agreement_for_the_same_traffic(served
     head on the same images gives the same agreement on BentoML (``/heads``) and on Triton (its metrics), equal to
     the count from the build's ONNX files run directly."""
     paths = sorted(served["data"].rglob("*.png"))
-    images = [p.read_bytes() for p in paths[::max(1, len(paths) // 40)][:40]]
+    images = [p.read_bytes() for p in paths[:: max(1, len(paths) // 40)][:40]]
     answering, shadow = ("b", live(served, "b")), ("a", 2)
     expected = int((reference(images, *answering).argmax(1) == reference(images, *shadow).argmax(1)).sum())
 
@@ -115,24 +133,37 @@ def test_bentoml_and_triton_count_the_same_agreement_for_the_same_traffic(served
     before = _metrics(served)
     assert all(_ask(served, "http", image, answering[0])[0] == "%s:%d" % answering for image in images)
     after = _metrics(served)
-    triton = {family: _counter(after, f"tl_models_shadow_{family}", **labels) -
-              _counter(before, f"tl_models_shadow_{family}", **labels) for family in ("scored", "agreed")}
+    triton = {
+        family: _counter(after, f"tl_models_shadow_{family}", **labels)
+        - _counter(before, f"tl_models_shadow_{family}", **labels)
+        for family in ("scored", "agreed")
+    }
 
-    env = {**os.environ, "TL_MODELS_BUILD": str(served["build"]), "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
-           "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "TL_MODELS_WORKERS": "1",
-           "TL_MODELS_ADMIN_TOKEN": TOKEN, "TL_MODELS_BUILD_ROOTS": str(served["build"])}
+    env = {
+        **os.environ,
+        "TL_MODELS_BUILD": str(served["build"]),
+        "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TL_MODELS_WORKERS": "1",
+        "TL_MODELS_ADMIN_TOKEN": TOKEN,
+        "TL_MODELS_BUILD_ROOTS": str(served["build"]),
+    }
     process = bento_server.start(env, log_path=tmp_path / "serve.log", timeout=600)
     try:
         with httpx.Client(base_url=process.url, timeout=60) as client:
-            response = client.post("/admin/shadow", json={"build_dir": str(served["build"]), "head": shadow[0],
-                                                          "version": shadow[1], "share": 1}, headers=ADMIN)
+            response = client.post(
+                "/admin/shadow",
+                json={"build_dir": str(served["build"]), "head": shadow[0], "version": shadow[1], "share": 1},
+                headers=ADMIN,
+            )
             assert response.status_code == 200, response.text
             for image in images:
-                answer = client.post("/classify", files={"image": ("x.png", image, "image/png")},
-                                     headers={"X-TL-Head": answering[0]}).json()
+                answer = client.post(
+                    "/classify", files={"image": ("x.png", image, "image/png")}, headers={"X-TL-Head": answering[0]}
+                ).json()
                 assert (answer["head"], answer["version"]) == answering, answer
-            entry = next(e for e in client.get("/heads").json()["shadow"]
-                         if (e["name"], e["version"]) == shadow)
+            entry = next(e for e in client.get("/heads").json()["shadow"] if (e["name"], e["version"]) == shadow)
     finally:
         process.stop()
     assert triton["scored"] == entry["scored"] == len(images)

@@ -27,9 +27,11 @@ def _references(build: Path | None, heads: list[str]) -> dict[str, EmbeddingRefe
     if build is None:
         return {}
     build_dir = BuildDir(build)
-    return {entry.key: EmbeddingReference.from_dict(json.loads(build_dir.file(entry.rel(EMBEDDING_REFERENCE))
-                                                               .read_text()))
-            for entry in build_dir.verify().heads if entry.key in heads and EMBEDDING_REFERENCE in entry.files}
+    return {
+        entry.key: EmbeddingReference.from_dict(json.loads(build_dir.file(entry.rel(EMBEDDING_REFERENCE)).read_text()))
+        for entry in build_dir.verify().heads
+        if entry.key in heads and EMBEDDING_REFERENCE in entry.files
+    }
 
 
 def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -> dict:
@@ -53,22 +55,38 @@ def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -
             beside = [i for i in scored if answered[i] != key and answered[i] in top1[i]]
             labelled = [i for i in scored if labels[i] is not None]
             figures[key] = {
-                "scored": len(scored), "answered": sum(answered[i] == key for i in scored),
+                "scored": len(scored),
+                "answered": sum(answered[i] == key for i in scored),
                 "agreement": float(np.mean([top1[i][key] == top1[i][answered[i]] for i in beside])) if beside else None,
                 "labelled": len(labelled),
-                "accuracy": float(np.mean([top1[i][key] == labels[i] for i in labelled])) if labelled else None}
+                "accuracy": float(np.mean([top1[i][key] == labels[i] for i in labelled])) if labelled else None,
+            }
         return figures
 
     timeline = []
     for chunk in np.array_split(np.arange(len(times)), min(slices, len(times))):
         rows = chunk.tolist()
         mean = embeddings[chunk].mean(axis=0)
-        timeline.append({"start": float(times[chunk[0]]), "end": float(times[chunk[-1]]), "records": len(rows),
-                         "drift": {key: ref.drift(mean) for key, ref in references.items()
-                                   if len(rows) >= MIN_WINDOW},  # fewer: sampling noise dominates
-                         "heads": judge(rows)})
-    return {"source": "log", "facts": log.facts, "records": len(times), "labelled": sum(x is not None for x in labels),
-            "threshold": DRIFT_THRESHOLD, "heads": judge(range(len(times))), "timeline": timeline}
+        timeline.append(
+            {
+                "start": float(times[chunk[0]]),
+                "end": float(times[chunk[-1]]),
+                "records": len(rows),
+                "drift": {
+                    key: ref.drift(mean) for key, ref in references.items() if len(rows) >= MIN_WINDOW
+                },  # fewer: sampling noise dominates
+                "heads": judge(rows),
+            }
+        )
+    return {
+        "source": "log",
+        "facts": log.facts,
+        "records": len(times),
+        "labelled": sum(x is not None for x in labels),
+        "threshold": DRIFT_THRESHOLD,
+        "heads": judge(range(len(times))),
+        "timeline": timeline,
+    }
 
 
 def read_service(url: str, timeout: float = 30.0) -> dict:
@@ -88,18 +106,33 @@ def service_report(status: dict) -> dict:
     heads = {}
     for entry in status.get("heads", []):
         heads[f"{entry['name']}:{entry['version']}"] = {
-            "role": "live", "share": entry.get("share"), "requests": entry.get("requests"),
-            "agreement": None, "labelled": entry.get("feedback", {}).get("labelled"),
-            "accuracy": entry.get("feedback", {}).get("accuracy"), "drift": entry.get("drift")}
+            "role": "live",
+            "share": entry.get("share"),
+            "requests": entry.get("requests"),
+            "agreement": None,
+            "labelled": entry.get("feedback", {}).get("labelled"),
+            "accuracy": entry.get("feedback", {}).get("accuracy"),
+            "drift": entry.get("drift"),
+        }
     for entry in status.get("shadow", []):
         heads[f"{entry['name']}:{entry['version']}"] = {
-            "role": "shadow", "share": entry.get("share"), "requests": entry.get("scored"),
-            "agreement": entry.get("agreement"), "labelled": entry.get("feedback", {}).get("labelled"),
-            "accuracy": entry.get("feedback", {}).get("accuracy"), "drift": entry.get("drift"),
-            "added_ms_per_image": entry.get("added_ms_per_image")}
+            "role": "shadow",
+            "share": entry.get("share"),
+            "requests": entry.get("scored"),
+            "agreement": entry.get("agreement"),
+            "labelled": entry.get("feedback", {}).get("labelled"),
+            "accuracy": entry.get("feedback", {}).get("accuracy"),
+            "drift": entry.get("drift"),
+            "added_ms_per_image": entry.get("added_ms_per_image"),
+        }
     drift = status.get("drift", {})
-    return {"source": "service", "build": status.get("build"), "heads": heads,
-            "threshold": drift.get("threshold", DRIFT_THRESHOLD), "recorder": status.get("recorder")}
+    return {
+        "source": "service",
+        "build": status.get("build"),
+        "heads": heads,
+        "threshold": drift.get("threshold", DRIFT_THRESHOLD),
+        "recorder": status.get("recorder"),
+    }
 
 
 def _cell(value: object, percent: bool = False) -> str:
@@ -114,20 +147,43 @@ def table(report: dict) -> str:
     """The per-head table (and, for a log, the drift per time slice)."""
     if report["source"] == "service":
         header = ["head", "role", "share", "requests", "agreement", "labelled", "accuracy", "drift"]
-        rows = [[key, h["role"], _cell(h["share"], True), _cell(h["requests"]), _cell(h["agreement"], True),
-                 _cell(h["labelled"]), _cell(h["accuracy"], True), _cell(h["drift"])]
-                for key, h in report["heads"].items()]
+        rows = [
+            [
+                key,
+                h["role"],
+                _cell(h["share"], True),
+                _cell(h["requests"]),
+                _cell(h["agreement"], True),
+                _cell(h["labelled"]),
+                _cell(h["accuracy"], True),
+                _cell(h["drift"]),
+            ]
+            for key, h in report["heads"].items()
+        ]
     else:
         header = ["head", "scored", "answered", "agreement", "labelled", "accuracy"]
-        rows = [[key, _cell(h["scored"]), _cell(h["answered"]), _cell(h["agreement"], True), _cell(h["labelled"]),
-                 _cell(h["accuracy"], True)] for key, h in report["heads"].items()]
+        rows = [
+            [
+                key,
+                _cell(h["scored"]),
+                _cell(h["answered"]),
+                _cell(h["agreement"], True),
+                _cell(h["labelled"]),
+                _cell(h["accuracy"], True),
+            ]
+            for key, h in report["heads"].items()
+        ]
     lines = _aligned(header, rows)
     if report["source"] == "log" and any(s["drift"] for s in report["timeline"]):
         keys = sorted({k for s in report["timeline"] for k in s["drift"]})
         lines += ["", f"drift per time slice (threshold {report['threshold']}):"]
-        lines += _aligned(["slice", "records"] + keys,
-                          [[str(i), str(s["records"])] + [_cell(s["drift"].get(k)) for k in keys]
-                           for i, s in enumerate(report["timeline"])])
+        lines += _aligned(
+            ["slice", "records"] + keys,
+            [
+                [str(i), str(s["records"])] + [_cell(s["drift"].get(k)) for k in keys]
+                for i, s in enumerate(report["timeline"])
+            ],
+        )
     return "\n".join(lines)
 
 
@@ -149,13 +205,13 @@ def plot(report: dict, path: str | Path) -> None:
         for key in sorted({k for s in report["timeline"] for k in s["drift"]}):
             left.plot(slices, [s["drift"].get(key, np.nan) for s in report["timeline"]], marker="o", label=key)
         left.axhline(report["threshold"], color="red", linestyle="--", label="threshold")
-        left.set(xlabel="time slice (equal record counts)", ylabel="drift (training spreads)",
-                 title="embedding drift")
+        left.set(xlabel="time slice (equal record counts)", ylabel="drift (training spreads)", title="embedding drift")
         for key in report["heads"]:
             values = [s["heads"][key]["accuracy"] for s in report["timeline"]]
             right.plot(slices, [np.nan if v is None else v for v in values], marker="o", label=key)
-        right.set(xlabel="time slice", ylabel="accuracy on labelled requests", title="accuracy with feedback",
-                  ylim=(0, 1.02))
+        right.set(
+            xlabel="time slice", ylabel="accuracy on labelled requests", title="accuracy with feedback", ylim=(0, 1.02)
+        )
     else:
         keys = list(report["heads"])
         x = np.arange(len(keys))

@@ -110,9 +110,16 @@ def raw_backbone_rate(model: Path, batch: int, seconds: float) -> float:
     return images_per_second(lambda: session.run(None, {IMAGE: pixels}), batch, seconds)[0]
 
 
-def bench_build(images: int = 8000, stacks: tuple[str, ...] = ("torch-cpu", "ort-cpu"), work: Path | None = None,
-                backbone: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1", epochs: int = 10,
-                seconds: float = 10.0, json_path: str | Path | None = None) -> dict:
+def bench_build(
+    images: int = 8000,
+    stacks: tuple[str, ...] = ("torch-cpu", "ort-cpu"),
+    work: Path | None = None,
+    backbone: str = "mobilenet_v2",
+    weights: str = "IMAGENET1K_V1",
+    epochs: int = 10,
+    seconds: float = 10.0,
+    json_path: str | Path | None = None,
+) -> dict:
     """Build ``images`` synthetic images once per stack; images/s and peak RSS per stack against raw ONNX Runtime
     on the same backbone graph. Stacks that need what this machine lacks (``cuda`` without a GPU) are skipped."""
     from ..core.runtime import gpu_count
@@ -125,9 +132,17 @@ def bench_build(images: int = 8000, stacks: tuple[str, ...] = ("torch-cpu", "ort
     work = Path(work or Path.home() / ".cache" / "tl-models" / "bench-build")
     started = time.perf_counter()
     data = synthetic_images(work, images)
-    figures: dict = {"benchmark": "build", "images": images, "backbone": backbone, "weights": weights,
-                     "epochs": epochs, "cpu_count": os.cpu_count(), "generate_s": time.perf_counter() - started,
-                     "rows": [], "skipped": []}
+    figures: dict = {
+        "benchmark": "build",
+        "images": images,
+        "backbone": backbone,
+        "weights": weights,
+        "epochs": epochs,
+        "cpu_count": os.cpu_count(),
+        "generate_s": time.perf_counter() - started,
+        "rows": [],
+        "skipped": [],
+    }
     raw_model = None
     for stack in stacks:
         engine, device = STACKS[stack]
@@ -137,28 +152,65 @@ def bench_build(images: int = 8000, stacks: tuple[str, ...] = ("torch-cpu", "ort
         out, cache = work / f"out-{stack}-{images}", work / f"cache-{stack}-{images}"
         for folder in (out, cache):
             subprocess.run(["rm", "-rf", str(folder)], check=True)
-        command = [sys.executable, "-m", "tl_models.cli", "build", "--data", str(data), "--out", str(out),
-                   "--cache-dir", str(cache), "--backbone", backbone, "--weights", weights, "--epochs", str(epochs),
-                   "--engine", engine, "--device", device]
+        command = [
+            sys.executable,
+            "-m",
+            "tl_models.cli",
+            "build",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--backbone",
+            backbone,
+            "--weights",
+            weights,
+            "--epochs",
+            str(epochs),
+            "--engine",
+            engine,
+            "--device",
+            device,
+        ]
         run = run_measured(command, env={**os.environ, "TQDM_DISABLE": "1"})
         if run.code != 0:
             raise RuntimeError(f"bench build {stack}: the build failed (exit {run.code}):\n{run.output[-2000:]}")
         manifest = json.loads((out / "manifest.json").read_text())
-        figures["rows"].append({"stack": stack, "engine": engine, "device": device, "seconds": run.seconds,
-                                "images_per_s": images / run.seconds, "peak_rss_bytes": run.peak_rss,
-                                "val_accuracy": manifest["heads"][-1]["metrics"]["val_accuracy"]})
+        figures["rows"].append(
+            {
+                "stack": stack,
+                "engine": engine,
+                "device": device,
+                "seconds": run.seconds,
+                "images_per_s": images / run.seconds,
+                "peak_rss_bytes": run.peak_rss,
+                "val_accuracy": manifest["heads"][-1]["metrics"]["val_accuracy"],
+            }
+        )
         raw_model = raw_model or out / BACKBONE_ONNX
     if raw_model is not None:
         figures["raw_ort_batch32_images_per_s"] = raw_backbone_rate(raw_model, 32, seconds)
         for row in figures["rows"]:
             row["over_raw_ort"] = row["images_per_s"] / figures["raw_ort_batch32_images_per_s"]
-    rows = [(f"{r['stack']}: {r['seconds']:.1f} s, {r['images_per_s']:.1f} img/s, peak RSS "
-             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, val {r['val_accuracy']:.3f}", f"{r['over_raw_ort']:.2f}x")
-            for r in figures["rows"]]
+    rows = [
+        (
+            f"{r['stack']}: {r['seconds']:.1f} s, {r['images_per_s']:.1f} img/s, peak RSS "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, val {r['val_accuracy']:.3f}",
+            f"{r['over_raw_ort']:.2f}x",
+        )
+        for r in figures["rows"]
+    ]
     if raw_model is not None:
         rows.append(("raw ONNX Runtime, batch 32 (ceiling)", f"{figures['raw_ort_batch32_images_per_s']:.1f}/s"))
     rows += [(f"{s['stack']}: skipped ({s['why']})", "-") for s in figures["skipped"]]
-    print(format_table(f"bench build: {images} images, {backbone}, whole `tl-models build` / raw ONNX Runtime, "
-                       f"{figures['cpu_count']} CPUs", rows))
+    print(
+        format_table(
+            f"bench build: {images} images, {backbone}, whole `tl-models build` / raw ONNX Runtime, "
+            f"{figures['cpu_count']} CPUs",
+            rows,
+        )
+    )
     write_json(json_path, figures)
     return figures

@@ -92,8 +92,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def drive(connect: Callable[[], Caller], images: list[bytes], concurrency: int, seconds: float | None = None,
-          max_requests: int | None = None, stop: threading.Event | None = None) -> tuple[list[Record], float, float]:
+def drive(
+    connect: Callable[[], Caller],
+    images: list[bytes],
+    concurrency: int,
+    seconds: float | None = None,
+    max_requests: int | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[list[Record], float, float]:
     """Run ``concurrency`` callers back to back until ``seconds`` pass, ``max_requests`` have been sent or
     ``stop`` is set (at least one bound is required). Returns every request's record and the wall seconds from
     the common start to the last answer, and the CPU seconds this process (the clients) used meanwhile. A failed request (or a caller that cannot connect) is an error record,
@@ -122,8 +128,11 @@ def drive(connect: Callable[[], Caller], images: list[bytes], concurrency: int, 
             return
         try:
             for turn in itertools.count():
-                if ((stop is not None and stop.is_set()) or time.perf_counter() >= window["deadline"]
-                        or (max_requests is not None and next(sent) >= max_requests)):
+                if (
+                    (stop is not None and stop.is_set())
+                    or time.perf_counter() >= window["deadline"]
+                    or (max_requests is not None and next(sent) >= max_requests)
+                ):
                     break
                 begin = time.perf_counter()
                 try:
@@ -150,9 +159,14 @@ def summarize(records: list[Record], elapsed: float, client_cpu: float) -> dict:
     share of the machine's CPUs the clients themselves used (they compete with a server on the same host)."""
     latencies = np.array([1000.0 * (r.end - r.start) for r in records if r.error is None])
     errors = [r.error for r in records if r.error is not None]
-    figures = {"requests": len(records), "errors": len(errors), "seconds": elapsed,
-               "throughput": len(latencies) / elapsed, "first_error": errors[0] if errors else None,
-               "client_cpu_share": client_cpu / elapsed / (os.cpu_count() or 1)}
+    figures = {
+        "requests": len(records),
+        "errors": len(errors),
+        "seconds": elapsed,
+        "throughput": len(latencies) / elapsed,
+        "first_error": errors[0] if errors else None,
+        "client_cpu_share": client_cpu / elapsed / (os.cpu_count() or 1),
+    }
     for q in (50, 90, 99):
         figures[f"p{q}_ms"] = float(np.percentile(latencies, q)) if len(latencies) else None
     return figures

@@ -42,10 +42,6 @@ def _timer(figures: dict, key: str) -> Iterator[None]:
     figures[key] = time.perf_counter() - start
 
 
-
-
-
-
 def subset(data: ImageFolderData, images: int, seed: int = 0) -> ImageFolderData:
     """At most ``images`` images, taken class by class in turn (seeded) so every class keeps its share."""
     rng = random.Random(seed)
@@ -59,26 +55,43 @@ def subset(data: ImageFolderData, images: int, seed: int = 0) -> ImageFolderData
     picked = data.subset(chosen)
     too_few = [data.classes[c] for c in range(len(data.classes)) if picked.targets.count(c) < 2]
     if too_few:
-        raise DataError(f"{images} images leave fewer than 2 for class(es) {', '.join(too_few)}: "
-                        f"use at least {2 * len(data.classes)} images")
+        raise DataError(
+            f"{images} images leave fewer than 2 for class(es) {', '.join(too_few)}: "
+            f"use at least {2 * len(data.classes)} images"
+        )
     return picked
 
 
-def _fit_timed(figures: dict, key: str, spec: HeadSpec, split: tuple[list[int], list[int]], inputs: torch.Tensor,
-               targets: torch.Tensor, config: TrainConfig, embedder: torch.nn.Module | None = None) -> TrainResult:
+def _fit_timed(
+    figures: dict,
+    key: str,
+    spec: HeadSpec,
+    split: tuple[list[int], list[int]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    embedder: torch.nn.Module | None = None,
+) -> TrainResult:
     train, val = split
     torch.manual_seed(config.seed)
     head = build_head(spec)  # same seed: both runs start from the same head
     with _timer(figures, key):
-        result = fit(head, inputs[train], targets[train], inputs[val], targets[val], config, embedder=embedder,
-                     progress=False)
+        result = fit(
+            head, inputs[train], targets[train], inputs[val], targets[val], config, embedder=embedder, progress=False
+        )
     if len(result.history) != config.epochs:
         raise RuntimeError(f"{key}: ran {len(result.history)} of {config.epochs} epochs")
     return result
 
 
-def bench_train(data: str | Path | None, backbone: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1",
-                epochs: int = 20, images: int = 300, json_path: str | Path | None = None) -> dict:
+def bench_train(
+    data: str | Path | None,
+    backbone: str = "mobilenet_v2",
+    weights: str = "IMAGENET1K_V1",
+    epochs: int = 20,
+    images: int = 300,
+    json_path: str | Path | None = None,
+) -> dict:
     """Time head training with cached features vs the frozen backbone forward every epoch, on the same images.
 
     Preprocessing (decode, resize, crop) is done once and shared by both runs; it is reported but not in the
@@ -92,23 +105,34 @@ def bench_train(data: str | Path | None, backbone: str = "mobilenet_v2", weights
             data = write_demo_dataset(Path(tmp) / "digits", per_class=per_class)
         dataset = subset(load_image_folder(data), images)
         loaded = load_backbone(backbone, weights)
-        figures: dict = {"benchmark": "train", "backbone": loaded.spec.name, "weights": loaded.weights_id,
-                         "images": len(dataset.paths), "classes": len(dataset.classes), "epochs": epochs}
+        figures: dict = {
+            "benchmark": "train",
+            "backbone": loaded.spec.name,
+            "weights": loaded.weights_id,
+            "images": len(dataset.paths),
+            "classes": len(dataset.classes),
+            "epochs": epochs,
+        }
         with _timer(figures, "preprocess_s"):
             pixels = load_images(dataset, loaded.preprocessing, progress=False)
     split = stratified_split(dataset.targets, 0.2, seed=0)
     targets = torch.tensor(dataset.targets)
     config = TrainConfig(epochs=epochs, patience=epochs + 1, seed=0)
     spec = HeadSpec("linear", loaded.spec.embedding_dim, len(dataset.classes))
-    figures.update(train_images=len(split[0]), val_images=len(split[1]), batch_size=config.batch_size,
-                   torch_threads=torch.get_num_threads())
+    figures.update(
+        train_images=len(split[0]),
+        val_images=len(split[1]),
+        batch_size=config.batch_size,
+        torch_threads=torch.get_num_threads(),
+    )
 
     with _timer(figures, "extract_s"):
         features = embed(loaded, pixels, progress=False)
     cached = _fit_timed(figures, "cached_train_s", spec, split, torch.from_numpy(features), targets, config)
     freeze(loaded.module)  # every backbone parameter frozen, eval mode: only the head learns
-    baseline = _fit_timed(figures, "nocache_train_s", spec, split, torch.from_numpy(pixels), targets, config,
-                          embedder=loaded.module)
+    baseline = _fit_timed(
+        figures, "nocache_train_s", spec, split, torch.from_numpy(pixels), targets, config, embedder=loaded.module
+    )
     if any(p.requires_grad for p in loaded.module.parameters()):
         raise RuntimeError("the backbone was not frozen during the no-cache run")
 
@@ -119,20 +143,29 @@ def bench_train(data: str | Path | None, backbone: str = "mobilenet_v2", weights
     figures["val_accuracy_nocache"] = baseline.metrics["val_accuracy"]
     figures["max_abs_feature_diff"] = float(np.abs(features[:8] - _embeddings(loaded.module, pixels[:8])).max())
 
-    title = (f"bench train: {figures['backbone']} [{figures['weights']}], {figures['images']} images "
-             f"({figures['train_images']} train / {figures['val_images']} val), {epochs} epochs, "
-             f"batch {config.batch_size}, {figures['torch_threads']} threads")
-    print(format_table(title, [
-        ("preprocess images (once, shared by both runs)", f"{figures['preprocess_s']:.2f} s"),
-        ("feature extraction (once)", f"{figures['extract_s']:.2f} s"),
-        (f"train on cached features ({epochs} epochs)", f"{figures['cached_train_s']:.3f} s"),
-        ("cached total: extraction + training", f"{figures['cached_total_s']:.2f} s"),
-        (f"train with backbone forward every epoch ({epochs} epochs)", f"{figures['nocache_train_s']:.2f} s"),
-        ("ratio no-cache / cached, training alone", f"{figures['speedup_train_only']:.1f}x"),
-        ("ratio no-cache / cached, with extraction", f"{figures['speedup_with_extraction']:.1f}x"),
-        ("val accuracy: cached / no-cache",
-         f"{figures['val_accuracy_cached']:.3f} / {figures['val_accuracy_nocache']:.3f}"),
-    ]))
+    title = (
+        f"bench train: {figures['backbone']} [{figures['weights']}], {figures['images']} images "
+        f"({figures['train_images']} train / {figures['val_images']} val), {epochs} epochs, "
+        f"batch {config.batch_size}, {figures['torch_threads']} threads"
+    )
+    print(
+        format_table(
+            title,
+            [
+                ("preprocess images (once, shared by both runs)", f"{figures['preprocess_s']:.2f} s"),
+                ("feature extraction (once)", f"{figures['extract_s']:.2f} s"),
+                (f"train on cached features ({epochs} epochs)", f"{figures['cached_train_s']:.3f} s"),
+                ("cached total: extraction + training", f"{figures['cached_total_s']:.2f} s"),
+                (f"train with backbone forward every epoch ({epochs} epochs)", f"{figures['nocache_train_s']:.2f} s"),
+                ("ratio no-cache / cached, training alone", f"{figures['speedup_train_only']:.1f}x"),
+                ("ratio no-cache / cached, with extraction", f"{figures['speedup_with_extraction']:.1f}x"),
+                (
+                    "val accuracy: cached / no-cache",
+                    f"{figures['val_accuracy_cached']:.3f} / {figures['val_accuracy_nocache']:.3f}",
+                ),
+            ],
+        )
+    )
     write_json(json_path, figures)
     return figures
 
@@ -143,12 +176,15 @@ def _embeddings(module: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     return module(torch.from_numpy(pixels)).numpy()
 
 
-
-
-def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"), batches: tuple[int, ...] = (1, 32),
-                  seconds: float = 3.0, providers: str | None = None,
-                  json_path: str | Path | None = None, int8: bool = False,
-                  int8_types: tuple[str, ...] = ("u8s8", "s8s8", "u8u8")) -> dict:
+def bench_runtime(
+    backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"),
+    batches: tuple[int, ...] = (1, 32),
+    seconds: float = 3.0,
+    providers: str | None = None,
+    json_path: str | Path | None = None,
+    int8: bool = False,
+    int8_types: tuple[str, ...] = ("u8s8", "s8s8", "u8u8"),
+) -> dict:
     """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run; with
     ``int8`` also the static int8 QDQ graph of each of ``int8_types`` (per-channel minmax, the gate's default,
     calibrated on 16 random images: speed figures, not accuracy ones) and the fastest of them, as the gate picks."""
@@ -157,8 +193,15 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
     from ..core.cpu import this_machine
     from ..core.runtime import active_provider, create_session
 
-    figures: dict = {"benchmark": "runtime", "torch_threads": torch.get_num_threads(), "seconds": seconds,
-                     "int8": int8, "int8_types": list(int8_types) if int8 else [], **this_machine(), "rows": []}
+    figures: dict = {
+        "benchmark": "runtime",
+        "torch_threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "int8": int8,
+        "int8_types": list(int8_types) if int8 else [],
+        **this_machine(),
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="tl-models-bench-") as tmp:
         for name in backbones:
             loaded = load_backbone(name, "none")
@@ -172,8 +215,12 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
                 prepare(path, Path(tmp) / f"{name}.prepared.onnx")
                 for types in int8_types:
                     out = Path(tmp) / f"{name}.{types}.onnx"
-                    quantize_graph(Path(tmp) / f"{name}.prepared.onnx", calibration,
-                                   Calibration(images=16, types=types).check(), out)
+                    quantize_graph(
+                        Path(tmp) / f"{name}.prepared.onnx",
+                        calibration,
+                        Calibration(images=16, types=types).check(),
+                        out,
+                    )
                     quantized[types] = create_session(out, providers)
             for batch in batches:
                 pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
@@ -185,23 +232,46 @@ def bench_runtime(backbones: tuple[str, ...] = ("resnet50", "mobilenet_v3_large"
 
                 torch_ips, torch_ms = images_per_second(eager, batch, seconds)
                 ort_ips, ort_ms = images_per_second(lambda: session.run(None, {IMAGE: pixels}), batch, seconds)
-                row = {"backbone": name, "batch": batch, "provider": active_provider(session),
-                       "torch_images_per_s": torch_ips, "torch_ms_per_batch": torch_ms,
-                       "ort_images_per_s": ort_ips, "ort_ms_per_batch": ort_ms, "ort_over_torch": ort_ips / torch_ips}
+                row = {
+                    "backbone": name,
+                    "batch": batch,
+                    "provider": active_provider(session),
+                    "torch_images_per_s": torch_ips,
+                    "torch_ms_per_batch": torch_ms,
+                    "ort_images_per_s": ort_ips,
+                    "ort_ms_per_batch": ort_ms,
+                    "ort_over_torch": ort_ips / torch_ips,
+                }
                 for types, int8_session in quantized.items():
-                    int8_ips, int8_ms = images_per_second(lambda: int8_session.run(None, {IMAGE: pixels}), batch,
-                                                          seconds)
-                    row.setdefault("int8", {})[types] = {"images_per_s": int8_ips, "ms_per_batch": int8_ms,
-                                                         "over_ort": int8_ips / ort_ips}
+                    int8_ips, int8_ms = images_per_second(
+                        lambda: int8_session.run(None, {IMAGE: pixels}), batch, seconds
+                    )
+                    row.setdefault("int8", {})[types] = {
+                        "images_per_s": int8_ips,
+                        "ms_per_batch": int8_ms,
+                        "over_ort": int8_ips / ort_ips,
+                    }
                 if quantized:
                     row["int8_fastest"] = max(row["int8"], key=lambda t: row["int8"][t]["images_per_s"])
                 figures["rows"].append(row)
-    rows = [(f"{r['backbone']} batch {r['batch']}: torch {r['torch_images_per_s']:.1f} img/s, "
-             f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s" +
-             "".join(f", int8 {t} {m['images_per_s']:.1f} img/s ({m['over_ort']:.2f}x ORT)"
-                     for t, m in r.get("int8", {}).items()),
-             f"{r['ort_over_torch']:.2f}x") for r in figures["rows"]]
-    print(format_table(f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads, "
-                       f"{figures['isa']} CPU, ONNX Runtime {figures['onnxruntime']}", rows))
+    rows = [
+        (
+            f"{r['backbone']} batch {r['batch']}: torch {r['torch_images_per_s']:.1f} img/s, "
+            f"ORT ({r['provider'].replace('ExecutionProvider', '')}) {r['ort_images_per_s']:.1f} img/s"
+            + "".join(
+                f", int8 {t} {m['images_per_s']:.1f} img/s ({m['over_ort']:.2f}x ORT)"
+                for t, m in r.get("int8", {}).items()
+            ),
+            f"{r['ort_over_torch']:.2f}x",
+        )
+        for r in figures["rows"]
+    ]
+    print(
+        format_table(
+            f"bench runtime: ONNX Runtime / PyTorch eager, {figures['torch_threads']} threads, "
+            f"{figures['isa']} CPU, ONNX Runtime {figures['onnxruntime']}",
+            rows,
+        )
+    )
     write_json(json_path, figures)
     return figures

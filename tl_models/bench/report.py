@@ -42,18 +42,19 @@ def plot_serving(figures: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 4))
     stacks = list(dict.fromkeys(row["stack"] for row in figures["servers"]))
     for stack in stacks:
         rows = sorted((r for r in figures["servers"] if r["stack"] == stack), key=lambda r: r["concurrency"])
         level = [r["concurrency"] for r in rows]
         rate_ax.plot(level, [r["throughput"] for r in rows], marker="o", label=stack)
-        p99_ax.plot(level, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in rows], marker="o",
-                    label=stack)
+        p99_ax.plot(level, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in rows], marker="o", label=stack)
     if "ort_best" in figures:
         best = figures["ort_best"]
-        rate_ax.axhline(best["throughput"], color="grey", linestyle="--",
-                        label=f"ONNX Runtime in process, batch {best['batch']}")
+        rate_ax.axhline(
+            best["throughput"], color="grey", linestyle="--", label=f"ONNX Runtime in process, batch {best['batch']}"
+        )
     for ax, label in ((rate_ax, "requests/s (1 image each)"), (p99_ax, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("client concurrency")
@@ -64,4 +65,3 @@ def plot_serving(figures: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

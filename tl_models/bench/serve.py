@@ -100,9 +100,20 @@ def _default_build(options: ServeBenchOptions, data: Path, workdir: Path) -> Pat
     out = workdir / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
         options.progress(f"[bench serve] building head {name} ({kind}) on {options.backbone} [{options.weights}]")
-        build(BuildOptions(data=data, out=out, backbone=options.backbone, weights=options.weights, kind=kind,
-                           head=name, hidden=256, train=TrainConfig(epochs=15), cache_dir=workdir / "cache",
-                           progress=False))
+        build(
+            BuildOptions(
+                data=data,
+                out=out,
+                backbone=options.backbone,
+                weights=options.weights,
+                kind=kind,
+                head=name,
+                hidden=256,
+                train=TrainConfig(epochs=15),
+                cache_dir=workdir / "cache",
+                progress=False,
+            )
+        )
     return out
 
 
@@ -133,18 +144,30 @@ def _int8_backbone(build_dir: Path, own: bool, progress: Callable[[str], None]) 
             raise BenchServeError(f"--int8: {exc.message}") from None
     from ..training.quantize import Calibration, Gate, quantize
 
-    progress("[bench serve] quantizing the benchmark's build to int8 (accuracy gate open: a speed figure, not an "
-             "accuracy one; the fastest integer type here)")
-    report = quantize(build_dir, Calibration(images=16), Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0),
-                      search="types")
+    progress(
+        "[bench serve] quantizing the benchmark's build to int8 (accuracy gate open: a speed figure, not an "
+        "accuracy one; the fastest integer type here)"
+    )
+    report = quantize(
+        build_dir,
+        Calibration(images=16),
+        Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0),
+        search="types",
+    )
     progress(f"[bench serve] int8: {report.chosen.calibration.label()}, {report.chosen.speedup:.2f}x fp32 at batch 32")
 
 
 # ---------------------------------------------------------------- in process
 
 
-def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks: tuple[str, ...],
-               progress: Callable[[str], None], precisions: tuple[str, ...] = ("fp32",)) -> list[dict]:
+def in_process(
+    build_dir: Path,
+    batches: tuple[int, ...],
+    seconds: float,
+    stacks: tuple[str, ...],
+    progress: Callable[[str], None],
+    precisions: tuple[str, ...] = ("fp32",),
+) -> list[dict]:
     """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
     servers run; once per precision) and PyTorch eager (backbone + head) per batch."""
     import torch
@@ -162,10 +185,12 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
     sessions = {}
     for precision in precisions if "onnxruntime" in stacks else ():
         stack = _stack("onnxruntime", precision)
-        session = sessions[stack] = create_session(fuse(build.file(BACKBONE_FILES[precision]),
-                                                        build.file(head.rel(HEAD_ONNX)), {}))
-        runners[stack] = (lambda pixels, session=session, name=session.get_inputs()[0].name:
-                          session.run(None, {name: pixels}))
+        session = sessions[stack] = create_session(
+            fuse(build.file(BACKBONE_FILES[precision]), build.file(head.rel(HEAD_ONNX)), {})
+        )
+        runners[stack] = lambda pixels, session=session, name=session.get_inputs()[0].name: session.run(
+            None, {name: pixels}
+        )
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
 
@@ -182,19 +207,34 @@ def in_process(build_dir: Path, batches: tuple[int, ...], seconds: float, stacks
             cpu, wall = time.process_time(), time.perf_counter()
             ips, ms = images_per_second(lambda: run(pixels), batch, seconds)
             busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
-            rows.append({"stack": stack, "precision": _precision(stack), "batch": batch, "throughput": ips,
-                         "ms_per_batch": ms, "cpu_ms_per_image": 1000.0 * busy / ips,
-                         "threads": torch.get_num_threads() if stack == "torch" else None,
-                         "provider": active_provider(sessions[stack]) if stack in sessions else "torch eager"})
+            rows.append(
+                {
+                    "stack": stack,
+                    "precision": _precision(stack),
+                    "batch": batch,
+                    "throughput": ips,
+                    "ms_per_batch": ms,
+                    "cpu_ms_per_image": 1000.0 * busy / ips,
+                    "threads": torch.get_num_threads() if stack == "torch" else None,
+                    "provider": active_provider(sessions[stack]) if stack in sessions else "torch eager",
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------- over loopback
 
 
-def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], concurrency: tuple[int, ...],
-            seconds: float, max_requests: int, progress: Callable[[str], None],
-            server_pid: int | None = None) -> list[dict]:
+def measure(
+    stack: str,
+    connect: Callable[[], Caller],
+    images: list[bytes],
+    concurrency: tuple[int, ...],
+    seconds: float,
+    max_requests: int,
+    progress: Callable[[str], None],
+    server_pid: int | None = None,
+) -> list[dict]:
     """One point per concurrency (after a short warm-up at that concurrency): throughput, latency, errors, and
     for a server started here (``server_pid``) the CPU its process tree spent per request."""
     rows = []
@@ -202,16 +242,22 @@ def measure(stack: str, connect: Callable[[], Caller], images: list[bytes], conc
         progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
         drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
         cpu = process.tree_cpu_seconds(server_pid) if server_pid else None
-        row = {"stack": stack, "precision": _precision(stack), "concurrency": clients,
-               **summarize(*drive(connect, images, clients, seconds, max_requests))}
+        row = {
+            "stack": stack,
+            "precision": _precision(stack),
+            "concurrency": clients,
+            **summarize(*drive(connect, images, clients, seconds, max_requests)),
+        }
         server_cpu = None
         if cpu is not None and row["requests"]:
             server_cpu = 1000.0 * (process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
         row["server_cpu_ms_per_request"] = server_cpu
-        progress(f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
-                 f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU" +
-                 (f", server {server_cpu:.1f} CPU-ms per request" if server_cpu is not None else "") +
-                 (f" (first: {row['first_error']})" if row["first_error"] else ""))
+        progress(
+            f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
+            f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU"
+            + (f", server {server_cpu:.1f} CPU-ms per request" if server_cpu is not None else "")
+            + (f" (first: {row['first_error']})" if row["first_error"] else "")
+        )
         rows.append(row)
     return rows
 
@@ -229,24 +275,41 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str,
-               precision: str = "fp32") -> dict[str, str]:
+def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str, precision: str = "fp32") -> dict[str, str]:
     """The service on ``build_dir`` as deployed for throughput (no access log line per request);
     ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
-    return bento_launcher.service_environment(build_dir=build_dir, state_dir=state_dir, precision=precision, extra={
-        "BENTOML_HOME": str(workdir / "bentoml"), "TL_MODELS_ADMIN_TOKEN": token,
-        "TL_MODELS_BUILD_ROOTS": str(workdir.resolve()), "TL_MODELS_ACCESS_LOG": "0"})
+    return bento_launcher.service_environment(
+        build_dir=build_dir,
+        state_dir=state_dir,
+        precision=precision,
+        extra={
+            "BENTOML_HOME": str(workdir / "bentoml"),
+            "TL_MODELS_ADMIN_TOKEN": token,
+            "TL_MODELS_BUILD_ROOTS": str(workdir.resolve()),
+            "TL_MODELS_ACCESS_LOG": "0",
+        },
+    )
 
 
-def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Path, workdir: Path, stack: ExitStack,
-             started: list[dict], precision: str = "fp32") -> dict[str, tuple[Callable[[], Caller], int | None]]:
+def _servers(
+    options: ServeBenchOptions,
+    wanted: tuple[str, ...],
+    build_dir: Path,
+    workdir: Path,
+    stack: ExitStack,
+    started: list[dict],
+    precision: str = "fp32",
+) -> dict[str, tuple[Callable[[], Caller], int | None]]:
     """A caller factory per ``wanted`` server stack, with the PID of the server if started here; starts (and
     registers the stop of) the servers whose URL is not given. For int8 only servers started here are measured
     (the precision of a server given by URL is not this command's to choose)."""
     manifest = BuildDir(build_dir).manifest()
     callers: dict[str, tuple[Callable[[], Caller], int | None]] = {}
-    given = {"bentoml-http": options.bento_url, "triton-http": options.triton_http_url,
-             "triton-grpc": options.triton_grpc_url}
+    given = {
+        "bentoml-http": options.bento_url,
+        "triton-http": options.triton_http_url,
+        "triton-grpc": options.triton_grpc_url,
+    }
     if precision != "fp32":
         wanted = tuple(s for s in wanted if given[s] is None)
         given = {name: None for name in given}
@@ -255,9 +318,11 @@ def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Pat
         url, pid = given["bentoml-http"], None
         if url is None:
             options.progress(f"[bench serve] starting bentoml serve ({precision} backbone)")
-            server = bento_launcher.start(_bento_env(build_dir, workdir / f"state-main{suffix}", workdir,
-                                                     secrets.token_hex(8), precision),
-                                          log_path=workdir / f"bento-main{suffix}.log", timeout=options.start_timeout)
+            server = bento_launcher.start(
+                _bento_env(build_dir, workdir / f"state-main{suffix}", workdir, secrets.token_hex(8), precision),
+                log_path=workdir / f"bento-main{suffix}.log",
+                timeout=options.start_timeout,
+            )
             stack.callback(server.stop)
             started.append({"server": "bentoml", "precision": precision, "pid": server.pid})
             url, pid = server.url, server.pid
@@ -269,22 +334,29 @@ def _servers(options: ServeBenchOptions, wanted: tuple[str, ...], build_dir: Pat
         from ..triton.config import RepositoryOptions
         from ..triton.repository import write_repository
 
-        options.progress(f"[bench serve] writing the Triton model repository and starting tritonserver ({precision} "
-                         "backbone)")
-        repo = write_repository(build_dir, workdir / f"model_repository{suffix}",
-                                RepositoryOptions(flavour="python", precision=precision))
-        server = triton_launcher.start(repo.path, workdir=workdir / f"tritonserver{suffix}",
-                                       timeout=options.start_timeout)
+        options.progress(
+            f"[bench serve] writing the Triton model repository and starting tritonserver ({precision} backbone)"
+        )
+        repo = write_repository(
+            build_dir, workdir / f"model_repository{suffix}", RepositoryOptions(flavour="python", precision=precision)
+        )
+        server = triton_launcher.start(
+            repo.path, workdir=workdir / f"tritonserver{suffix}", timeout=options.start_timeout
+        )
         stack.callback(server.stop)
         started.append({"server": "tritonserver", "precision": precision, "pid": server.pid})
         pids = {name: None if urls[name] else server.pid for name in triton}
-        urls = {"triton-http": urls["triton-http"] or server.http_url,
-                "triton-grpc": urls["triton-grpc"] or server.grpc_url}
+        urls = {
+            "triton-http": urls["triton-http"] or server.http_url,
+            "triton-grpc": urls["triton-grpc"] or server.grpc_url,
+        }
     model = options.triton_model or manifest.name
     for name in triton:
         protocol = name.split("-")[1]
-        callers[_stack(name, precision)] = ((lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url,
-                                                                                                   model)), pids[name])
+        callers[_stack(name, precision)] = (
+            (lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url, model)),
+            pids[name],
+        )
     return callers
 
 
@@ -297,8 +369,10 @@ def _weights_argument(weights_id: str) -> tuple[str, int]:
         return "none", int(weights_id.split("=", 1)[1])
     if weights_id.startswith("torchvision:"):
         return weights_id.rsplit(".", 1)[-1], 0
-    raise BenchServeError(f"the heads part adds heads to a copy of the build, which needs its weights again; "
-                          f"{weights_id!r} cannot be reloaded by name: use --heads 0")
+    raise BenchServeError(
+        f"the heads part adds heads to a copy of the build, which needs its weights again; "
+        f"{weights_id!r} cannot be reloaded by name: use --heads 0"
+    )
 
 
 def _check_heads_data(manifest: Manifest, data: Path) -> None:
@@ -308,12 +382,15 @@ def _check_heads_data(manifest: Manifest, data: Path) -> None:
     _weights_argument(manifest.weights)
     classes = load_image_folder(data).classes
     if classes != manifest.labels:
-        raise BenchServeError(f"the heads part trains new heads on {data}, whose classes {classes} are not the "
-                              f"build's labels {manifest.labels}: pass --data with the build's data, or --heads 0")
+        raise BenchServeError(
+            f"the heads part trains new heads on {data}, whose classes {classes} are not the "
+            f"build's labels {manifest.labels}: pass --data with the build's data, or --heads 0"
+        )
 
 
-def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
-                 progress: Callable[[str], None]) -> tuple[Path, dict[str, int], tuple[str, int]]:
+def _heads_build(
+    build_dir: Path, data: Path, count: int, workdir: Path, progress: Callable[[str], None]
+) -> tuple[Path, dict[str, int], tuple[str, int]]:
     """A copy of the build with at least ``count`` heads (new linear heads trained on ``data``'s cached
     features) and one new version of its first head. Returns the copy, the live version of each head before
     the swap, and the (head, version) to swap in."""
@@ -327,9 +404,19 @@ def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
     live = manifest.latest_versions()
 
     def add(name: str, epochs: int) -> int:
-        report = build(BuildOptions(data=data, out=copy, backbone=manifest.backbone, weights=weights,
-                                    kind="linear", head=name, train=TrainConfig(epochs=epochs, seed=seed),
-                                    cache_dir=workdir / "cache", progress=False))
+        report = build(
+            BuildOptions(
+                data=data,
+                out=copy,
+                backbone=manifest.backbone,
+                weights=weights,
+                kind="linear",
+                head=name,
+                train=TrainConfig(epochs=epochs, seed=seed),
+                cache_dir=workdir / "cache",
+                progress=False,
+            )
+        )
         return report.head.version
 
     for index in range(len(live), count):
@@ -340,8 +427,17 @@ def _heads_build(build_dir: Path, data: Path, count: int, workdir: Path,
     return copy, live, (first, add(first, 5))
 
 
-def swap_under_load(url: str, token: str, build_dir: Path, head: str, version: int, images: list[bytes],
-                    clients: int = 8, before: float = 1.0, after: float = 1.0) -> dict:
+def swap_under_load(
+    url: str,
+    token: str,
+    build_dir: Path,
+    head: str,
+    version: int,
+    images: list[bytes],
+    clients: int = 8,
+    before: float = 1.0,
+    after: float = 1.0,
+) -> dict:
     """``/admin/load`` of ``head:version`` from ``build_dir`` while ``clients`` threads send ``X-TL-Head: head``
     requests; the swap's wall time, failed requests (all, and while the swap ran) and who answered after it."""
     import httpx
@@ -355,8 +451,12 @@ def swap_under_load(url: str, token: str, build_dir: Path, head: str, version: i
     thread.start()
     time.sleep(before)
     begin = time.perf_counter()
-    response = httpx.post(f"{url}/admin/load", json={"build_dir": str(build_dir), "head": head, "version": version},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    response = httpx.post(
+        f"{url}/admin/load",
+        json={"build_dir": str(build_dir), "head": head, "version": version},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+    )
     end = time.perf_counter()
     time.sleep(after)
     stop.set()
@@ -364,15 +464,31 @@ def swap_under_load(url: str, token: str, build_dir: Path, head: str, version: i
     records = result["records"]
     during = [r for r in records if r.end >= begin and r.start <= end]
     later = [r for r in records if r.start > end and r.error is None]
-    return {"head": head, "version": version, "status": response.status_code, "swap_s": end - begin,
-            "clients": clients, "requests": len(records), "failed": sum(r.error is not None for r in records),
-            "requests_during_swap": len(during), "failed_during_swap": sum(r.error is not None for r in during),
-            "new_version_share_after": (sum(r.answer.get("version") == version for r in later) / len(later)
-                                        if later else None)}
+    return {
+        "head": head,
+        "version": version,
+        "status": response.status_code,
+        "swap_s": end - begin,
+        "clients": clients,
+        "requests": len(records),
+        "failed": sum(r.error is not None for r in records),
+        "requests_during_swap": len(during),
+        "failed_during_swap": sum(r.error is not None for r in during),
+        "new_version_share_after": (
+            sum(r.answer.get("version") == version for r in later) / len(later) if later else None
+        ),
+    }
 
 
-def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], options: ServeBenchOptions,
-               workdir: Path, started: list[dict]) -> dict:
+def heads_cost(
+    build_dir: Path,
+    data: Path,
+    count: int,
+    images: list[bytes],
+    options: ServeBenchOptions,
+    workdir: Path,
+    started: list[dict],
+) -> dict:
     """RSS and p50 (concurrency 1) of the BentoML service routing 1 head vs ``count`` heads of one build,
     and a live head swap under load on the ``count``-head service."""
     from ..core.routing import RoutingState
@@ -383,16 +499,25 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
         names = list(live)[:served]
         state = workdir / f"state-{served}-heads"
         state.mkdir(parents=True)
-        RoutingState(state / ROUTE_FILE).update(weights={n: 1.0 for n in names},
-                                                   versions={n: live[n] for n in names})
+        RoutingState(state / ROUTE_FILE).update(weights={n: 1.0 for n in names}, versions={n: live[n] for n in names})
         token = secrets.token_hex(8)
         options.progress(f"[bench serve] heads part: bentoml serve with {served} head(s)")
-        server = bento_launcher.start(_bento_env(copy, state, workdir, token), log_path=workdir / f"bento-{served}.log",
-                                    timeout=options.start_timeout)
+        server = bento_launcher.start(
+            _bento_env(copy, state, workdir, token),
+            log_path=workdir / f"bento-{served}.log",
+            timeout=options.start_timeout,
+        )
         started.append({"server": f"bentoml ({served} heads)", "pid": server.pid})
         try:
-            point = measure(f"bentoml-http {served} head(s)", lambda: BentoCaller(server.url), images, (1,),
-                            options.seconds, options.max_requests, options.progress)[0]
+            point = measure(
+                f"bentoml-http {served} head(s)",
+                lambda: BentoCaller(server.url),
+                images,
+                (1,),
+                options.seconds,
+                options.max_requests,
+                options.progress,
+            )[0]
             figures["heads"][str(served)] = {"rss_bytes": process.tree_rss(server.pid), **point}
             if served == count:
                 options.progress(f"[bench serve] heads part: swapping in {swap_head}:{swap_version} under load")
@@ -408,8 +533,14 @@ def heads_cost(build_dir: Path, data: Path, count: int, images: list[bytes], opt
 # ---------------------------------------------------------------- judging: shadow head and embedding log
 
 
-def judging_cost(build_dir: Path, images: list[bytes], options: ServeBenchOptions, workdir: Path,
-                 started: list[dict], rounds: int = 3) -> dict:
+def judging_cost(
+    build_dir: Path,
+    images: list[bytes],
+    options: ServeBenchOptions,
+    workdir: Path,
+    started: list[dict],
+    rounds: int = 3,
+) -> dict:
     """Throughput at the top concurrency of two BentoML services on the build, one plain and one with the second
     head shadowing the first on every request and :data:`JUDGING_LOG_SHARE` of requests in the embedding log;
     measured in turns (plain, judged, plain, ...) so that drift of the machine hits both alike."""
@@ -424,8 +555,9 @@ def judging_cost(build_dir: Path, images: list[bytes], options: ServeBenchOption
     with ExitStack() as servers:
         for mode in ("plain", "judged"):
             state = workdir / f"state-{mode}"
-            RoutingState(state / ROUTE_FILE).update(weights={first: 1.0}, versions={first: v1},
-                                                       shadow={f"{second}:{v2}": 1.0} if mode == "judged" else None)
+            RoutingState(state / ROUTE_FILE).update(
+                weights={first: 1.0}, versions={first: v1}, shadow={f"{second}:{v2}": 1.0} if mode == "judged" else None
+            )
             env = _bento_env(build_dir, state, workdir, secrets.token_hex(8))
             env["TL_MODELS_LOG_SHARE"] = str(JUDGING_LOG_SHARE if mode == "judged" else 0)
             env["BENTOML_HOME"] = str(workdir / f"bentoml-{mode}")  # a shared home: a start resets the other's metrics
@@ -437,13 +569,23 @@ def judging_cost(build_dir: Path, images: list[bytes], options: ServeBenchOption
         points: dict[str, list[dict]] = {"plain": [], "judged": []}
         for _ in range(rounds):
             for mode, url in urls.items():
-                points[mode] += measure(f"bentoml-http {mode}", lambda url=url: BentoCaller(url), images, (clients,),
-                                        options.seconds, options.max_requests, options.progress)
+                points[mode] += measure(
+                    f"bentoml-http {mode}",
+                    lambda url=url: BentoCaller(url),
+                    images,
+                    (clients,),
+                    options.seconds,
+                    options.max_requests,
+                    options.progress,
+                )
     figures: dict = {"concurrency": clients, "shadow": f"{second}:{v2}", "log_share": JUDGING_LOG_SHARE}
     for mode, rows in points.items():
-        figures[mode] = {"throughput": float(np.mean([r["throughput"] for r in rows])),
-                         "p50_ms": float(np.mean([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [np.nan])),
-                         "errors": sum(r["errors"] for r in rows), "rounds": [r["throughput"] for r in rows]}
+        figures[mode] = {
+            "throughput": float(np.mean([r["throughput"] for r in rows])),
+            "p50_ms": float(np.mean([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [np.nan])),
+            "errors": sum(r["errors"] for r in rows),
+            "rounds": [r["throughput"] for r in rows],
+        }
     figures["ratio"] = figures["judged"]["throughput"] / figures["plain"]["throughput"]
     return figures
 
@@ -459,8 +601,10 @@ def _ratios(figures: dict) -> None:
         if not ort:
             continue
         best = max(ort, key=lambda r: r["throughput"])
-        figures["ort_best" if precision == "fp32" else f"ort_best_{precision}"] = {"batch": best["batch"],
-                                                                                  "throughput": best["throughput"]}
+        figures["ort_best" if precision == "fp32" else f"ort_best_{precision}"] = {
+            "batch": best["batch"],
+            "throughput": best["throughput"],
+        }
         single = next((r for r in ort if r["batch"] == 1), None)
         for row in (r for r in figures["servers"] if r["precision"] == precision):
             row["vs_ort_best"] = row["throughput"] / best["throughput"]
@@ -474,60 +618,105 @@ def targets(figures: dict) -> list[dict]:
     top = max((r["concurrency"] for r in figures["servers"]), default=None)
     for row in figures["servers"]:
         if row["concurrency"] == top and "vs_ort_best" in row:
-            out.append({"target": f"{row['stack']}: throughput at concurrency {top} >= "
-                                  f"{TARGETS['throughput_ratio']}x raw ORT best", "value": row["vs_ort_best"],
-                        "met": row["vs_ort_best"] >= TARGETS["throughput_ratio"] and row["errors"] == 0})
+            out.append(
+                {
+                    "target": f"{row['stack']}: throughput at concurrency {top} >= "
+                    f"{TARGETS['throughput_ratio']}x raw ORT best",
+                    "value": row["vs_ort_best"],
+                    "met": row["vs_ort_best"] >= TARGETS["throughput_ratio"] and row["errors"] == 0,
+                }
+            )
         if "overhead_ms" in row:
-            out.append({"target": f"{row['stack']}: serving overhead at concurrency 1 <= {TARGETS['overhead_ms']} ms "
-                                  "p50", "value": row["overhead_ms"], "met": row["overhead_ms"] <= TARGETS["overhead_ms"]})
+            out.append(
+                {
+                    "target": f"{row['stack']}: serving overhead at concurrency 1 <= {TARGETS['overhead_ms']} ms p50",
+                    "value": row["overhead_ms"],
+                    "met": row["overhead_ms"] <= TARGETS["overhead_ms"],
+                }
+            )
     heads = figures.get("heads_cost")
     if heads:
-        out.append({"target": f"{figures['heads_count']} heads cost <= 10% more memory than 1 head",
-                    "value": heads["memory_ratio"], "met": heads["memory_ratio"] <= TARGETS["heads_memory"]})
+        out.append(
+            {
+                "target": f"{figures['heads_count']} heads cost <= 10% more memory than 1 head",
+                "value": heads["memory_ratio"],
+                "met": heads["memory_ratio"] <= TARGETS["heads_memory"],
+            }
+        )
         swap = heads["swap"]
-        out.append({"target": "head swap under load < 1 s with zero failed requests", "value": swap["swap_s"],
-                    "met": swap["status"] == 200 and swap["swap_s"] < TARGETS["swap_s"] and swap["failed"] == 0})
+        out.append(
+            {
+                "target": "head swap under load < 1 s with zero failed requests",
+                "value": swap["swap_s"],
+                "met": swap["status"] == 200 and swap["swap_s"] < TARGETS["swap_s"] and swap["failed"] == 0,
+            }
+        )
     judging = figures.get("judging_cost")
     if judging:
-        out.append({"target": f"one shadow head and {JUDGING_LOG_SHARE:.0%} logging keep >= "
-                              f"{TARGETS['judging_ratio']}x throughput at concurrency {judging['concurrency']}",
-                    "value": judging["ratio"], "met": judging["ratio"] >= TARGETS["judging_ratio"] and
-                    judging["judged"]["errors"] == 0})
+        out.append(
+            {
+                "target": f"one shadow head and {JUDGING_LOG_SHARE:.0%} logging keep >= "
+                f"{TARGETS['judging_ratio']}x throughput at concurrency {judging['concurrency']}",
+                "value": judging["ratio"],
+                "met": judging["ratio"] >= TARGETS["judging_ratio"] and judging["judged"]["errors"] == 0,
+            }
+        )
     return out
 
 
 def _table(figures: dict) -> str:
-    rows = [(f"{r['stack']} in process, batch {r['batch']}",
-             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img")
-            for r in figures["in_process"]]
+    rows = [
+        (
+            f"{r['stack']} in process, batch {r['batch']}",
+            f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img",
+        )
+        for r in figures["in_process"]
+    ]
     for r in figures["servers"]:
-        extra = f", server {r['server_cpu_ms_per_request']:.1f} CPU-ms/req" if r.get("server_cpu_ms_per_request") else ""
+        extra = (
+            f", server {r['server_cpu_ms_per_request']:.1f} CPU-ms/req" if r.get("server_cpu_ms_per_request") else ""
+        )
         extra += f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
         extra += f", overhead {r['overhead_ms']:+.1f} ms" if "overhead_ms" in r else ""
-        rows.append((f"{r['stack']}, concurrency {r['concurrency']}",
-                     f"{r['throughput']:.1f} req/s, p50/p90/p99 {_ms(r['p50_ms'])}/{_ms(r['p90_ms'])}/"
-                     f"{_ms(r['p99_ms'])}, {r['errors']} errors / {r['requests']}, clients "
-                     f"{r['client_cpu_share']:.0%} CPU{extra}"))
+        rows.append(
+            (
+                f"{r['stack']}, concurrency {r['concurrency']}",
+                f"{r['throughput']:.1f} req/s, p50/p90/p99 {_ms(r['p50_ms'])}/{_ms(r['p90_ms'])}/"
+                f"{_ms(r['p99_ms'])}, {r['errors']} errors / {r['requests']}, clients "
+                f"{r['client_cpu_share']:.0%} CPU{extra}",
+            )
+        )
     heads = figures.get("heads_cost")
     if heads:
         for count, point in heads["heads"].items():
-            rows.append((f"bentoml, {count} head(s)",
-                         f"RSS {point['rss_bytes'] / 2 ** 20:.0f} MiB, p50 {_ms(point['p50_ms'])}"))
+            rows.append(
+                (f"bentoml, {count} head(s)", f"RSS {point['rss_bytes'] / 2**20:.0f} MiB, p50 {_ms(point['p50_ms'])}")
+            )
         swap = heads["swap"]
-        rows.append((f"live swap of {swap['head']}:{swap['version']} under {swap['clients']} clients",
-                     f"{swap['swap_s'] * 1000:.0f} ms (HTTP {swap['status']}), {swap['failed']} failed of "
-                     f"{swap['requests']} ({swap['failed_during_swap']} of {swap['requests_during_swap']} during it)"))
+        rows.append(
+            (
+                f"live swap of {swap['head']}:{swap['version']} under {swap['clients']} clients",
+                f"{swap['swap_s'] * 1000:.0f} ms (HTTP {swap['status']}), {swap['failed']} failed of "
+                f"{swap['requests']} ({swap['failed_during_swap']} of {swap['requests_during_swap']} during it)",
+            )
+        )
     judging = figures.get("judging_cost")
     if judging:
         for mode in ("plain", "judged"):
             rounds = ", ".join(f"{t:.1f}" for t in judging[mode]["rounds"])
-            rows.append((f"bentoml {mode}, concurrency {judging['concurrency']}",
-                         f"{judging[mode]['throughput']:.1f} req/s (rounds {rounds}), p50 "
-                         f"{_ms(judging[mode]['p50_ms'])}, {judging[mode]['errors']} errors"))
+            rows.append(
+                (
+                    f"bentoml {mode}, concurrency {judging['concurrency']}",
+                    f"{judging[mode]['throughput']:.1f} req/s (rounds {rounds}), p50 "
+                    f"{_ms(judging[mode]['p50_ms'])}, {judging[mode]['errors']} errors",
+                )
+            )
     for target in figures["targets"]:
         rows.append((f"target: {target['target']}", f"{'met' if target['met'] else 'MISSED'} ({target['value']:.2f})"))
-    title = (f"bench serve: {figures['backbone']} [{figures['weights']}], {figures['cpu_count']} CPU cores, "
-             f"{figures['seconds']:g} s or {figures['max_requests']} requests per point")
+    title = (
+        f"bench serve: {figures['backbone']} [{figures['weights']}], {figures['cpu_count']} CPU cores, "
+        f"{figures['seconds']:g} s or {figures['max_requests']} requests per point"
+    )
     return format_table(title, rows)
 
 
@@ -555,22 +744,40 @@ def bench_serve(options: ServeBenchOptions) -> dict:
         if options.heads:
             _check_heads_data(manifest, data)  # before minutes of measurements, not after
         started: list[dict] = []
-        figures: dict = {"benchmark": "serve", "build": str(build_dir), "backbone": manifest.backbone,
-                         "weights": manifest.weights, "head": _first_head(manifest).name,
-                         "cpu_count": os.cpu_count(), "seconds": options.seconds, "max_requests": options.max_requests,
-                         "images": {"count": len(images), "mean_bytes": float(np.mean([len(i) for i in images]))},
-                         "heads_count": options.heads, "servers_started": started}
-        figures["in_process"] = in_process(build_dir, options.batches, options.seconds, options.stacks,
-                                           options.progress, precisions)
+        figures: dict = {
+            "benchmark": "serve",
+            "build": str(build_dir),
+            "backbone": manifest.backbone,
+            "weights": manifest.weights,
+            "head": _first_head(manifest).name,
+            "cpu_count": os.cpu_count(),
+            "seconds": options.seconds,
+            "max_requests": options.max_requests,
+            "images": {"count": len(images), "mean_bytes": float(np.mean([len(i) for i in images]))},
+            "heads_count": options.heads,
+            "servers_started": started,
+        }
+        figures["in_process"] = in_process(
+            build_dir, options.batches, options.seconds, options.stacks, options.progress, precisions
+        )
         figures["servers"] = []
         for precision in precisions:
             for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
                 wanted = tuple(s for s in group if s in options.stacks)
                 with ExitStack() as servers:
-                    for stack, (connect, pid) in _servers(options, wanted, build_dir, workdir, servers, started,
-                                                          precision).items():
-                        figures["servers"] += measure(stack, connect, images, options.concurrency, options.seconds,
-                                                      options.max_requests, options.progress, pid)
+                    for stack, (connect, pid) in _servers(
+                        options, wanted, build_dir, workdir, servers, started, precision
+                    ).items():
+                        figures["servers"] += measure(
+                            stack,
+                            connect,
+                            images,
+                            options.concurrency,
+                            options.seconds,
+                            options.max_requests,
+                            options.progress,
+                            pid,
+                        )
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
         if options.judging:

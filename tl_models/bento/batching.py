@@ -16,8 +16,12 @@ class MicroBatcher:
     they are queued; if a pass fails anyway, its requests are re-run one by one so that only the culprit fails.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch: int = 16,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self._run = run
         self.max_batch = max_batch
         self._on_batch = on_batch
@@ -65,7 +69,7 @@ class MicroBatcher:
                 continue
             start = 0
             for batch, future in jobs:
-                _settle(future, outputs[start:start + len(batch)])
+                _settle(future, outputs[start : start + len(batch)])
                 start += len(batch)
 
     def _run_jobs(self, batches: list[np.ndarray]) -> np.ndarray:

@@ -73,48 +73,67 @@ class ServingConfig:
     def from_env(cls, default_state_dir: Path) -> "ServingConfig":
         env = os.environ
         roots = env.get("TL_MODELS_BUILD_ROOTS")
-        return cls(state_dir=Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir),
-                   weights=parse_weights(env["TL_MODELS_WEIGHTS"]) if env.get("TL_MODELS_WEIGHTS") else None,
-                   top_k=int(env.get("TL_MODELS_TOP_K", "5")), max_batch=int(env.get("TL_MODELS_MAX_BATCH", "16")),
-                   route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")), providers=env.get("TL_MODELS_PROVIDERS"),
-                   threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
-                   max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
-                   max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
-                   build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),),
-                   judge=JudgeConfig.from_env(Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir)),
-                   fleet_route=Path(env["TL_MODELS_FLEET_ROUTE"]) if env.get("TL_MODELS_FLEET_ROUTE") else None,
-                   fleet_poll=float(env.get("TL_MODELS_FLEET_POLL", "5")))
+        return cls(
+            state_dir=Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir),
+            weights=parse_weights(env["TL_MODELS_WEIGHTS"]) if env.get("TL_MODELS_WEIGHTS") else None,
+            top_k=int(env.get("TL_MODELS_TOP_K", "5")),
+            max_batch=int(env.get("TL_MODELS_MAX_BATCH", "16")),
+            route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")),
+            providers=env.get("TL_MODELS_PROVIDERS"),
+            threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
+            max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+            max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
+            build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),),
+            judge=JudgeConfig.from_env(Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir)),
+            fleet_route=Path(env["TL_MODELS_FLEET_ROUTE"]) if env.get("TL_MODELS_FLEET_ROUTE") else None,
+            fleet_poll=float(env.get("TL_MODELS_FLEET_POLL", "5")),
+        )
 
 
 class ServingEngine:
     """One backbone session, the worker's :class:`HeadRegistry` and the three request endpoints."""
 
-    def __init__(self, backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig,
-                 find_head: Callable[[str, int], HeadSource] | None = None):
+    def __init__(
+        self,
+        backbone: BackboneSource,
+        heads: Sequence[HeadSource],
+        config: ServingConfig,
+        find_head: Callable[[str, int], HeadSource] | None = None,
+    ):
         self.ready = False
         self.config = config
         self.backbone_source = backbone
         backbone.check_machine()
         data = read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
-        self.backbone = create_session(data, providers=config.providers, threads=config.threads, name="backbone",
-                                       spin=False)
+        self.backbone = create_session(
+            data, providers=config.providers, threads=config.threads, name="backbone", spin=False
+        )
         self.spec = Preprocessing.from_dict(backbone.preprocessing)
         self.input_size = (3, self.spec.crop_size, self.spec.crop_size)
         self.embedding_dim = int(self._run_backbone(np.zeros((1, *self.input_size), np.uint8)).shape[1])
         self.metrics = Metrics.get()
         self.batcher = MicroBatcher(self._run_backbone, config.max_batch, self.metrics.batch.observe)
-        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers,
-                                  config.route_poll)
+        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers, config.route_poll)
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
-        self.judge = Judge(config.state_dir, config.judge or JudgeConfig.from_env(config.state_dir), backbone,
-                           self.embedding_dim, config.top_k)
+        self.judge = Judge(
+            config.state_dir,
+            config.judge or JudgeConfig.from_env(config.state_dir),
+            backbone,
+            self.embedding_dim,
+            config.top_k,
+        )
         self.find_head = find_head or (lambda name, version: self._unknown(name, version))
         self.fleet: dict = {}
         if config.fleet_route is not None:
             self.sync_fleet()
             threading.Thread(target=self._follow_fleet, name="tl-models-fleet", daemon=True).start()
-        log.info("serving %s (%s backbone): heads %s, weights %s", backbone.build, backbone.precision, route.versions,
-                 route.weights)
+        log.info(
+            "serving %s (%s backbone): heads %s, weights %s",
+            backbone.build,
+            backbone.precision,
+            route.versions,
+            route.weights,
+        )
 
     @staticmethod
     def _unknown(name: str, version: int) -> HeadSource:
@@ -135,8 +154,13 @@ class ServingEngine:
         followed = self.fleet.get("revision", -1) if self.fleet.get("in_sync") else -1
         if target.revision < followed:  # an older file (a ConfigMap not yet updated): keep the newer pushed route
             return self.fleet
-        state = {"route_file": str(path), "revision": target.revision, "in_sync": False, "error": None,
-                 "checked": time.time()}
+        state = {
+            "route_file": str(path),
+            "revision": target.revision,
+            "in_sync": False,
+            "error": None,
+            "checked": time.time(),
+        }
         try:
             if not target.versions:
                 raise NotFound(f"the fleet route {path} is missing or names no head")
@@ -169,8 +193,9 @@ class ServingEngine:
     def _run_backbone(self, images: np.ndarray) -> np.ndarray:
         return self.backbone.run([EMBEDDING], {IMAGE: images})[0]
 
-    async def route(self, key: str | None = None, head: str | None = None,
-                    endpoint: str = "") -> tuple[LoadedHead, Route]:
+    async def route(
+        self, key: str | None = None, head: str | None = None, endpoint: str = ""
+    ) -> tuple[LoadedHead, Route]:
         """The head (and version) that answers one request, ``head`` if given, else the weighted split; and the
         route it was chosen from, which the rest of the request uses (its shadow heads): one route read per
         request."""
@@ -212,8 +237,9 @@ class ServingEngine:
             return np.ascontiguousarray(array)
         low, high = array.min(), array.max()
         if low < 0 or high > 255:
-            raise BadRequest(f"tensor values must be pixel values in 0..255 (normalisation happens in the "
-                             f"model), got {low}..{high}")
+            raise BadRequest(
+                f"tensor values must be pixel values in 0..255 (normalisation happens in the model), got {low}..{high}"
+            )
         return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
 
     @asynccontextmanager
@@ -238,8 +264,9 @@ class ServingEngine:
             raise BadRequest(f"top_k must be at least 1, got {top_k}")
         return top_k
 
-    async def classify(self, data: bytes, key: str | None = None, head: str | None = None,
-                       top_k: int | None = None) -> dict:
+    async def classify(
+        self, data: bytes, key: str | None = None, head: str | None = None, top_k: int | None = None
+    ) -> dict:
         """One encoded image -> top-k labels and scores from the routed head."""
         k = self._top_k(top_k)
         chosen, route = await self.route(key, head, "classify")
@@ -250,8 +277,9 @@ class ServingEngine:
             ids = await self._judge(route, chosen, embedding, logits)
             return {**chosen.answer(logits, k)[0], "request_id": ids[0]}
 
-    async def predict(self, tensor: np.ndarray, key: str | None = None, head: str | None = None,
-                      top_k: int | None = None) -> dict:
+    async def predict(
+        self, tensor: np.ndarray, key: str | None = None, head: str | None = None, top_k: int | None = None
+    ) -> dict:
         """A preprocessed tensor batch -> logits and top-k per image, all from one routed head."""
         k = self._top_k(top_k)
         chosen, route = await self.route(key, head, "predict")
@@ -261,9 +289,14 @@ class ServingEngine:
             logits = chosen.logits(embedding)
             answers = chosen.answer(logits, k)
             ids = await self._judge(route, chosen, embedding, logits)
-            return {"head": chosen.name, "version": chosen.version, "logits": logits.tolist(),
-                    "predictions": [a["predictions"] for a in answers], "request_id": ids[0].partition("-")[0],
-                    "request_ids": ids}
+            return {
+                "head": chosen.name,
+                "version": chosen.version,
+                "logits": logits.tolist(),
+                "predictions": [a["predictions"] for a in answers],
+                "request_id": ids[0].partition("-")[0],
+                "request_ids": ids,
+            }
 
     async def _judge(self, route: Route, chosen: LoadedHead, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
         """Score ``route``'s shadow heads on this embedding, queue the request for recording; its request ids."""
@@ -326,15 +359,33 @@ class ServingEngine:
             weight = route.weights.get(name, 0.0)
             by_version = counts.get(name, {})
             source = catalog.get(f"{name}:{version}")
-            heads.append({"name": name, "version": version, "weight": weight,
-                          "share": weight / total if total else 0.0, "requests": sum(by_version.values()),
-                          "requests_by_version": by_version, "origin": source.origin if source else None})
-        return {"ready": self.ready, "build": self.backbone_source.build, "revision": route.revision,
-                "backbone": {"origin": self.backbone_source.origin, "sha256": self.backbone_source.sha256,
-                             "precision": self.backbone_source.precision,
-                             "graph_sha256": self.backbone_source.graph_sha256,
-                             "embedding_dim": self.embedding_dim, "input_size": list(self.input_size)},
-                "heads": heads, "available": sorted(catalog), **self._judging(route, heads)}
+            heads.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "weight": weight,
+                    "share": weight / total if total else 0.0,
+                    "requests": sum(by_version.values()),
+                    "requests_by_version": by_version,
+                    "origin": source.origin if source else None,
+                }
+            )
+        return {
+            "ready": self.ready,
+            "build": self.backbone_source.build,
+            "revision": route.revision,
+            "backbone": {
+                "origin": self.backbone_source.origin,
+                "sha256": self.backbone_source.sha256,
+                "precision": self.backbone_source.precision,
+                "graph_sha256": self.backbone_source.graph_sha256,
+                "embedding_dim": self.embedding_dim,
+                "input_size": list(self.input_size),
+            },
+            "heads": heads,
+            "available": sorted(catalog),
+            **self._judging(route, heads),
+        }
 
     def _judging(self, route: Route, heads: list[dict]) -> dict:
         """Feedback accuracy and drift merged into each live head's entry; shadow heads, drift window, recorder."""
@@ -348,8 +399,13 @@ class ServingEngine:
         judging = self.judge.status(live, shadows)
         for entry in heads:
             entry.update(judging["live"][f"{entry['name']}:{entry['version']}"])
-        return {"shadow": judging["shadow"], "drift": judging["drift"], "recorder": judging["recorder"],
-                "dropped_shadows": self.judge.dropped_shadows(), "fleet": self.fleet or None}
+        return {
+            "shadow": judging["shadow"],
+            "drift": judging["drift"],
+            "recorder": judging["recorder"],
+            "dropped_shadows": self.judge.dropped_shadows(),
+            "fleet": self.fleet or None,
+        }
 
     async def set_shadow(self, source: HeadSource | None, name: str, version: int | None, share: float) -> dict:
         """Shadow a head version on ``share`` of requests (``source`` given), or stop shadowing ``name``
@@ -363,7 +419,7 @@ class ServingEngine:
     async def set_weights(self, weights: dict[str, float]) -> dict:
         """Replace the traffic weights (every named head must be live)."""
         if not weights:
-            raise BadRequest("give at least one weight, e.g. {\"a\": 90, \"b\": 10}")
+            raise BadRequest('give at least one weight, e.g. {"a": 90, "b": 10}')
         await asyncio.to_thread(self.heads.set_weights, weights)
         return self.status()
 
@@ -388,8 +444,7 @@ class ServingEngine:
                     raise KeyError(", ".join(sorted(missing)))
                 pushed = Route.from_dict(route)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise BadRequest(f"route must be {{\"weights\", \"versions\", \"revision\"[, \"shadow\"]}}: {exc}") \
-                    from None
+                raise BadRequest(f'route must be {{"weights", "versions", "revision"[, "shadow"]}}: {exc}') from None
         state = await asyncio.to_thread(self.sync_fleet, pushed)
         if state["error"]:
             raise Refused(f"cannot follow the fleet route (revision {state['revision']}): {state['error']}")

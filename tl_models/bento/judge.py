@@ -55,20 +55,23 @@ class JudgeConfig:
     @classmethod
     def from_env(cls, state_dir: Path) -> "JudgeConfig":
         env = os.environ
-        config = cls(log_dir=Path(env.get("TL_MODELS_LOG_DIR") or state_dir / LOG_DIR),
-                     log_share=float(env.get("TL_MODELS_LOG_SHARE", "0")),
-                     log_max_bytes=int(float(env.get("TL_MODELS_LOG_MAX_MB", "1024")) * (1 << 20)),
-                     log_flush=float(env.get("TL_MODELS_LOG_FLUSH", "10")),
-                     queue_size=int(env.get("TL_MODELS_JUDGE_QUEUE", "10000")),
-                     drift_window=int(env.get("TL_MODELS_DRIFT_WINDOW", str(DRIFT_WINDOW))),
-                     drift_threshold=float(env.get("TL_MODELS_DRIFT_THRESHOLD", str(DRIFT_THRESHOLD))),
-                     feedback_window=int(env.get("TL_MODELS_FEEDBACK_WINDOW", "1000")),
-                     retention_days=float(env.get("TL_MODELS_RETENTION_DAYS", "7")))
+        config = cls(
+            log_dir=Path(env.get("TL_MODELS_LOG_DIR") or state_dir / LOG_DIR),
+            log_share=float(env.get("TL_MODELS_LOG_SHARE", "0")),
+            log_max_bytes=int(float(env.get("TL_MODELS_LOG_MAX_MB", "1024")) * (1 << 20)),
+            log_flush=float(env.get("TL_MODELS_LOG_FLUSH", "10")),
+            queue_size=int(env.get("TL_MODELS_JUDGE_QUEUE", "10000")),
+            drift_window=int(env.get("TL_MODELS_DRIFT_WINDOW", str(DRIFT_WINDOW))),
+            drift_threshold=float(env.get("TL_MODELS_DRIFT_THRESHOLD", str(DRIFT_THRESHOLD))),
+            feedback_window=int(env.get("TL_MODELS_FEEDBACK_WINDOW", "1000")),
+            retention_days=float(env.get("TL_MODELS_RETENTION_DAYS", "7")),
+        )
         if not 0 <= config.log_share <= 1:
             raise BadRequest(f"TL_MODELS_LOG_SHARE must be a share between 0 and 1, got {config.log_share}")
         if config.queue_size < 1 or config.drift_window < 1 or config.feedback_window < 1:
-            raise BadRequest("TL_MODELS_JUDGE_QUEUE, TL_MODELS_DRIFT_WINDOW and TL_MODELS_FEEDBACK_WINDOW must be "
-                             "at least 1")
+            raise BadRequest(
+                "TL_MODELS_JUDGE_QUEUE, TL_MODELS_DRIFT_WINDOW and TL_MODELS_FEEDBACK_WINDOW must be at least 1"
+            )
         return config
 
 
@@ -101,8 +104,9 @@ def _top(head: LoadedHead, logits: np.ndarray, k: int) -> list[list[list]]:
 class Judge:
     """Shadow scoring on the request path; recording, drift and the embedding log on a thread of its own."""
 
-    def __init__(self, state_dir: Path, config: JudgeConfig, backbone: BackboneSource, embedding_dim: int,
-                 top_k: int = 5):
+    def __init__(
+        self, state_dir: Path, config: JudgeConfig, backbone: BackboneSource, embedding_dim: int, top_k: int = 5
+    ):
         self.config = config
         self.metrics = Metrics.get()
         self.top_k = top_k
@@ -110,9 +114,11 @@ class Judge:
         self.drift_window = DriftWindow(embedding_dim, config.drift_window)
         self.log = None
         if config.log_share > 0:
-            self.log = EmbeddingLogWriter(config.log_dir, {"build": backbone.build, "backbone_sha256": backbone.sha256,
-                                                           "embedding_dim": embedding_dim},
-                                          max_bytes=config.log_max_bytes)
+            self.log = EmbeddingLogWriter(
+                config.log_dir,
+                {"build": backbone.build, "backbone_sha256": backbone.sha256, "embedding_dim": embedding_dim},
+                max_bytes=config.log_max_bytes,
+            )
         self._dropped: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
         self._children: dict[str, tuple] = {}
         self._queue: queue.Queue[Scored] = queue.Queue(maxsize=config.queue_size)
@@ -136,8 +142,9 @@ class Judge:
         """This worker's dropped shadow heads: key -> reason."""
         return dict(self._dropped)
 
-    def shadow(self, answered: LoadedHead, logits: np.ndarray, embedding: np.ndarray,
-               shadows: list[tuple[LoadedHead, float]]) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
+    def shadow(
+        self, answered: LoadedHead, logits: np.ndarray, embedding: np.ndarray, shadows: list[tuple[LoadedHead, float]]
+    ) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
         """Score each shadow head drawn by its share on ``embedding``: ``(head, logits)`` of those that ran, and
         the keys of those that failed (dropped here; the caller takes them out of the route)."""
         scored, failed = [], []
@@ -174,9 +181,17 @@ class Judge:
         if children is None:
             labels = (head.name, str(head.version))
             m = self.metrics
-            children = self._children[key] = tuple(family.labels(*labels) for family in (
-                m.shadow_seconds, m.shadow_scored, m.shadow_agreed, m.shadow_confidence, m.shadow_answer_confidence,
-                m.shadow_errors))
+            children = self._children[key] = tuple(
+                family.labels(*labels)
+                for family in (
+                    m.shadow_seconds,
+                    m.shadow_scored,
+                    m.shadow_agreed,
+                    m.shadow_confidence,
+                    m.shadow_answer_confidence,
+                    m.shadow_errors,
+                )
+            )
         return children
 
     def submit(self, scored: Scored) -> bool:
@@ -211,8 +226,11 @@ class Judge:
                 if seen and now - last_drift >= 1.0:
                     self.drift(list(seen.values()))
                     seen, last_drift = {}, now
-                if self.log is not None and self.log.pending and (now - last_flush >= self.config.log_flush
-                                                                  or len(self.log.pending) >= 4096):
+                if (
+                    self.log is not None
+                    and self.log.pending
+                    and (now - last_flush >= self.config.log_flush or len(self.log.pending) >= 4096)
+                ):
                     self.metrics.logged.inc(self.log.flush())
                     last_flush = now
             except Exception:  # the recorder must outlive a bad disk moment; what it held is counted as dropped
@@ -233,8 +251,13 @@ class Judge:
             if self.log is not None:
                 for i, rid in enumerate(scored.request_ids):
                     if random.random() < self.config.log_share:
-                        self.log.add(rid, scored.time, scored.embedding[i], scored.answered.source.key,
-                                     {key: top[i] for key, top in tops.items()})
+                        self.log.add(
+                            rid,
+                            scored.time,
+                            scored.embedding[i],
+                            scored.answered.source.key,
+                            {key: top[i] for key, top in tops.items()},
+                        )
         if rows:
             self.store.record(rows)
             self.metrics.recorded.inc(sum(len(s.request_ids) for s in batch))
@@ -267,8 +290,12 @@ class Judge:
                     self.metrics.feedback_correct.labels(name, version, role).inc()
             if self.log is not None:
                 append_feedback(self.config.log_dir, request_id, label, time.time())
-        return {"request_id": request_id, "label": label, "recorded": new,
-                "heads": [{"head": key, "role": role, "correct": correct} for key, role, correct in judged]}
+        return {
+            "request_id": request_id,
+            "label": label,
+            "recorded": new,
+            "heads": [{"head": key, "role": role, "correct": correct} for key, role, correct in judged],
+        }
 
     def drift(self, heads: list[LoadedHead]) -> dict[str, float | None]:
         """``"name:version" -> drift`` of the recent window against each head's training embeddings (None when the
@@ -287,41 +314,67 @@ class Judge:
         agreement; the recorder's counts and the drift window."""
         accuracy = self.store.accuracy(self.config.feedback_window)
         drift = self.drift({**{h.source.key: h for h in live}, **{h.source.key: h for h, _ in shadows}}.values())
-        families = ("tl_models_shadow_scored", "tl_models_shadow_agreed", "tl_models_shadow_confidence",
-                    "tl_models_shadow_answer_confidence", "tl_models_shadow_seconds", "tl_models_shadow_errors",
-                    "tl_models_judge_recorded", "tl_models_judge_dropped", "tl_models_log_records")
+        families = (
+            "tl_models_shadow_scored",
+            "tl_models_shadow_agreed",
+            "tl_models_shadow_confidence",
+            "tl_models_shadow_answer_confidence",
+            "tl_models_shadow_seconds",
+            "tl_models_shadow_errors",
+            "tl_models_judge_recorded",
+            "tl_models_judge_dropped",
+            "tl_models_log_records",
+        )
         totals = Metrics.totals(*families)
 
         def judged(head: LoadedHead, role: str) -> dict:
             feedback = accuracy.get((head.source.key, role), {"labelled": 0, "correct": 0, "accuracy": None})
             value = drift.get(head.source.key)
             reference = head.reference
-            return {"feedback": feedback, "drift": value,
-                    "drifted": None if value is None else value > self.config.drift_threshold,
-                    "drift_baseline": None if reference is None else reference.baseline}
+            return {
+                "feedback": feedback,
+                "drift": value,
+                "drifted": None if value is None else value > self.config.drift_threshold,
+                "drift_baseline": None if reference is None else reference.baseline,
+            }
 
         def shadow_entry(head: LoadedHead, share: float) -> dict:
             key = (head.name, str(head.version))
             scored = totals["tl_models_shadow_scored"].get(key, 0.0)
-            per = (lambda family: totals[family].get(key, 0.0) / scored if scored else None)
+            per = lambda family: totals[family].get(key, 0.0) / scored if scored else None
             seconds = totals["tl_models_shadow_seconds"].get(key, 0.0)
-            return {"name": head.name, "version": head.version, "share": share, "scored": int(scored),
-                    "agreement": per("tl_models_shadow_agreed"), "confidence": per("tl_models_shadow_confidence"),
-                    "answer_confidence": per("tl_models_shadow_answer_confidence"),
-                    "added_ms_per_image": seconds / scored * 1000 if scored else None,
-                    "errors": int(totals["tl_models_shadow_errors"].get(key, 0.0)),
-                    "dropped": self._dropped.get(head.source.key), **judged(head, SHADOW)}
+            return {
+                "name": head.name,
+                "version": head.version,
+                "share": share,
+                "scored": int(scored),
+                "agreement": per("tl_models_shadow_agreed"),
+                "confidence": per("tl_models_shadow_confidence"),
+                "answer_confidence": per("tl_models_shadow_answer_confidence"),
+                "added_ms_per_image": seconds / scored * 1000 if scored else None,
+                "errors": int(totals["tl_models_shadow_errors"].get(key, 0.0)),
+                "dropped": self._dropped.get(head.source.key),
+                **judged(head, SHADOW),
+            }
 
         window_mean, count = self.drift_window.mean()
-        return {"live": {head.source.key: judged(head, LIVE) for head in live},
-                "shadow": [shadow_entry(head, share) for head, share in shadows],
-                "drift": {"window": count, "size": self.config.drift_window,
-                          "threshold": self.config.drift_threshold, "ready": window_mean is not None},
-                "recorder": {"recorded": int(totals["tl_models_judge_recorded"].get((), 0.0)),
-                             "dropped": int(totals["tl_models_judge_dropped"].get((), 0.0)),
-                             "logged": int(totals["tl_models_log_records"].get((), 0.0)),
-                             "log_share": self.config.log_share,
-                             "log_dir": str(self.config.log_dir) if self.log is not None else None}}
+        return {
+            "live": {head.source.key: judged(head, LIVE) for head in live},
+            "shadow": [shadow_entry(head, share) for head, share in shadows],
+            "drift": {
+                "window": count,
+                "size": self.config.drift_window,
+                "threshold": self.config.drift_threshold,
+                "ready": window_mean is not None,
+            },
+            "recorder": {
+                "recorded": int(totals["tl_models_judge_recorded"].get((), 0.0)),
+                "dropped": int(totals["tl_models_judge_dropped"].get((), 0.0)),
+                "logged": int(totals["tl_models_log_records"].get((), 0.0)),
+                "log_share": self.config.log_share,
+                "log_dir": str(self.config.log_dir) if self.log is not None else None,
+            },
+        }
 
     def close(self) -> None:
         """Record what is queued and write the log's last shard."""

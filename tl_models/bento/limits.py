@@ -30,11 +30,24 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def _refuse(self, send, size: str) -> None:
-        body = json.dumps({"error": f"request body too large: {size}, the limit is {self.max_bytes} bytes "
-                                    "(TL_MODELS_MAX_REQUEST_BYTES)", "status": 413}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            {
+                "error": f"request body too large: {size}, the limit is {self.max_bytes} bytes "
+                "(TL_MODELS_MAX_REQUEST_BYTES)",
+                "status": 413,
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -73,7 +86,9 @@ def refuse_remote_files() -> None:
     async def upload_only(obj):
         if isinstance(obj, UploadFile):
             return obj
-        raise BadInput("send the image as a file upload (multipart/form-data with a file part); "
-                       "URLs and text values are not fetched")
+        raise BadInput(
+            "send the image as a file upload (multipart/form-data with a file part); "
+            "URLs and text values are not fetched"
+        )
 
     MultipartSerde.ensure_file = staticmethod(upload_only)

@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 class HeadRegistry:
     """``(name, version) -> LoadedHead`` for one worker, over a route and a catalog shared by all workers."""
 
-    def __init__(self, state_dir: Path, embedding_dim: int, backbone: BackboneSource, providers: str | None = None,
-                 route_poll: float = 0.0):
+    def __init__(
+        self,
+        state_dir: Path,
+        embedding_dim: int,
+        backbone: BackboneSource,
+        providers: str | None = None,
+        route_poll: float = 0.0,
+    ):
         self.state_dir = state_dir
         self.embedding_dim = embedding_dim
         self.backbone = backbone
@@ -50,8 +56,10 @@ class HeadRegistry:
             for name, version in route.versions.items():
                 self.head(name, version)
         except UserError as exc:
-            raise BuildError(f"cannot load the routed heads from {self.state_dir}: {exc.message} "
-                             "(remove that state directory or point TL_MODELS_STATE_DIR elsewhere)") from None
+            raise BuildError(
+                f"cannot load the routed heads from {self.state_dir}: {exc.message} "
+                "(remove that state directory or point TL_MODELS_STATE_DIR elsewhere)"
+            ) from None
         self._revision = route.revision
         return route
 
@@ -71,8 +79,9 @@ class HeadRegistry:
             if head is None:
                 source = self.catalog.get(name, version)
                 if source is None:
-                    raise Unavailable(f"head {name}:{version} is routed but missing from the head catalog "
-                                      f"{self.catalog.path}")
+                    raise Unavailable(
+                        f"head {name}:{version} is routed but missing from the head catalog {self.catalog.path}"
+                    )
                 head = self._admit(source)
                 self._loaded[(name, version)] = head
                 log.info("loaded head %s from %s", source.key, source.origin)
@@ -88,8 +97,9 @@ class HeadRegistry:
         if route.revision == self._revision:
             return
         with self._lock:
-            for key in [k for k in self._loaded
-                        if route.versions.get(k[0]) != k[1] and f"{k[0]}:{k[1]}" not in route.shadow]:
+            for key in [
+                k for k in self._loaded if route.versions.get(k[0]) != k[1] and f"{k[0]}:{k[1]}" not in route.shadow
+            ]:
                 del self._loaded[key]
             self._revision = route.revision
 
@@ -134,8 +144,10 @@ class HeadRegistry:
             route = read_route(self.routing.path)
             keys = [f"{n}:{v}" for n, v, _ in route.shadows() if n == name and version in (None, v)]
             if not keys:
-                raise NotFound(f"{name}{'' if version is None else f':{version}'} is not a shadow head; shadow "
-                               f"heads: {', '.join(sorted(route.shadow)) or 'none'}")
+                raise NotFound(
+                    f"{name}{'' if version is None else f':{version}'} is not a shadow head; shadow "
+                    f"heads: {', '.join(sorted(route.shadow)) or 'none'}"
+                )
             self._update_route(shadow={key: 0 for key in keys})
         return keys
 
@@ -170,9 +182,12 @@ class HeadRegistry:
             local = read_route(self.routing.path)
             if (local.weights, local.versions, local.shadow) == (target.weights, target.versions, target.shadow):
                 return False
-            self._update_route(weights=target.weights, versions=target.versions,
-                               retire=tuple(n for n in local.versions if n not in target.versions),
-                               shadow={**{key: 0 for key in local.shadow}, **target.shadow})
+            self._update_route(
+                weights=target.weights,
+                versions=target.versions,
+                retire=tuple(n for n in local.versions if n not in target.versions),
+                shadow={**{key: 0 for key in local.shadow}, **target.shadow},
+            )
         log.info("route converged to the fleet's: versions %s, weights %s", target.versions, target.weights)
         return True
 
@@ -182,8 +197,10 @@ class HeadRegistry:
         source = head.source
         known = self.catalog.get(source.name, source.version)
         if known is not None and known.sha256 != source.sha256:
-            raise Conflict(f"head {source.key} is already known with another {HEAD_ONNX} (from {known.origin}); "
-                           "give the new head a new version")
+            raise Conflict(
+                f"head {source.key} is already known with another {HEAD_ONNX} (from {known.origin}); "
+                "give the new head a new version"
+            )
         if source.origin.startswith("build:"):
             head.source = source = self._stash(source, data)
         self.catalog.put([source])
@@ -196,11 +213,13 @@ class HeadRegistry:
         with self.catalog.locked():
             route = read_route(self.routing.path)
             if name not in route.versions:
-                raise NotFound(f"cannot retire unknown head {name!r}; live heads: "
-                               f"{', '.join(sorted(route.versions)) or 'none'}")
+                raise NotFound(
+                    f"cannot retire unknown head {name!r}; live heads: {', '.join(sorted(route.versions)) or 'none'}"
+                )
             if not any(w > 0 for n, w in route.weights.items() if n != name):
-                raise Conflict(f"retiring {name!r} would leave no head with traffic weight: "
-                               "give another head a weight first")
+                raise Conflict(
+                    f"retiring {name!r} would leave no head with traffic weight: give another head a weight first"
+                )
             self._update_route(retire=(name,))
 
     def _update_route(self, **changes) -> Route:

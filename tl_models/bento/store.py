@@ -93,8 +93,10 @@ def _save(tag: str, files: dict[str, Path], labels: dict[str, str], metadata: di
     existing = _get(tag)
     if existing is not None:
         if existing.info.metadata.get("files") != metadata["files"]:
-            raise BuildError(f"the BentoML store already holds {tag} with other files (a rebuilt build directory?); "
-                             f"delete it with `bentoml models delete {tag}` or package under another build name")
+            raise BuildError(
+                f"the BentoML store already holds {tag} with other files (a rebuilt build directory?); "
+                f"delete it with `bentoml models delete {tag}` or package under another build name"
+            )
         if existing.info.metadata.get("int8") == metadata.get("int8"):
             report.existing.append(tag)
             return
@@ -117,26 +119,51 @@ def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
     common = {"project": PROJECT, "build": manifest.name, "backbone": manifest.backbone}
     file = BACKBONE_FILES[precision]
     gate = {"gated": sorted(backbone.gated), "int8": manifest.int8} if backbone.gated is not None else {}
-    _save(backbone_tag, {file: Path(backbone.path)}, {**common, "kind": "backbone", "precision": precision},
-          {"files": {file: backbone.graph_sha256}, "backbone_sha256": backbone.sha256, "weights": manifest.weights,
-           "embedding_dim": manifest.embedding_dim, "input_size": manifest.input_size,
-           "preprocessing": manifest.preprocessing, "labels": manifest.labels, "versions": manifest.versions, **gate},
-          report)
+    _save(
+        backbone_tag,
+        {file: Path(backbone.path)},
+        {**common, "kind": "backbone", "precision": precision},
+        {
+            "files": {file: backbone.graph_sha256},
+            "backbone_sha256": backbone.sha256,
+            "weights": manifest.weights,
+            "embedding_dim": manifest.embedding_dim,
+            "input_size": manifest.input_size,
+            "preprocessing": manifest.preprocessing,
+            "labels": manifest.labels,
+            "versions": manifest.versions,
+            **gate,
+        },
+        report,
+    )
     for entry in manifest.heads:
         if entry.rel(HEAD_ONNX) not in manifest.files:
             continue
         head = head_from_build(build_dir, manifest, entry)
         metrics = {k: v for k, v in entry.metrics.items() if isinstance(v, (int, float))}
-        _save(head_tag(manifest.name, head.name, head.version), {HEAD_ONNX: Path(head.path)},
-              {**common, "kind": "head", "head": head.name, "head_version": str(head.version)},
-              {"files": {HEAD_ONNX: head.sha256}, "head": head.name, "version": head.version,
-               "head_kind": entry.kind, "labels": list(head.labels), "embedding_dim": manifest.embedding_dim,
-               "backbone_sha256": backbone.sha256, "backbone_tag": backbone_tag, "metrics": metrics,
-               "parity": entry.parity or {}}, report)
+        _save(
+            head_tag(manifest.name, head.name, head.version),
+            {HEAD_ONNX: Path(head.path)},
+            {**common, "kind": "head", "head": head.name, "head_version": str(head.version)},
+            {
+                "files": {HEAD_ONNX: head.sha256},
+                "head": head.name,
+                "version": head.version,
+                "head_kind": entry.kind,
+                "labels": list(head.labels),
+                "embedding_dim": manifest.embedding_dim,
+                "backbone_sha256": backbone.sha256,
+                "backbone_tag": backbone_tag,
+                "metrics": metrics,
+                "parity": entry.parity or {},
+            },
+            report,
+        )
     return report
 
 
 # ---------------------------------------------------------------- reading the store
+
 
 def _tl_models(kind: str, build: str | None = None) -> list:
     import bentoml
@@ -160,13 +187,17 @@ def resolve_build(build: str | None = None) -> str:
     builds = stored_builds()
     if build:
         if build not in builds:
-            raise BuildError(f"build {build!r} is not in the BentoML store ({_home()}); packaged builds: "
-                             f"{', '.join(builds) or 'none'}. Run `tl-models bento package BUILD_DIR`")
+            raise BuildError(
+                f"build {build!r} is not in the BentoML store ({_home()}); packaged builds: "
+                f"{', '.join(builds) or 'none'}. Run `tl-models bento package BUILD_DIR`"
+            )
         return build
     if len(builds) != 1:
-        raise BuildError(f"{'no build' if not builds else 'several builds'} in the BentoML store ({_home()})"
-                         f"{': ' + ', '.join(builds) if builds else ''}. Run `tl-models bento package BUILD_DIR`, "
-                         "set TL_MODELS_BENTO=<build> to pick one, or TL_MODELS_BUILD=<dir> to serve a directory")
+        raise BuildError(
+            f"{'no build' if not builds else 'several builds'} in the BentoML store ({_home()})"
+            f"{': ' + ', '.join(builds) if builds else ''}. Run `tl-models bento package BUILD_DIR`, "
+            "set TL_MODELS_BENTO=<build> to pick one, or TL_MODELS_BUILD=<dir> to serve a directory"
+        )
     return builds[0]
 
 
@@ -187,15 +218,23 @@ def _backbone_sha256(model) -> str:
 def build_models(build: str, precision: str = "fp32") -> tuple[object, list]:
     """The build's newest backbone model of ``precision`` and every head model version made for that backbone
     (for int8: those its gate measured)."""
-    backbones = sorted((m for m in _tl_models("backbone", build) if _precision(m) == check_precision(precision)),
-                       key=lambda m: m.info.creation_time)
+    backbones = sorted(
+        (m for m in _tl_models("backbone", build) if _precision(m) == check_precision(precision)),
+        key=lambda m: m.info.creation_time,
+    )
     if not backbones:
-        raise BuildError(f"no {precision} backbone of build {build!r} in the BentoML store ({_home()}): run "
-                         f"`tl-models bento package BUILD_DIR{' --precision int8' if precision == 'int8' else ''}`")
+        raise BuildError(
+            f"no {precision} backbone of build {build!r} in the BentoML store ({_home()}): run "
+            f"`tl-models bento package BUILD_DIR{' --precision int8' if precision == 'int8' else ''}`"
+        )
     backbone = backbones[-1]
     source = backbone_source(backbone)
-    heads = [m for m in _tl_models("head", build) if m.info.metadata.get("backbone_sha256") == source.sha256
-             and source.serves(m.info.metadata["files"][HEAD_ONNX])]
+    heads = [
+        m
+        for m in _tl_models("head", build)
+        if m.info.metadata.get("backbone_sha256") == source.sha256
+        and source.serves(m.info.metadata["files"][HEAD_ONNX])
+    ]
     return backbone, sorted(heads, key=lambda m: (m.info.labels["head"], int(m.info.labels["head_version"])))
 
 
@@ -219,18 +258,32 @@ def backbone_source(model) -> BackboneSource:
     meta, precision = model.info.metadata, _precision(model)
     file = BACKBONE_FILES[precision]
     gated = frozenset(meta["gated"]) if "gated" in meta else None
-    return BackboneSource(path=model.path_of(file), sha256=_backbone_sha256(model), preprocessing=meta["preprocessing"],
-                          labels=tuple(meta["labels"]), build=model.info.labels["build"], origin=f"bentoml:{model.tag}",
-                          precision=precision, graph_sha256=meta["files"][file], gated=gated,
-                          int8_machine=(meta.get("int8") or {}).get("machine"))
+    return BackboneSource(
+        path=model.path_of(file),
+        sha256=_backbone_sha256(model),
+        preprocessing=meta["preprocessing"],
+        labels=tuple(meta["labels"]),
+        build=model.info.labels["build"],
+        origin=f"bentoml:{model.tag}",
+        precision=precision,
+        graph_sha256=meta["files"][file],
+        gated=gated,
+        int8_machine=(meta.get("int8") or {}).get("machine"),
+    )
 
 
 def head_source(model) -> HeadSource:
     """A stored head model as a serving source."""
     meta = model.info.metadata
-    return HeadSource(name=meta["head"], version=int(meta["version"]), path=model.path_of(HEAD_ONNX),
-                      sha256=meta["files"][HEAD_ONNX], labels=tuple(meta["labels"]),
-                      backbone_sha256=meta["backbone_sha256"], origin=f"bentoml:{model.tag}")
+    return HeadSource(
+        name=meta["head"],
+        version=int(meta["version"]),
+        path=model.path_of(HEAD_ONNX),
+        sha256=meta["files"][HEAD_ONNX],
+        labels=tuple(meta["labels"]),
+        backbone_sha256=meta["backbone_sha256"],
+        origin=f"bentoml:{model.tag}",
+    )
 
 
 def stored_head(tag: str) -> HeadSource:

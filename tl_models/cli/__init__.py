@@ -31,8 +31,9 @@ NOUNS = (build, export, quantize, report, bento, triton, fleet, deploy, bench)
 
 def make_parser() -> argparse.ArgumentParser:
     """The whole command line: each noun module adds its own subcommands."""
-    parser = argparse.ArgumentParser(prog="tl-models", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tl-models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for noun in NOUNS:
@@ -43,8 +44,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tl-models` console script; see the module docstring for the exit codes."""
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("onnx_ir", "onnxscript", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -21,28 +21,50 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
-    bench_build(args.images, tuple(args.stacks), args.work, args.backbone, args.weights, args.epochs, args.seconds,
-                args.json)
+    bench_build(
+        args.images, tuple(args.stacks), args.work, args.backbone, args.weights, args.epochs, args.seconds, args.json
+    )
     return EXIT_OK
 
 
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
     from ..bench.offline import bench_runtime
 
-    bench_runtime(tuple(args.backbones), tuple(args.batch_sizes), args.seconds, args.providers, args.json, args.int8,
-                  tuple(args.int8_types))
+    bench_runtime(
+        tuple(args.backbones),
+        tuple(args.batch_sizes),
+        args.seconds,
+        args.providers,
+        args.json,
+        args.int8,
+        tuple(args.int8_types),
+    )
     return EXIT_OK
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     options = ServeBenchOptions(
-        build_dir=args.build_dir, backbone=args.backbone, weights=args.weights, data=args.data,
-        stacks=tuple(args.stacks), batches=tuple(args.batch_sizes), concurrency=tuple(args.concurrency),
-        seconds=args.seconds, max_requests=args.max_requests, heads=args.heads,
+        build_dir=args.build_dir,
+        backbone=args.backbone,
+        weights=args.weights,
+        data=args.data,
+        stacks=tuple(args.stacks),
+        batches=tuple(args.batch_sizes),
+        concurrency=tuple(args.concurrency),
+        seconds=args.seconds,
+        max_requests=args.max_requests,
+        heads=args.heads,
         bento_url=args.bento_url and f"http://{address(args.bento_url, 'http')}",
-        triton_http_url=address(args.triton_http_url, "http"), triton_grpc_url=address(args.triton_grpc_url, "grpc"),
-        triton_model=args.triton_model, workdir=args.workdir, start_timeout=args.start_timeout, json_path=args.json,
-        plot_path=args.plot, int8=args.int8, judging=args.judging)
+        triton_http_url=address(args.triton_http_url, "http"),
+        triton_grpc_url=address(args.triton_grpc_url, "grpc"),
+        triton_model=args.triton_model,
+        workdir=args.workdir,
+        start_timeout=args.start_timeout,
+        json_path=args.json,
+        plot_path=args.plot,
+        int8=args.int8,
+        judging=args.judging,
+    )
     bench_serve(options)
     return EXIT_OK
 
@@ -59,12 +81,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_train)
 
-    p = bench.add_parser("build", help="whole builds of N synthetic images per extraction stack: images/s and peak "
-                                       "memory against the raw backbone in ONNX Runtime")
+    p = bench.add_parser(
+        "build",
+        help="whole builds of N synthetic images per extraction stack: images/s and peak "
+        "memory against the raw backbone in ONNX Runtime",
+    )
     p.add_argument("--images", type=int, default=8000, help="synthetic 256 px JPEGs (written once into --work)")
-    p.add_argument("--stacks", nargs="+", default=["torch-cpu", "ort-cpu", "cuda"],
-                   choices=["torch-cpu", "ort-cpu", "cuda"], metavar="STACK",
-                   help="torch-cpu, ort-cpu, cuda (skipped without a GPU); default all")
+    p.add_argument(
+        "--stacks",
+        nargs="+",
+        default=["torch-cpu", "ort-cpu", "cuda"],
+        choices=["torch-cpu", "ort-cpu", "cuda"],
+        metavar="STACK",
+        help="torch-cpu, ort-cpu, cuda (skipped without a GPU); default all",
+    )
     p.add_argument("--work", type=Path, help="images and builds (default ~/.cache/tl-models/bench-build)")
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--weights", default="IMAGENET1K_V1")
@@ -78,43 +108,80 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--providers", help="e.g. cuda,cpu (default: best available)")
-    p.add_argument("--int8", action="store_true",
-                   help="also the static int8 graphs of --int8-types (speed only: random calibration)")
-    p.add_argument("--int8-types", nargs="+", choices=TYPES, default=list(TYPES),
-                   help="integer types timed with --int8 (default all three: the gate keeps the fastest that passes)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also the static int8 graphs of --int8-types (speed only: random calibration)",
+    )
+    p.add_argument(
+        "--int8-types",
+        nargs="+",
+        choices=TYPES,
+        default=list(TYPES),
+        help="integer types timed with --int8 (default all three: the gate keeps the fastest that passes)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench_runtime)
 
     defaults = ServeBenchOptions()
-    p = bench.add_parser("serve", help="serving throughput/latency: ONNX Runtime and torch in process, BentoML and "
-                                       "Triton (HTTP, gRPC) over loopback; cost of heads; live swap")
-    p.add_argument("build_dir", type=Path, nargs="?",
-                   help="an exported build (default: build one on the demo digits with --backbone/--weights)")
+    p = bench.add_parser(
+        "serve",
+        help="serving throughput/latency: ONNX Runtime and torch in process, BentoML and "
+        "Triton (HTTP, gRPC) over loopback; cost of heads; live swap",
+    )
+    p.add_argument(
+        "build_dir",
+        type=Path,
+        nargs="?",
+        help="an exported build (default: build one on the demo digits with --backbone/--weights)",
+    )
     p.add_argument("--backbone", default=defaults.backbone, help="backbone of the default build")
     p.add_argument("--weights", default=defaults.weights, help="weights of the default build (or none)")
     p.add_argument("--data", type=Path, help="ImageFolder: images sent and data of the extra heads (default: digits)")
-    p.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS, metavar="STACK",
-                   help=f"what to measure (default all: {' '.join(STACKS)})")
+    p.add_argument(
+        "--stacks",
+        nargs="+",
+        default=list(STACKS),
+        choices=STACKS,
+        metavar="STACK",
+        help=f"what to measure (default all: {' '.join(STACKS)})",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(defaults.batches), help="in-process batch sizes")
-    p.add_argument("--concurrency", type=int, nargs="+", default=list(defaults.concurrency),
-                   help="client concurrency levels against the servers")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(defaults.concurrency),
+        help="client concurrency levels against the servers",
+    )
     p.add_argument("--seconds", type=float, default=defaults.seconds, help="timed seconds per point")
     p.add_argument("--max-requests", type=int, default=defaults.max_requests, help="at most this many per point")
-    p.add_argument("--heads", type=int, default=defaults.heads,
-                   help="heads part: 1 head vs this many (memory, p50) and a live swap; 0 skips it")
+    p.add_argument(
+        "--heads",
+        type=int,
+        default=defaults.heads,
+        help="heads part: 1 head vs this many (memory, p50) and a live swap; 0 skips it",
+    )
     p.add_argument("--bento-url", help="measure this BentoML service (http://HOST:PORT) instead of starting one")
     p.add_argument("--triton-http-url", help="Triton's HTTP URL (http://HOST:PORT) instead of starting tritonserver")
     p.add_argument("--triton-grpc-url", help="Triton's gRPC URL (grpc://HOST:PORT) instead of starting tritonserver")
     p.add_argument("--triton-model", help="Triton model to call (default: the build's router; or NAME_a, ...)")
     p.add_argument("--workdir", type=Path, help="keep builds, repositories and server logs here (default: temp)")
-    p.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
-                   help="seconds to wait for a server to be ready")
+    p.add_argument(
+        "--start-timeout", type=float, default=defaults.start_timeout, help="seconds to wait for a server to be ready"
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--plot", type=Path, help="PNG: throughput and p99 latency vs concurrency per stack")
-    p.add_argument("--int8", action="store_true",
-                   help="also ONNX Runtime and the servers started here on the int8 backbone (the default build is "
-                        "quantized with the gate open: speed only; a given build must have passed `quantize`)")
-    p.add_argument("--judging", action="store_true",
-                   help="also BentoML throughput at the top concurrency without vs with a shadow head and 10%% of "
-                        "requests in the embedding log (two services, measured in turns)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also ONNX Runtime and the servers started here on the int8 backbone (the default build is "
+        "quantized with the gate open: speed only; a given build must have passed `quantize`)",
+    )
+    p.add_argument(
+        "--judging",
+        action="store_true",
+        help="also BentoML throughput at the top concurrency without vs with a shadow head and 10%% of "
+        "requests in the embedding log (two services, measured in turns)",
+    )
     p.set_defaults(func=cmd_bench_serve)

@@ -37,7 +37,8 @@ def cmd_bento_serve(args: argparse.Namespace) -> NoReturn:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bento package` and `bento serve`."""
     verbs = sub.add_parser("bento", help="package and serve a build with BentoML").add_subparsers(
-        dest="verb", required=True, metavar="{package,serve}")
+        dest="verb", required=True, metavar="{package,serve}"
+    )
     p = verbs.add_parser("package", help="save the build's backbone and heads into the BentoML model store")
     p.add_argument("build_dir", type=Path)
     add_precision_arg(p, "the backbone to package")

@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     """The backbone, head, training, fine-tuning, extraction and export arguments of `build` and `demo`."""
     parser.add_argument("--backbone", default="mobilenet_v2", help="registry name (see `tl-models backbones`)")
-    parser.add_argument("--weights", default="DEFAULT",
-                        help="backbone weights: torchvision enum member (DEFAULT, IMAGENET1K_V1, ...), a .pth file, "
-                             "none, or another build directory (chained transfer: its backbone, fine-tuned or not)")
+    parser.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="backbone weights: torchvision enum member (DEFAULT, IMAGENET1K_V1, ...), a .pth file, "
+        "none, or another build directory (chained transfer: its backbone, fine-tuned or not)",
+    )
     parser.add_argument("--kind", default="linear", choices=["linear", "mlp"], help="head architecture")
     parser.add_argument("--hidden", type=int, default=512, help="mlp hidden size")
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -31,32 +34,57 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
-    parser.add_argument("--patience", type=int, default=defaults.patience,
-                        help="early stopping: epochs without val improvement")
+    parser.add_argument(
+        "--patience", type=int, default=defaults.patience, help="early stopping: epochs without val improvement"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     fine_tune = FineTune()
-    parser.add_argument("--fine-tune", type=int, default=fine_tune.stages, metavar="N",
-                        help="the fine-tuning recipe: after the head trains on cached features, train it with the "
-                             "backbone's last N stages at a low learning rate on augmented images (BatchNorm "
-                             "statistics frozen); kept only where it beats the head alone on validation")
-    parser.add_argument("--fine-tune-lr", type=float,
-                        help="stage 2 learning rate (default: --lr / 1000)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=fine_tune.epochs,
-                        help="stage 2 epochs at most (early stopping with --patience)")
-    parser.add_argument("--augment", type=augmentations, default=fine_tune.augment, metavar="KINDS",
-                        help="stage 2 augmentation, comma-separated: crop (random resized crop), flip (horizontal; "
-                             "leave it out where a mirrored image means something else, e.g. digits or text), "
-                             "or none (default: crop,flip)")
+    parser.add_argument(
+        "--fine-tune",
+        type=int,
+        default=fine_tune.stages,
+        metavar="N",
+        help="the fine-tuning recipe: after the head trains on cached features, train it with the "
+        "backbone's last N stages at a low learning rate on augmented images (BatchNorm "
+        "statistics frozen); kept only where it beats the head alone on validation",
+    )
+    parser.add_argument("--fine-tune-lr", type=float, help="stage 2 learning rate (default: --lr / 1000)")
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=fine_tune.epochs,
+        help="stage 2 epochs at most (early stopping with --patience)",
+    )
+    parser.add_argument(
+        "--augment",
+        type=augmentations,
+        default=fine_tune.augment,
+        metavar="KINDS",
+        help="stage 2 augmentation, comma-separated: crop (random resized crop), flip (horizontal; "
+        "leave it out where a mirrored image means something else, e.g. digits or text), "
+        "or none (default: crop,flip)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default $TL_MODELS_CACHE or ~/.cache/tl-models)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="feature extraction: onnxruntime (the build's own backbone.onnx), torch, or auto "
-                             "(ONNX Runtime on the CPU, torch on CUDA)")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="extraction and --fine-tune's stage 2: cpu, cuda, or auto (CUDA where torch sees one)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="feature extraction: onnxruntime (the build's own backbone.onnx), torch, or auto "
+        "(ONNX Runtime on the CPU, torch on CUDA)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="extraction and --fine-tune's stage 2: cpu, cuda, or auto (CUDA where torch sees one)",
+    )
     parser.add_argument("--no-export", action="store_true", help="skip ONNX export and parity")
-    parser.add_argument("--fused", action="store_true",
-                        help="also write fused.onnx (backbone + head in one file; a copy of the backbone per version)")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also write fused.onnx (backbone + head in one file; a copy of the backbone per version)",
+    )
     add_tolerance_args(parser)
 
 
@@ -66,29 +94,54 @@ def augmentations(text: str) -> tuple[str, ...]:
     return () if kinds == ("none",) else kinds
 
 
-def build_options(args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None,
-                  **more: object) -> BuildOptions:
+def build_options(
+    args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None, **more: object
+) -> BuildOptions:
     """The pipeline's options from the arguments of :func:`add_build_args` (``more``: method-specific ones)."""
     from ..training.pipeline import BuildOptions
 
-    return BuildOptions(**more,
-        data=data, out=out, backbone=args.backbone, weights=weights or args.weights, kind=args.kind, head=head,
-        hidden=args.hidden, dropout=args.dropout, val_fraction=args.val_fraction,
+    return BuildOptions(
+        **more,
+        data=data,
+        out=out,
+        backbone=args.backbone,
+        weights=weights or args.weights,
+        kind=args.kind,
+        head=head,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        val_fraction=args.val_fraction,
         fine_tune=FineTune(args.fine_tune, args.fine_tune_lr, args.fine_tune_epochs, args.augment),
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
-                          seed=args.seed),
-        cache_dir=args.cache_dir, export=not args.no_export, fused=args.fused, tolerance=tolerance(args),
-        engine=args.engine, device=args.device)
+        train=TrainConfig(
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed
+        ),
+        cache_dir=args.cache_dir,
+        export=not args.no_export,
+        fused=args.fused,
+        tolerance=tolerance(args),
+        engine=args.engine,
+        device=args.device,
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from ..training.pipeline import build, summary_line
 
-    self_training = SelfTraining(args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap,
-                                 stop=not args.pseudo_all_rounds)
-    options = build_options(args, args.data, args.out, args.head, unlabeled=args.unlabeled,
-                            self_training=self_training, target=args.target, from_log=args.from_log,
-                            ray=args.ray, ray_actors=args.ray_actors)
+    self_training = SelfTraining(
+        args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap, stop=not args.pseudo_all_rounds
+    )
+    options = build_options(
+        args,
+        args.data,
+        args.out,
+        args.head,
+        unlabeled=args.unlabeled,
+        self_training=self_training,
+        target=args.target,
+        from_log=args.from_log,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
+    )
     report = build(options)  # --from-log: its registered entry (training.methods)
     print(summary_line(report))
     print(f"build directory: {args.out}")
@@ -130,41 +183,66 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
     print(f"{'name':<20} {'dim':>5} {'input':>6} {'stages':>6}  weights")
     for spec in BACKBONES.values():
-        print(f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6} {len(spec.stages):>6}  "
-              f"{', '.join(spec.weights_enum.__members__)}")
+        print(
+            f"{spec.name:<20} {spec.embedding_dim:>5} {spec.preprocessing().crop_size:>6} {len(spec.stages):>6}  "
+            f"{', '.join(spec.weights_enum.__members__)}"
+        )
     return EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `build`, `backbones`, `demo`, `demo-data` and `install-weights`."""
     p = sub.add_parser("build", help="train a head on a frozen backbone and write a build directory")
-    p.add_argument("--data", type=Path,
-                   help="ImageFolder DATA/<class>/<image>, or a listing file (.csv or .parquet) with columns path,label "
-                        "and optionally split (train/val: replaces the random split); paths relative to the listing, "
-                        "absolute, or fsspec URLs (with --from-log: optional, joins the logged examples)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="ImageFolder DATA/<class>/<image>, or a listing file (.csv or .parquet) with columns path,label "
+        "and optionally split (train/val: replaces the random split); paths relative to the listing, "
+        "absolute, or fsspec URLs (with --from-log: optional, joins the logged examples)",
+    )
     p.add_argument("--out", type=Path, required=True, help="build directory (created or extended)")
-    p.add_argument("--from-log", type=Path, metavar="LOG",
-                   help="train a new head version from a service's embedding log (records with feedback labels); "
-                        "--out is the build that service serves")
+    p.add_argument(
+        "--from-log",
+        type=Path,
+        metavar="LOG",
+        help="train a new head version from a service's embedding log (records with feedback labels); "
+        "--out is the build that service serves",
+    )
     p.add_argument("--head", default="default", help="head name; an existing name gets a new version")
     add_build_args(p)
     semi = SelfTraining()
-    p.add_argument("--unlabeled", type=Path,
-                   help="folder of unlabelled images (any layout): self-training on their cached embeddings")
+    p.add_argument(
+        "--unlabeled",
+        type=Path,
+        help="folder of unlabelled images (any layout): self-training on their cached embeddings",
+    )
     p.add_argument("--pseudo-rounds", type=int, default=semi.rounds, help="self-training rounds after the first")
-    p.add_argument("--pseudo-threshold", type=float, default=semi.threshold,
-                   help="confidence a prediction needs to become a pseudo-label")
+    p.add_argument(
+        "--pseudo-threshold",
+        type=float,
+        default=semi.threshold,
+        help="confidence a prediction needs to become a pseudo-label",
+    )
     p.add_argument("--pseudo-cap", type=int, help="pseudo-labels per class at most (default: an equal share)")
-    p.add_argument("--pseudo-all-rounds", action="store_true",
-                   help="run every round (each labelled by the one before) and keep the last, instead of stopping "
-                        "at the first round that does not improve validation: for validation splits too small to "
-                        "tell rounds apart; it no longer stops on unlabelled images unlike the labelled ones")
-    p.add_argument("--target", type=Path,
-                   help="folder of unlabelled target-domain images: align the labelled embeddings to them (CORAL); "
-                        "the head standardises with the target's statistics")
-    p.add_argument("--ray", metavar="HOST:PORT",
-                   help="extract features on the Ray cluster whose head is at HOST:PORT (Ray Data; needs "
-                        "tl-models[scale]); the workers must see the images at the same paths, or use URLs")
+    p.add_argument(
+        "--pseudo-all-rounds",
+        action="store_true",
+        help="run every round (each labelled by the one before) and keep the last, instead of stopping "
+        "at the first round that does not improve validation: for validation splits too small to "
+        "tell rounds apart; it no longer stops on unlabelled images unlike the labelled ones",
+    )
+    p.add_argument(
+        "--target",
+        type=Path,
+        help="folder of unlabelled target-domain images: align the labelled embeddings to them (CORAL); "
+        "the head standardises with the target's statistics",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="HOST:PORT",
+        help="extract features on the Ray cluster whose head is at HOST:PORT (Ray Data; needs "
+        "tl-models[scale]); the workers must see the images at the same paths, or use URLs",
+    )
     p.add_argument("--ray-actors", type=int, default=2, help="with --ray: backbone sessions (actors) on the cluster")
     p.set_defaults(func=cmd_build)
 

@@ -19,8 +19,9 @@ def add_tolerance_args(parser: argparse.ArgumentParser) -> None:
     """``--atol``, ``--rtol``, ``--min-agreement``: the parity tolerance (fp32 defaults)."""
     parser.add_argument("--atol", type=float, default=FP32["atol"], help="parity: absolute tolerance")
     parser.add_argument("--rtol", type=float, default=FP32["rtol"], help="parity: relative tolerance")
-    parser.add_argument("--min-agreement", type=float, default=FP32["min_agreement"],
-                        help="parity: minimum top-1 agreement")
+    parser.add_argument(
+        "--min-agreement", type=float, default=FP32["min_agreement"], help="parity: minimum top-1 agreement"
+    )
 
 
 def tolerance(args: argparse.Namespace) -> Tolerance:
@@ -30,8 +31,12 @@ def tolerance(args: argparse.Namespace) -> Tolerance:
 
 def add_precision_arg(parser: argparse.ArgumentParser, what: str) -> None:
     """``--precision fp32|int8`` of the backbone ``what`` names."""
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                        help=f"{what}: int8 is the backbone `tl-models quantize` wrote past its accuracy gate")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help=f"{what}: int8 is the backbone `tl-models quantize` wrote past its accuracy gate",
+    )
 
 
 def parse_split(text: str | None) -> dict[str, float] | None:

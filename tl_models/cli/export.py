@@ -33,8 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `export` and `parity`."""
     p = sub.add_parser("export", help="export a build's backbone and heads to ONNX again (+ parity)")
     p.add_argument("build_dir", type=Path)
-    p.add_argument("--fp16", action="store_true",
-                   help="also write backbone.fp16.onnx for GPU serving (parity checked where a GPU is present)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write backbone.fp16.onnx for GPU serving (parity checked where a GPU is present)",
+    )
     p.add_argument("--fused", action="store_true", help="also write fused.onnx per head version")
     add_tolerance_args(p)
     p.set_defaults(func=cmd_export)

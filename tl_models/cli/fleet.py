@@ -33,21 +33,33 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     report = status(_replicas(args), args.route_file)
     lines = [f"{'replica':<28} {'ready':<6} {'versions':<24} {'weights':<28} shadow"]
     for r in report["replicas"]:
-        lines.append(f"{r['url']:<28} {str(r['ready']):<6} {str(r.get('versions', '-')):<24} "
-                     f"{str(r.get('weights', '-')):<28} {r.get('shadow', '-')}" + (f"  ({r['error']})" if r["error"]
-                                                                                   else ""))
-    lines.append("replicas agree" + (" with the route file" if args.route_file else "") if report["agree"] else
-                 "replicas DISAGREE" + (" (or differ from the route file)" if args.route_file else ""))
+        lines.append(
+            f"{r['url']:<28} {str(r['ready']):<6} {str(r.get('versions', '-')):<24} "
+            f"{str(r.get('weights', '-')):<28} {r.get('shadow', '-')}" + (f"  ({r['error']})" if r["error"] else "")
+        )
+    lines.append(
+        "replicas agree" + (" with the route file" if args.route_file else "")
+        if report["agree"]
+        else "replicas DISAGREE" + (" (or differ from the route file)" if args.route_file else "")
+    )
     show(report, lines, args.json)
     return EXIT_OK if report["agree"] else EXIT_USER_ERROR
 
 
 def cmd_fleet_swap(args: argparse.Namespace) -> int:
-    report = swap(_replicas(args), args.route_file, args.head, args.version, _token(args), parse_split(args.split),
-                  args.build_dir)
+    report = swap(
+        _replicas(args), args.route_file, args.head, args.version, _token(args), parse_split(args.split), args.build_dir
+    )
     lines = [f"{args.head}: version {report['old_version']} -> {args.version} in {report['seconds']:.2f} s"]
-    lines += [f"  {r['url']}: " + ("converged" if r["converged"] else f"NOT converged ({r['error']}); it follows "
-                                   "the route file when it is back") for r in report["phase2"]]
+    lines += [
+        f"  {r['url']}: "
+        + (
+            "converged"
+            if r["converged"]
+            else f"NOT converged ({r['error']}); it follows the route file when it is back"
+        )
+        for r in report["phase2"]
+    ]
     show(report, lines, args.json)
     return EXIT_OK
 
@@ -55,8 +67,10 @@ def cmd_fleet_swap(args: argparse.Namespace) -> int:
 def cmd_fleet_split(args: argparse.Namespace) -> int:
     report = split(_replicas(args), args.route_file, parse_split(args.split), _token(args))
     lines = [f"weights {args.split} in {report['seconds']:.2f} s"]
-    lines += [f"  {r['url']}: " + ("converged" if r["converged"] else f"NOT converged ({r['error']})")
-              for r in report["phase2"]]
+    lines += [
+        f"  {r['url']}: " + ("converged" if r["converged"] else f"NOT converged ({r['error']})")
+        for r in report["phase2"]
+    ]
     show(report, lines, args.json)
     return EXIT_OK
 
@@ -70,15 +84,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--route-file", type=Path, required=True, help="the route every replica follows")
     p.add_argument("--split", help=f"{SPLIT_HELP} (default: equal)")
     p.set_defaults(func=cmd_fleet_init)
-    for verb, text in (("status", "every replica's heads, versions, weights, readiness, and disagreements"),
-                       ("swap", "make a head version live everywhere: admit on every replica, then route"),
-                       ("split", "new traffic weights on every replica")):
+    for verb, text in (
+        ("status", "every replica's heads, versions, weights, readiness, and disagreements"),
+        ("swap", "make a head version live everywhere: admit on every replica, then route"),
+        ("split", "new traffic weights on every replica"),
+    ):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("--replicas", help="replica URLs, comma-separated (http://host:port,...)")
         p.add_argument("--dns", help="or a headless Service's DNS name: every address it resolves to")
         p.add_argument("--port", type=int, default=3000, help="with --dns: the replicas' port")
-        p.add_argument("--route-file", type=Path, required=verb != "status",
-                       help="the fleet's route file (the mounted ConfigMap's source)")
+        p.add_argument(
+            "--route-file",
+            type=Path,
+            required=verb != "status",
+            help="the fleet's route file (the mounted ConfigMap's source)",
+        )
         p.add_argument("--json", type=Path, help="also write the report as JSON")
         if verb != "status":
             p.add_argument("--token", help="admin token (default: $TL_MODELS_ADMIN_TOKEN)")

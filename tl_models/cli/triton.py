@@ -14,49 +14,75 @@ from .common import EXIT_OK, EXIT_USER_ERROR, SPLIT_HELP, add_precision_arg, add
 
 
 def cmd_triton_package(args: argparse.Namespace) -> int:
-    options = RepositoryOptions(flavour=args.flavour, gpu=args.gpu, tensorrt=args.tensorrt,
-                                max_batch_size=args.max_batch_size, instances=args.instances,
-                                max_queue_delay_us=args.max_queue_delay_us, weights=parse_split(args.split),
-                                precision=args.precision)
+    options = RepositoryOptions(
+        flavour=args.flavour,
+        gpu=args.gpu,
+        tensorrt=args.tensorrt,
+        max_batch_size=args.max_batch_size,
+        instances=args.instances,
+        max_queue_delay_us=args.max_queue_delay_us,
+        weights=parse_split(args.split),
+        precision=args.precision,
+    )
     repo = write_repository(args.build_dir, args.repo, options)
-    print(f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}, "
-          f"{args.precision} backbone): "
-          f"{', '.join(repo.models)}")
+    print(
+        f"Triton model repository {repo.path} ({args.flavour} flavour, {'GPU' if args.gpu else 'CPU'}, "
+        f"{args.precision} backbone): "
+        f"{', '.join(repo.models)}"
+    )
     print(f"live heads: {', '.join(f'{h}:{v}' for h, v in sorted(repo.live.items()))}; router model: {repo.name}")
     return EXIT_OK
 
 
 def cmd_triton_serve(args: argparse.Namespace) -> int:
     def announce(server: TritonServer) -> None:
-        print(f"tritonserver pid {server.pid} ready: HTTP http://{server.http_url}  gRPC grpc://{server.grpc_url}  "
-              f"metrics http://{server.metrics_url}  log {server.log_path}", flush=True)
+        print(
+            f"tritonserver pid {server.pid} ready: HTTP http://{server.http_url}  gRPC grpc://{server.grpc_url}  "
+            f"metrics http://{server.metrics_url}  log {server.log_path}",
+            flush=True,
+        )
 
-    return serve(args.repo, announce, http_port=args.http_port, grpc_port=args.grpc_port,
-                 metrics_port=args.metrics_port, tritonserver=args.tritonserver, workdir=args.workdir,
-                 timeout=args.timeout)
+    return serve(
+        args.repo,
+        announce,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        tritonserver=args.tritonserver,
+        workdir=args.workdir,
+        timeout=args.timeout,
+    )
 
 
 def cmd_triton_swap(args: argparse.Namespace) -> int:
-    result = swap(triton_urls(args.url), args.repo, args.build, args.head, args.version, parse_split(args.split),
-                  drain=args.drain)
-    print(f"{args.build}: head {result.head} now serves version {result.new_version} "
-          f"(was {result.old_version}); weights {result.route.weights}, route revision {result.route.revision}")
+    result = swap(
+        triton_urls(args.url), args.repo, args.build, args.head, args.version, parse_split(args.split), drain=args.drain
+    )
+    print(
+        f"{args.build}: head {result.head} now serves version {result.new_version} "
+        f"(was {result.old_version}); weights {result.route.weights}, route revision {result.route.revision}"
+    )
     return EXIT_OK
 
 
 def cmd_triton_shadow(args: argparse.Namespace) -> int:
-    route = shadow(triton_urls(args.url), args.repo, args.build, args.head, args.version, args.share,
-                   drain=args.drain)
+    route = shadow(triton_urls(args.url), args.repo, args.build, args.head, args.version, args.share, drain=args.drain)
     print(f"{args.build}: shadow heads {route.shadow or 'none'}; route revision {route.revision}")
     return EXIT_OK
 
 
 def cmd_triton_status(args: argparse.Namespace) -> int:
     report = status(triton_urls(args.url), args.repo, args.build)
-    lines = [f"route: versions {report['route']['versions']}, weights {report['route']['weights']}, shadow "
-             f"{report['route']['shadow'] or 'none'}; versions to load per head: {report['wanted']}"]
-    lines += [f"  {r['url']}: ready {r['ready']}, loaded {r['loaded']}" + ("" if r["agrees"] else "  <- DIFFERS") +
-              (f" ({r['error']})" if r["error"] else "") for r in report["replicas"]]
+    lines = [
+        f"route: versions {report['route']['versions']}, weights {report['route']['weights']}, shadow "
+        f"{report['route']['shadow'] or 'none'}; versions to load per head: {report['wanted']}"
+    ]
+    lines += [
+        f"  {r['url']}: ready {r['ready']}, loaded {r['loaded']}"
+        + ("" if r["agrees"] else "  <- DIFFERS")
+        + (f" ({r['error']})" if r["error"] else "")
+        for r in report["replicas"]
+    ]
     lines.append("replicas agree with the route" if report["agree"] else "replicas DISAGREE")
     show(report, lines, args.json)
     return EXIT_OK if report["agree"] else EXIT_USER_ERROR
@@ -69,8 +95,11 @@ def triton_urls(text: str) -> list[str]:
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     """The arguments that name running Tritons, their repository and a build (swap, shadow, status)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000",
-                   help="Triton's HTTP URL; several, comma-separated, for replicas serving one shared repository")
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="Triton's HTTP URL; several, comma-separated, for replicas serving one shared repository",
+    )
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the repository the server serves")
     p.add_argument("--build", required=True, help="build name (its router model)")
 
@@ -85,12 +114,17 @@ def _head_args(p: argparse.ArgumentParser, version_help: str) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `triton package | serve | swap | shadow | status`."""
     verbs = sub.add_parser("triton", help="package, run and operate Triton").add_subparsers(
-        dest="verb", required=True, metavar="{package,serve,swap,shadow,status}")
+        dest="verb", required=True, metavar="{package,serve,swap,shadow,status}"
+    )
     p = verbs.add_parser("package", help="write the build's Triton model repository entries")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--flavour", choices=["onnxruntime", "python"], default="python",
-                   help="ONNX steps on the onnxruntime backend (NGC container) or the python backend + ONNX Runtime")
+    p.add_argument(
+        "--flavour",
+        choices=["onnxruntime", "python"],
+        default="python",
+        help="ONNX steps on the onnxruntime backend (NGC container) or the python backend + ONNX Runtime",
+    )
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU for the ONNX steps")
     device.add_argument("--cpu", dest="gpu", action="store_false", help="instance_group KIND_CPU (default)")
@@ -99,8 +133,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help=f"{SPLIT_HELP} (default: equal, or the live route's)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--instances", type=int, default=1, help="instances per model")
-    p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="dynamic batching: how long a request may wait for more to fill a batch (0: not at all)")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="dynamic batching: how long a request may wait for more to fill a batch (0: not at all)",
+    )
     p.set_defaults(func=cmd_triton_package)
 
     p = verbs.add_parser("serve", help="start tritonserver (bundled in nvidia-pytriton) on a model repository")

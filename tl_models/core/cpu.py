@@ -34,8 +34,7 @@ def isa_class(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
         text = Path(cpuinfo).read_text()
     except OSError:
         return f"unknown-{platform.system().lower()}-{platform.machine().lower()}"
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
-                  if line.startswith("flags")), set())
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
     if not flags:
         return f"unknown-{platform.system().lower()}-{platform.machine().lower()}"
     return next((name for name, needs in ISA_CLASSES if flags.issuperset(needs)), "x86")
@@ -62,11 +61,15 @@ def int8_machine_problem(machine: dict | None) -> str | None:
     CPU was recorded) may not serve either: nothing says it is correct, or faster, here."""
     here = this_machine()
     if not machine:
-        return (f"the int8 backbone has no record of the CPU its gate measured (quantized by an older tl-models); "
-                f"this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}")
+        return (
+            f"the int8 backbone has no record of the CPU its gate measured (quantized by an older tl-models); "
+            f"this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}"
+        )
     if machine.get("isa") != here["isa"] or ort_minor(machine.get("onnxruntime", "?")) != ort_minor():
-        return (f"the int8 backbone was measured on CPU class {machine.get('isa')} with ONNX Runtime "
-                f"{machine.get('onnxruntime')}; this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}")
+        return (
+            f"the int8 backbone was measured on CPU class {machine.get('isa')} with ONNX Runtime "
+            f"{machine.get('onnxruntime')}; this CPU is {here['isa']} with ONNX Runtime {here['onnxruntime']}"
+        )
     return None
 
 

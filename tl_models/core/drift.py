@@ -18,9 +18,9 @@ from typing import Protocol
 
 import numpy as np
 
-DRIFT_THRESHOLD = 0.5   # above this the served embeddings have moved (README "Judging heads": how it was chosen)
-DRIFT_WINDOW = 256      # served embeddings in the window
-MIN_WINDOW = 32         # below this many embeddings no drift is reported (sampling noise ~ 1/sqrt(n) dominates)
+DRIFT_THRESHOLD = 0.5  # above this the served embeddings have moved (README "Judging heads": how it was chosen)
+DRIFT_WINDOW = 256  # served embeddings in the window
+MIN_WINDOW = 32  # below this many embeddings no drift is reported (sampling noise ~ 1/sqrt(n) dominates)
 REFERENCE_CHUNK = 8192  # training embeddings summarised at a time
 
 
@@ -33,7 +33,7 @@ class Rowed(Protocol):
 
 
 def _chunks(rows: np.ndarray) -> list[np.ndarray]:
-    return [rows[i:i + REFERENCE_CHUNK] for i in range(0, len(rows), REFERENCE_CHUNK)]
+    return [rows[i : i + REFERENCE_CHUNK] for i in range(0, len(rows), REFERENCE_CHUNK)]
 
 
 def _mean(embeddings: Rowed, rows: np.ndarray) -> np.ndarray:
@@ -52,15 +52,18 @@ class EmbeddingReference:
     baseline: float | None = None
 
     @classmethod
-    def of(cls, embeddings: Rowed, rows: np.ndarray | list[int] | None = None,
-           validation_rows: np.ndarray | list[int] | None = None) -> "EmbeddingReference":
+    def of(
+        cls,
+        embeddings: Rowed,
+        rows: np.ndarray | list[int] | None = None,
+        validation_rows: np.ndarray | list[int] | None = None,
+    ) -> "EmbeddingReference":
         """The reference of the training embeddings ``embeddings[rows]`` (every row by default), with the drift of
         the validation embeddings ``embeddings[validation_rows]`` as its baseline. Read in chunks (the feature
         cache's shards will do as well as an array): memory stays flat whatever N."""
         rows = np.arange(len(embeddings)) if rows is None else np.asarray(rows)
         mean = _mean(embeddings, rows)
-        square = sum(float(((np.asarray(embeddings[chunk], np.float64) - mean) ** 2).sum())
-                      for chunk in _chunks(rows))
+        square = sum(float(((np.asarray(embeddings[chunk], np.float64) - mean) ** 2).sum()) for chunk in _chunks(rows))
         reference = cls(mean, max(float(np.sqrt(square / len(rows))), 1e-12), len(rows))
         if validation_rows is None or not len(validation_rows):
             return reference
@@ -72,13 +75,21 @@ class EmbeddingReference:
         return float(np.linalg.norm(np.asarray(window_mean, np.float64) - self.mean) / self.spread)
 
     def to_dict(self) -> dict:
-        return {"mean": [round(float(v), 7) for v in self.mean], "spread": self.spread, "images": self.images,
-                "baseline": self.baseline}
+        return {
+            "mean": [round(float(v), 7) for v in self.mean],
+            "spread": self.spread,
+            "images": self.images,
+            "baseline": self.baseline,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "EmbeddingReference":
-        return cls(np.asarray(data["mean"], np.float64), float(data["spread"]), int(data["images"]),
-                   None if data.get("baseline") is None else float(data["baseline"]))
+        return cls(
+            np.asarray(data["mean"], np.float64),
+            float(data["spread"]),
+            int(data["images"]),
+            None if data.get("baseline") is None else float(data["baseline"]),
+        )
 
 
 class DriftWindow:
@@ -96,7 +107,7 @@ class DriftWindow:
     def add(self, embeddings: np.ndarray) -> None:
         """Push N×D embeddings (the oldest fall out)."""
         with self._lock:
-            for row in np.asarray(embeddings, np.float64)[-self.size:]:
+            for row in np.asarray(embeddings, np.float64)[-self.size :]:
                 self._count = min(self._count + 1, self.size)
                 self._ring[self._next] = row
                 self._next = (self._next + 1) % self.size
@@ -106,4 +117,4 @@ class DriftWindow:
         with self._lock:
             if self._count < min(MIN_WINDOW, self.size):
                 return None, self._count
-            return self._ring[:self._count].mean(axis=0), self._count
+            return self._ring[: self._count].mean(axis=0), self._count

@@ -47,9 +47,13 @@ class LogRecords:
         return len(self.request_id)
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {"request_id": np.asarray(self.request_id, dtype=str), "time": np.asarray(self.time, np.float64),
-                "embedding": np.stack(self.embedding).astype(np.float32), "head": np.asarray(self.head, dtype=str),
-                "predictions": np.asarray(self.predictions, dtype=str)}
+        return {
+            "request_id": np.asarray(self.request_id, dtype=str),
+            "time": np.asarray(self.time, np.float64),
+            "embedding": np.stack(self.embedding).astype(np.float32),
+            "head": np.asarray(self.head, dtype=str),
+            "predictions": np.asarray(self.predictions, dtype=str),
+        }
 
 
 class EmbeddingLogWriter:
@@ -65,8 +69,10 @@ class EmbeddingLogWriter:
         with self._locked():
             index = self._index()
             if index["shards"] and {k: index.get(k) for k in facts} != facts:
-                raise BuildError(f"the embedding log {self.folder} holds another build's embeddings "
-                                 f"({ {k: index.get(k) for k in facts} }); give this service its own log folder")
+                raise BuildError(
+                    f"the embedding log {self.folder} holds another build's embeddings "
+                    f"({ {k: index.get(k) for k in facts} }); give this service its own log folder"
+                )
             atomic_write_json(self.folder / LOG_INDEX, {**index, **facts})
 
     def add(self, request_id: str, when: float, embedding: np.ndarray, head: str, predictions: dict) -> None:
@@ -92,8 +98,15 @@ class EmbeddingLogWriter:
         with self._locked():
             atomic_write_bytes(self.folder / name, buffer.getvalue())
             index = self._index()
-            index["shards"].append({"file": name, "records": len(records), "first": records.time[0],
-                                    "last": records.time[-1], "bytes": buffer.tell()})
+            index["shards"].append(
+                {
+                    "file": name,
+                    "records": len(records),
+                    "first": records.time[0],
+                    "last": records.time[-1],
+                    "bytes": buffer.tell(),
+                }
+            )
             index["shards"].sort(key=lambda shard: shard["file"])
             while sum(s["bytes"] for s in index["shards"]) > self.max_bytes and len(index["shards"]) > 1:
                 (self.folder / index["shards"].pop(0)["file"]).unlink(missing_ok=True)
@@ -129,8 +142,11 @@ class EmbeddingLog:
     def labelled(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """``(embeddings N×D, labels, times)`` of the records that got feedback."""
         keep = [i for i, rid in enumerate(self.columns["request_id"]) if str(rid) in self.labels]
-        return (self.columns["embedding"][keep], [self.labels[str(self.columns["request_id"][i])] for i in keep],
-                self.columns["time"][keep])
+        return (
+            self.columns["embedding"][keep],
+            [self.labels[str(self.columns["request_id"][i])] for i in keep],
+            self.columns["time"][keep],
+        )
 
 
 def read_log(folder: str | Path) -> EmbeddingLog:

@@ -80,11 +80,13 @@ class FeedbackStore:
     def scores(self, request_id: str) -> list[tuple[str, str, str]]:
         """``(head, role, top-1 label)`` of every head scored on ``request_id`` (empty when unknown)."""
         with self._lock:
-            return self._db.execute("SELECT head, role, label FROM scores WHERE request_id = ? ORDER BY head",
-                                    (request_id,)).fetchall()
+            return self._db.execute(
+                "SELECT head, role, label FROM scores WHERE request_id = ? ORDER BY head", (request_id,)
+            ).fetchall()
 
-    def label(self, request_id: str, label: str,
-              known_labels: Iterable[str]) -> tuple[bool, list[tuple[str, str, bool]]]:
+    def label(
+        self, request_id: str, label: str, known_labels: Iterable[str]
+    ) -> tuple[bool, list[tuple[str, str, bool]]]:
         """Record the true ``label`` of a scored request: whether it is new, and ``(head, role, correct)`` per
         scored head.
 
@@ -94,9 +96,11 @@ class FeedbackStore:
             raise BadRequest(f"unknown label {label!r}: the heads know {', '.join(sorted(known_labels))}")
         scored = self.scores(request_id)
         if not scored:
-            raise NotFound(f"unknown request_id {request_id!r}: not answered by this service, older than its "
-                           f"{self.retention / 86400:g}-day retention, or not recorded (see "
-                           "tl_models_judge_dropped_total)")
+            raise NotFound(
+                f"unknown request_id {request_id!r}: not answered by this service, older than its "
+                f"{self.retention / 86400:g}-day retention, or not recorded (see "
+                "tl_models_judge_dropped_total)"
+            )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -115,14 +119,19 @@ class FeedbackStore:
         """``(head, role) -> {"labelled", "correct", "accuracy"}`` over each head's last ``window`` labelled
         requests."""
         with self._lock:
-            rows = self._db.execute("""
+            rows = self._db.execute(
+                """
                 SELECT head, role, COUNT(*), SUM(correct) FROM (
                     SELECT s.head, s.role, s.label = l.label AS correct,
                            ROW_NUMBER() OVER (PARTITION BY s.head, s.role ORDER BY l.time DESC) AS recent
                     FROM scores s JOIN labels l ON s.request_id = l.request_id)
-                WHERE recent <= ? GROUP BY head, role""", (window,)).fetchall()
-        return {(head, role): {"labelled": n, "correct": int(correct), "accuracy": correct / n}
-                for head, role, n, correct in rows}
+                WHERE recent <= ? GROUP BY head, role""",
+                (window,),
+            ).fetchall()
+        return {
+            (head, role): {"labelled": n, "correct": int(correct), "accuracy": correct / n}
+            for head, role, n, correct in rows
+        }
 
     def close(self) -> None:
         with self._lock:

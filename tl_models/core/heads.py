@@ -98,9 +98,15 @@ class HeadSource:
     @classmethod
     def from_dict(cls, data: dict, **override: object) -> "HeadSource":
         values = {**data, **override}
-        return cls(name=values["name"], version=int(values["version"]), path=str(values["path"]),
-                   sha256=values["sha256"], labels=tuple(values["labels"]), backbone_sha256=values["backbone_sha256"],
-                   origin=values["origin"])
+        return cls(
+            name=values["name"],
+            version=int(values["version"]),
+            path=str(values["path"]),
+            sha256=values["sha256"],
+            labels=tuple(values["labels"]),
+            backbone_sha256=values["backbone_sha256"],
+            origin=values["origin"],
+        )
 
 
 def confined(path: str | Path, roots: Sequence[Path]) -> Path:
@@ -108,26 +114,38 @@ def confined(path: str | Path, roots: Sequence[Path]) -> Path:
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root.resolve()) for root in roots):
         allowed = ", ".join(str(root) for root in roots) or "none"
-        raise Forbidden(f"{path} is outside the directories this service loads builds from ({allowed}; "
-                        "set TL_MODELS_BUILD_ROOTS)")
+        raise Forbidden(
+            f"{path} is outside the directories this service loads builds from ({allowed}; set TL_MODELS_BUILD_ROOTS)"
+        )
     return resolved
 
 
 # ---------------------------------------------------------------- build directories as a source
+
 
 def backbone_from_build(build: BuildDir, manifest: Manifest, precision: str = "fp32") -> BackboneSource:
     """The build's backbone graph of ``precision`` as a serving source; BuildError when the build is not exported,
     or (int8) has no int8 backbone that passed the gate for its latest heads."""
     if BACKBONE_ONNX not in manifest.files:
         raise BuildError(f"{build.path} has no {BACKBONE_ONNX}; run `tl-models export {build.path}` first")
-    common = dict(sha256=manifest.backbone_sha256(), preprocessing=manifest.preprocessing,
-                  labels=tuple(manifest.labels), build=manifest.name, origin=f"build:{build.path.resolve()}")
+    common = dict(
+        sha256=manifest.backbone_sha256(),
+        preprocessing=manifest.preprocessing,
+        labels=tuple(manifest.labels),
+        build=manifest.name,
+        origin=f"build:{build.path.resolve()}",
+    )
     if check_precision(precision) == "fp32":
         return BackboneSource(path=str(build.file(BACKBONE_ONNX)), **common)
     gated = frozenset(int8_gated(build, manifest).values())
-    return BackboneSource(path=str(build.file(BACKBONE_INT8)), precision="int8",
-                          graph_sha256=manifest.files[BACKBONE_INT8], gated=gated,
-                          int8_machine=manifest.int8.get("machine"), **common)
+    return BackboneSource(
+        path=str(build.file(BACKBONE_INT8)),
+        precision="int8",
+        graph_sha256=manifest.files[BACKBONE_INT8],
+        gated=gated,
+        int8_machine=manifest.int8.get("machine"),
+        **common,
+    )
 
 
 def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
@@ -138,8 +156,9 @@ def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
     if BACKBONE_INT8 not in manifest.files or "gated" not in record:
         raise BuildError(f"{build.path} has no int8 backbone that passed the accuracy gate: {again}")
     if record.get("backbone_sha256") != manifest.backbone_sha256():
-        raise BuildError(f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported "
-                         f"again since?): {again}")
+        raise BuildError(
+            f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported again since?): {again}"
+        )
     gated = record["gated"]
     latest = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
     late = [h.key for h in latest if manifest.files.get(h.rel(HEAD_ONNX)) not in gated.values()]
@@ -151,9 +170,15 @@ def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
 def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> HeadSource:
     """One committed head version of a build as a serving source."""
     rel = entry.rel(HEAD_ONNX)
-    return HeadSource(name=entry.name, version=entry.version, path=str(build.file(rel)), sha256=manifest.files[rel],
-                      labels=tuple(manifest.labels), backbone_sha256=manifest.backbone_sha256(),
-                      origin=f"build:{build.path.resolve()}")
+    return HeadSource(
+        name=entry.name,
+        version=entry.version,
+        path=str(build.file(rel)),
+        sha256=manifest.files[rel],
+        labels=tuple(manifest.labels),
+        backbone_sha256=manifest.backbone_sha256(),
+        origin=f"build:{build.path.resolve()}",
+    )
 
 
 def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[BackboneSource, list[HeadSource]]:
@@ -184,6 +209,7 @@ def head_source_from_build(path: str | Path, name: str, version: int | None = No
 
 # ---------------------------------------------------------------- reading and admitting
 
+
 def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
     """The bytes of a model file after checking its sha256 (Refused when missing or different)."""
     try:
@@ -196,8 +222,9 @@ def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
     return data
 
 
-def agreed(answer_labels: Sequence[str], answer_top: np.ndarray, shadow_labels: Sequence[str],
-           shadow_top: np.ndarray) -> int:
+def agreed(
+    answer_labels: Sequence[str], answer_top: np.ndarray, shadow_labels: Sequence[str], shadow_top: np.ndarray
+) -> int:
     """How many images a shadow head gives the same top-1 label as the head that answered. Labels are compared by
     name, not by class index: a shadow head trained on other classes, or on the same classes in another order, is
     judged on what it says. Both servers count agreement with this rule."""
@@ -240,13 +267,24 @@ class LoadedHead:
         answers = []
         for row in scores:
             order = np.argsort(-row, kind="stable")[:k]
-            answers.append({"head": self.name, "version": self.version,
-                            "predictions": [{"label": self.source.labels[i], "score": float(row[i])} for i in order]})
+            answers.append(
+                {
+                    "head": self.name,
+                    "version": self.version,
+                    "predictions": [{"label": self.source.labels[i], "score": float(row[i])} for i in order],
+                }
+            )
         return answers
 
 
-def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, providers: str | None = None,
-               data: bytes | None = None, gated: frozenset[str] | None = None) -> LoadedHead:
+def admit_head(
+    source: HeadSource,
+    embedding_dim: int,
+    backbone_sha256: str,
+    providers: str | None = None,
+    data: bytes | None = None,
+    gated: frozenset[str] | None = None,
+) -> LoadedHead:
     """Read ``source`` (unless its verified ``data`` is given) and admit it; Refused or Conflict with the reason.
 
     The one admission of both servers: sha256, ONNX Runtime load, input ``embedding`` N×``embedding_dim`` and
@@ -255,11 +293,15 @@ def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, pro
     what = f"head {source.key}"
     check_name(source.name)
     if source.backbone_sha256 != backbone_sha256:
-        raise Conflict(f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
-                       f"this service runs {backbone_sha256[:12]}…)")
+        raise Conflict(
+            f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
+            f"this service runs {backbone_sha256[:12]}…)"
+        )
     if gated is not None and source.sha256 not in gated:
-        raise Refused(f"{what} was not measured by the accuracy gate of this int8 backbone: run `tl-models quantize` "
-                      "on its build and package it again, or serve fp32")
+        raise Refused(
+            f"{what} was not measured by the accuracy gate of this int8 backbone: run `tl-models quantize` "
+            "on its build and package it again, or serve fp32"
+        )
     data = read_verified(source.path, source.sha256, what) if data is None else data
     try:
         # one thread: a head is a D×C matmul; a pool thread of its own would only spin beside the backbone
@@ -269,12 +311,15 @@ def admit_head(source: HeadSource, embedding_dim: int, backbone_sha256: str, pro
     inputs, outputs = session.get_inputs(), session.get_outputs()
     names = ([i.name for i in inputs], [o.name for o in outputs])
     if names != ([EMBEDDING], [LOGITS]):
-        raise Refused(f"{what}: expected one input {EMBEDDING!r} and one output {LOGITS!r}, got inputs {names[0]} "
-                      f"and outputs {names[1]}")
+        raise Refused(
+            f"{what}: expected one input {EMBEDDING!r} and one output {LOGITS!r}, got inputs {names[0]} "
+            f"and outputs {names[1]}"
+        )
     shape = inputs[0].shape
     if len(shape) != 2 or shape[1] != embedding_dim:
-        raise Refused(f"{what}: takes input of shape {shape}, the backbone produces embeddings of "
-                      f"dimension {embedding_dim}")
+        raise Refused(
+            f"{what}: takes input of shape {shape}, the backbone produces embeddings of dimension {embedding_dim}"
+        )
     head = LoadedHead(source, session, _reference(session, what))
     try:
         logits = head.logits(np.zeros((2, embedding_dim), dtype=np.float32))

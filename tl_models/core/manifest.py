@@ -55,7 +55,7 @@ class HeadEntry:
     version: int
     kind: str
     spec: dict
-    path: str                     # relative: heads/<name>/<version>
+    path: str  # relative: heads/<name>/<version>
     files: list[str]
     metrics: dict
     train: dict
@@ -91,7 +91,7 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     created: str = field(default_factory=utc_now)
     updated: str | None = None
-    int8: dict | None = None      # `tl-models quantize`: calibration settings and the gate's figures per head
+    int8: dict | None = None  # `tl-models quantize`: calibration settings and the gate's figures per head
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -100,8 +100,10 @@ class Manifest:
         version = data.get("format_version") if isinstance(data, dict) else None
         if version not in READABLE_FORMATS:
             readable = ", ".join(map(str, READABLE_FORMATS))
-            raise BuildError(f"{where} has format version {version!r}; this tl-models reads {readable}: use the "
-                             "tl-models that wrote it, or build again")
+            raise BuildError(
+                f"{where} has format version {version!r}; this tl-models reads {readable}: use the "
+                "tl-models that wrote it, or build again"
+            )
         manifest = _from_dict(cls, data, where)
         manifest.heads = [_from_dict(HeadEntry, entry, f"{where}, head {i}") for i, entry in enumerate(manifest.heads)]
         return manifest
@@ -195,8 +197,13 @@ class BuildDir:
         (self.path / HEADS_DIR).mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=self.path / HEADS_DIR, prefix=".staging-"))
 
-    def commit(self, manifest: Manifest, staged: Path | None = None, head_rel: str | None = None,
-               rewritten: tuple[str, ...] = ()) -> Manifest:
+    def commit(
+        self,
+        manifest: Manifest,
+        staged: Path | None = None,
+        head_rel: str | None = None,
+        rewritten: tuple[str, ...] = (),
+    ) -> Manifest:
         """Move a staged head version into place, hash new and ``rewritten`` files, write the manifest atomically."""
         if staged is not None:
             target = self.path / head_rel

@@ -9,45 +9,45 @@ from .errors import BadRequest
 
 # ---------------------------------------------------------------- a build directory
 MANIFEST = "manifest.json"
-BACKBONE_PT = "backbone.pt"              # backbone state_dict (frozen, or fine-tuned with --unfreeze-last)
-BACKBONE_ONNX = "backbone.onnx"          # image -> embedding
-BACKBONE_FP16 = "backbone.fp16.onnx"     # the same in fp16 (GPU serving), with `tl-models export --fp16`
-BACKBONE_INT8 = "backbone.int8.onnx"     # static int8 QDQ (CPU serving), with `tl-models quantize` past its gate
+BACKBONE_PT = "backbone.pt"  # backbone state_dict (frozen, or fine-tuned with --unfreeze-last)
+BACKBONE_ONNX = "backbone.onnx"  # image -> embedding
+BACKBONE_FP16 = "backbone.fp16.onnx"  # the same in fp16 (GPU serving), with `tl-models export --fp16`
+BACKBONE_INT8 = "backbone.int8.onnx"  # static int8 QDQ (CPU serving), with `tl-models quantize` past its gate
 BACKBONE_FILES = {"fp32": BACKBONE_ONNX, "int8": BACKBONE_INT8}  # the backbone graph served at each precision
-HEAD_PT = "head.pt"                      # per head version: head state_dict
-HEAD_ONNX = "head.onnx"                  # per head version: embedding -> logits
-FUSED_ONNX = "fused.onnx"                # per head version, only with --fused: image -> logits in one file
-FUSED_FP16 = "fused.fp16.onnx"           # the same from backbone.fp16.onnx, with --fused --fp16
+HEAD_PT = "head.pt"  # per head version: head state_dict
+HEAD_ONNX = "head.onnx"  # per head version: embedding -> logits
+FUSED_ONNX = "fused.onnx"  # per head version, only with --fused: image -> logits in one file
+FUSED_FP16 = "fused.fp16.onnx"  # the same from backbone.fp16.onnx, with --fused --fp16
 PARITY_JSON = "parity.json"
 PSEUDO_LABELS_JSON = "pseudo_labels.json"  # per head version built with --unlabeled: the pseudo-labels it used
 EMBEDDING_REFERENCE = "embedding_reference.json"  # per head version: its training embeddings summarised (drift)
-EMBEDDING_REFERENCE_KEY = "embedding_reference"   # the same inside head.onnx's metadata (travels with the head)
-METADATA_PREFIX = "tl_models."           # keys of our ONNX graphs' metadata_props
+EMBEDDING_REFERENCE_KEY = "embedding_reference"  # the same inside head.onnx's metadata (travels with the head)
+METADATA_PREFIX = "tl_models."  # keys of our ONNX graphs' metadata_props
 HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
-HEADS_DIR = "heads"                      # heads/<name>/<version>/
+HEADS_DIR = "heads"  # heads/<name>/<version>/
 
 # ---------------------------------------------------------------- tensors (ONNX graphs and Triton models)
-IMAGE = "image"                          # uint8 N×3×H×W RGB
-EMBEDDING = "embedding"                  # float32 N×D
-LOGITS = "logits"                        # float32 N×C
-IMAGE_BYTES = "image_bytes"              # Triton: encoded image, BYTES
-ROUTE_KEY = "route_key"                  # Triton router: sticky split key (optional)
-ROUTE_HEAD = "route_head"                # Triton router: force a head (optional)
-HEAD = "head"                            # Triton router output: "name:version"
-REQUEST_ID = "request_id"                # Triton router output: one id per image (core.feedback.request_ids)
+IMAGE = "image"  # uint8 N×3×H×W RGB
+EMBEDDING = "embedding"  # float32 N×D
+LOGITS = "logits"  # float32 N×C
+IMAGE_BYTES = "image_bytes"  # Triton: encoded image, BYTES
+ROUTE_KEY = "route_key"  # Triton router: sticky split key (optional)
+ROUTE_HEAD = "route_head"  # Triton router: force a head (optional)
+HEAD = "head"  # Triton router output: "name:version"
+REQUEST_ID = "request_id"  # Triton router output: one id per image (core.feedback.request_ids)
 
 # ---------------------------------------------------------------- a Triton model repository
 CONFIG = "config.pbtxt"
 LABELS = "labels.txt"
 ROUTE_FILE = "route.json"
-VERSION_ONNX = "model.onnx"              # the ONNX graph of one Triton model version (a backbone or one head)
+VERSION_ONNX = "model.onnx"  # the ONNX graph of one Triton model version (a backbone or one head)
 VERSION_SHA256 = VERSION_ONNX + ".sha256"
-VERSION_HEAD = "head.json"               # a head version's source facts (labels, backbone sha256), for admission
-VERSION_BACKBONE = "backbone.json"       # the backbone version's facts: fp32 sha256, precision, int8-gated heads
-PREPROCESS = "preprocess"                # the shared preprocess model
-ADMIN_HEADER = "tl-models-admin"         # header with TL_MODELS_ADMIN_TOKEN for Triton's restricted model control
+VERSION_HEAD = "head.json"  # a head version's source facts (labels, backbone sha256), for admission
+VERSION_BACKBONE = "backbone.json"  # the backbone version's facts: fp32 sha256, precision, int8-gated heads
+PREPROCESS = "preprocess"  # the shared preprocess model
+ADMIN_HEADER = "tl-models-admin"  # header with TL_MODELS_ADMIN_TOKEN for Triton's restricted model control
 
 # ---------------------------------------------------------------- names users choose
 NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit"

@@ -19,8 +19,11 @@ from .errors import BadRequest
 DEFAULT_MAX_PIXELS = 40_000_000
 MIN_SIDE = 8  # pixels: anything smaller carries no picture worth classifying
 MAX_ASPECT_RATIO = 100  # longer side / shorter side: resizing the shorter side must not blow up the longer
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST}
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 class ImageError(BadRequest):
@@ -42,9 +45,13 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
-        return cls(resize_size=int(data["resize_size"]), crop_size=int(data["crop_size"]),
-                   mean=tuple(data["mean"]), std=tuple(data["std"]),
-                   interpolation=data.get("interpolation", "bilinear"))
+        return cls(
+            resize_size=int(data["resize_size"]),
+            crop_size=int(data["crop_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data.get("interpolation", "bilinear"),
+        )
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -84,8 +91,9 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"cannot read image header: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(f"image too large: {width}x{height} = {width * height} pixels "
-                         f"exceeds the limit of {max_pixels} pixels")
+        raise ImageError(
+            f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
+        )
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"image too small: {width}x{height} (each side needs at least {MIN_SIDE} pixels)")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):

@@ -57,8 +57,9 @@ def log_tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
-def wait_ready(process: subprocess.Popen, ready_url: str, timeout: float, what: str, log_path: Path,
-               error: type[Exception]) -> None:
+def wait_ready(
+    process: subprocess.Popen, ready_url: str, timeout: float, what: str, log_path: Path, error: type[Exception]
+) -> None:
     """Poll ``ready_url`` until it answers 200; raise ``error`` (with the log tail) if the process dies or time
     runs out."""
     deadline = time.monotonic() + timeout

@@ -94,10 +94,12 @@ class Route:
     @classmethod
     def from_dict(cls, data: dict) -> "Route":
         """The route of :meth:`to_dict` (a route file, or one pushed to a replica); missing parts are empty."""
-        return cls(weights={k: float(v) for k, v in data.get("weights", {}).items()},
-                   versions={k: int(v) for k, v in data.get("versions", {}).items()},
-                   revision=int(data.get("revision", 0)),
-                   shadow={k: float(v) for k, v in data.get("shadow", {}).items()})
+        return cls(
+            weights={k: float(v) for k, v in data.get("weights", {}).items()},
+            versions={k: int(v) for k, v in data.get("versions", {}).items()},
+            revision=int(data.get("revision", 0)),
+            shadow={k: float(v) for k, v in data.get("shadow", {}).items()},
+        )
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -115,7 +117,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def _key_point(key: str) -> float:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
 
 
 def read_route(path: str | Path) -> Route:
@@ -152,8 +154,13 @@ class RoutingState:
                 self._stamp = stamp
             return self._cached
 
-    def update(self, weights: dict[str, float] | None = None, versions: dict[str, int] | None = None,
-               retire: tuple[str, ...] = (), shadow: dict[str, float] | None = None) -> Route:
+    def update(
+        self,
+        weights: dict[str, float] | None = None,
+        versions: dict[str, int] | None = None,
+        retire: tuple[str, ...] = (),
+        shadow: dict[str, float] | None = None,
+    ) -> Route:
         """Change weights and/or live versions and/or shadow shares (a share of 0 removes that shadow head), drop
         retired heads; validated, then written atomically."""
         with file_lock(self.path.with_name(self.path.name + ".lock")):

@@ -19,8 +19,12 @@ from .errors import BadRequest
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
-           "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -69,8 +73,13 @@ def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
     return providers + ["CPUExecutionProvider"]
 
 
-def create_session(model: str | Path | bytes, providers: str | list[str] | None = None,
-                   threads: int | None = None, name: str | None = None, spin: bool = True) -> ort.InferenceSession:
+def create_session(
+    model: str | Path | bytes,
+    providers: str | list[str] | None = None,
+    threads: int | None = None,
+    name: str | None = None,
+    spin: bool = True,
+) -> ort.InferenceSession:
     """An InferenceSession with full graph optimisation; logs the providers it really got.
 
     ``spin=False`` stops the intra-op threads busy-waiting between runs: a server's sessions share the CPU with

@@ -52,8 +52,11 @@ class DeployOptions:
 
 
 def _labels(name: str, server: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "tl-models", "app.kubernetes.io/instance": name,
-            "app.kubernetes.io/component": server}
+    return {
+        "app.kubernetes.io/name": "tl-models",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": server,
+    }
 
 
 def _meta(name: str, labels: dict, **extra: object) -> dict:
@@ -62,42 +65,73 @@ def _meta(name: str, labels: dict, **extra: object) -> dict:
 
 def _container(build: str, options: DeployOptions, secret: str) -> dict:
     """The serving container: image, ports, env, probes, resources, mounts."""
-    resources = {"requests": {"cpu": options.cpu, "memory": options.memory},
-                 "limits": {"cpu": str(2 * float(options.cpu)).rstrip("0").rstrip("."), "memory": options.memory}}
+    resources = {
+        "requests": {"cpu": options.cpu, "memory": options.memory},
+        "limits": {"cpu": str(2 * float(options.cpu)).rstrip("0").rstrip("."), "memory": options.memory},
+    }
     if options.gpu:
         resources["limits"]["nvidia.com/gpu"] = 1
-    token = {"name": "TL_MODELS_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret,
-                                                                             "key": "TL_MODELS_ADMIN_TOKEN"}}}
+    token = {
+        "name": "TL_MODELS_ADMIN_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": secret, "key": "TL_MODELS_ADMIN_TOKEN"}},
+    }
     ports = [{"name": port, "containerPort": number} for port, number in PORTS[options.server].items()]
     if options.server == "bento":
-        env = [{"name": "TL_MODELS_BUILD", "value": f"{MOUNTS['shared']}/{build}"},
-               {"name": "TL_MODELS_STATE_DIR", "value": "/state"},
-               {"name": "TL_MODELS_FLEET_ROUTE", "value": f"{MOUNTS['route']}/{ROUTE_FILE}"},
-               {"name": "TL_MODELS_FLEET_POLL", "value": "5"},
-               {"name": "TL_MODELS_BUILD_ROOTS", "value": MOUNTS["shared"]},
-               {"name": "TL_MODELS_ACCESS_LOG", "value": "0"}, token]
+        env = [
+            {"name": "TL_MODELS_BUILD", "value": f"{MOUNTS['shared']}/{build}"},
+            {"name": "TL_MODELS_STATE_DIR", "value": "/state"},
+            {"name": "TL_MODELS_FLEET_ROUTE", "value": f"{MOUNTS['route']}/{ROUTE_FILE}"},
+            {"name": "TL_MODELS_FLEET_POLL", "value": "5"},
+            {"name": "TL_MODELS_BUILD_ROOTS", "value": MOUNTS["shared"]},
+            {"name": "TL_MODELS_ACCESS_LOG", "value": "0"},
+            token,
+        ]
         probes = {"readinessProbe": _probe("/readyz", "http", 5), "livenessProbe": _probe("/livez", "http", 20)}
-        mounts = [{"name": "shared", "mountPath": MOUNTS["shared"], "readOnly": True},
-                  {"name": "route", "mountPath": MOUNTS["route"], "readOnly": True},
-                  {"name": "state", "mountPath": "/state"}]
+        mounts = [
+            {"name": "shared", "mountPath": MOUNTS["shared"], "readOnly": True},
+            {"name": "route", "mountPath": MOUNTS["route"], "readOnly": True},
+            {"name": "state", "mountPath": "/state"},
+        ]
         command = {}
     else:
         env = [token]
-        probes = {"readinessProbe": _probe("/v2/health/ready", "http", 5),
-                  "livenessProbe": _probe("/v2/health/live", "http", 20)}
+        probes = {
+            "readinessProbe": _probe("/v2/health/ready", "http", 5),
+            "livenessProbe": _probe("/v2/health/live", "http", 20),
+        }
         mounts = [{"name": "shared", "mountPath": MOUNTS["models"]}]
         # model control (load/unload: what swaps and shadows use) only with the admin token in a header
         restricted = f"model-repository:{ADMIN_HEADER}=$(TL_MODELS_ADMIN_TOKEN)"
-        command = {"args": ["tritonserver", f"--model-repository={MOUNTS['models']}", "--model-control-mode=explicit",
-                            "--load-model=*", "--strict-readiness=true", f"--http-restricted-api={restricted}",
-                            f"--grpc-restricted-protocol={restricted}"]}
-    return {"name": options.server, "image": options.image or f"tl-models-{options.server}:latest",
-            **command, "ports": ports, "env": env, **probes, "resources": resources, "volumeMounts": mounts}
+        command = {
+            "args": [
+                "tritonserver",
+                f"--model-repository={MOUNTS['models']}",
+                "--model-control-mode=explicit",
+                "--load-model=*",
+                "--strict-readiness=true",
+                f"--http-restricted-api={restricted}",
+                f"--grpc-restricted-protocol={restricted}",
+            ]
+        }
+    return {
+        "name": options.server,
+        "image": options.image or f"tl-models-{options.server}:latest",
+        **command,
+        "ports": ports,
+        "env": env,
+        **probes,
+        "resources": resources,
+        "volumeMounts": mounts,
+    }
 
 
 def _probe(path: str, port: str, delay: int) -> dict:
-    return {"httpGet": {"path": path, "port": port}, "initialDelaySeconds": delay, "periodSeconds": 5,
-            "failureThreshold": 6}
+    return {
+        "httpGet": {"path": path, "port": port},
+        "initialDelaySeconds": delay,
+        "periodSeconds": 5,
+        "failureThreshold": 6,
+    }
 
 
 def manifests(build_dir: str | Path, options: DeployOptions) -> tuple[str, dict[str, dict]]:
@@ -112,41 +146,88 @@ def manifests(build_dir: str | Path, options: DeployOptions) -> tuple[str, dict[
     volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": claim}}]
     if options.server == "bento":
         volumes += [{"name": "route", "configMap": {"name": f"{name}-route"}}, {"name": "state", "emptyDir": {}}]
-    pod = {"metadata": {"labels": labels, "annotations": {
-               "prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
-               "prometheus.io/port": str(PORTS[options.server].get("metrics", PORTS[options.server]["http"]))}},
-           "spec": {"containers": [_container(build, options, secret)], "volumes": volumes,
-                    "terminationGracePeriodSeconds": 30}}
+    pod = {
+        "metadata": {
+            "labels": labels,
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/path": "/metrics",
+                "prometheus.io/port": str(PORTS[options.server].get("metrics", PORTS[options.server]["http"])),
+            },
+        },
+        "spec": {
+            "containers": [_container(build, options, secret)],
+            "volumes": volumes,
+            "terminationGracePeriodSeconds": 30,
+        },
+    }
     if options.gpu:
         pod["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     objects = {
-        "deployment.yaml": {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, labels),
-                            "spec": {"replicas": options.replicas, "selector": selector, "template": pod,
-                                     "strategy": {"type": "RollingUpdate",
-                                                  "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}}},
-        "service.yaml": {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, labels),
-                         "spec": {"selector": labels, "ports": _service_ports(options.server)}},
-        "service-headless.yaml": {"apiVersion": "v1", "kind": "Service", "metadata": _meta(f"{name}-headless", labels),
-                                  "spec": {"clusterIP": "None", "selector": labels,
-                                           "ports": _service_ports(options.server)}},
-        "hpa.yaml": {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(name, labels),
-                     "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                              "minReplicas": options.replicas, "maxReplicas": max(2 * options.replicas,
-                                                                                  options.replicas + 1),
-                              "metrics": [{"type": "Resource", "resource": {
-                                  "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]}},
-        "pdb.yaml": {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, labels),
-                     "spec": {"maxUnavailable": 1, "selector": selector}},
-        "storage.yaml": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(claim, labels),
-                         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage":
-                                                                                             options.storage}},
-                                  **({"storageClassName": options.storage_class} if options.storage_class else {})}},
+        "deployment.yaml": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(name, labels),
+            "spec": {
+                "replicas": options.replicas,
+                "selector": selector,
+                "template": pod,
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            },
+        },
+        "service.yaml": {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(name, labels),
+            "spec": {"selector": labels, "ports": _service_ports(options.server)},
+        },
+        "service-headless.yaml": {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(f"{name}-headless", labels),
+            "spec": {"clusterIP": "None", "selector": labels, "ports": _service_ports(options.server)},
+        },
+        "hpa.yaml": {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": _meta(name, labels),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicas": options.replicas,
+                "maxReplicas": max(2 * options.replicas, options.replicas + 1),
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                    }
+                ],
+            },
+        },
+        "pdb.yaml": {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(name, labels),
+            "spec": {"maxUnavailable": 1, "selector": selector},
+        },
+        "storage.yaml": {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": _meta(claim, labels),
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": options.storage}},
+                **({"storageClassName": options.storage_class} if options.storage_class else {}),
+            },
+        },
     }
     if options.server == "bento":
         route = Route({head: 1.0 for head in manifest.latest_versions()}, manifest.latest_versions(), 1).validate()
-        objects["route-configmap.yaml"] = {"apiVersion": "v1", "kind": "ConfigMap",
-                                           "metadata": _meta(f"{name}-route", labels),
-                                           "data": {ROUTE_FILE: json.dumps(route.to_dict(), indent=2) + "\n"}}
+        objects["route-configmap.yaml"] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(f"{name}-route", labels),
+            "data": {ROUTE_FILE: json.dumps(route.to_dict(), indent=2) + "\n"},
+        }
     return name, objects
 
 
@@ -198,10 +279,13 @@ def render(build_dir: str | Path, out: str | Path, options: DeployOptions) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     for file, obj in objects.items():
         (folder / file).write_text(yaml.dump(obj, Dumper=Plain, sort_keys=False))
-    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                     "resources": sorted(objects),
-                     "secretGenerator": [{"name": f"{name}-admin", "envs": ["admin-token.env"]}],
-                     "generatorOptions": {"disableNameSuffixHash": True}}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": sorted(objects),
+        "secretGenerator": [{"name": f"{name}-admin", "envs": ["admin-token.env"]}],
+        "generatorOptions": {"disableNameSuffixHash": True},
+    }
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     (folder / "Dockerfile").write_text(dockerfile(options))
     token = folder / "admin-token.env"

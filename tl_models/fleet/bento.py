@@ -59,8 +59,9 @@ class Reply:
         return self.error or f"HTTP {self.status}"
 
 
-def _call(url: str, method: str, path: str, token: str | None = None, body: dict | None = None,
-          timeout: float = 120.0) -> Reply:
+def _call(
+    url: str, method: str, path: str, token: str | None = None, body: dict | None = None, timeout: float = 120.0
+) -> Reply:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=timeout)
@@ -87,9 +88,11 @@ def _live(body: dict | None) -> dict:
     """A replica's route as ``/heads`` shows it: versions, weights, shadow shares."""
     if not body:
         return {}
-    return {"versions": {h["name"]: h["version"] for h in body.get("heads", [])},
-            "weights": {h["name"]: h["weight"] for h in body.get("heads", [])},
-            "shadow": {f"{s['name']}:{s['version']}": s["share"] for s in body.get("shadow", [])}}
+    return {
+        "versions": {h["name"]: h["version"] for h in body.get("heads", [])},
+        "weights": {h["name"]: h["weight"] for h in body.get("heads", [])},
+        "shadow": {f"{s['name']}:{s['version']}": s["share"] for s in body.get("shadow", [])},
+    }
 
 
 def status(urls: list[str], route_file: str | Path | None = None) -> dict:
@@ -98,9 +101,13 @@ def status(urls: list[str], route_file: str | Path | None = None) -> dict:
     replies = _each(urls, lambda url: _call(url, "GET", "/heads", timeout=30))
     replicas = []
     for reply in replies:
-        entry = {"url": reply.url, "reachable": reply.status is not None, "ready": bool(reply.body and
-                                                                                    reply.body.get("ready")),
-                 "error": None if reply.ok else reply.reason(), **_live(reply.body)}
+        entry = {
+            "url": reply.url,
+            "reachable": reply.status is not None,
+            "ready": bool(reply.body and reply.body.get("ready")),
+            "error": None if reply.ok else reply.reason(),
+            **_live(reply.body),
+        }
         if reply.body:
             entry["fleet"] = reply.body.get("fleet")
         replicas.append(entry)
@@ -132,19 +139,31 @@ def _check_head(build_dir: str | Path | None, head: str, version: int) -> None:
         head_source_from_build(build_dir, head, version)
 
 
-def swap(urls: list[str], route_file: str | Path, head: str, version: int, token: str,
-         weights: dict[str, float] | None = None, build_dir: str | Path | None = None) -> dict:
+def swap(
+    urls: list[str],
+    route_file: str | Path,
+    head: str,
+    version: int,
+    token: str,
+    weights: dict[str, float] | None = None,
+    build_dir: str | Path | None = None,
+) -> dict:
     """Make ``head`` ``version`` live on every replica, two-phase (see the module docstring); what happened."""
     state = RoutingState(route_file, poll=0)
     current = state.current()
     if not current.versions:
         raise FleetError(f"no fleet route at {route_file}: write one with `tl-models fleet init`")
-    Route(current.weights if weights is None else weights, {**current.versions, head: version},
-          shadow=current.shadow).validate()
+    Route(
+        current.weights if weights is None else weights, {**current.versions, head: version}, shadow=current.shadow
+    ).validate()
     _check_head(build_dir, head, version)
     start = time.perf_counter()
-    report = {"head": head, "version": version, "old_version": current.versions.get(head),
-              "phase1": prepare(urls, head, version, token)}
+    report = {
+        "head": head,
+        "version": version,
+        "old_version": current.versions.get(head),
+        "phase1": prepare(urls, head, version, token),
+    }
     report["phase2"] = commit(urls, route_file, token, versions={head: version}, weights=weights)
     report["seconds"] = time.perf_counter() - start
     return report
@@ -153,26 +172,41 @@ def swap(urls: list[str], route_file: str | Path, head: str, version: int, token
 def prepare(urls: list[str], head: str, version: int, token: str) -> list[dict]:
     """Phase 1: every replica admits ``head`` ``version`` without routing to it; on any refusal it is unloaded
     where it was admitted and FleetError names the replicas that refused and why."""
-    replies = _each(urls, lambda url: _call(url, "POST", "/admin/load", token,
-                                            {"head": head, "version": version, "live": False}))
+    replies = _each(
+        urls, lambda url: _call(url, "POST", "/admin/load", token, {"head": head, "version": version, "live": False})
+    )
     refused = [r for r in replies if not r.ok]
     if refused:
         for reply in replies:
             if reply.ok and version != _live(reply.body).get("versions", {}).get(head):
                 _call(reply.url, "POST", "/admin/unload", token, {"head": head, "version": version})
-        raise FleetError(f"phase 1 refused, nothing changed (the route stays; {head}:{version} unloaded where it "
-                         "was admitted): " + "; ".join(f"{r.url}: {r.reason()}" for r in refused))
+        raise FleetError(
+            f"phase 1 refused, nothing changed (the route stays; {head}:{version} unloaded where it "
+            "was admitted): " + "; ".join(f"{r.url}: {r.reason()}" for r in refused)
+        )
     return [{"url": r.url, "admitted": True} for r in replies]
 
 
-def commit(urls: list[str], route_file: str | Path, token: str, versions: dict[str, int] | None = None,
-           weights: dict[str, float] | None = None) -> list[dict]:
+def commit(
+    urls: list[str],
+    route_file: str | Path,
+    token: str,
+    versions: dict[str, int] | None = None,
+    weights: dict[str, float] | None = None,
+) -> list[dict]:
     """Phase 2: the route file changes (the source of truth), then every replica converges to it now; a replica
     that cannot be reached or refuses is reported (it converges from the file when it is back)."""
     route = RoutingState(route_file, poll=0).update(weights=weights, versions=versions)
     replies = _each(urls, lambda url: _call(url, "POST", "/admin/sync", token, {"route": route.to_dict()}))
-    return [{"url": r.url, "converged": r.ok and _live(r.body).get("versions") == route.versions,
-             "error": None if r.ok else r.reason(), "revision": route.revision} for r in replies]
+    return [
+        {
+            "url": r.url,
+            "converged": r.ok and _live(r.body).get("versions") == route.versions,
+            "error": None if r.ok else r.reason(),
+            "revision": route.revision,
+        }
+        for r in replies
+    ]
 
 
 def split(urls: list[str], route_file: str | Path, weights: dict[str, float], token: str) -> dict:

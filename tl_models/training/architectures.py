@@ -36,8 +36,10 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadSpec":
-        return cls(**{k: data[k] for k in ("kind", "embedding_dim", "num_classes", "hidden", "dropout")},
-                   standardise=data.get("standardise", False))  # heads built before it existed have none
+        return cls(
+            **{k: data[k] for k in ("kind", "embedding_dim", "num_classes", "hidden", "dropout")},
+            standardise=data.get("standardise", False),
+        )  # heads built before it existed have none
 
 
 class Standardise(nn.Module):
@@ -62,6 +64,9 @@ def build_head(spec: HeadSpec) -> nn.Sequential:
     if spec.kind == "linear":
         return nn.Sequential(*first, nn.Dropout(spec.dropout), nn.Linear(spec.embedding_dim, spec.num_classes))
     return nn.Sequential(
-        *first, nn.Linear(spec.embedding_dim, spec.hidden), nn.ReLU(), nn.Dropout(spec.dropout),
+        *first,
+        nn.Linear(spec.embedding_dim, spec.hidden),
+        nn.ReLU(),
+        nn.Dropout(spec.dropout),
         nn.Linear(spec.hidden, spec.num_classes),
     )

@@ -46,11 +46,11 @@ class BackboneSpec:
     builder: Callable[..., nn.Module]
     weights_enum: type[WeightsEnum]
     embedding_dim: int
-    classifier: str                      # dotted path of the module replaced by Identity
+    classifier: str  # dotted path of the module replaced by Identity
     stages: tuple[tuple[str, ...], ...]  # first to last, each a group of dotted paths: --fine-tune N trains the last N
-    onnx_exporter: str = "torchscript"   # "dynamo" where the TorchScript exporter lacks an op
-    pool: str | None = None              # dotted path of a pooling module replaced by global average pooling
-    unused: tuple[str, ...] = ()         # modules the embedding never runs, removed after the weights load
+    onnx_exporter: str = "torchscript"  # "dynamo" where the TorchScript exporter lacks an op
+    pool: str | None = None  # dotted path of a pooling module replaced by global average pooling
+    unused: tuple[str, ...] = ()  # modules the embedding never runs, removed after the weights load
     # torchvision builds it with transform_input=True for pretrained weights, re-normalising ImageNet-normalised
     # input to (x - 0.5) / 0.5; with such weights the graph's normalisation is that one (the same arithmetic, one step)
     transform_input: bool = False
@@ -62,55 +62,148 @@ class BackboneSpec:
         mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
         if self.transform_input and pretrained:
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]), mean=mean, std=std,
-                             interpolation=t.interpolation.value)
+        return Preprocessing(
+            resize_size=int(t.resize_size[0]),
+            crop_size=int(t.crop_size[0]),
+            mean=mean,
+            std=std,
+            interpolation=t.interpolation.value,
+        )
 
 
 _RESNET_STAGES = (("layer1",), ("layer2",), ("layer3",), ("layer4",))
-_VGG16_STAGES = (("features.0", "features.2"), ("features.5", "features.7"), blocks("features", 10, 14),
-                 blocks("features", 17, 21), blocks("features", 24, 28))
-_VGG16_BN_STAGES = (blocks("features", 0, 5), blocks("features", 7, 12), blocks("features", 14, 22),
-                    blocks("features", 24, 32), blocks("features", 34, 42))
+_VGG16_STAGES = (
+    ("features.0", "features.2"),
+    ("features.5", "features.7"),
+    blocks("features", 10, 14),
+    blocks("features", 17, 21),
+    blocks("features", 24, 28),
+)
+_VGG16_BN_STAGES = (
+    blocks("features", 0, 5),
+    blocks("features", 7, 12),
+    blocks("features", 14, 22),
+    blocks("features", 24, 32),
+    blocks("features", 34, 42),
+)
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in [
-    BackboneSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, 512, "fc", _RESNET_STAGES),
-    BackboneSpec("resnet50", tvm.resnet50, tvm.ResNet50_Weights, 2048, "fc", _RESNET_STAGES),
-    BackboneSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, 1280, "classifier",
-                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
-                  blocks("features", 7, 10), blocks("features", 11, 13), blocks("features", 14, 16),
-                  blocks("features", 17, 18))),
-    BackboneSpec("mobilenet_v3_small", tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights, 576, "classifier",
-                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
-                  blocks("features", 7, 8), blocks("features", 9, 10), blocks("features", 11, 12))),
-    BackboneSpec("mobilenet_v3_large", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights, 960, "classifier",
-                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 6),
-                  blocks("features", 7, 10), blocks("features", 11, 12), blocks("features", 13, 14),
-                  blocks("features", 15, 16))),
-    BackboneSpec("efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, 1280, "classifier",
-                 (blocks("features", 0, 1),) + tuple((f"features.{i}",) for i in range(2, 7))
-                 + (blocks("features", 7, 8),)),
-    BackboneSpec("convnext_tiny", tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights, 768, "classifier.2",
-                 (blocks("features", 0, 1), blocks("features", 2, 3), blocks("features", 4, 5),
-                  blocks("features", 6, 7) + ("classifier.0",))),
-    BackboneSpec("regnet_y_400mf", tvm.regnet_y_400mf, tvm.RegNet_Y_400MF_Weights, 440, "fc",
-                 tuple((f"trunk_output.block{i}",) for i in range(1, 5))),
-    BackboneSpec("vit_b_16", tvm.vit_b_16, tvm.ViT_B_16_Weights, 768, "heads",
-                 tuple((f"encoder.layers.encoder_layer_{i}",) for i in range(11))
-                 + (("encoder.layers.encoder_layer_11", "encoder.ln"),), onnx_exporter="dynamo"),
-    # the transfer-learning articles' VGG16: global average pooling over the last conv block (512-d), not the
-    # 4,096-d fully connected layers (a 7×7 average pool and 120 M classifier weights)
-    BackboneSpec("vgg16", tvm.vgg16, tvm.VGG16_Weights, 512, "classifier", _VGG16_STAGES, pool="avgpool"),
-    BackboneSpec("vgg16_bn", tvm.vgg16_bn, tvm.VGG16_BN_Weights, 512, "classifier", _VGG16_BN_STAGES,
-                 pool="avgpool"),
-    # 299 px (resize 342), 2,048-d after its own global average pooling; the auxiliary classifier only runs in
-    # training mode, which a frozen backbone never enters; init_weights=False skips a slow scipy init the
-    # weights (or --weights none's seeded default init) replace anyway
-    BackboneSpec("inception_v3", partial(tvm.inception_v3, init_weights=False), tvm.Inception_V3_Weights, 2048, "fc",
-                 (("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"),
-                  ("Mixed_5b", "Mixed_5c", "Mixed_5d"), ("Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
-                  ("Mixed_7a", "Mixed_7b", "Mixed_7c")),
-                 unused=("AuxLogits",), transform_input=True),
-]}
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, 512, "fc", _RESNET_STAGES),
+        BackboneSpec("resnet50", tvm.resnet50, tvm.ResNet50_Weights, 2048, "fc", _RESNET_STAGES),
+        BackboneSpec(
+            "mobilenet_v2",
+            tvm.mobilenet_v2,
+            tvm.MobileNet_V2_Weights,
+            1280,
+            "classifier",
+            (
+                blocks("features", 0, 1),
+                blocks("features", 2, 3),
+                blocks("features", 4, 6),
+                blocks("features", 7, 10),
+                blocks("features", 11, 13),
+                blocks("features", 14, 16),
+                blocks("features", 17, 18),
+            ),
+        ),
+        BackboneSpec(
+            "mobilenet_v3_small",
+            tvm.mobilenet_v3_small,
+            tvm.MobileNet_V3_Small_Weights,
+            576,
+            "classifier",
+            (
+                blocks("features", 0, 1),
+                blocks("features", 2, 3),
+                blocks("features", 4, 6),
+                blocks("features", 7, 8),
+                blocks("features", 9, 10),
+                blocks("features", 11, 12),
+            ),
+        ),
+        BackboneSpec(
+            "mobilenet_v3_large",
+            tvm.mobilenet_v3_large,
+            tvm.MobileNet_V3_Large_Weights,
+            960,
+            "classifier",
+            (
+                blocks("features", 0, 1),
+                blocks("features", 2, 3),
+                blocks("features", 4, 6),
+                blocks("features", 7, 10),
+                blocks("features", 11, 12),
+                blocks("features", 13, 14),
+                blocks("features", 15, 16),
+            ),
+        ),
+        BackboneSpec(
+            "efficientnet_b0",
+            tvm.efficientnet_b0,
+            tvm.EfficientNet_B0_Weights,
+            1280,
+            "classifier",
+            (blocks("features", 0, 1),) + tuple((f"features.{i}",) for i in range(2, 7)) + (blocks("features", 7, 8),),
+        ),
+        BackboneSpec(
+            "convnext_tiny",
+            tvm.convnext_tiny,
+            tvm.ConvNeXt_Tiny_Weights,
+            768,
+            "classifier.2",
+            (
+                blocks("features", 0, 1),
+                blocks("features", 2, 3),
+                blocks("features", 4, 5),
+                blocks("features", 6, 7) + ("classifier.0",),
+            ),
+        ),
+        BackboneSpec(
+            "regnet_y_400mf",
+            tvm.regnet_y_400mf,
+            tvm.RegNet_Y_400MF_Weights,
+            440,
+            "fc",
+            tuple((f"trunk_output.block{i}",) for i in range(1, 5)),
+        ),
+        BackboneSpec(
+            "vit_b_16",
+            tvm.vit_b_16,
+            tvm.ViT_B_16_Weights,
+            768,
+            "heads",
+            tuple((f"encoder.layers.encoder_layer_{i}",) for i in range(11))
+            + (("encoder.layers.encoder_layer_11", "encoder.ln"),),
+            onnx_exporter="dynamo",
+        ),
+        # the transfer-learning articles' VGG16: global average pooling over the last conv block (512-d), not the
+        # 4,096-d fully connected layers (a 7×7 average pool and 120 M classifier weights)
+        BackboneSpec("vgg16", tvm.vgg16, tvm.VGG16_Weights, 512, "classifier", _VGG16_STAGES, pool="avgpool"),
+        BackboneSpec(
+            "vgg16_bn", tvm.vgg16_bn, tvm.VGG16_BN_Weights, 512, "classifier", _VGG16_BN_STAGES, pool="avgpool"
+        ),
+        # 299 px (resize 342), 2,048-d after its own global average pooling; the auxiliary classifier only runs in
+        # training mode, which a frozen backbone never enters; init_weights=False skips a slow scipy init the
+        # weights (or --weights none's seeded default init) replace anyway
+        BackboneSpec(
+            "inception_v3",
+            partial(tvm.inception_v3, init_weights=False),
+            tvm.Inception_V3_Weights,
+            2048,
+            "fc",
+            (
+                ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"),
+                ("Mixed_5b", "Mixed_5c", "Mixed_5d"),
+                ("Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+                ("Mixed_7a", "Mixed_7b", "Mixed_7c"),
+            ),
+            unused=("AuxLogits",),
+            transform_input=True,
+        ),
+    ]
+}
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -185,8 +278,10 @@ def _resolve_weights(spec: BackboneSpec, weights: str, seed: int):
     try:
         member = spec.weights_enum[weights]
     except KeyError:
-        raise WeightsError(f"unknown weights {weights!r} for {spec.name}; use one of "
-                           f"{', '.join(spec.weights_enum.__members__)}, a .pth file, or none") from None
+        raise WeightsError(
+            f"unknown weights {weights!r} for {spec.name}; use one of "
+            f"{', '.join(spec.weights_enum.__members__)}, a .pth file, or none"
+        ) from None
     return _state_dict_from_enum(member), f"torchvision:{member}", member
 
 
@@ -216,8 +311,9 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedB
     return LoadedBackbone(spec, module, weights_id, preprocessing)
 
 
-def load_saved_backbone(name: str, state_path: Path, weights_id: str, preprocessing: Preprocessing,
-                        seed: int = 0) -> LoadedBackbone:
+def load_saved_backbone(
+    name: str, state_path: Path, weights_id: str, preprocessing: Preprocessing, seed: int = 0
+) -> LoadedBackbone:
     """A backbone with a saved state_dict of its feature extractor (a build's ``backbone.pt``), frozen."""
     backbone = load_backbone(name, "none", seed)
     backbone.module.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
@@ -234,12 +330,15 @@ def _from_build(name: str, path: Path, seed: int) -> LoadedBackbone:
         raise WeightsError(f"--weights {path} is a folder but not a build directory (no manifest.json)")
     manifest = build.verify()
     if manifest.backbone != name:
-        raise WeightsError(f"build {path} has a {manifest.backbone} backbone, not {name}: chained transfer keeps the "
-                           f"architecture (use --backbone {manifest.backbone})")
+        raise WeightsError(
+            f"build {path} has a {manifest.backbone} backbone, not {name}: chained transfer keeps the "
+            f"architecture (use --backbone {manifest.backbone})"
+        )
     weights_id = f"build:{manifest.name}:sha256={manifest.files[BACKBONE_PT]}"
     log.info("chained transfer: backbone of build %s (%s)", path, weights_id)
-    return load_saved_backbone(name, build.file(BACKBONE_PT), weights_id,
-                               Preprocessing.from_dict(manifest.preprocessing), seed)
+    return load_saved_backbone(
+        name, build.file(BACKBONE_PT), weights_id, Preprocessing.from_dict(manifest.preprocessing), seed
+    )
 
 
 def freeze(module: nn.Module) -> None:
@@ -252,8 +351,10 @@ def freeze(module: nn.Module) -> None:
 def stage_paths(spec: BackboneSpec, count: int) -> list[str]:
     """Dotted paths of the last ``count`` stages; a clear error when the backbone has fewer."""
     if not 1 <= count <= len(spec.stages):
-        raise UserError(f"{spec.name} has {len(spec.stages)} trainable stages: --fine-tune takes 1 to "
-                        f"{len(spec.stages)}, got {count}")
+        raise UserError(
+            f"{spec.name} has {len(spec.stages)} trainable stages: --fine-tune takes 1 to "
+            f"{len(spec.stages)}, got {count}"
+        )
     return [path for stage in spec.stages[-count:] for path in stage]
 
 

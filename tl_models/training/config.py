@@ -54,7 +54,7 @@ class FineTune:
     ``stages`` 0: no stage 2 (a frozen backbone)."""
 
     stages: int = 0
-    lr: float | None = None         # None: the head's learning rate / 1000
+    lr: float | None = None  # None: the head's learning rate / 1000
     epochs: int = 15
     augment: tuple[str, ...] = AUGMENTATIONS
 
@@ -67,8 +67,9 @@ class FineTune:
             raise BadRequest(f"--fine-tune-epochs must be at least 1, got {self.epochs}")
         unknown = set(self.augment) - set(AUGMENTATIONS)
         if unknown:
-            raise BadRequest(f"unknown augmentation {', '.join(sorted(unknown))}; use {', '.join(AUGMENTATIONS)} "
-                             "or none")
+            raise BadRequest(
+                f"unknown augmentation {', '.join(sorted(unknown))}; use {', '.join(AUGMENTATIONS)} or none"
+            )
         return self
 
     def learning_rate(self, head_lr: float) -> float:

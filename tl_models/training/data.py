@@ -80,8 +80,9 @@ class ImageFolderData:
         """How the content hash names each image: its path relative to the folder (a listing's: the listing's
         folder), or its URL."""
         base = self.root if self.root.is_dir() else self.root.parent
-        return [str(p.relative_to(base)) if isinstance(p, Path) and p.is_relative_to(base) else str(p)
-                for p in self.paths]
+        return [
+            str(p.relative_to(base)) if isinstance(p, Path) and p.is_relative_to(base) else str(p) for p in self.paths
+        ]
 
     def content_hash(self) -> str:
         """sha256 over (name, class, file sha256) of every image (and the split, from a listing that has one):
@@ -100,17 +101,23 @@ class ImageFolderData:
         """Indices (train, val): the listing's own split where it has one, else :func:`stratified_split`."""
         if self.splits is None:
             return stratified_split(self.targets, val_fraction, seed)
-        return ([i for i, s in enumerate(self.splits) if s == "train"],
-                [i for i, s in enumerate(self.splits) if s == "val"])
+        return (
+            [i for i, s in enumerate(self.splits) if s == "train"],
+            [i for i, s in enumerate(self.splits) if s == "val"],
+        )
 
     def subset(self, indices: Iterable[int]) -> "ImageFolderData":
         """The images at ``indices`` (classes kept, nothing skipped), e.g. a calibration or benchmark sample."""
         chosen = list(indices)
         hashes = self._file_hashes
-        return ImageFolderData(self.root, self.classes, [self.paths[i] for i in chosen],
-                               [self.targets[i] for i in chosen],
-                               splits=None if self.splits is None else [self.splits[i] for i in chosen],
-                               _file_hashes=None if hashes is None else [hashes[i] for i in chosen])
+        return ImageFolderData(
+            self.root,
+            self.classes,
+            [self.paths[i] for i in chosen],
+            [self.targets[i] for i in chosen],
+            splits=None if self.splits is None else [self.splits[i] for i in chosen],
+            _file_hashes=None if hashes is None else [hashes[i] for i in chosen],
+        )
 
 
 def _check_image(path: ImagePath) -> tuple[str | None, bytes]:
@@ -143,8 +150,11 @@ def load_image_folder(root: str | Path) -> ImageFolderData:
         raise DataError(f"data folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
     if len(class_dirs) < 2:
         raise DataError(f"data folder {root} has one class ({class_dirs[0].name}); a classifier needs at least 2")
-    candidates = [(index, path) for index, class_dir in enumerate(class_dirs)
-                  for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))]
+    candidates = [
+        (index, path)
+        for index, class_dir in enumerate(class_dirs)
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    ]
     data = ImageFolderData(root=root, classes=[d.name for d in class_dirs], paths=[], targets=[])
     _admit(data, candidates)
     for index, class_dir in enumerate(class_dirs):
@@ -159,8 +169,9 @@ def _admit(data: ImageFolderData, candidates: list[tuple[int, ImagePath]]) -> No
     suffix = lambda p: Path(urlparse(p).path).suffix if isinstance(p, str) else p.suffix  # noqa: E731
     hashes = data._file_hashes if data._file_hashes is not None else []
     wanted = [(i, p) for i, p in candidates if suffix(p).lower() in IMAGE_SUFFIXES]
-    data.skipped.extend((p, f"not an image file (suffix {suffix(p)})") for _, p in candidates
-                        if suffix(p).lower() not in IMAGE_SUFFIXES)
+    data.skipped.extend(
+        (p, f"not an image file (suffix {suffix(p)})") for _, p in candidates if suffix(p).lower() not in IMAGE_SUFFIXES
+    )
     for (target, path), (reason, digest) in zip(wanted, _check_all([p for _, p in wanted])):
         if reason:
             data.skipped.append((path, reason))
@@ -176,14 +187,20 @@ def _check_class_size(data: ImageFolderData, index: int, what: str, where: objec
     if count == 0:
         raise DataError(f"{what} in {where} has no readable images")
     if count < 2:
-        raise DataError(f"{what} has {count} readable image; at least 2 are needed "
-                        "(one for training, one for validation)")
+        raise DataError(
+            f"{what} has {count} readable image; at least 2 are needed (one for training, one for validation)"
+        )
 
 
 def _warn_skipped(skipped: list[tuple[ImagePath, str]], where: object) -> None:
     if skipped:
-        log.warning("skipped %d unreadable or non-image files under %s (first: %s: %s)",
-                    len(skipped), where, skipped[0][0], skipped[0][1])
+        log.warning(
+            "skipped %d unreadable or non-image files under %s (first: %s: %s)",
+            len(skipped),
+            where,
+            skipped[0][0],
+            skipped[0][1],
+        )
 
 
 def _readable_images(folder: Path, skipped: list[tuple[ImagePath, str]]) -> tuple[list[ImagePath], list[bytes]]:
@@ -198,8 +215,9 @@ def _readable_images(folder: Path, skipped: list[tuple[ImagePath, str]]) -> tupl
 UNLABELED = "(unlabeled)"
 
 
-def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData,
-                          what: str = "unlabelled folder") -> ImageFolderData:
+def load_unlabeled_folder(
+    root: str | Path, labelled: ImageFolderData, what: str = "unlabelled folder"
+) -> ImageFolderData:
     """Every readable image under ``root`` (any layout) as one class ``(unlabeled)``; DataError when there is none,
     or when ``root`` overlaps the labelled data (the same folder, or the same image bytes). ``what`` names the
     folder in messages (the --unlabeled or the --target one)."""
@@ -211,15 +229,20 @@ def load_unlabeled_folder(root: str | Path, labelled: ImageFolderData,
     skipped: list[tuple[ImagePath, str]] = []
     paths, hashes = _readable_images(root, skipped)
     if not paths:
-        raise DataError(f"{what} {root} has no readable images" +
-                        (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    folder = ImageFolderData(root=root, classes=[UNLABELED], paths=paths, targets=[0] * len(paths), skipped=skipped,
-                             _file_hashes=hashes)
+        raise DataError(
+            f"{what} {root} has no readable images"
+            + (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
+        )
+    folder = ImageFolderData(
+        root=root, classes=[UNLABELED], paths=paths, targets=[0] * len(paths), skipped=skipped, _file_hashes=hashes
+    )
     known = set(labelled.file_hashes())
     shared = [p for p, file_hash in zip(paths, folder.file_hashes()) if file_hash in known]
     if shared:
-        raise DataError(f"{len(shared)} images of the {what} {root} are also labelled images of {labelled.root} "
-                        f"(first: {shared[0]}): keep them apart")
+        raise DataError(
+            f"{len(shared)} images of the {what} {root} are also labelled images of {labelled.root} "
+            f"(first: {shared[0]}): keep them apart"
+        )
     _warn_skipped(skipped, root)
     return folder
 
@@ -276,8 +299,10 @@ def load_listing(path: str | Path) -> ImageFolderData:
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
-        raise DataError(f"listing {path} has no {' or '.join(repr(c) for c in missing)} column (columns: "
-                        f"{', '.join(sorted(columns)) or 'none'}): it needs path,label and optionally split")
+        raise DataError(
+            f"listing {path} has no {' or '.join(repr(c) for c in missing)} column (columns: "
+            f"{', '.join(sorted(columns)) or 'none'}): it needs path,label and optionally split"
+        )
     with_split = "split" in columns
     skipped: list[tuple[ImagePath, str]] = []
     kept: list[tuple[str, ImagePath, str]] = []
@@ -295,10 +320,13 @@ def load_listing(path: str | Path) -> ImageFolderData:
             kept.append((label, _listing_location(cell, path.parent), split))
     classes = sorted({label for label, _, _ in kept})
     if len(classes) < 2:
-        raise DataError(f"listing {path} has {len(classes)} label(s) with a usable row; a classifier needs at least 2"
-                        + (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    data = ImageFolderData(root=path, classes=classes, paths=[], targets=[], skipped=skipped,
-                           splits=[] if with_split else None)
+        raise DataError(
+            f"listing {path} has {len(classes)} label(s) with a usable row; a classifier needs at least 2"
+            + (f" (skipped {len(skipped)}; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
+        )
+    data = ImageFolderData(
+        root=path, classes=classes, paths=[], targets=[], skipped=skipped, splits=[] if with_split else None
+    )
     split_of = {location: split for _, location, split in kept}
     _admit(data, [(classes.index(label), location) for label, location, _ in kept])
     if data.splits is not None:

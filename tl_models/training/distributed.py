@@ -23,7 +23,7 @@ from ..core.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 ACTOR_RESTARTS = 4  # a killed actor comes back this many times before the build fails
-DECODE_CPUS = 0.5   # logical CPUs a decode task asks for (an actor asks for 1)
+DECODE_CPUS = 0.5  # logical CPUs a decode task asks for (an actor asks for 1)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -41,8 +41,10 @@ def connect(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise BadRequest(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
-                         f"`ray start --head --node-ip-address {host} --port {port}`") from None
+        raise BadRequest(
+            f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+            f"`ray start --head --node-ip-address {host} --port {port}`"
+        ) from None
     try:
         import ray
     except ImportError:
@@ -87,9 +89,11 @@ class RayEngine:
             raise BadRequest(f"--ray-actors must be at least 1, got {actors}")
         resources = ray.cluster_resources()
         if resources.get("CPU", 0) < actors + DECODE_CPUS:
-            raise BadRequest(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs: {actors} actor(s) take one each "
-                             f"and decoding needs {DECODE_CPUS:g} more; use --ray-actors "
-                             f"{max(1, int(resources.get('CPU', 0) - DECODE_CPUS))} or a larger cluster")
+            raise BadRequest(
+                f"the Ray cluster has {resources.get('CPU', 0):g} CPUs: {actors} actor(s) take one each "
+                f"and decoding needs {DECODE_CPUS:g} more; use --ray-actors "
+                f"{max(1, int(resources.get('CPU', 0) - DECODE_CPUS))} or a larger cluster"
+            )
         if device == "cuda" and resources.get("GPU", 0) < actors:
             raise BadRequest(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs for {actors} actor(s) on cuda")
         self.model, self.device, self.actors = Path(model), device, actors
@@ -98,18 +102,29 @@ class RayEngine:
     def ident(self) -> dict:
         return {"engine": "onnxruntime", "device": self.device, "precision": "fp32"}
 
-    def stream(self, paths: list, preprocessing: Preprocessing, ranges: list[tuple[int, int]],
-               batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def stream(
+        self, paths: list, preprocessing: Preprocessing, ranges: list[tuple[int, int]], batch_size: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image indices, embeddings) batches for the images of ``paths`` in ``ranges``, in any order."""
         import ray
 
         items = [{"index": i, "path": str(paths[i])} for start, stop in ranges for i in range(start, stop)]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // (4 * batch_size)))
-        dataset = dataset.map_batches(_decode, fn_kwargs={"preprocessing": preprocessing.to_dict()},
-                                      batch_size=batch_size, num_cpus=DECODE_CPUS, max_retries=-1)
-        dataset = dataset.map_batches(_Embed, fn_constructor_args=(self.model.read_bytes(), self.device),
-                                      batch_size=batch_size, concurrency=self.actors,
-                                      num_gpus=1 if self.device == "cuda" else 0,
-                                      max_restarts=ACTOR_RESTARTS, max_task_retries=-1)
+        dataset = dataset.map_batches(
+            _decode,
+            fn_kwargs={"preprocessing": preprocessing.to_dict()},
+            batch_size=batch_size,
+            num_cpus=DECODE_CPUS,
+            max_retries=-1,
+        )
+        dataset = dataset.map_batches(
+            _Embed,
+            fn_constructor_args=(self.model.read_bytes(), self.device),
+            batch_size=batch_size,
+            concurrency=self.actors,
+            num_gpus=1 if self.device == "cuda" else 0,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=-1,
+        )
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             yield batch["index"], batch["embedding"]

@@ -28,21 +28,38 @@ log = logging.getLogger(__name__)
 OPSET = 20
 
 
-def _trace(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-           exporter: str = "torchscript") -> onnx.ModelProto:
+def _trace(
+    module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str, exporter: str = "torchscript"
+) -> onnx.ModelProto:
     """Export with the TorchScript exporter (fast, deterministic) or the dynamo one (what TorchScript can't do)."""
     module = module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             buffer = io.BytesIO()
-            torch.onnx.export(module, (example,), buffer, input_names=[input_name], output_names=[output_name],
-                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
             return onnx.load_from_string(buffer.getvalue())
-        program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=[output_name],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
         return program.model_proto
 
 
@@ -61,8 +78,9 @@ def _finish(model: onnx.ModelProto, path: Path | None, metadata: dict[str, objec
     return data
 
 
-def export_backbone(module: torch.nn.Module, input_size: list[int], path: str | Path, metadata: dict,
-                    exporter: str = "torchscript") -> None:
+def export_backbone(
+    module: torch.nn.Module, input_size: list[int], path: str | Path, metadata: dict, exporter: str = "torchscript"
+) -> None:
     """image uint8 N×3×H×W -> embedding float32 N×D (``exporter`` from the backbone's registry entry)."""
     example = torch.randint(0, 256, (2, *input_size), dtype=torch.uint8)
     _finish(_trace(module, example, IMAGE, EMBEDDING, exporter), Path(path), {**metadata, "graph": "backbone"})
@@ -83,8 +101,7 @@ def fuse(backbone_path: str | Path, head_path: str | Path, metadata: dict, path:
     for model in (backbone, head):
         del model.metadata_props[:]
         model.ir_version = ir_version
-    fused = compose.merge_models(backbone, head, io_map=[(EMBEDDING, f"head/{EMBEDDING}")],
-                                 outputs=[f"head/{LOGITS}"])
+    fused = compose.merge_models(backbone, head, io_map=[(EMBEDDING, f"head/{EMBEDDING}")], outputs=[f"head/{LOGITS}"])
     fused.graph.output[0].name = LOGITS
     for node in fused.graph.node:
         node.output[:] = [LOGITS if o == f"head/{LOGITS}" else o for o in node.output]
@@ -101,8 +118,12 @@ def to_fp16(source: str | Path, path: str | Path, metadata: dict) -> None:
 
 def build_metadata(manifest: Manifest, head: HeadEntry | None = None) -> dict:
     """metadata_props of a build's graphs: backbone, weights, preprocessing, labels and (for heads) head id."""
-    meta = {"backbone": manifest.backbone, "weights": manifest.weights, "preprocessing": manifest.preprocessing,
-            "labels": manifest.labels}
+    meta = {
+        "backbone": manifest.backbone,
+        "weights": manifest.weights,
+        "preprocessing": manifest.preprocessing,
+        "labels": manifest.labels,
+    }
     if head is not None:
         meta["head"] = head.key
     return meta

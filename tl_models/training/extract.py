@@ -87,11 +87,15 @@ class OrtEngine:
         self.parallel = 1 if device == "cuda" else max(1, sessions)
         self.batch = max(8, BATCH // self.parallel)
         threads = None if self.parallel == 1 else max(1, (os.cpu_count() or 1) // self.parallel)
-        sessions_made = [create_session(model, providers="cuda" if device == "cuda" else "cpu", threads=threads,
-                                        name="extraction") for _ in range(self.parallel)]
+        sessions_made = [
+            create_session(model, providers="cuda" if device == "cuda" else "cpu", threads=threads, name="extraction")
+            for _ in range(self.parallel)
+        ]
         if device == "cuda" and active_provider(sessions_made[0]) != "CUDAExecutionProvider":
-            raise BadRequest("--device cuda: ONNX Runtime has no CUDA provider here (onnxruntime-gpu and a CUDA "
-                             "driver are needed); use --engine torch or --device cpu")
+            raise BadRequest(
+                "--device cuda: ONNX Runtime has no CUDA provider here (onnxruntime-gpu and a CUDA "
+                "driver are needed); use --engine torch or --device cpu"
+            )
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for session in sessions_made:
             self._free.put(session)
@@ -131,8 +135,10 @@ def _read_checked(path: ImagePath, preprocessing: Preprocessing) -> np.ndarray:
     try:
         return read_image(path, preprocessing)
     except (ImageError, OSError) as exc:
-        raise DataError(f"image {path} passed the scan but no longer reads ({exc}): it changed while the build ran; "
-                        "what was embedded before it is kept, run the build again to skip it") from None
+        raise DataError(
+            f"image {path} passed the scan but no longer reads ({exc}): it changed while the build ran; "
+            "what was embedded before it is kept, run the build again to skip it"
+        ) from None
 
 
 def _decode_batch(paths: list[ImagePath], preprocessing: Preprocessing) -> np.ndarray:
@@ -152,8 +158,9 @@ class DecodedImages:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """uint8 len(rows)×3×H×W, in the order of ``rows``."""
-        return np.stack(list(self._pool.map(lambda i: _read_checked(self.paths[i], self.preprocessing),
-                                            np.asarray(rows).tolist())))
+        return np.stack(
+            list(self._pool.map(lambda i: _read_checked(self.paths[i], self.preprocessing), np.asarray(rows).tolist()))
+        )
 
     def __enter__(self) -> "DecodedImages":
         return self
@@ -162,8 +169,13 @@ class DecodedImages:
         self._pool.shutdown(cancel_futures=True)
 
 
-def decoded_batches(paths: list[ImagePath], preprocessing: Preprocessing, ranges: list[tuple[int, int]],
-                    batch_size: int = BATCH, workers: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def decoded_batches(
+    paths: list[ImagePath],
+    preprocessing: Preprocessing,
+    ranges: list[tuple[int, int]],
+    batch_size: int = BATCH,
+    workers: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
     """(first index, uint8 B×3×H×W) for the images of ``paths`` in each ``(start, stop)`` range, in order; batches
     never cross a range's end. Decoded by ``workers`` threads, at most ``2 * workers`` batches ahead."""
     workers = workers or decode_workers()
@@ -184,8 +196,13 @@ def decoded_batches(paths: list[ImagePath], preprocessing: Preprocessing, ranges
                 future.cancel()
 
 
-def embed_stream(engine: Engine, paths: list[ImagePath], preprocessing: Preprocessing, ranges: list[tuple[int, int]],
-                 batch_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def embed_stream(
+    engine: Engine,
+    paths: list[ImagePath],
+    preprocessing: Preprocessing,
+    ranges: list[tuple[int, int]],
+    batch_size: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(image indices, embeddings) for the images of ``paths`` in ``ranges``, in order: decoding threads feed
     ``engine`` in this process, ``engine.parallel`` batches at a time. An image that no longer reads ends the
     stream with its DataError after every batch before it."""

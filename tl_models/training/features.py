@@ -40,8 +40,9 @@ def default_cache_dir() -> Path:
 def load_images(data: ImageFolderData, preprocessing: Preprocessing, progress: bool = True) -> np.ndarray:
     """Every image of the data set preprocessed to uint8 N×3×H×W, in memory: for small sets only (calibration,
     fine-tuning's augmented images, benchmarks); extraction streams instead."""
-    images = [read_image(p, preprocessing) for p in tqdm(data.paths, desc="preprocess", unit="img",
-                                                         disable=not progress)]
+    images = [
+        read_image(p, preprocessing) for p in tqdm(data.paths, desc="preprocess", unit="img", disable=not progress)
+    ]
     return np.stack(images)
 
 
@@ -50,9 +51,10 @@ def embed(backbone: LoadedBackbone, images: np.ndarray, batch_size: int = BATCH,
     """Run the frozen backbone (eval mode) over uint8 images; returns float32 N×D."""
     backbone.module.eval()
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=f"embed {backbone.spec.name}", unit="batch",
-                      disable=not progress):
-        out.append(backbone.module(torch.from_numpy(images[start:start + batch_size])).numpy())
+    for start in tqdm(
+        range(0, len(images), batch_size), desc=f"embed {backbone.spec.name}", unit="batch", disable=not progress
+    ):
+        out.append(backbone.module(torch.from_numpy(images[start : start + batch_size])).numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -85,8 +87,14 @@ class Features:
 
     def summary(self) -> dict:
         """What a build reports about its extraction (not in the manifest: a resumed build has the same one)."""
-        return {"embedded": self.embedded, "images": len(self.embeddings), "shards": self.shards,
-                "shards_cached": self.shards_cached, "where": self.where, **self.engine}
+        return {
+            "embedded": self.embedded,
+            "images": len(self.embeddings),
+            "shards": self.shards,
+            "shards_cached": self.shards_cached,
+            "where": self.where,
+            **self.engine,
+        }
 
 
 class CachedEmbeddings:
@@ -98,8 +106,9 @@ class CachedEmbeddings:
         self.files, self.dim = files, dim
         self.shape = (ranges[-1][1] if ranges else 0, dim)
         self._starts = np.array([start for start, _ in ranges], dtype=np.int64)
-        self._offsets = np.array([_data_offset(path, stop - start, dim) for path, (start, stop) in zip(files, ranges)],
-                                dtype=np.int64)
+        self._offsets = np.array(
+            [_data_offset(path, stop - start, dim) for path, (start, stop) in zip(files, ranges)], dtype=np.int64
+        )
         self._row_bytes = dim * 4
         self._fds: list[int] = []
 
@@ -123,7 +132,7 @@ class CachedEmbeddings:
         offsets = self._offsets[shard] + (rows - self._starts[shard]) * self._row_bytes
         view, size = memoryview(out).cast("B"), self._row_bytes
         for i, (number, offset) in enumerate(zip(shard.tolist(), offsets.tolist())):
-            if os.preadv(self._fds[number], [view[i * size:(i + 1) * size]], offset) != size:
+            if os.preadv(self._fds[number], [view[i * size : (i + 1) * size]], offset) != size:
                 raise OSError(f"feature cache shard {self.files[number]} is shorter than its index says")
         return out
 
@@ -132,7 +141,7 @@ class CachedEmbeddings:
         out = np.empty(self.shape, dtype=np.float32)
         for path, start in zip(self.files, self._starts.tolist()):
             shard = np.load(path, mmap_mode="r")
-            out[start:start + len(shard)] = shard
+            out[start : start + len(shard)] = shard
         return out
 
     def close(self) -> None:
@@ -149,8 +158,7 @@ def _data_offset(path: Path, rows: int, dim: int) -> int:
     """Where the rows of a shard ``.npy`` (rows×dim float32, C order) begin in its file."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(handle)
         if fortran or dtype != np.float32 or shape != (rows, dim):
             raise ValueError(f"feature cache shard {path} is not a C-order float32 {rows}×{dim} matrix")
@@ -172,8 +180,10 @@ class _Shards:
             return None
         try:
             index = json.loads(path.read_text())
-            if index.get("format") == CACHE_FORMAT and (index.get("images"), index.get("dim")) == (self.images,
-                                                                                                   self.dim):
+            if index.get("format") == CACHE_FORMAT and (index.get("images"), index.get("dim")) == (
+                self.images,
+                self.dim,
+            ):
                 return index
             log.warning("feature cache index %s does not describe this entry; recomputing it", path)
         except (ValueError, AttributeError) as exc:
@@ -205,16 +215,30 @@ class _Shards:
         data = buffer.getvalue()
         name = f"shard-{number:06d}.npy"
         atomic_write_bytes(self.root / name, data)
-        self.committed[number] = {"index": number, "file": name, "start": start, "stop": stop,
-                                  "sha256": hashlib.sha256(data).hexdigest()}
-        atomic_write_json(self.root / INDEX, {
-            "format": CACHE_FORMAT, "images": self.images, "dim": self.dim, "shard_images": self.shard_images,
-            "ident": self.ident, "shards": [self.committed[k] for k in sorted(self.committed)]})
+        self.committed[number] = {
+            "index": number,
+            "file": name,
+            "start": start,
+            "stop": stop,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        atomic_write_json(
+            self.root / INDEX,
+            {
+                "format": CACHE_FORMAT,
+                "images": self.images,
+                "dim": self.dim,
+                "shard_images": self.shard_images,
+                "ident": self.ident,
+                "shards": [self.committed[k] for k in sorted(self.committed)],
+            },
+        )
 
     def read(self) -> CachedEmbeddings:
         """The committed shards, in order, as one N×D view read on demand."""
-        return CachedEmbeddings([self.root / self.committed[n]["file"] for n in range(len(self.ranges()))],
-                                self.ranges(), self.dim)
+        return CachedEmbeddings(
+            [self.root / self.committed[n]["file"] for n in range(len(self.ranges()))], self.ranges(), self.dim
+        )
 
 
 @dataclass
@@ -226,8 +250,12 @@ class FeatureCache:
 
     @staticmethod
     def key(backbone: LoadedBackbone, data_hash: str, engine: dict | None = None) -> str:
-        ident = {"backbone": backbone.spec.name, "weights": backbone.weights_id,
-                 "preprocessing": backbone.preprocessing.to_dict(), "data": data_hash}
+        ident = {
+            "backbone": backbone.spec.name,
+            "weights": backbone.weights_id,
+            "preprocessing": backbone.preprocessing.to_dict(),
+            "data": data_hash,
+        }
         if backbone.state_sha256 is not None:
             ident["state"] = backbone.state_sha256
         if engine is not None:
@@ -237,8 +265,14 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.cache_dir / "features" / key
 
-    def features(self, backbone: LoadedBackbone, data: ImageFolderData, engine: Engine | None = None,
-                 batch_size: int | None = None, progress: bool = True) -> Features:
+    def features(
+        self,
+        backbone: LoadedBackbone,
+        data: ImageFolderData,
+        engine: Engine | None = None,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Features:
         """The embeddings of every image of ``data``: committed shards are read (after their sha256 is checked),
         the others computed by ``engine`` (default: torch on the CPU) in batches of ``batch_size`` (default: the
         engine's) and committed one by one."""
@@ -254,24 +288,50 @@ class FeatureCache:
             cached = len(ranges) - len(todo)
             embedded = sum(ranges[n][1] - ranges[n][0] for n in todo)
             if todo:
-                log.info("feature cache %s: embedding %d images (%d of %d shards cached)", root, embedded, cached,
-                         len(ranges))
-                _extract(engine, data, backbone.preprocessing, shards, todo,
-                         batch_size or getattr(engine, "batch", BATCH), progress)
+                log.info(
+                    "feature cache %s: embedding %d images (%d of %d shards cached)",
+                    root,
+                    embedded,
+                    cached,
+                    len(ranges),
+                )
+                _extract(
+                    engine,
+                    data,
+                    backbone.preprocessing,
+                    shards,
+                    todo,
+                    batch_size or getattr(engine, "batch", BATCH),
+                    progress,
+                )
             else:
                 log.info("feature cache hit: %s", root)
-            return Features(shards.read(), not todo, embedded, len(ranges), cached, ident,
-                            getattr(engine, "where", "in process"))
+            return Features(
+                shards.read(), not todo, embedded, len(ranges), cached, ident, getattr(engine, "where", "in process")
+            )
 
-    def get_or_compute(self, backbone: LoadedBackbone, data: ImageFolderData, batch_size: int | None = None,
-                       progress: bool = True, engine: Engine | None = None) -> tuple[np.ndarray, bool]:
+    def get_or_compute(
+        self,
+        backbone: LoadedBackbone,
+        data: ImageFolderData,
+        batch_size: int | None = None,
+        progress: bool = True,
+        engine: Engine | None = None,
+    ) -> tuple[np.ndarray, bool]:
         """(embeddings N×D, cache hit?) — runs the backbone only on what the cache does not hold."""
         found = self.features(backbone, data, engine, batch_size, progress)
         return found.array, found.hit
 
 
-def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing, shards: _Shards, todo: list[int],
-             batch_size: int, progress: bool) -> None:
+def _extract(
+    engine: Engine,
+    data: ImageFolderData,
+    preprocessing: Preprocessing,
+    shards: _Shards,
+    todo: list[int],
+    batch_size: int,
+    progress: bool,
+) -> None:
     """Embed the images of the shards ``todo`` and commit each shard once all its images have arrived (from the
     engine's own ``stream`` where it has one, as a cluster's engine does, in any order; an image that arrives
     twice is kept once)."""
@@ -281,15 +341,21 @@ def _extract(engine: Engine, data: ImageFolderData, preprocessing: Preprocessing
     batches = (stream or partial(embed_stream, engine))(data.paths, preprocessing, ranges, batch_size)
     open_shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (embeddings, which rows arrived)
     repeated = 0
-    with tqdm(total=sum(stop - start for start, stop in ranges), desc=f"embed ({engine.ident()['engine']})",
-              unit="img", disable=not progress) as bar:
+    with tqdm(
+        total=sum(stop - start for start, stop in ranges),
+        desc=f"embed ({engine.ident()['engine']})",
+        unit="img",
+        disable=not progress,
+    ) as bar:
         for indices, embeddings in batches:
             numbers = np.asarray(indices) // shards.shard_images
             for number in np.unique(numbers):
                 start, stop = every[number]
                 if number not in open_shards:
-                    open_shards[number] = (np.empty((stop - start, shards.dim), dtype=np.float32),
-                                           np.zeros(stop - start, dtype=bool))
+                    open_shards[number] = (
+                        np.empty((stop - start, shards.dim), dtype=np.float32),
+                        np.zeros(stop - start, dtype=bool),
+                    )
                 out, arrived = open_shards[number]
                 rows = np.asarray(indices)[numbers == number] - start
                 fresh = ~arrived[rows]

@@ -31,9 +31,19 @@ class FineTuned:
     embeddings: np.ndarray
 
 
-def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolderData, train_idx: np.ndarray,
-              val_idx: np.ndarray, stage1: TrainResult, embeddings: np.ndarray, config: TrainConfig,
-              settings: FineTune, progress: bool = True, device: str = "cpu") -> FineTuned:
+def fine_tune(
+    backbone: LoadedBackbone,
+    head: torch.nn.Module,
+    data: ImageFolderData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    stage1: TrainResult,
+    embeddings: np.ndarray,
+    config: TrainConfig,
+    settings: FineTune,
+    progress: bool = True,
+    device: str = "cpu",
+) -> FineTuned:
     """Stage 2 on ``head`` (trained in stage 1) and ``backbone``, both changed in place to the kept result (trained
     on ``device``, returned on the CPU); ``embeddings``: the frozen backbone's, returned unchanged when stage 2
     does not beat stage 1."""
@@ -42,10 +52,20 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
     modules = unfreeze_stages(backbone, settings.stages)
     try:
         with DecodedImages(data.paths, backbone.preprocessing) as images:  # decoded batch by batch, every epoch
-            stage2 = fit(head, Rows(images, train_idx), targets[train_idx], Rows(images, val_idx), targets[val_idx],
-                         replace(config, epochs=settings.epochs, lr=lr, backbone_lr=lr), embedder=backbone.module,
-                         progress=progress, augment=Augment(backbone.preprocessing.crop_size, settings.augment),
-                         keep_start=True, desc=f"fine-tune {settings.stages} stage(s)", device=device)
+            stage2 = fit(
+                head,
+                Rows(images, train_idx),
+                targets[train_idx],
+                Rows(images, val_idx),
+                targets[val_idx],
+                replace(config, epochs=settings.epochs, lr=lr, backbone_lr=lr),
+                embedder=backbone.module,
+                progress=progress,
+                augment=Augment(backbone.preprocessing.crop_size, settings.augment),
+                keep_start=True,
+                desc=f"fine-tune {settings.stages} stage(s)",
+                device=device,
+            )
     finally:
         freeze(backbone.module)
         backbone.module.cpu()
@@ -53,17 +73,26 @@ def fine_tune(backbone: LoadedBackbone, head: torch.nn.Module, data: ImageFolder
     offset = len(stage1.history)
     improved = stage2.best_epoch > 0
     result = TrainResult(
-        head_state=stage2.head_state, embedder_state=stage2.embedder_state,
+        head_state=stage2.head_state,
+        embedder_state=stage2.embedder_state,
         history=[{**h, "stage": 1} for h in stage1.history]
         + [{**h, "epoch": h["epoch"] + offset, "stage": 2} for h in stage2.history],
         best_epoch=offset + stage2.best_epoch if improved else stage1.best_epoch,
-        metrics={**stage2.metrics})
+        metrics={**stage2.metrics},
+    )
     result.metrics["best_epoch"] = result.best_epoch
-    record = {"stages": settings.stages, "modules": modules, "lr": lr, "epochs": settings.epochs,
-              "augment": list(settings.augment), "crop_scale": list(CROP_SCALE),
-              "stage1_val_accuracy": stage1.metrics["val_accuracy"],
-              "stage2_val_accuracy": stage2.metrics["val_accuracy"], "stage2_best_epoch": stage2.best_epoch,
-              "kept": improved}
+    record = {
+        "stages": settings.stages,
+        "modules": modules,
+        "lr": lr,
+        "epochs": settings.epochs,
+        "augment": list(settings.augment),
+        "crop_scale": list(CROP_SCALE),
+        "stage1_val_accuracy": stage1.metrics["val_accuracy"],
+        "stage2_val_accuracy": stage2.metrics["val_accuracy"],
+        "stage2_best_epoch": stage2.best_epoch,
+        "kept": improved,
+    }
     if improved:  # every image again, through the tuned backbone
         engine = TorchEngine(backbone, device)
         embeddings = np.empty((len(data.paths), backbone.spec.embedding_dim), dtype=np.float32)

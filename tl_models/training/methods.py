@@ -60,9 +60,9 @@ class Run:
     val_idx: np.ndarray
     targets: torch.Tensor
     extraction: Features
-    inputs: torch.Tensor | CachedEmbeddings       # the rows the head trains on (the cache's shards by default)
-    exported: bool                                # backbone.onnx exported by extraction and still current
-    reference: EmbeddingReference | None = None   # None after ``prepare``: the labelled training split's
+    inputs: torch.Tensor | CachedEmbeddings  # the rows the head trains on (the cache's shards by default)
+    exported: bool  # backbone.onnx exported by extraction and still current
+    reference: EmbeddingReference | None = None  # None after ``prepare``: the labelled training split's
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std of a ``spec.standardise`` head
     head: torch.nn.Module | None = None
     result: TrainResult | None = None
@@ -78,9 +78,15 @@ class Run:
     def fit(self) -> None:
         """The plain training: a fresh head fitted on ``inputs``' training split, early-stopped on validation."""
         self.head = self.make_head()
-        self.result = fit(self.head, Rows(self.inputs, self.train_idx), self.targets[self.train_idx],
-                          Rows(self.inputs, self.val_idx), self.targets[self.val_idx], self.options.train,
-                          progress=self.options.progress)
+        self.result = fit(
+            self.head,
+            Rows(self.inputs, self.train_idx),
+            self.targets[self.train_idx],
+            Rows(self.inputs, self.val_idx),
+            self.targets[self.val_idx],
+            self.options.train,
+            progress=self.options.progress,
+        )
 
 
 class TrainingMethod:
@@ -148,8 +154,10 @@ def trainer(methods: list[TrainingMethod]) -> TrainingMethod | None:
     """The one method among ``methods`` that trains the head itself; None: the plain fit."""
     trainers = [method for method in methods if method.trains_head]
     if len(trainers) > 1:
-        raise RuntimeError(f"training methods {[m.name for m in trainers]} both train the head: one of them must "
-                           "refuse the other in its check")
+        raise RuntimeError(
+            f"training methods {[m.name for m in trainers]} both train the head: one of them must "
+            "refuse the other in its check"
+        )
     return trainers[0] if trainers else None
 
 
@@ -164,8 +172,12 @@ def _read_once(folders: list[ImageFolderData], path: Path, data: ImageFolderData
 
 def folder_record(folder: ImageFolderData) -> dict:
     """An unlabelled folder as the manifest names it: where, content hash, image counts."""
-    return {"root": str(folder.root), "content_hash": folder.content_hash(), "images": len(folder.paths),
-            "skipped": len(folder.skipped)}
+    return {
+        "root": str(folder.root),
+        "content_hash": folder.content_hash(),
+        "images": len(folder.paths),
+        "skipped": len(folder.skipped),
+    }
 
 
 @register_method
@@ -182,8 +194,9 @@ class FineTuneMethod(TrainingMethod):
 
     def check(self, options: BuildOptions, data: ImageFolderData, folders: list[ImageFolderData]) -> None:
         if options.unlabeled or options.target:
-            raise BadRequest("--unlabeled and --target work on cached embeddings: they cannot be combined with "
-                             "--fine-tune")
+            raise BadRequest(
+                "--unlabeled and --target work on cached embeddings: they cannot be combined with --fine-tune"
+            )
 
     def check_backbone(self, options: BuildOptions, backbone: LoadedBackbone) -> None:
         stage_paths(backbone.spec, options.fine_tune.stages)  # a backbone with fewer stages: refused here
@@ -191,9 +204,19 @@ class FineTuneMethod(TrainingMethod):
     def train(self, run: Run) -> None:
         run.fit()
         options = run.options
-        self.tuned = fine_tune(run.backbone, run.head, run.data, run.train_idx, run.val_idx, run.result,
-                               run.extraction.array, options.train, options.fine_tune, options.progress,
-                               resolve_device(options.device))
+        self.tuned = fine_tune(
+            run.backbone,
+            run.head,
+            run.data,
+            run.train_idx,
+            run.val_idx,
+            run.result,
+            run.extraction.array,
+            options.train,
+            options.fine_tune,
+            options.progress,
+            resolve_device(options.device),
+        )
         run.result = self.tuned.result
         run.reference = EmbeddingReference.of(self.tuned.embeddings, run.train_idx, run.val_idx)
         run.exported = run.exported and not self.tuned.record["kept"]  # the backbone changed: export it again
@@ -227,17 +250,30 @@ class SelfTrainingMethod(TrainingMethod):
         # every embedding at once (CORAL's aligned rows, else the cache's shards read whole)
         inputs = run.inputs if isinstance(run.inputs, torch.Tensor) else torch.from_numpy(run.extraction.array)
         train, val, targets = run.train_idx, run.val_idx, run.targets
-        self.outcome = self_train(run.make_head, inputs[train], targets[train], inputs[val], targets[val],
-                                  torch.from_numpy(self.pool), run.options.train, run.options.self_training,
-                                  run.options.progress)
+        self.outcome = self_train(
+            run.make_head,
+            inputs[train],
+            targets[train],
+            inputs[val],
+            targets[val],
+            torch.from_numpy(self.pool),
+            run.options.train,
+            run.options.self_training,
+            run.options.progress,
+        )
         run.head, run.result = self.outcome.head, self.outcome.result
 
     def annotate(self, run: Run, staged: Path, entry: HeadEntry) -> None:
         """Rounds and settings into the head entry; the pseudo-labels it trained on into ``pseudo_labels.json``."""
         semi, folder, classes = self.outcome, self.folder, run.data.classes
-        labels = [{"image": str(folder.paths[i].relative_to(folder.root)), "label": classes[label],
-                   "confidence": round(float(confidence), 6)}
-                  for i, label, confidence in zip(semi.pseudo_index, semi.pseudo_label, semi.pseudo_confidence)]
+        labels = [
+            {
+                "image": str(folder.paths[i].relative_to(folder.root)),
+                "label": classes[label],
+                "confidence": round(float(confidence), 6),
+            }
+            for i, label, confidence in zip(semi.pseudo_index, semi.pseudo_label, semi.pseudo_confidence)
+        ]
         (staged / PSEUDO_LABELS_JSON).write_text(json.dumps(labels, indent=1))
         entry.train["self_training"] = semi.record(run.options.self_training)
         entry.data["unlabeled"] = folder_record(folder)
@@ -262,7 +298,7 @@ class CoralMethod(TrainingMethod):
         target = embed(self.folder)
         alignment = coral(run.extraction.array, target)
         run.inputs = torch.from_numpy(alignment.source)  # the labelled images as the target domain would embed them
-        run.reference = EmbeddingReference.of(target)    # what this head expects to be served
+        run.reference = EmbeddingReference.of(target)  # what this head expects to be served
         run.spec = replace(run.spec, standardise=True)
         run.statistics = (torch.from_numpy(alignment.target_mean), torch.from_numpy(alignment.target_std))
 

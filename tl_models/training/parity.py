@@ -48,8 +48,9 @@ class OutputCheck:
     worst_index: list[int] = field(default_factory=list)
 
 
-def compare(graph: str, output: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance,
-            classify: bool) -> OutputCheck:
+def compare(
+    graph: str, output: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance, classify: bool
+) -> OutputCheck:
     """Compare one ONNX Runtime output against its PyTorch reference."""
     reference = np.asarray(reference, dtype=np.float64)
     actual = np.asarray(actual, dtype=np.float64)
@@ -63,9 +64,18 @@ def compare(graph: str, output: str, reference: np.ndarray, actual: np.ndarray, 
     agreement = float((actual.argmax(1) == reference.argmax(1)).mean()) if classify else None
     passed = finite and bool((excess <= 0).all()) and (agreement is None or agreement >= tolerance.min_agreement)
     worst = np.unravel_index(int(np.nanargmax(excess)), excess.shape) if excess.size else ()
-    return OutputCheck(graph, output, int(reference.shape[0]), float(np.nanmax(diff)), float(np.nanmax(rel)),
-                       agreement, finite, float(reference.std(axis=0).mean()) if len(reference) > 1 else 0.0,
-                       passed, [int(i) for i in worst])
+    return OutputCheck(
+        graph,
+        output,
+        int(reference.shape[0]),
+        float(np.nanmax(diff)),
+        float(np.nanmax(rel)),
+        agreement,
+        finite,
+        float(reference.std(axis=0).mean()) if len(reference) > 1 else 0.0,
+        passed,
+        [int(i) for i in worst],
+    )
 
 
 @dataclass
@@ -82,8 +92,13 @@ class ParityReport:
         return all(c.passed for c in self.checks) and (self.int8 is None or self.int8["passed"])
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "tolerance": asdict(self.tolerance), "providers": self.providers,
-                "checks": [asdict(c) for c in self.checks], "int8": self.int8}
+        return {
+            "passed": self.passed,
+            "tolerance": asdict(self.tolerance),
+            "providers": self.providers,
+            "checks": [asdict(c) for c in self.checks],
+            "int8": self.int8,
+        }
 
     def table(self) -> str:
         """Human-readable table, one row per graph/output/batch."""
@@ -91,34 +106,48 @@ class ParityReport:
         for c in self.checks:
             top1 = f"{c.top1_agreement:.3f}" if c.top1_agreement is not None else "-"
             verdict = "ok" if c.passed else ("NON-FINITE" if not c.finite else "FAIL")
-            rows.append(f"{c.graph:<28} {c.output:<10} {c.batch:>5} {c.max_abs_diff:>10.2e} "
-                        f"{c.max_rel_diff:>10.2e} {top1:>7}  {verdict}")
+            rows.append(
+                f"{c.graph:<28} {c.output:<10} {c.batch:>5} {c.max_abs_diff:>10.2e} "
+                f"{c.max_rel_diff:>10.2e} {top1:>7}  {verdict}"
+            )
         rows.append(f"tolerance: {self.tolerance_text()}")
         if self.int8 is not None:
             gate = self.int8["gate"]
-            rows.append(f"{self.int8['graph']} against fp32 ONNX Runtime on each head's val split (gate: top-1 "
-                        f"agreement >= {gate['min_agreement']:g}, val accuracy drop <= {gate['max_accuracy_drop']:g}):")
+            rows.append(
+                f"{self.int8['graph']} against fp32 ONNX Runtime on each head's val split (gate: top-1 "
+                f"agreement >= {gate['min_agreement']:g}, val accuracy drop <= {gate['max_accuracy_drop']:g}):"
+            )
             for key, m in self.int8["heads"].items():
                 verdict = "ok" if Gate(**gate).admits({key: m}) else "FAIL"
-                rows.append(f"  {key:<20} agreement {m['agreement']:.4f}  val accuracy fp32 {m['fp32_accuracy']:.4f} "
-                            f"int8 {m['int8_accuracy']:.4f}  drop {m['accuracy_drop']:+.4f}  {verdict}")
+                rows.append(
+                    f"  {key:<20} agreement {m['agreement']:.4f}  val accuracy fp32 {m['fp32_accuracy']:.4f} "
+                    f"int8 {m['int8_accuracy']:.4f}  drop {m['accuracy_drop']:+.4f}  {verdict}"
+                )
         return "\n".join(rows)
 
     def raise_on_failure(self) -> None:
         """ParityError naming the failing output and its worst difference."""
         failed = [c for c in self.checks if not c.passed]
         if not failed and self.int8 is not None and not self.int8["passed"]:
-            raise ParityError(f"{self.int8['graph']} no longer passes the gate it was admitted with: "
-                              "run `tl-models quantize` again")
+            raise ParityError(
+                f"{self.int8['graph']} no longer passes the gate it was admitted with: run `tl-models quantize` again"
+            )
         if not failed:
             return
         worst = max(failed, key=lambda c: c.max_abs_diff if np.isfinite(c.max_abs_diff) else np.inf)
-        detail = "non-finite values" if not worst.finite else (
-            f"max abs diff {worst.max_abs_diff:.3e} (max rel {worst.max_rel_diff:.3e}) at index {worst.worst_index}")
+        detail = (
+            "non-finite values"
+            if not worst.finite
+            else (
+                f"max abs diff {worst.max_abs_diff:.3e} (max rel {worst.max_rel_diff:.3e}) at index {worst.worst_index}"
+            )
+        )
         if worst.top1_agreement is not None and worst.top1_agreement < self.tolerance.min_agreement:
             detail += f", top-1 agreement {worst.top1_agreement:.3f} < {self.tolerance.min_agreement:g}"
-        raise ParityError(f"parity failed for {worst.graph}/{worst.output} at batch {worst.batch}: {detail} "
-                          f"({self.tolerance_text()}); {len(failed)} of {len(self.checks)} checks failed")
+        raise ParityError(
+            f"parity failed for {worst.graph}/{worst.output} at batch {worst.batch}: {detail} "
+            f"({self.tolerance_text()}); {len(failed)} of {len(self.checks)} checks failed"
+        )
 
     def tolerance_text(self) -> str:
         t = self.tolerance
@@ -134,9 +163,16 @@ def parity_inputs(batch: int, input_size: list[int], images: np.ndarray | None =
     return np.random.default_rng(seed).integers(0, 256, (batch, *input_size), dtype=np.uint8)
 
 
-def run_parity(backbone, input_size: list[int], backbone_onnx: str | None, heads: dict[str, tuple],
-               tolerance: Tolerance = Tolerance(), batch_sizes: tuple[int, ...] = BATCH_SIZES,
-               images: np.ndarray | None = None, providers: str | list[str] | None = None) -> ParityReport:
+def run_parity(
+    backbone,
+    input_size: list[int],
+    backbone_onnx: str | None,
+    heads: dict[str, tuple],
+    tolerance: Tolerance = Tolerance(),
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    images: np.ndarray | None = None,
+    providers: str | list[str] | None = None,
+) -> ParityReport:
     """Check backbone.onnx (if given), and per head ``label -> (torch head, head.onnx, fused graph: a path or its
     bytes)``, at each batch size.
 
@@ -156,8 +192,10 @@ def run_parity(backbone, input_size: list[int], backbone_onnx: str | None, heads
     # (graph, output, its ONNX file, input name, input, reference, compare top-1?): one session at a time
     graphs = [("backbone", EMBEDDING, backbone_onnx, IMAGE, largest, embedding, False)] if backbone_onnx else []
     for label, (_, head_path, fused_path) in heads.items():
-        graphs += [(f"{label}/head", LOGITS, head_path, EMBEDDING, embedding, logits[label], True),
-                   (f"{label}/fused", LOGITS, fused_path, IMAGE, largest, logits[label], True)]
+        graphs += [
+            (f"{label}/head", LOGITS, head_path, EMBEDDING, embedding, logits[label], True),
+            (f"{label}/fused", LOGITS, fused_path, IMAGE, largest, logits[label], True),
+        ]
     for graph, output, model, name, inputs, reference, top1 in graphs:
         session = create_session(model, providers)
         report.providers[graph] = active_provider(session)

@@ -85,13 +85,13 @@ class BuildOptions:
     fused: bool = False
     tolerance: Tolerance = field(default_factory=Tolerance)
     unlabeled: Path | None = None  # self-training on these images' embeddings (training.semi)
-    target: Path | None = None     # unlabelled target-domain images: align to them (training.adapt)
+    target: Path | None = None  # unlabelled target-domain images: align to them (training.adapt)
     self_training: SelfTraining = field(default_factory=SelfTraining)
-    from_log: Path | None = None   # train from a service's embedding log instead (training.traffic)
-    engine: str = "auto"           # feature extraction: auto, onnxruntime or torch (training.extract)
-    device: str = "auto"           # auto, cpu or cuda: extraction and fine-tuning's stage 2
-    ray: str | None = None         # a Ray cluster's HOST:PORT: extraction there (training.distributed)
-    ray_actors: int = 2            # backbone sessions (actors) on the cluster
+    from_log: Path | None = None  # train from a service's embedding log instead (training.traffic)
+    engine: str = "auto"  # feature extraction: auto, onnxruntime or torch (training.extract)
+    device: str = "auto"  # auto, cpu or cuda: extraction and fine-tuning's stage 2
+    ray: str | None = None  # a Ray cluster's HOST:PORT: extraction there (training.distributed)
+    ray_actors: int = 2  # backbone sessions (actors) on the cluster
 
 
 @dataclass
@@ -107,34 +107,54 @@ class BuildReport:
 def _library_versions() -> dict:
     import torchvision
 
-    return {"tl_models": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}
+    return {
+        "tl_models": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _new_manifest(options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> Manifest:
     prep = backbone.preprocessing
     name = re.sub(r"[^a-z0-9_-]", "_", options.out.resolve().name.lower()).lstrip("_-")[:63]
-    return Manifest(name=check_name(name, "build name (from the --out folder's name)"), backbone=backbone.spec.name,
-                    weights=backbone.weights_id, embedding_dim=backbone.spec.embedding_dim,
-                    input_size=[3, prep.crop_size, prep.crop_size], mean=list(prep.mean), std=list(prep.std),
-                    preprocessing=prep.to_dict(), labels=labels, top_files=[BACKBONE_PT], versions=_library_versions())
+    return Manifest(
+        name=check_name(name, "build name (from the --out folder's name)"),
+        backbone=backbone.spec.name,
+        weights=backbone.weights_id,
+        embedding_dim=backbone.spec.embedding_dim,
+        input_size=[3, prep.crop_size, prep.crop_size],
+        mean=list(prep.mean),
+        std=list(prep.std),
+        preprocessing=prep.to_dict(),
+        labels=labels,
+        top_files=[BACKBONE_PT],
+        versions=_library_versions(),
+    )
 
 
 def _check_compatible(manifest: Manifest, options: BuildOptions, backbone: LoadedBackbone, labels: list[str]) -> None:
     if manifest.backbone != backbone.spec.name or manifest.weights != backbone.weights_id:
-        raise BuildError(f"{options.out} holds heads for {manifest.backbone} with weights {manifest.weights}, "
-                         f"not {backbone.spec.name} with {backbone.weights_id}: heads share one backbone, "
-                         "use another --out")
+        raise BuildError(
+            f"{options.out} holds heads for {manifest.backbone} with weights {manifest.weights}, "
+            f"not {backbone.spec.name} with {backbone.weights_id}: heads share one backbone, "
+            "use another --out"
+        )
     if manifest.labels != labels:
-        raise BuildError(f"{options.out} has labels {manifest.labels}, the data has {labels}: "
-                         "heads of one build share their labels, use another --out")
+        raise BuildError(
+            f"{options.out} has labels {manifest.labels}, the data has {labels}: "
+            "heads of one build share their labels, use another --out"
+        )
     if options.fine_tune.stages:
-        raise BuildError("--fine-tune changes the backbone, which the heads already in "
-                         f"{options.out} share: use a new --out")
+        raise BuildError(
+            f"--fine-tune changes the backbone, which the heads already in {options.out} share: use a new --out"
+        )
     if any(fine_tuned(head) for head in manifest.heads):
-        raise BuildError(f"{options.out} holds a fine-tuned backbone; a new head would train on features of the "
-                         f"original {backbone.weights_id} weights: use a new --out (or --weights {options.out} "
-                         "to start a new build from the fine-tuned backbone)")
+        raise BuildError(
+            f"{options.out} holds a fine-tuned backbone; a new head would train on features of the "
+            f"original {backbone.weights_id} weights: use a new --out (or --weights {options.out} "
+            "to start a new build from the fine-tuned backbone)"
+        )
 
 
 def fine_tuned(head: HeadEntry) -> bool:
@@ -161,8 +181,10 @@ def build(options: BuildOptions) -> BuildReport:
         from .distributed import connect
 
         if options.engine == "torch" or not options.export:
-            raise BadRequest("--ray extracts with ONNX Runtime on the build's backbone.onnx: it cannot be combined "
-                             "with --engine torch or --no-export")
+            raise BadRequest(
+                "--ray extracts with ONNX Runtime on the build's backbone.onnx: it cannot be combined "
+                "with --engine torch or --no-export"
+            )
         connect(options.ray)
     data = load_data(options.data)
     methods = checked(options, data)
@@ -191,8 +213,13 @@ def _remove_partial(build_dir: BuildDir, created: bool) -> None:
     shutil.rmtree(build_dir.path / HEADS_DIR, ignore_errors=True)
 
 
-def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderData, backbone: LoadedBackbone,
-                  methods: list[TrainingMethod]) -> BuildReport:
+def _build_locked(
+    options: BuildOptions,
+    build_dir: BuildDir,
+    data: ImageFolderData,
+    backbone: LoadedBackbone,
+    methods: list[TrainingMethod],
+) -> BuildReport:
     build_dir.clean_staging()
     manifest = build_dir.manifest() if build_dir.exists() else None
     first = manifest is None
@@ -207,8 +234,18 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
     engine, exported = extraction_engine(options, build_dir, manifest, backbone)
     extraction = cache.features(backbone, data, engine, progress=options.progress)
     # a plain head reads its rows from the cache's shards as it trains (memory flat whatever N)
-    run = Run(options, data, backbone, spec, train_idx, val_idx, torch.tensor(data.targets), extraction,
-              extraction.embeddings, exported)
+    run = Run(
+        options,
+        data,
+        backbone,
+        spec,
+        train_idx,
+        val_idx,
+        torch.tensor(data.targets),
+        extraction,
+        extraction.embeddings,
+        exported,
+    )
 
     def embed(folder: ImageFolderData) -> np.ndarray:
         return cache.features(backbone, folder, engine, progress=options.progress).array
@@ -230,17 +267,36 @@ def _build_locked(options: BuildOptions, build_dir: BuildDir, data: ImageFolderD
         for method in methods:
             method.annotate(run, staged, entry)
 
-    record = {"root": str(data.root), "content_hash": data.content_hash(), "images": len(data.paths),
-              "train": len(train_idx), "val": len(val_idx), "val_fraction": options.val_fraction,
-              "skipped": len(data.skipped), "split": "random" if data.splits is None else "listing"}
-    entry, manifest = commit_head(build_dir, manifest, options, run.spec, run.head, run.result, record,
-                                  backbone.module, run.reference, extraction.hit, annotate,
-                                  backbone_exported=run.exported)
+    record = {
+        "root": str(data.root),
+        "content_hash": data.content_hash(),
+        "images": len(data.paths),
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "val_fraction": options.val_fraction,
+        "skipped": len(data.skipped),
+        "split": "random" if data.splits is None else "listing",
+    }
+    entry, manifest = commit_head(
+        build_dir,
+        manifest,
+        options,
+        run.spec,
+        run.head,
+        run.result,
+        record,
+        backbone.module,
+        run.reference,
+        extraction.hit,
+        annotate,
+        backbone_exported=run.exported,
+    )
     return BuildReport(entry, extraction.hit, manifest, extraction.summary())
 
 
-def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Manifest,
-                      backbone: LoadedBackbone) -> tuple[Engine, bool]:
+def extraction_engine(
+    options: BuildOptions, build_dir: BuildDir, manifest: Manifest, backbone: LoadedBackbone
+) -> tuple[Engine, bool]:
     """The engine that embeds this build's images, and whether it exported the build's backbone.onnx just now
     (a first build on ONNX Runtime: exported before extraction, so that heads train on the graph serving runs)."""
     device = resolve_device(options.device)
@@ -248,15 +304,22 @@ def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Mani
     has_onnx = BACKBONE_ONNX in manifest.top_files
     if engine == "onnxruntime" and not has_onnx and not options.export:
         if options.engine == "onnxruntime":
-            raise BadRequest("--engine onnxruntime extracts with the build's backbone.onnx, which --no-export "
-                             "does not write: drop one of them")
+            raise BadRequest(
+                "--engine onnxruntime extracts with the build's backbone.onnx, which --no-export "
+                "does not write: drop one of them"
+            )
         engine = "torch"
     if engine == "torch" and options.ray is None:
         return TorchEngine(backbone, device), False
     path = build_dir.path / BACKBONE_ONNX
     if not has_onnx:
-        export_backbone(backbone.module, manifest.input_size, path, build_metadata(manifest),
-                        get_spec(manifest.backbone).onnx_exporter)
+        export_backbone(
+            backbone.module,
+            manifest.input_size,
+            path,
+            build_metadata(manifest),
+            get_spec(manifest.backbone).onnx_exporter,
+        )
     if options.ray is not None:
         from .distributed import RayEngine, connect
 
@@ -265,11 +328,20 @@ def extraction_engine(options: BuildOptions, build_dir: BuildDir, manifest: Mani
     return OrtEngine(path, device, extraction_sessions()), not has_onnx
 
 
-def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, spec: HeadSpec,
-                head: torch.nn.Module, result, data_record: dict, backbone: torch.nn.Module,
-                reference: EmbeddingReference | None, cache_hit: bool = False,
-                annotate: Callable[[Path, HeadEntry], None] | None = None,
-                backbone_exported: bool = False) -> tuple[HeadEntry, Manifest]:
+def commit_head(
+    build_dir: BuildDir,
+    manifest: Manifest,
+    options: BuildOptions,
+    spec: HeadSpec,
+    head: torch.nn.Module,
+    result,
+    data_record: dict,
+    backbone: torch.nn.Module,
+    reference: EmbeddingReference | None,
+    cache_hit: bool = False,
+    annotate: Callable[[Path, HeadEntry], None] | None = None,
+    backbone_exported: bool = False,
+) -> tuple[HeadEntry, Manifest]:
     """Stage a trained head as the next version of ``options.head`` (files, curves, reference), export it and
     check parity (the backbone too when the build has no backbone.onnx yet: exported here unless
     ``backbone_exported`` says extraction already wrote the current one), then commit the manifest."""
@@ -284,9 +356,16 @@ def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, 
         entry.files = sorted(p.name for p in staged.iterdir())
         if options.export:
             new_backbone = BACKBONE_ONNX not in manifest.top_files
-            report = export_and_check(build_dir, manifest, backbone, [(entry, head, staged)],
-                                      new_backbone, options.tolerance, fused=options.fused,
-                                      exported=backbone_exported)
+            report = export_and_check(
+                build_dir,
+                manifest,
+                backbone,
+                [(entry, head, staged)],
+                new_backbone,
+                options.tolerance,
+                fused=options.fused,
+                exported=backbone_exported,
+            )
             if new_backbone:
                 manifest.top_files.append(BACKBONE_ONNX)
             entry.files = sorted(p.name for p in staged.iterdir())
@@ -299,42 +378,69 @@ def commit_head(build_dir: BuildDir, manifest: Manifest, options: BuildOptions, 
     return entry, manifest
 
 
-def _stage_head(staged: Path, options: BuildOptions, spec: HeadSpec, version: int, result, classes: list[str],
-                data_record: dict, cache_hit: bool) -> HeadEntry:
+def _stage_head(
+    staged: Path,
+    options: BuildOptions,
+    spec: HeadSpec,
+    version: int,
+    result,
+    classes: list[str],
+    data_record: dict,
+    cache_hit: bool,
+) -> HeadEntry:
     atomic_save_torch(staged / HEAD_PT, result.head_state)
     (staged / HISTORY_JSON).write_text(json.dumps(result.history, indent=1))
     plot_curves(result.history, staged / CURVES_PNG)
     plot_confusion(result.metrics["confusion_matrix"], classes, staged / CONFUSION_PNG)
     return HeadEntry(
-        name=options.head, version=version, kind=spec.kind, spec=spec.to_dict(),
-        path=f"{HEADS_DIR}/{options.head}/{version}", files=sorted(p.name for p in staged.iterdir()),
+        name=options.head,
+        version=version,
+        kind=spec.kind,
+        spec=spec.to_dict(),
+        path=f"{HEADS_DIR}/{options.head}/{version}",
+        files=sorted(p.name for p in staged.iterdir()),
         metrics=result.metrics,
         train={**options.train.__dict__, "fine_tune": None, "feature_cache_hit": cache_hit},
-        data=data_record)
+        data=data_record,
+    )
 
 
 HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to
 
 
-def export_and_check(build_dir: BuildDir, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork],
-                     with_backbone: bool, tolerance: Tolerance, batch_sizes: tuple[int, ...] = BATCH_SIZES,
-                     fused: bool = False, exported: bool = False) -> ParityReport:
+def export_and_check(
+    build_dir: BuildDir,
+    manifest: Manifest,
+    backbone: torch.nn.Module,
+    heads: list[HeadWork],
+    with_backbone: bool,
+    tolerance: Tolerance,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    fused: bool = False,
+    exported: bool = False,
+) -> ParityReport:
     """Export backbone.onnx (if ``with_backbone``, unless ``exported``: it is there and current) and each head's
     head.onnx into its folder, then run parity on what was exported and on the fused graph (backbone + head,
     composed in memory; written as fused.onnx when ``fused``). ParityError past tolerance. Each head folder gets
     its parity.json."""
     backbone_path = build_dir.path / BACKBONE_ONNX
     if with_backbone and not exported:
-        export_backbone(backbone, manifest.input_size, backbone_path, build_metadata(manifest),
-                        get_spec(manifest.backbone).onnx_exporter)
+        export_backbone(
+            backbone,
+            manifest.input_size,
+            backbone_path,
+            build_metadata(manifest),
+            get_spec(manifest.backbone).onnx_exporter,
+        )
     graphs = {}
     for entry, head, folder in heads:
         meta = build_metadata(manifest, entry)
         export_head(head, manifest.embedding_dim, folder / HEAD_ONNX, {**meta, **_reference_metadata(folder)})
         fused_graph = fuse(backbone_path, folder / HEAD_ONNX, meta, folder / FUSED_ONNX if fused else None)
         graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
-    report = run_parity(backbone, manifest.input_size, str(backbone_path) if with_backbone else None, graphs,
-                        tolerance, batch_sizes)
+    report = run_parity(
+        backbone, manifest.input_size, str(backbone_path) if with_backbone else None, graphs, tolerance, batch_sizes
+    )
     for entry, _, folder in heads:
         own = [c for c in report.checks if c.graph == "backbone" or c.graph.startswith(entry.key + "/")]
         atomic_write_json(folder / PARITY_JSON, ParityReport(tolerance, own, report.providers).to_dict())
@@ -349,8 +455,9 @@ def _reference_metadata(folder: Path) -> dict:
     return {EMBEDDING_REFERENCE_KEY: json.loads(path.read_text())} if path.is_file() else {}
 
 
-def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False,
-             fused: bool = False) -> ParityReport:
+def reexport(
+    path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False, fused: bool = False
+) -> ParityReport:
     """`tl-models export`: export every graph of a build again (fused.onnx per head version when ``fused`` or
     already there; fp16 copies when ``fp16``); files are swapped in only after parity passes."""
     build_dir = BuildDir(path)
@@ -366,8 +473,7 @@ def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = 
                     shutil.copy(build_dir.file(entry.rel(EMBEDDING_REFERENCE)), folders[entry.path])
             heads = [(e, load_head_module(build_dir, e), folders[e.path]) for e in manifest.heads]
             fused = fused or any(FUSED_ONNX in e.files for e in manifest.heads)
-            report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance,
-                                      fused=fused)
+            report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance, fused=fused)
             top = [BACKBONE_ONNX] + ([BACKBONE_FP16] if fp16 else [])
             if fp16:
                 export_fp16(scratch, manifest, backbone.module, heads, fused)
@@ -384,16 +490,21 @@ def reexport(path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = 
     return report
 
 
-def export_fp16(root: Path, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork],
-                fused: bool = False) -> ParityReport | None:
+def export_fp16(
+    root: Path, manifest: Manifest, backbone: torch.nn.Module, heads: list[HeadWork], fused: bool = False
+) -> ParityReport | None:
     """backbone.fp16.onnx from the fp32 graph under ``root`` (and fused.fp16.onnx per head when ``fused``); the
     fused fp16 graphs' parity (within 1% of the largest output, top-1 agreement >= 99%) is checked where a GPU runs
     them, else skipped."""
     to_fp16(root / BACKBONE_ONNX, root / BACKBONE_FP16, {})
     graphs = {}
     for entry, head, folder in heads:
-        fused_graph = fuse(root / BACKBONE_FP16, folder / HEAD_ONNX, build_metadata(manifest, entry),
-                           folder / FUSED_FP16 if fused else None)
+        fused_graph = fuse(
+            root / BACKBONE_FP16,
+            folder / HEAD_ONNX,
+            build_metadata(manifest, entry),
+            folder / FUSED_FP16 if fused else None,
+        )
         graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
     if gpu_count() == 0:
         log.warning("fp16 parity skipped: no GPU here, and fp16 is for GPU serving (CPU kernels are slow or missing)")
@@ -404,8 +515,9 @@ def export_fp16(root: Path, manifest: Manifest, backbone: torch.nn.Module, heads
     return report
 
 
-def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
-                 batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ParityReport:
+def check_parity(
+    path: str | Path, tolerance: Tolerance = Tolerance(), batch_sizes: tuple[int, ...] = BATCH_SIZES
+) -> ParityReport:
     """`tl-models parity`: compare a build's ONNX files (and each fused backbone + head graph) against its PyTorch
     modules, and an int8 backbone against fp32 ONNX Runtime with its gate's measures; writes parity.json."""
     build_dir = BuildDir(path)
@@ -416,10 +528,14 @@ def check_parity(path: str | Path, tolerance: Tolerance = Tolerance(),
     graphs = {}
     for entry in manifest.heads:
         head_path = build_dir.file(entry.rel(HEAD_ONNX))
-        graphs[entry.key] = (load_head_module(build_dir, entry), str(head_path),
-                             fuse(build_dir.file(BACKBONE_ONNX), head_path, build_metadata(manifest, entry)))
-    report = run_parity(backbone.module, manifest.input_size, str(build_dir.file(BACKBONE_ONNX)), graphs,
-                        tolerance, batch_sizes)
+        graphs[entry.key] = (
+            load_head_module(build_dir, entry),
+            str(head_path),
+            fuse(build_dir.file(BACKBONE_ONNX), head_path, build_metadata(manifest, entry)),
+        )
+    report = run_parity(
+        backbone.module, manifest.input_size, str(build_dir.file(BACKBONE_ONNX)), graphs, tolerance, batch_sizes
+    )
     if BACKBONE_INT8 in manifest.files:
         report.int8 = int8_parity(build_dir, manifest)
     atomic_write_json(build_dir.file(PARITY_JSON), report.to_dict())
@@ -435,20 +551,31 @@ def load_head_module(build_dir: BuildDir, entry: HeadEntry) -> torch.nn.Module:
 
 def load_build_backbone(build_dir: BuildDir, manifest: Manifest) -> LoadedBackbone:
     """The build's backbone with its saved state_dict (no download: the build is self-contained)."""
-    return load_saved_backbone(manifest.backbone, build_dir.file(BACKBONE_PT), manifest.weights,
-                               Preprocessing.from_dict(manifest.preprocessing))
+    return load_saved_backbone(
+        manifest.backbone,
+        build_dir.file(BACKBONE_PT),
+        manifest.weights,
+        Preprocessing.from_dict(manifest.preprocessing),
+    )
 
 
 def summary_line(report: BuildReport) -> str:
     """One line for the terminal."""
     head = report.head
     tuned = head.train.get("fine_tune")
-    stage2 = "" if not tuned else (
-        f"; fine-tuned {tuned['stages']} stage(s): val {tuned['stage1_val_accuracy']:.4f} -> "
-        f"{tuned['stage2_val_accuracy']:.4f}" + ("" if tuned["kept"] else ", no better: backbone left frozen"))
-    return (f"{head.name} v{head.version} ({head.kind}) on {report.manifest.backbone} "
-            f"[{report.manifest.weights}]: val accuracy {head.metrics['val_accuracy']:.4f} "
-            f"(feature cache {_cache_word(report)}{stage2})")
+    stage2 = (
+        ""
+        if not tuned
+        else (
+            f"; fine-tuned {tuned['stages']} stage(s): val {tuned['stage1_val_accuracy']:.4f} -> "
+            f"{tuned['stage2_val_accuracy']:.4f}" + ("" if tuned["kept"] else ", no better: backbone left frozen")
+        )
+    )
+    return (
+        f"{head.name} v{head.version} ({head.kind}) on {report.manifest.backbone} "
+        f"[{report.manifest.weights}]: val accuracy {head.metrics['val_accuracy']:.4f} "
+        f"(feature cache {_cache_word(report)}{stage2})"
+    )
 
 
 def _cache_word(report: BuildReport) -> str:
@@ -458,8 +585,10 @@ def _cache_word(report: BuildReport) -> str:
         return "hit"
     run = report.extraction
     if run.get("shards_cached"):
-        return (f"resumed: {run['shards_cached']} of {run['shards']} shards cached, {run['embedded']} of "
-                f"{run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}")
+        return (
+            f"resumed: {run['shards_cached']} of {run['shards']} shards cached, {run['embedded']} of "
+            f"{run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}"
+        )
     if not run:
         return "miss"
     return f"miss: {run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}"

@@ -43,9 +43,15 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: str | Pa
     ax.set_ylabel("true")
     if len(labels) <= 30:
         for (row, col), value in np.ndenumerate(matrix):
-            ax.text(col, row, str(value), ha="center", va="center",
-                    color="white" if value > matrix.max() / 2 else "black", fontsize=8)
+            ax.text(
+                col,
+                row,
+                str(value),
+                ha="center",
+                va="center",
+                color="white" if value > matrix.max() / 2 else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

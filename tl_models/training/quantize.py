@@ -71,8 +71,10 @@ class Calibration:
 
     def label(self) -> str:
         """One line naming the setting, e.g. ``u8s8 minmax, per-channel on, 64 images``."""
-        return (f"{self.types}{' reduce-range' if self.reduce_range else ''} {self.method}, per-channel "
-                f"{'on' if self.per_channel else 'off'}, {self.images} images")
+        return (
+            f"{self.types}{' reduce-range' if self.reduce_range else ''} {self.method}, per-channel "
+            f"{'on' if self.per_channel else 'off'}, {self.images} images"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,10 @@ class Gate:
 
     def admits(self, measured: dict[str, dict]) -> bool:
         """Whether every head's accuracy measures (from :meth:`_Judge.accuracy`) are within bounds."""
-        return all(m["agreement"] >= self.min_agreement and m["accuracy_drop"] <= self.max_accuracy_drop
-                   for m in measured.values())
+        return all(
+            m["agreement"] >= self.min_agreement and m["accuracy_drop"] <= self.max_accuracy_drop
+            for m in measured.values()
+        )
 
 
 @dataclass
@@ -106,8 +110,13 @@ class Attempt:
         return self.speed["speedup"] if self.speed else 0.0
 
     def to_dict(self) -> dict:
-        return {"calibration": asdict(self.calibration), "heads": self.heads, "passed": self.passed,
-                "speed": self.speed, "seconds": round(self.seconds, 2)}
+        return {
+            "calibration": asdict(self.calibration),
+            "heads": self.heads,
+            "passed": self.passed,
+            "speed": self.speed,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 @dataclass
@@ -126,20 +135,27 @@ class QuantizeReport:
     def table(self) -> str:
         """The search as a table: setting, accuracy verdict, worst head's agreement and drop, img/s vs fp32."""
         gate, chosen = self.gate, self.chosen
-        lines = [f"gate: top-1 agreement >= {gate.min_agreement:g}, val accuracy drop <= {gate.max_accuracy_drop:g} "
-                 f"per head; int8 >= {gate.min_speedup:g}x fp32 img/s at batch {SPEED_BATCH} on this CPU "
-                 f"({self.machine['isa']}, ONNX Runtime {self.machine['onnxruntime']})",
-                 f"  {'setting':<48} {'accuracy':<8} {'agreement':>9} {'drop':>8} {'int8 img/s':>10} "
-                 f"{'fp32 img/s':>10} {'vs fp32':>7}"]
+        lines = [
+            f"gate: top-1 agreement >= {gate.min_agreement:g}, val accuracy drop <= {gate.max_accuracy_drop:g} "
+            f"per head; int8 >= {gate.min_speedup:g}x fp32 img/s at batch {SPEED_BATCH} on this CPU "
+            f"({self.machine['isa']}, ONNX Runtime {self.machine['onnxruntime']})",
+            f"  {'setting':<48} {'accuracy':<8} {'agreement':>9} {'drop':>8} {'int8 img/s':>10} "
+            f"{'fp32 img/s':>10} {'vs fp32':>7}",
+        ]
         for attempt in self.attempts:
             worst = min(attempt.heads.values(), key=lambda m: m["agreement"])
             drop = max(m["accuracy_drop"] for m in attempt.heads.values())
             speed = attempt.speed
-            timing = (f"{speed['images_per_s']:>10.1f} {speed['fp32_images_per_s']:>10.1f} "
-                      f"{speed['speedup']:>6.2f}x" if speed else f"{'-':>10} {'-':>10} {'-':>7}")
+            timing = (
+                f"{speed['images_per_s']:>10.1f} {speed['fp32_images_per_s']:>10.1f} {speed['speedup']:>6.2f}x"
+                if speed
+                else f"{'-':>10} {'-':>10} {'-':>7}"
+            )
             mark = " <- chosen" if attempt is chosen else ""
-            lines.append(f"  {attempt.calibration.label():<48} {'passed' if attempt.passed else 'refused':<8} "
-                         f"{worst['agreement']:>9.4f} {drop:>+8.4f} {timing}{mark}")
+            lines.append(
+                f"  {attempt.calibration.label():<48} {'passed' if attempt.passed else 'refused':<8} "
+                f"{worst['agreement']:>9.4f} {drop:>+8.4f} {timing}{mark}"
+            )
         lines.append("  (agreement: the lowest head's; drop: the largest head's)")
         return "\n".join(lines)
 
@@ -153,9 +169,13 @@ def candidates(asked: Calibration, search: str, isa: str | None = None) -> list[
     ranges = (False,) if has_vnni(isa or isa_class()) else (False, True)
     methods = METHODS if search == "all" else (asked.method,)
     channels = (False, True) if search == "all" else (asked.per_channel,)
-    others = [Calibration(method, per_channel, asked.images, types, reduce_range)
-              for types in (asked.types, *TYPES) for reduce_range in (ranges if types == "u8s8" else (False,))
-              for method in methods for per_channel in channels]
+    others = [
+        Calibration(method, per_channel, asked.images, types, reduce_range)
+        for types in (asked.types, *TYPES)
+        for reduce_range in (ranges if types == "u8s8" else (False,))
+        for method in methods
+        for per_channel in channels
+    ]
     others = list(dict.fromkeys(others))  # asked.types first, each setting once
     return [asked] + ([c for c in others if c != asked] if search != "none" else [])
 
@@ -180,17 +200,21 @@ def _split_of(entry: HeadEntry, preprocessing: Preprocessing, calibration_images
 
     data = load_data(entry.data["root"])
     if data.content_hash() != entry.data["content_hash"]:
-        raise BuildError(f"the images under {entry.data['root']} changed since head {entry.key} was built: the gate "
-                         "measures on the data the heads were trained on")
+        raise BuildError(
+            f"the images under {entry.data['root']} changed since head {entry.key} was built: the gate "
+            "measures on the data the heads were trained on"
+        )
     fraction = entry.data.get("val_fraction", 0.2)
     train, val = data.split(fraction, entry.train["seed"])
     if (len(train), len(val)) != (entry.data["train"], entry.data["val"]):
         raise BuildError(f"cannot reproduce the train/val split of head {entry.key}: build it again")
     step = max(1, len(train) // calibration_images)
     chosen = train[::step][:calibration_images]
-    return _Split(load_images(data.subset(chosen), preprocessing, progress=False),
-                  load_images(data.subset(val), preprocessing, progress=False),
-                  np.array([data.targets[i] for i in val]))
+    return _Split(
+        load_images(data.subset(chosen), preprocessing, progress=False),
+        load_images(data.subset(val), preprocessing, progress=False),
+        np.array([data.targets[i] for i in val]),
+    )
 
 
 class _Reader:
@@ -215,6 +239,7 @@ def prepare(source: Path, out: Path) -> None:
 def _root_info_silenced() -> Iterator[None]:
     """Drops INFO records logged on the root logger itself: ONNX Runtime's quantizer writes one per tensor there
     (hundreds of "Created a copy of bias input" lines); records of named loggers pass untouched."""
+
     def warnings_and_above(record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING
 
@@ -230,19 +255,30 @@ def quantize_graph(prepared: Path, images: np.ndarray, calibration: Calibration,
     """Static int8 QDQ of a prepared image -> embedding graph, calibrated on uint8 ``images``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibration.method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[calibration.method]
     kind = {"s": QuantType.QInt8, "u": QuantType.QUInt8}
     with _root_info_silenced():
-            quantize_static(str(prepared), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
-                        per_channel=calibration.per_channel, reduce_range=calibration.reduce_range,
-                        activation_type=kind[calibration.types[0]], weight_type=kind[calibration.types[2]],
-                        calibrate_method=method)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Reader(images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=calibration.per_channel,
+            reduce_range=calibration.reduce_range,
+            activation_type=kind[calibration.types[0]],
+            weight_type=kind[calibration.types[2]],
+            calibrate_method=method,
+        )
 
 
 def _embed(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([session.run([EMBEDDING], {IMAGE: images[i:i + batch]})[0]
-                           for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [session.run([EMBEDDING], {IMAGE: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    )
 
 
 def time_against_fp32(fp32, int8, images: np.ndarray, rounds: int = SPEED_ROUNDS) -> dict:
@@ -258,8 +294,13 @@ def time_against_fp32(fp32, int8, images: np.ndarray, rounds: int = SPEED_ROUNDS
             if round_:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
     fp32_s, int8_s = float(np.median(times["fp32"])), float(np.median(times["int8"]))
-    return {"batch": SPEED_BATCH, "rounds": rounds, "images_per_s": round(SPEED_BATCH / int8_s, 2),
-            "fp32_images_per_s": round(SPEED_BATCH / fp32_s, 2), "speedup": round(fp32_s / int8_s, 3)}
+    return {
+        "batch": SPEED_BATCH,
+        "rounds": rounds,
+        "images_per_s": round(SPEED_BATCH / int8_s, 2),
+        "fp32_images_per_s": round(SPEED_BATCH / fp32_s, 2),
+        "speedup": round(fp32_s / int8_s, 3),
+    }
 
 
 class _Judge:
@@ -268,8 +309,10 @@ class _Judge:
     def __init__(self, build: BuildDir, heads: list[HeadEntry], splits: dict[str, _Split]):
         self.fp32 = fp32 = create_session(build.file(BACKBONE_ONNX), providers="cpu", name="backbone fp32")
         self.splits = splits
-        self.heads = {h.key: create_session(build.file(h.rel(HEAD_ONNX)), providers="cpu", threads=1,
-                                            name=f"head {h.key}") for h in heads}
+        self.heads = {
+            h.key: create_session(build.file(h.rel(HEAD_ONNX)), providers="cpu", threads=1, name=f"head {h.key}")
+            for h in heads
+        }
         embeddings = self._per_split(lambda split: _embed(fp32, split.val))
         self.fp32_top1 = {key: self._top1(key, embeddings[id(splits[key])]) for key in self.heads}
 
@@ -301,14 +344,19 @@ class _Judge:
             int8_top1 = self._top1(key, embeddings[id(split)])
             fp32_accuracy = float((fp32 == split.val_targets).mean())
             int8_accuracy = float((int8_top1 == split.val_targets).mean())
-            measured[key] = {"agreement": float((fp32 == int8_top1).mean()), "fp32_accuracy": fp32_accuracy,
-                             "int8_accuracy": int8_accuracy, "accuracy_drop": fp32_accuracy - int8_accuracy,
-                             "val_images": int(len(split.val))}
+            measured[key] = {
+                "agreement": float((fp32 == int8_top1).mean()),
+                "fp32_accuracy": fp32_accuracy,
+                "int8_accuracy": int8_accuracy,
+                "accuracy_drop": fp32_accuracy - int8_accuracy,
+                "val_images": int(len(split.val)),
+            }
         return measured
 
 
-def _gated_heads(build: BuildDir, manifest: Manifest, calibration_images: int) -> tuple[list[HeadEntry],
-                                                                                     dict[str, _Split]]:
+def _gated_heads(
+    build: BuildDir, manifest: Manifest, calibration_images: int
+) -> tuple[list[HeadEntry], dict[str, _Split]]:
     """The heads the gate measures (the latest version of each) and their images."""
     heads = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
     missing = [h.key for h in heads if h.rel(HEAD_ONNX) not in manifest.files]
@@ -343,14 +391,22 @@ def _verdict(build: BuildDir, report: QuantizeReport) -> Attempt:
     if chosen is None:
         raise _refusal(report, f"no int8 backbone of {build.path} passed the accuracy gate")
     if chosen.speedup < gate.min_speedup:
-        raise _refusal(report, f"the int8 backbone of {build.path} ({chosen.calibration.label()}) passes accuracy "
-                               f"but is {chosen.speedup:.2f}x fp32 here ({report.machine['isa']}, ONNX Runtime "
-                               f"{report.machine['onnxruntime']}; the gate asks >= {gate.min_speedup:g}x)")
+        raise _refusal(
+            report,
+            f"the int8 backbone of {build.path} ({chosen.calibration.label()}) passes accuracy "
+            f"but is {chosen.speedup:.2f}x fp32 here ({report.machine['isa']}, ONNX Runtime "
+            f"{report.machine['onnxruntime']}; the gate asks >= {gate.min_speedup:g}x)",
+        )
     return chosen
 
 
-def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: Gate = Gate(), search: str = "all",
-             calibration_images: np.ndarray | None = None) -> QuantizeReport:
+def quantize(
+    path: str | Path,
+    calibration: Calibration = Calibration(),
+    gate: Gate = Gate(),
+    search: str = "all",
+    calibration_images: np.ndarray | None = None,
+) -> QuantizeReport:
     """Write ``backbone.int8.onnx`` into the build: of the settings ``search`` covers (:func:`candidates`), the
     fastest on this CPU that passes accuracy, when it is at least ``gate.min_speedup`` times fp32; QuantizeRefused
     (the build unchanged) otherwise. ``calibration_images`` (uint8 N×3×H×W) replaces the build's training images."""
@@ -370,13 +426,17 @@ def quantize(path: str | Path, calibration: Calibration = Calibration(), gate: G
             graphs: dict[int, Path] = {}
             for candidate in candidates(calibration, search, report.machine["isa"]):
                 start, out = time.perf_counter(), Path(tmp) / f"int8-{len(report.attempts)}.onnx"
-                quantize_graph(prepared, calibrate[:candidate.images], candidate, out)
+                quantize_graph(prepared, calibrate[: candidate.images], candidate, out)
                 attempt = judge.measure(out, candidate, gate)
                 attempt.seconds = time.perf_counter() - start
                 graphs[id(attempt)] = out
                 report.attempts.append(attempt)
-                log.info("int8 %s: %s%s", candidate.label(), "passed" if attempt.passed else "refused",
-                         f", {attempt.speedup:.2f}x fp32" if attempt.speed else "")
+                log.info(
+                    "int8 %s: %s%s",
+                    candidate.label(),
+                    "passed" if attempt.passed else "refused",
+                    f", {attempt.speedup:.2f}x fp32" if attempt.speed else "",
+                )
             chosen = _verdict(build, report)
             _commit(build, manifest, heads, graphs[id(chosen)], report)
     return report
@@ -393,8 +453,11 @@ def verify(path: str | Path) -> QuantizeReport:
         record = manifest.int8
         report = QuantizeReport(Gate(**record["gate"]))
         heads, splits = _gated_heads(build, manifest, calibration_images=1)
-        report.attempts.append(_Judge(build, heads, splits).measure(
-            build.file(BACKBONE_INT8), Calibration(**record["calibration"]), report.gate))
+        report.attempts.append(
+            _Judge(build, heads, splits).measure(
+                build.file(BACKBONE_INT8), Calibration(**record["calibration"]), report.gate
+            )
+        )
         _verdict(build, report)
         manifest.int8 = {**record, **_figures(report), "verified": utc_now()}
         build.commit(manifest)
@@ -404,9 +467,14 @@ def verify(path: str | Path) -> QuantizeReport:
 def _figures(report: QuantizeReport) -> dict:
     """The record's measured part: the chosen setting, every attempt, the machine it was measured on."""
     chosen = report.chosen
-    return {"calibration": asdict(chosen.calibration), "heads": chosen.heads, "gate": asdict(report.gate),
-            "attempts": [a.to_dict() for a in report.attempts], "chosen": report.attempts.index(chosen),
-            "machine": {**report.machine, **chosen.speed, "measured": utc_now()}}
+    return {
+        "calibration": asdict(chosen.calibration),
+        "heads": chosen.heads,
+        "gate": asdict(report.gate),
+        "attempts": [a.to_dict() for a in report.attempts],
+        "chosen": report.attempts.index(chosen),
+        "machine": {**report.machine, **chosen.speed, "measured": utc_now()},
+    }
 
 
 def _commit(build: BuildDir, manifest: Manifest, heads: list[HeadEntry], int8: Path, report: QuantizeReport) -> None:
@@ -415,6 +483,10 @@ def _commit(build: BuildDir, manifest: Manifest, heads: list[HeadEntry], int8: P
     if BACKBONE_INT8 not in manifest.top_files:
         manifest.top_files.append(BACKBONE_INT8)
     gated = {h.key: manifest.files[h.rel(HEAD_ONNX)] for h in heads}  # what serves on it: core.heads.int8_gated
-    manifest.int8 = {"file": BACKBONE_INT8, "backbone_sha256": manifest.backbone_sha256(), "gated": gated,
-                     **_figures(report)}
+    manifest.int8 = {
+        "file": BACKBONE_INT8,
+        "backbone_sha256": manifest.backbone_sha256(),
+        "gated": gated,
+        **_figures(report),
+    }
     build.commit(manifest, rewritten=(BACKBONE_INT8,))

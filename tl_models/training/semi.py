@@ -37,8 +37,12 @@ class SelfTrainResult:
     def record(self, settings: SelfTraining) -> dict:
         """What the manifest keeps: the settings, every round, and which round won."""
         best = max((r for r in self.rounds if r["kept"]), key=lambda r: r["round"])
-        return {**asdict(settings), "rounds": self.rounds, "best_round": best["round"],
-                "pseudo_labels": int(len(self.pseudo_index))}
+        return {
+            **asdict(settings),
+            "rounds": self.rounds,
+            "best_round": best["round"],
+            "pseudo_labels": int(len(self.pseudo_index)),
+        }
 
 
 def select(probabilities: np.ndarray, threshold: float, cap: int) -> np.ndarray:
@@ -58,34 +62,69 @@ def _score(result: TrainResult) -> tuple[float, float]:
     return best["val_accuracy"], -best["val_loss"]
 
 
-def self_train(make_head: Callable[[], torch.nn.Module], x_train: torch.Tensor, y_train: torch.Tensor,
-               x_val: torch.Tensor, y_val: torch.Tensor, x_unlabeled: torch.Tensor, config: TrainConfig,
-               settings: SelfTraining, progress: bool = True) -> SelfTrainResult:
+def self_train(
+    make_head: Callable[[], torch.nn.Module],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    x_unlabeled: torch.Tensor,
+    config: TrainConfig,
+    settings: SelfTraining,
+    progress: bool = True,
+) -> SelfTrainResult:
     """Train on the labelled split, then self-train on ``x_unlabeled`` (see the module docstring)."""
     settings.check()
     classes = int(y_train.max()) + 1
     cap = settings.cap or max(1, len(x_unlabeled) // classes)
     head = make_head()
     result = fit(head, x_train, y_train, x_val, y_val, config, progress=progress)
-    best = SelfTrainResult(head, result, [{"round": 0, "pseudo_labels": 0, "per_class": [0] * classes,
-                                           "val_accuracy": _score(result)[0], "val_loss": -_score(result)[1],
-                                           "kept": True}])
+    best = SelfTrainResult(
+        head,
+        result,
+        [
+            {
+                "round": 0,
+                "pseudo_labels": 0,
+                "per_class": [0] * classes,
+                "val_accuracy": _score(result)[0],
+                "val_loss": -_score(result)[1],
+                "kept": True,
+            }
+        ],
+    )
     for round_ in range(1, settings.rounds + 1):
         probabilities = torch.softmax(predict(best.head, x_unlabeled), dim=1).numpy()
         chosen = select(probabilities, settings.threshold, cap)
         labels = probabilities[chosen].argmax(axis=1)
         candidate = make_head()
-        result = fit(candidate, torch.cat([x_train, x_unlabeled[chosen]]),
-                     torch.cat([y_train, torch.from_numpy(labels).to(y_train.dtype)]), x_val, y_val, config,
-                     progress=progress)
+        result = fit(
+            candidate,
+            torch.cat([x_train, x_unlabeled[chosen]]),
+            torch.cat([y_train, torch.from_numpy(labels).to(y_train.dtype)]),
+            x_val,
+            y_val,
+            config,
+            progress=progress,
+        )
         kept = not settings.stop or _score(result) > _score(best.result)
-        record = {"round": round_, "pseudo_labels": int(len(chosen)),
-                  "per_class": np.bincount(labels, minlength=classes).tolist(),
-                  "labeller_val_accuracy": _score(best.result)[0],  # how right the head that labelled them is
-                  "val_accuracy": _score(result)[0], "val_loss": -_score(result)[1], "kept": kept}
+        record = {
+            "round": round_,
+            "pseudo_labels": int(len(chosen)),
+            "per_class": np.bincount(labels, minlength=classes).tolist(),
+            "labeller_val_accuracy": _score(best.result)[0],  # how right the head that labelled them is
+            "val_accuracy": _score(result)[0],
+            "val_loss": -_score(result)[1],
+            "kept": kept,
+        }
         best.rounds.append(record)
-        log.info("self-training round %d: %d pseudo-labels, val accuracy %.4f (%s)", round_, len(chosen),
-                 record["val_accuracy"], "kept" if kept else "no better: stop")
+        log.info(
+            "self-training round %d: %d pseudo-labels, val accuracy %.4f (%s)",
+            round_,
+            len(chosen),
+            record["val_accuracy"],
+            "kept" if kept else "no better: stop",
+        )
         if not kept:
             break
         best.head, best.result = candidate, result

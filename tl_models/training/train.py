@@ -67,9 +67,11 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, num_classes:
     np.add.at(confusion, (targets, predicted), 1)
     support = confusion.sum(axis=1)
     per_class = np.divide(np.diag(confusion), support, out=np.zeros(num_classes), where=support > 0)
-    return {"val_accuracy": float((predicted == targets).mean()),
-            "per_class_accuracy": [round(float(v), 6) for v in per_class],
-            "confusion_matrix": confusion.tolist()}
+    return {
+        "val_accuracy": float((predicted == targets).mean()),
+        "per_class_accuracy": [round(float(v), 6) for v in per_class],
+        "confusion_matrix": confusion.tolist(),
+    }
 
 
 def _forward(head: nn.Module, embedder: nn.Module | None, inputs: torch.Tensor) -> torch.Tensor:
@@ -82,12 +84,14 @@ def _forward(head: nn.Module, embedder: nn.Module | None, inputs: torch.Tensor) 
 
 
 @torch.inference_mode()
-def predict(head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = None,
-            batch_size: int = 256) -> torch.Tensor:
+def predict(
+    head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = None, batch_size: int = 256
+) -> torch.Tensor:
     """Logits for all inputs, head and embedder in eval mode."""
     head.eval()
-    return torch.cat([_forward(head, embedder, inputs[i:i + batch_size]).cpu()
-                      for i in range(0, len(inputs), batch_size)])
+    return torch.cat(
+        [_forward(head, embedder, inputs[i : i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)]
+    )
 
 
 @contextlib.contextmanager
@@ -101,11 +105,20 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fit(head: nn.Module, x_train: torch.Tensor | Rows, y_train: torch.Tensor, x_val: torch.Tensor | Rows,
-        y_val: torch.Tensor,
-        config: TrainConfig, embedder: nn.Module | None = None, progress: bool = True,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_start: bool = False,
-        desc: str = "train head", device: str = "cpu") -> TrainResult:
+def fit(
+    head: nn.Module,
+    x_train: torch.Tensor | Rows,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor | Rows,
+    y_val: torch.Tensor,
+    config: TrainConfig,
+    embedder: nn.Module | None = None,
+    progress: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep_start: bool = False,
+    desc: str = "train head",
+    device: str = "cpu",
+) -> TrainResult:
     """Train ``head`` (and any trainable ``embedder`` parameters, at ``config.backbone_lr``) on ``device``, keep the
     best epoch by val accuracy. ``augment`` transforms each training batch; ``keep_start``: the models as given
     count as epoch 0, so training that never beats them leaves them as they were (``best_epoch`` 0).
@@ -114,14 +127,23 @@ def fit(head: nn.Module, x_train: torch.Tensor | Rows, y_train: torch.Tensor, x_
     intra-op thread only adds a wait at every operation, a long one when another process holds the other core."""
     threads = HEAD_THREADS if embedder is None and device == "cpu" else torch.get_num_threads()
     with torch_threads(threads):
-        return _fit(head, x_train, y_train, x_val, y_val, config, embedder, progress, augment, keep_start, desc,
-                    device)
+        return _fit(head, x_train, y_train, x_val, y_val, config, embedder, progress, augment, keep_start, desc, device)
 
 
-def _fit(head: nn.Module, x_train: torch.Tensor | Rows, y_train: torch.Tensor, x_val: torch.Tensor | Rows,
-         y_val: torch.Tensor, config: TrainConfig, embedder: nn.Module | None, progress: bool,
-         augment: Callable[[torch.Tensor], torch.Tensor] | None, keep_start: bool, desc: str,
-         device: str) -> TrainResult:
+def _fit(
+    head: nn.Module,
+    x_train: torch.Tensor | Rows,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor | Rows,
+    y_val: torch.Tensor,
+    config: TrainConfig,
+    embedder: nn.Module | None,
+    progress: bool,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    keep_start: bool,
+    desc: str,
+    device: str,
+) -> TrainResult:
     head.to(device)
     if embedder is not None:
         embedder.to(device)
@@ -161,8 +183,9 @@ def _fit(head: nn.Module, x_train: torch.Tensor | Rows, y_train: torch.Tensor, x
         val_logits = predict(head, x_val, embedder)
         val_loss = float(loss_fn(val_logits, y_val))
         val_acc = float((val_logits.argmax(1) == y_val).float().mean())
-        result.history.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
-                               "val_accuracy": val_acc})
+        result.history.append(
+            {"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss, "val_accuracy": val_acc}
+        )
         bar.set_postfix(loss=f"{total / len(x_train):.4f}", val_acc=f"{val_acc:.4f}")
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best, stale, result.best_epoch = (val_acc, val_loss), 0, epoch

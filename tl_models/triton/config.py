@@ -56,8 +56,10 @@ class RepositoryOptions:
         if self.precision not in PRECISIONS:
             raise TritonConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.precision == "int8" and self.gpu:
-            raise TritonConfigError("int8 backbones are for CPU serving (their gate measured them on the CPU): "
-                                    "serve fp32 or fp16 on the GPU")
+            raise TritonConfigError(
+                "int8 backbones are for CPU serving (their gate measured them on the CPU): "
+                "serve fp32 or fp16 on the GPU"
+            )
         if self.tensorrt and not (self.gpu and self.flavour == "onnxruntime"):
             raise TritonConfigError("the TensorRT accelerator needs --flavour onnxruntime --gpu")
         if self.max_batch_size < 1 or self.instances < 1:
@@ -89,8 +91,9 @@ def model_names(name: str, heads: list[str]) -> list[str]:
         names += [head_model(name, head), ensemble_model(name, head), ensemble_model(name, head, tensor=True)]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise TritonConfigError(f"build {name!r} with heads {heads} gives clashing Triton model names {clashes}: "
-                                "rename a head")
+        raise TritonConfigError(
+            f"build {name!r} with heads {heads} gives clashing Triton model names {clashes}: rename a head"
+        )
     return names
 
 
@@ -172,7 +175,11 @@ def _warmup_problems(config: mc.ModelConfig, model_dir: Path | None) -> list[str
             source = spec.WhichOneof("input_data_type")
             if source is None:
                 problems.append(f"warmup {sample.name!r}: input {name!r} has no data")
-            elif source == "input_data_file" and model_dir and not (model_dir / "warmup" / spec.input_data_file).is_file():
+            elif (
+                source == "input_data_file"
+                and model_dir
+                and not (model_dir / "warmup" / spec.input_data_file).is_file()
+            ):
                 problems.append(f"warmup {sample.name!r}: missing file warmup/{spec.input_data_file}")
     return problems
 
@@ -201,10 +208,16 @@ def validate_config(text: str, model_dir: str | Path | None = None, name: str | 
         problems.append("ensemble_scheduling on a model whose platform is not 'ensemble'")
     problems += _warmup_problems(config, model_dir)
     if model_dir is not None:
-        problems += [f"label file {t.label_filename!r} is missing" for t in config.output
-                     if t.label_filename and not (model_dir / t.label_filename).is_file()]
-        versions = {int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()} \
-            if model_dir.is_dir() else set()
+        problems += [
+            f"label file {t.label_filename!r} is missing"
+            for t in config.output
+            if t.label_filename and not (model_dir / t.label_filename).is_file()
+        ]
+        versions = (
+            {int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+            if model_dir.is_dir()
+            else set()
+        )
         wanted = set(config.version_policy.specific.versions) if config.version_policy.HasField("specific") else set()
         problems += [f"version {v} of the version_policy has no directory" for v in sorted(wanted - versions)]
         if not versions:
@@ -231,9 +244,11 @@ def _served(options: RepositoryOptions, gpu: bool) -> dict:
 
     A queue delay adds to every hop of a chain at low load (router -> preprocess -> backbone -> head cost 5.9 ms
     more at concurrency 1 with delays of 0.5-2 ms); with 0, a busy instance still gets batches of what queued."""
-    return {"max_batch_size": options.max_batch_size,
-            "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
-            "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": options.instances}]}
+    return {
+        "max_batch_size": options.max_batch_size,
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+        "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": options.instances}],
+    }
 
 
 def _zero_warmup(name: str, dtype: str, dims: list[int]) -> list[dict]:
@@ -241,23 +256,44 @@ def _zero_warmup(name: str, dtype: str, dims: list[int]) -> list[dict]:
 
 
 def _params(**values: object) -> dict:
-    return {key: {"string_value": value if isinstance(value, str) else json.dumps(value)}
-            for key, value in values.items()}
+    return {
+        key: {"string_value": value if isinstance(value, str) else json.dumps(value)} for key, value in values.items()
+    }
 
 
-def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dict, versions: list[int],
-                     threads: int = 0, precision: str | None = None) -> dict:
+def onnx_step_config(
+    model: str,
+    options: RepositoryOptions,
+    inp: dict,
+    out: dict,
+    versions: list[int],
+    threads: int = 0,
+    precision: str | None = None,
+) -> dict:
     """Backbone or head: onnxruntime_onnx platform, or the python backend running ONNX Runtime (``threads``
     intra-op threads, 0: ONNX Runtime's default; never spinning, since the stubs share the CPU). ``precision``
     (the backbone's) is shown as a parameter of the model's config."""
-    config = {"name": model, "input": [inp], "output": [out], **_served(options, options.gpu),
-              "version_policy": {"specific": {"versions": versions}},
-              "model_warmup": _zero_warmup(inp["name"], inp["data_type"], inp["dims"])}
+    config = {
+        "name": model,
+        "input": [inp],
+        "output": [out],
+        **_served(options, options.gpu),
+        "version_policy": {"specific": {"versions": versions}},
+        "model_warmup": _zero_warmup(inp["name"], inp["data_type"], inp["dims"]),
+    }
     if options.flavour == "onnxruntime":
         config.update(platform="onnxruntime_onnx", default_model_filename=VERSION_ONNX)
         if options.tensorrt:
-            config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{
-                "name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}}]}}
+            config["optimization"] = {
+                "execution_accelerators": {
+                    "gpu_execution_accelerator": [
+                        {
+                            "name": "tensorrt",
+                            "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)},
+                        }
+                    ]
+                }
+            }
     else:
         config.update(backend="python", parameters=_params(onnx_file=VERSION_ONNX, threads=str(threads), spin="0"))
     if precision is not None:
@@ -267,39 +303,88 @@ def onnx_step_config(model: str, options: RepositoryOptions, inp: dict, out: dic
 
 def preprocess_config(manifest: Manifest, options: RepositoryOptions) -> dict:
     """bytes -> uint8 image on CPU; warmed up with a real PNG (a zero string is not an image)."""
-    return {"name": PREPROCESS, "backend": "python",
-            "input": [_tensor(IMAGE_BYTES, "TYPE_STRING", [1])],
-            "output": [_tensor(IMAGE, "TYPE_UINT8", list(manifest.input_size))],
-            **_served(options, gpu=False),
-            "parameters": _params(preprocessing=manifest.preprocessing),
-            "model_warmup": [{"name": "png", "batch_size": 1, "inputs": {IMAGE_BYTES: {
-                "data_type": "TYPE_STRING", "dims": [1], "input_data_file": IMAGE_BYTES}}}]}
+    return {
+        "name": PREPROCESS,
+        "backend": "python",
+        "input": [_tensor(IMAGE_BYTES, "TYPE_STRING", [1])],
+        "output": [_tensor(IMAGE, "TYPE_UINT8", list(manifest.input_size))],
+        **_served(options, gpu=False),
+        "parameters": _params(preprocessing=manifest.preprocessing),
+        "model_warmup": [
+            {
+                "name": "png",
+                "batch_size": 1,
+                "inputs": {IMAGE_BYTES: {"data_type": "TYPE_STRING", "dims": [1], "input_data_file": IMAGE_BYTES}},
+            }
+        ],
+    }
 
 
-def ensemble_config(name: str, head: str, version: int, manifest: Manifest, options: RepositoryOptions,
-                    tensor: bool) -> dict:
+def ensemble_config(
+    name: str, head: str, version: int, manifest: Manifest, options: RepositoryOptions, tensor: bool
+) -> dict:
     """image_bytes (or image) -> [preprocess ->] backbone -> head version ``version``."""
-    steps = [] if tensor else [{"model_name": PREPROCESS, "model_version": -1, "input_map": {IMAGE_BYTES: IMAGE_BYTES},
-                                "output_map": {IMAGE: IMAGE}}]
-    steps += [{"model_name": backbone_model(name), "model_version": -1, "input_map": {IMAGE: IMAGE},
-               "output_map": {EMBEDDING: EMBEDDING}},
-              {"model_name": head_model(name, head), "model_version": version, "input_map": {EMBEDDING: EMBEDDING},
-               "output_map": {LOGITS: LOGITS}}]
-    inp = _tensor(IMAGE, "TYPE_UINT8", list(manifest.input_size)) if tensor else _tensor(IMAGE_BYTES, "TYPE_STRING", [1])
-    return {"name": ensemble_model(name, head, tensor), "platform": "ensemble",
-            "max_batch_size": options.max_batch_size, "input": [inp],
-            "output": [_tensor(LOGITS, "TYPE_FP32", [len(manifest.labels)], labels=True)],
-            "ensemble_scheduling": {"step": steps}}
+    steps = (
+        []
+        if tensor
+        else [
+            {
+                "model_name": PREPROCESS,
+                "model_version": -1,
+                "input_map": {IMAGE_BYTES: IMAGE_BYTES},
+                "output_map": {IMAGE: IMAGE},
+            }
+        ]
+    )
+    steps += [
+        {
+            "model_name": backbone_model(name),
+            "model_version": -1,
+            "input_map": {IMAGE: IMAGE},
+            "output_map": {EMBEDDING: EMBEDDING},
+        },
+        {
+            "model_name": head_model(name, head),
+            "model_version": version,
+            "input_map": {EMBEDDING: EMBEDDING},
+            "output_map": {LOGITS: LOGITS},
+        },
+    ]
+    inp = (
+        _tensor(IMAGE, "TYPE_UINT8", list(manifest.input_size)) if tensor else _tensor(IMAGE_BYTES, "TYPE_STRING", [1])
+    )
+    return {
+        "name": ensemble_model(name, head, tensor),
+        "platform": "ensemble",
+        "max_batch_size": options.max_batch_size,
+        "input": [inp],
+        "output": [_tensor(LOGITS, "TYPE_FP32", [len(manifest.labels)], labels=True)],
+        "ensemble_scheduling": {"step": steps},
+    }
 
 
 def router_config(name: str, manifest: Manifest, options: RepositoryOptions) -> dict:
     """The A/B router. No model_warmup: its BLS targets may not be loaded yet when it is warmed."""
-    return {"name": name, "backend": "python",
-            "input": [_tensor(IMAGE_BYTES, "TYPE_STRING", [1]), _tensor(ROUTE_KEY, "TYPE_STRING", [1], optional=True),
-                      _tensor(ROUTE_HEAD, "TYPE_STRING", [1], optional=True)],
-            "output": [_tensor(LOGITS, "TYPE_FP32", [len(manifest.labels)], labels=True),
-                       _tensor(HEAD, "TYPE_STRING", [1]), _tensor(REQUEST_ID, "TYPE_STRING", [1])],
-            **_served(options, gpu=False),
-            "parameters": _params(route_file=ROUTE_FILE, poll="0.2", preprocessing=manifest.preprocessing,
-                                  backbone_model=backbone_model(name), head_prefix=head_model(name, ""),
-                                  precision=options.precision)}
+    return {
+        "name": name,
+        "backend": "python",
+        "input": [
+            _tensor(IMAGE_BYTES, "TYPE_STRING", [1]),
+            _tensor(ROUTE_KEY, "TYPE_STRING", [1], optional=True),
+            _tensor(ROUTE_HEAD, "TYPE_STRING", [1], optional=True),
+        ],
+        "output": [
+            _tensor(LOGITS, "TYPE_FP32", [len(manifest.labels)], labels=True),
+            _tensor(HEAD, "TYPE_STRING", [1]),
+            _tensor(REQUEST_ID, "TYPE_STRING", [1]),
+        ],
+        **_served(options, gpu=False),
+        "parameters": _params(
+            route_file=ROUTE_FILE,
+            poll="0.2",
+            preprocessing=manifest.preprocessing,
+            backbone_model=backbone_model(name),
+            head_prefix=head_model(name, ""),
+            precision=options.precision,
+        ),
+    }

@@ -37,8 +37,10 @@ def bundled_root() -> Path:
     """``pytriton/tritonserver`` of the installed nvidia-pytriton wheel (not imported: only located)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError("nvidia-pytriton is not installed: `pip install nvidia-pytriton` "
-                                "(it bundles tritonserver), or pass --tritonserver PATH")
+        raise TritonServerError(
+            "nvidia-pytriton is not installed: `pip install nvidia-pytriton` "
+            "(it bundles tritonserver), or pass --tritonserver PATH"
+        )
     root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     if not (root / "bin" / "tritonserver").is_file():
         raise TritonServerError(f"no tritonserver binary under {root}")
@@ -115,10 +117,18 @@ class TritonServer(ServerProcess):
         return self.process.returncode
 
 
-def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
-          metrics_port: int | None = None, tritonserver: str | Path | None = None,
-          workdir: str | Path | None = None, load: tuple[str, ...] = ("*",), timeout: float = 180.0,
-          exit_timeout: int = 10, extra_args: tuple[str, ...] = ()) -> TritonServer:
+def start(
+    repo: str | Path,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
+    tritonserver: str | Path | None = None,
+    workdir: str | Path | None = None,
+    load: tuple[str, ...] = ("*",),
+    timeout: float = 180.0,
+    exit_timeout: int = 10,
+    extra_args: tuple[str, ...] = (),
+) -> TritonServer:
     """Start tritonserver on ``repo`` (explicit model control, ``load`` models at start); wait until ready."""
     repo = Path(repo).resolve()
     if not repo.is_dir():
@@ -135,20 +145,41 @@ def start(repo: str | Path, http_port: int | None = None, grpc_port: int | None 
         bundled, binary, backend_args = None, Path(tritonserver), []
         if not os.access(binary, os.X_OK):
             raise TritonServerError(f"{binary} is not an executable tritonserver")
-    command = [str(binary), f"--model-repository={repo}", *backend_args, "--model-control-mode=explicit",
-               *[f"--load-model={name}" for name in load], "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
-               f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
-               "--exit-on-error=true", f"--exit-timeout-secs={exit_timeout}", *extra_args]
+    command = [
+        str(binary),
+        f"--model-repository={repo}",
+        *backend_args,
+        "--model-control-mode=explicit",
+        *[f"--load-model={name}" for name in load],
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        f"--http-port={ports[0]}",
+        f"--grpc-port={ports[1]}",
+        f"--metrics-port={ports[2]}",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={exit_timeout}",
+        *extra_args,
+    ]
     log_path = work / "tritonserver.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=server_environment(bundled is not None), start_new_session=True)
-    server = TritonServer(process, log_path, repo, *ports, workdir=work, exit_timeout=exit_timeout,
-                          _own_workdir=own)
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=server_environment(bundled is not None),
+            start_new_session=True,
+        )
+    server = TritonServer(process, log_path, repo, *ports, workdir=work, exit_timeout=exit_timeout, _own_workdir=own)
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     try:
-        wait_ready(process, f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout, "tritonserver", log_path,
-                   TritonServerError)
+        wait_ready(
+            process,
+            f"http://127.0.0.1:{ports[0]}/v2/health/ready",
+            timeout,
+            "tritonserver",
+            log_path,
+            TritonServerError,
+        )
         return server
     except BaseException:  # not ready, or interrupted while waiting: never leave the server behind
         server.stop()

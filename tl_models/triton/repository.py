@@ -126,8 +126,12 @@ def _put_dir(parent: Path, name: str, files: dict[str, bytes], check=None, dirs:
     return True
 
 
-def write_model(repo: Path, config: dict | mc.ModelConfig, files: dict[str, bytes] | None = None,
-                versions: dict[int, dict[str, bytes]] | None = None) -> Path:
+def write_model(
+    repo: Path,
+    config: dict | mc.ModelConfig,
+    files: dict[str, bytes] | None = None,
+    versions: dict[int, dict[str, bytes]] | None = None,
+) -> Path:
     """Write one model: a new model directory appears whole; in an existing one each version directory is
     staged and renamed, other files are replaced atomically, and the validated config is written last."""
     text = config_text(config)
@@ -138,8 +142,13 @@ def write_model(repo: Path, config: dict | mc.ModelConfig, files: dict[str, byte
         tree = {**files, CONFIG: text.encode()}
         for version, content in versions.items():
             tree.update({f"{version}/{rel}": data for rel, data in content.items()})
-        _put_dir(repo, name, tree, check=lambda staged: validate_config(text, staged, name),
-                 dirs=tuple(str(v) for v in versions))
+        _put_dir(
+            repo,
+            name,
+            tree,
+            check=lambda staged: validate_config(text, staged, name),
+            dirs=tuple(str(v) for v in versions),
+        )
         return model_dir
     for version, content in versions.items():
         _put_dir(model_dir, str(version), content)
@@ -224,14 +233,20 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     _check_preprocess(repo, manifest)
     route_path = repo / name / ROUTE_FILE
     live = _live_versions(route_path, manifest)
-    ungated = [f"{h}:{v}" for h, v in sorted(live.items())
-               if not backbone.serves(manifest.files[manifest.head(h, v).rel(HEAD_ONNX)])]
+    ungated = [
+        f"{h}:{v}"
+        for h, v in sorted(live.items())
+        if not backbone.serves(manifest.files[manifest.head(h, v).rel(HEAD_ONNX)])
+    ]
     if ungated:
-        raise TritonConfigError(f"live heads {ungated} of {route_path} were not measured by the int8 gate: swap "
-                                "them to a gated version first, or run `tl-models quantize` again")
+        raise TritonConfigError(
+            f"live heads {ungated} of {route_path} were not measured by the int8 gate: swap "
+            "them to a gated version first, or run `tl-models quantize` again"
+        )
     if options.weights is not None and set(options.weights) - set(heads):
-        raise TritonConfigError(f"weights for unknown heads {sorted(set(options.weights) - set(heads))}; "
-                                f"the build has {heads}")
+        raise TritonConfigError(
+            f"weights for unknown heads {sorted(set(options.weights) - set(heads))}; the build has {heads}"
+        )
     size, dim, classes = list(manifest.input_size), manifest.embedding_dim, len(manifest.labels)
     labels = _labels(manifest)
     for head in heads:
@@ -240,30 +255,61 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
             source = head_from_build(build, manifest, entry).to_dict()
             facts = {k: source[k] for k in ("name", "version", "labels", "backbone_sha256", "origin")}
             versions[entry.version] = _version_files(build.file(entry.rel(HEAD_ONNX)), options, {VERSION_HEAD: facts})
-        write_model(repo, onnx_step_config(head_model(name, head), options, _tensor(EMBEDDING, "TYPE_FP32", [dim]),
-                                           _tensor(LOGITS, "TYPE_FP32", [classes], labels=True), [live[head]],
-                                           threads=1),  # a D×C matmul: a thread pool would only get in the way
-                    {LABELS: labels}, versions)
-    backbone_facts = {"sha256": backbone.sha256, "precision": backbone.precision,
-                      "gated": None if backbone.gated is None else sorted(backbone.gated),
-                      "int8_machine": backbone.int8_machine, "origin": backbone.origin}
-    write_model(repo, onnx_step_config(backbone_model(name), options, _tensor(IMAGE, "TYPE_UINT8", size),
-                                       _tensor(EMBEDDING, "TYPE_FP32", [dim]), [1], precision=backbone.precision),
-                versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})})
-    write_model(repo, preprocess_config(manifest, options), {f"warmup/{IMAGE_BYTES}": _warmup_png(size[-1])},
-                {1: {"model.py": (MODELS_DIR / "preprocess.py").read_bytes()}})
+        write_model(
+            repo,
+            onnx_step_config(
+                head_model(name, head),
+                options,
+                _tensor(EMBEDDING, "TYPE_FP32", [dim]),
+                _tensor(LOGITS, "TYPE_FP32", [classes], labels=True),
+                [live[head]],
+                threads=1,
+            ),  # a D×C matmul: a thread pool would only get in the way
+            {LABELS: labels},
+            versions,
+        )
+    backbone_facts = {
+        "sha256": backbone.sha256,
+        "precision": backbone.precision,
+        "gated": None if backbone.gated is None else sorted(backbone.gated),
+        "int8_machine": backbone.int8_machine,
+        "origin": backbone.origin,
+    }
+    write_model(
+        repo,
+        onnx_step_config(
+            backbone_model(name),
+            options,
+            _tensor(IMAGE, "TYPE_UINT8", size),
+            _tensor(EMBEDDING, "TYPE_FP32", [dim]),
+            [1],
+            precision=backbone.precision,
+        ),
+        versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})},
+    )
+    write_model(
+        repo,
+        preprocess_config(manifest, options),
+        {f"warmup/{IMAGE_BYTES}": _warmup_png(size[-1])},
+        {1: {"model.py": (MODELS_DIR / "preprocess.py").read_bytes()}},
+    )
     for head in heads:
         for tensor in (False, True):
-            write_model(repo, ensemble_config(name, head, live[head], manifest, options, tensor), {LABELS: labels},
-                        {1: {}})
+            write_model(
+                repo, ensemble_config(name, head, live[head], manifest, options, tensor), {LABELS: labels}, {1: {}}
+            )
     router_files = {LABELS: labels}
     if route_path.is_file():
         _update_route(route_path, live, options.weights)
     else:  # a new router directory appears with its route file
         weights = options.weights if options.weights is not None else {head: 1.0 for head in heads}
         router_files[ROUTE_FILE] = (json.dumps(Route(weights, live, 1).validate().to_dict(), indent=2) + "\n").encode()
-    write_model(repo, router_config(name, manifest, options), router_files,
-                {1: {"model.py": (MODELS_DIR / "router.py").read_bytes()}})
+    write_model(
+        repo,
+        router_config(name, manifest, options),
+        router_files,
+        {1: {"model.py": (MODELS_DIR / "router.py").read_bytes()}},
+    )
     return Repository(repo, name, models, live)
 
 
@@ -273,5 +319,7 @@ def _check_preprocess(repo: Path, manifest: Manifest) -> None:
         return
     params = read_config(repo / PREPROCESS).parameters
     if "preprocessing" in params and json.loads(params["preprocessing"].string_value) != manifest.preprocessing:
-        raise TritonConfigError(f"{repo / PREPROCESS} serves another preprocessing "
-                                f"({params['preprocessing'].string_value}): use another repository for this build")
+        raise TritonConfigError(
+            f"{repo / PREPROCESS} serves another preprocessing "
+            f"({params['preprocessing'].string_value}): use another repository for this build"
+        )

@@ -117,8 +117,7 @@ class Replicas:
 
     def not_ready(self, model: str, version: int) -> list[str]:
         """The replicas where ``model`` ``version`` is not ready."""
-        return [url for url, client in zip(self.urls, self.clients)
-                if not client.is_model_ready(model, str(version))]
+        return [url for url, client in zip(self.urls, self.clients) if not client.is_model_ready(model, str(version))]
 
     def inference_count(self, model: str, version: int) -> int:
         """Inferences of ``model`` ``version`` summed over the replicas."""
@@ -175,10 +174,13 @@ def _admit(repo: Path, name: str, version_dir: Path) -> None:
     facts, recorded = version_dir / VERSION_HEAD, version_dir / VERSION_SHA256
     backbone_facts = repo / backbone_model(name) / "1" / VERSION_BACKBONE
     if not (facts.is_file() and recorded.is_file() and backbone_facts.is_file()):
-        raise TritonSwapError(f"{version_dir} lacks {VERSION_HEAD} / {VERSION_SHA256}, or its backbone "
-                              f"{VERSION_BACKBONE}: package its build again with `tl-models triton package`")
-    source = HeadSource.from_dict(json.loads(facts.read_text()), path=str(version_dir / VERSION_ONNX),
-                                  sha256=recorded.read_text().strip())
+        raise TritonSwapError(
+            f"{version_dir} lacks {VERSION_HEAD} / {VERSION_SHA256}, or its backbone "
+            f"{VERSION_BACKBONE}: package its build again with `tl-models triton package`"
+        )
+    source = HeadSource.from_dict(
+        json.loads(facts.read_text()), path=str(version_dir / VERSION_ONNX), sha256=recorded.read_text().strip()
+    )
     backbone = json.loads(backbone_facts.read_text())
     gated = None if backbone["gated"] is None else frozenset(backbone["gated"])
     embedding_dim = int(read_config(repo / backbone_model(name)).output[0].dims[0])
@@ -194,8 +196,10 @@ def _drain(client: Replicas, model: str, version: int, quiet: float, timeout: fl
     count, since = client.inference_count(model, version), time.monotonic()
     while time.monotonic() - since < quiet:
         if time.monotonic() > deadline:
-            raise TritonSwapError(f"{model} version {version} still gets traffic after {timeout:.0f} s: "
-                                  "left loaded; unload it once clients have moved")
+            raise TritonSwapError(
+                f"{model} version {version} still gets traffic after {timeout:.0f} s: "
+                "left loaded; unload it once clients have moved"
+            )
         time.sleep(min(0.2, quiet))
         now = client.inference_count(model, version)
         if now != count:
@@ -212,8 +216,10 @@ def _target(repo: Path, name: str, head: str, version: int | None) -> tuple[Path
     on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     version = version if version is not None else max(on_disk, default=0)
     if version not in on_disk:
-        raise TritonSwapError(f"{model} has no version {version} in {repo} (it has {on_disk}): "
-                              "package the build that made it with `tl-models triton package`")
+        raise TritonSwapError(
+            f"{model} has no version {version} in {repo} (it has {on_disk}): "
+            "package the build that made it with `tl-models triton package`"
+        )
     state = RoutingState(repo / name / ROUTE_FILE, poll=0)
     if not state.path.is_file():
         raise TritonSwapError(f"no route file {state.path}: is {name!r} a build packaged into {repo}?")
@@ -242,13 +248,24 @@ def _in_use(repo: Path, name: str, head: str, route: Route) -> list[int]:
     for tensor in (False, True):
         ensemble_dir = repo / ensemble_model(name, head, tensor)
         if (ensemble_dir / CONFIG).is_file():
-            used |= {step.model_version for step in read_config(ensemble_dir).ensemble_scheduling.step
-                     if step.model_name == model and step.model_version > 0}
+            used |= {
+                step.model_version
+                for step in read_config(ensemble_dir).ensemble_scheduling.step
+                if step.model_name == model and step.model_version > 0
+            }
     return sorted(used)
 
 
-def swap(url: str | list[str], repo: str | Path, name: str, head: str, version: int | None = None,
-         weights: dict[str, float] | None = None, drain: float = 2.0, timeout: float = 120.0) -> SwapResult:
+def swap(
+    url: str | list[str],
+    repo: str | Path,
+    name: str,
+    head: str,
+    version: int | None = None,
+    weights: dict[str, float] | None = None,
+    drain: float = 2.0,
+    timeout: float = 120.0,
+) -> SwapResult:
     """Make ``version`` (default: the highest in the repository) of ``head`` live on every replica that serves
     ``repo`` (``url``: one or several); see the module docstring."""
     repo = Path(repo)
@@ -275,14 +292,26 @@ def swap(url: str | list[str], repo: str | Path, name: str, head: str, version: 
     return SwapResult(head, old, version, route)
 
 
-def _repoint(client: Replicas, repo: Path, name: str, head: str, model: str, model_dir: Path,
-             old: int | None, version: int, state: RoutingState, weights: dict[str, float] | None,
-             undo: list) -> Route:
+def _repoint(
+    client: Replicas,
+    repo: Path,
+    name: str,
+    head: str,
+    model: str,
+    model_dir: Path,
+    old: int | None,
+    version: int,
+    state: RoutingState,
+    weights: dict[str, float] | None,
+    undo: list,
+) -> Route:
     """Steps 1-3: load the new version next to the old, repoint the ensembles, then the route."""
     _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, state.current()), version}), undo)
     if client.not_ready(model, version):
-        raise TritonSwapError(f"{model} version {version} is not ready on {', '.join(client.not_ready(model, version))}"
-                              f" after loading: does every server serve {repo.resolve()}?")
+        raise TritonSwapError(
+            f"{model} version {version} is not ready on {', '.join(client.not_ready(model, version))}"
+            f" after loading: does every server serve {repo.resolve()}?"
+        )
     log.info("loaded %s version %d", model, version)
     for tensor in (False, True):
         ensemble_dir = repo / ensemble_model(name, head, tensor)
@@ -300,8 +329,16 @@ def _repoint(client: Replicas, repo: Path, name: str, head: str, model: str, mod
     return route
 
 
-def shadow(url: str | list[str], repo: str | Path, name: str, head: str, version: int | None = None, share: float = 1.0,
-           drain: float = 2.0, timeout: float = 120.0) -> Route:
+def shadow(
+    url: str | list[str],
+    repo: str | Path,
+    name: str,
+    head: str,
+    version: int | None = None,
+    share: float = 1.0,
+    drain: float = 2.0,
+    timeout: float = 120.0,
+) -> Route:
     """Have the router score ``head`` ``version`` beside every answer on ``share`` (0..1] of requests, never
     returned: admitted like a swap, loaded next to the versions in use, then named in the route. ``share`` 0 stops
     it (``version`` None: every shadow version of ``head``): out of the route first, then unloaded once drained
@@ -318,8 +355,10 @@ def shadow(url: str | list[str], repo: str | Path, name: str, head: str, version
     try:
         _set_versions(client, model_dir, sorted({*_in_use(repo, name, head, current), version}), undo)
         if client.not_ready(model_dir.name, version):
-            raise TritonSwapError(f"{model_dir.name} version {version} is not ready on "
-                                  f"{', '.join(client.not_ready(model_dir.name, version))} after loading")
+            raise TritonSwapError(
+                f"{model_dir.name} version {version} is not ready on "
+                f"{', '.join(client.not_ready(model_dir.name, version))} after loading"
+            )
         route = state.update(shadow={f"{head}:{version}": share})
     except BaseException:
         _roll_back(client, undo)
@@ -328,8 +367,9 @@ def shadow(url: str | list[str], repo: str | Path, name: str, head: str, version
     return route
 
 
-def _unshadow(url: str | list[str], repo: Path, name: str, head: str, version: int | None, drain: float,
-              timeout: float) -> Route:
+def _unshadow(
+    url: str | list[str], repo: Path, name: str, head: str, version: int | None, drain: float, timeout: float
+) -> Route:
     model_dir, _, state = _target(repo, name, head, version)
     keys = [f"{head}:{v}" for n, v, _ in state.current().shadows() if n == head and version in (None, v)]
     if not keys:
@@ -355,8 +395,10 @@ def status(url: str | list[str], repo: str | Path, name: str) -> dict:
     if not route.versions:
         raise TritonSwapError(f"no route file {repo / name / ROUTE_FILE}: is {name!r} a build packaged into {repo}?")
     prefix = head_model(name, "")
-    wanted = {head: _in_use(repo, name, head, route) for head in sorted({*route.versions,
-                                                                         *(n for n, _, _ in route.shadows())})}
+    wanted = {
+        head: _in_use(repo, name, head, route)
+        for head in sorted({*route.versions, *(n for n, _, _ in route.shadows())})
+    }
     replicas = []
     for replica in urls:
         client = client_for(replica)
@@ -365,7 +407,7 @@ def status(url: str | list[str], repo: str | Path, name: str) -> dict:
             entry["ready"] = client.is_server_ready()
             for model in client.get_model_repository_index(headers=_admin_headers()):
                 if model.get("name", "").startswith(prefix) and model.get("state") == "READY":
-                    head = model["name"][len(prefix):]
+                    head = model["name"][len(prefix) :]
                     entry["loaded"].setdefault(head, []).append(int(model["version"]))
         except (OSError, InferenceServerException) as exc:
             entry["error"] = str(exc)
@@ -374,5 +416,9 @@ def status(url: str | list[str], repo: str | Path, name: str) -> dict:
         entry["loaded"] = {head: sorted(versions) for head, versions in sorted(entry["loaded"].items())}
         entry["agrees"] = entry["ready"] and all(entry["loaded"].get(h) == v for h, v in wanted.items())
         replicas.append(entry)
-    return {"route": route.to_dict(), "wanted": wanted, "replicas": replicas,
-            "agree": all(r["agrees"] for r in replicas)}
+    return {
+        "route": route.to_dict(),
+        "wanted": wanted,
+        "replicas": replicas,
+        "agree": all(r["agrees"] for r in replicas),
+    }

@@ -20,5 +20,6 @@ def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
     """The error response for ``exc``: a user error or model fault with its message, anything else named as a
     fault of ``model.py``; the code from the error table."""
     message = str(exc) if isinstance(exc, (UserError, ModelFault)) else f"{type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError,
-                                                                                   triton_code(exc))))
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, triton_code(exc)))
+    )

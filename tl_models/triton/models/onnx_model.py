@@ -35,8 +35,12 @@ class TritonPythonModel:
             backbone = json.loads(facts.read_text())
             if backbone["precision"] == "int8":
                 check_int8_machine(backbone.get("int8_machine"), backbone.get("origin", ""))
-        self.session = create_session(version_dir / params.get("onnx_file", VERSION_ONNX), threads=threads, name=label,
-                                      spin=params.get("spin", "0") == "1")
+        self.session = create_session(
+            version_dir / params.get("onnx_file", VERSION_ONNX),
+            threads=threads,
+            name=label,
+            spin=params.get("spin", "0") == "1",
+        )
         pb_utils.Logger.log_info(f"{label}: ONNX Runtime providers {self.session.get_providers()}")
         spec = config["input"][0]
         self.input_name, self.output_name = spec["name"], config["output"][0]["name"]
@@ -61,8 +65,9 @@ class TritonPythonModel:
                 good.append((index, array))
         if good:
             try:
-                outputs = np.split(self._run(np.concatenate([a for _, a in good])),
-                                   np.cumsum([len(a) for _, a in good])[:-1])
+                outputs = np.split(
+                    self._run(np.concatenate([a for _, a in good])), np.cumsum([len(a) for _, a in good])[:-1]
+                )
             except Exception:  # one bad request must not fail its neighbours: run them one by one
                 outputs = []
                 for _, array in good:
@@ -71,11 +76,12 @@ class TritonPythonModel:
                     except Exception as exc:
                         outputs.append(exc)
             for (index, _), output in zip(good, outputs):
-                responses[index] = (error_response(ModelFault(f"ONNX Runtime: {output}"))
-                                    if isinstance(output, Exception) else
-                                    pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, output)]))
+                responses[index] = (
+                    error_response(ModelFault(f"ONNX Runtime: {output}"))
+                    if isinstance(output, Exception)
+                    else pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, output)])
+                )
         return responses
 
     def finalize(self) -> None:
         self.session = None
-

@@ -99,29 +99,35 @@ class TritonPythonModel:
         kind = pb_utils.MetricFamily.COUNTER
         self.families = {
             "scored": pb_utils.MetricFamily("tl_models_shadow_scored", "Images a shadow head was scored on", kind),
-            "agreed": pb_utils.MetricFamily("tl_models_shadow_agreed",
-                                            "Images where a shadow head's top-1 equals the answering head's", kind),
-            "errors": pb_utils.MetricFamily("tl_models_shadow_errors", "Shadow scorings that failed (the head is "
-                                            "dropped from shadowing; the request is answered)", kind)}
+            "agreed": pb_utils.MetricFamily(
+                "tl_models_shadow_agreed", "Images where a shadow head's top-1 equals the answering head's", kind
+            ),
+            "errors": pb_utils.MetricFamily(
+                "tl_models_shadow_errors",
+                "Shadow scorings that failed (the head is dropped from shadowing; the request is answered)",
+                kind,
+            ),
+        }
         self.metrics: dict[tuple[str, str, int], object] = {}
         self.dropped: set[str] = set()
         self.repository = Path(args["model_repository"]).parent
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
-        request = pb_utils.InferenceRequest(model_name=model, model_version=version, inputs=inputs,
-                                            requested_output_names=[output])
+        request = pb_utils.InferenceRequest(
+            model_name=model, model_version=version, inputs=inputs, requested_output_names=[output]
+        )
         response = await request.async_exec()
         if response.has_error():
-            raise StepError(f"{model}" + (f" version {version}" if version > 0 else "") +
-                            f": {response.error().message()}")
+            raise StepError(
+                f"{model}" + (f" version {version}" if version > 0 else "") + f": {response.error().message()}"
+            )
         return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
 
     async def _batched(self, model: str, version: int, name: str, array: np.ndarray, output: str) -> np.ndarray:
         """One BLS call per ``max_batch_size`` rows, concurrently; the rows' outputs in order."""
-        chunks = [array[i:i + self.chunk] for i in range(0, len(array), self.chunk)]
-        parts = await asyncio.gather(*(self._infer(model, version, [pb_utils.Tensor(name, c)], output)
-                                       for c in chunks))
+        chunks = [array[i : i + self.chunk] for i in range(0, len(array), self.chunk)]
+        parts = await asyncio.gather(*(self._infer(model, version, [pb_utils.Tensor(name, c)], output) for c in chunks))
         return np.concatenate(parts)
 
     async def _prepare(self, route: Route, index: int, request: "pb_utils.InferenceRequest") -> Routed:
@@ -136,8 +142,9 @@ class TritonPythonModel:
         """The labels of a head version, from its ``head.json`` in the repository (read once)."""
         labels = self._labels.get((head, version))
         if labels is None:
-            facts = json.loads((self.repository / f"{self.head_prefix}{head}" / str(version) / VERSION_HEAD)
-                               .read_text())
+            facts = json.loads(
+                (self.repository / f"{self.head_prefix}{head}" / str(version) / VERSION_HEAD).read_text()
+            )
             labels = self._labels[(head, version)] = tuple(facts["labels"])
         return labels
 
@@ -154,7 +161,8 @@ class TritonPythonModel:
         metric = self.metrics.get((family, head, version))
         if metric is None:
             metric = self.metrics[(family, head, version)] = self.families[family].Metric(
-                labels={"head": head, "version": str(version)})
+                labels={"head": head, "version": str(version)}
+            )
         metric.increment(value)
 
     def _shadow_rows(self, route: Route, routed: list[Routed]) -> dict[tuple[str, int], np.ndarray]:
@@ -164,8 +172,11 @@ class TritonPythonModel:
         for name, version, share in route.shadows():
             if f"{name}:{version}" in self.dropped:
                 continue
-            picked = [r.rows for r in routed
-                      if (r.head, r.version) != (name, version) and (share >= 1 or random.random() < share)]
+            picked = [
+                r.rows
+                for r in routed
+                if (r.head, r.version) != (name, version) and (share >= 1 or random.random() < share)
+            ]
             if picked:
                 chosen[(name, version)] = np.concatenate(picked)
         return chosen
@@ -189,8 +200,10 @@ class TritonPythonModel:
                     tops[1].append(int(top[position]))
             if by_head:
                 shadow_labels = self.labels(name, version)
-                same = sum(agreed(self.labels(*head), answer_top, shadow_labels, shadow_top)
-                           for head, (answer_top, shadow_top) in by_head.items())
+                same = sum(
+                    agreed(self.labels(*head), answer_top, shadow_labels, shadow_top)
+                    for head, (answer_top, shadow_top) in by_head.items()
+                )
                 self._count("scored", name, version, sum(len(t[0]) for t in by_head.values()))
                 self._count("agreed", name, version, same)
 
@@ -210,8 +223,9 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         route = self.routing.current()  # one read for the whole batch: answers and shadows follow the same route
-        prepared = await asyncio.gather(*(self._prepare(route, i, r) for i, r in enumerate(requests)),
-                                        return_exceptions=True)
+        prepared = await asyncio.gather(
+            *(self._prepare(route, i, r) for i, r in enumerate(requests)), return_exceptions=True
+        )
         routed: list[Routed] = []
         for index, item in enumerate(prepared):
             if isinstance(item, BaseException):
@@ -225,8 +239,9 @@ class TritonPythonModel:
             r.start, r.stop = start, start + len(r.images)
             start = r.stop
         try:
-            embeddings = await self._batched(self.backbone, -1, IMAGE, np.concatenate([r.images for r in routed]),
-                                             EMBEDDING)
+            embeddings = await self._batched(
+                self.backbone, -1, IMAGE, np.concatenate([r.images for r in routed]), EMBEDDING
+            )
         except StepError as exc:
             for r in routed:
                 responses[r.index] = error_response(exc)
@@ -236,11 +251,14 @@ class TritonPythonModel:
             groups.setdefault((r.head, r.version), []).append(r)
         rows = {key: np.concatenate([r.rows for r in members]) for key, members in groups.items()}
         shadows = self._shadow_rows(route, routed)
-        results = await asyncio.gather(*(self._head(head, version, embeddings[rows[(head, version)]])
-                                          for head, version in groups),
-                                        *(self._batched(self.head_prefix + name, version, EMBEDDING, embeddings[r],
-                                                        LOGITS) for (name, version), r in shadows.items()),
-                                        return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._head(head, version, embeddings[rows[(head, version)]]) for head, version in groups),
+            *(
+                self._batched(self.head_prefix + name, version, EMBEDDING, embeddings[r], LOGITS)
+                for (name, version), r in shadows.items()
+            ),
+            return_exceptions=True,
+        )
         answers: list[tuple[str, int, int] | None] = [None] * len(embeddings)
         for (head, version), result in zip(groups, results):
             members = groups[(head, version)]
@@ -257,12 +275,16 @@ class TritonPythonModel:
                 size = r.stop - r.start
                 label = np.array([[f"{head}:{answered}".encode()]] * size, dtype=np.object_)
                 ids = np.array([[rid.encode()] for rid in request_ids(size)], dtype=np.object_)
-                responses[r.index] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(LOGITS, logits[offset:offset + size]), pb_utils.Tensor(HEAD, label),
-                    pb_utils.Tensor(REQUEST_ID, ids)])
+                responses[r.index] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor(LOGITS, logits[offset : offset + size]),
+                        pb_utils.Tensor(HEAD, label),
+                        pb_utils.Tensor(REQUEST_ID, ids),
+                    ]
+                )
                 offset += size
         if shadows:
-            self._judge_shadows(shadows, results[len(groups):], answers)
+            self._judge_shadows(shadows, results[len(groups) :], answers)
         return responses
 
     def finalize(self) -> None:
