@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Awaitable
 
 import bentoml
 import numpy as np

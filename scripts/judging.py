@@ -27,13 +27,13 @@ import httpx
 import numpy as np
 
 from tl_models.bento import launcher
-from tl_models.training.config import TrainConfig
-from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, build
 from tl_models.core.heads import read_verified
 from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import Preprocessing, preprocess_bytes
 from tl_models.core.runtime import create_session
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, build
 
 TOKEN = "judging-demo"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

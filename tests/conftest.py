@@ -6,11 +6,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
 import pytest
+
+from tl_models.bento import launcher as bento_server
+from tl_models.training.backbones import install_offline_weights
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.pipeline import BuildOptions, BuildReport, build
+from tl_models.triton.config import RepositoryOptions
+from tl_models.triton.launcher import start as start_triton
+from tl_models.triton.repository import write_repository
+
 from helpers import (
     FEEDBACK_TOKEN,
     RELIABILITY,
@@ -22,15 +32,6 @@ from helpers import (
     restore_triton,
     serving_build,
 )
-
-from tl_models.bento import launcher as bento_server
-from tl_models.training.backbones import install_offline_weights
-from tl_models.training.config import TrainConfig
-from tl_models.training.data import write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, BuildReport, build
-from tl_models.triton.config import RepositoryOptions
-from tl_models.triton.launcher import start as start_triton
-from tl_models.triton.repository import write_repository
 
 
 @pytest.fixture(scope="session", autouse=True)

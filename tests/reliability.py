@@ -7,14 +7,16 @@ import concurrent.futures
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import psutil
-from helpers import RELIABILITY, RELIABILITY_NOTES
 
 from tl_models.core.process import tree_rss
+
+from helpers import RELIABILITY, RELIABILITY_NOTES
 
 T = TypeVar("T")
 R = TypeVar("R")

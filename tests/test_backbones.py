@@ -11,10 +11,10 @@ import torchvision.models as tvm
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.training.backbones import BACKBONES, WeightsError, get_spec, load_backbone, unfreeze_stages
 from tl_models.core.errors import NotFound, UserError
 from tl_models.core.files import file_sha256
 from tl_models.core.preprocess import transform_image
+from tl_models.training.backbones import BACKBONES, WeightsError, get_spec, load_backbone, unfreeze_stages
 
 TABBY_TO_EGYPTIAN_CAT = range(281, 286)  # ImageNet classes 281..285: tabby, tiger cat, Persian, Siamese, Egyptian
 

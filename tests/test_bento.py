@@ -19,10 +19,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from helpers import RELIABILITY, REPO, DirectOnnx, Server, load_until, sticky_head
 from onnx import TensorProto, helper
 from PIL import Image
-from reliability import burst
 from skimage import data as skdata
 
 from tl_models.bench.loadgen import Record
@@ -32,6 +30,9 @@ from tl_models.core.errors import Refused, http_status
 from tl_models.core.heads import head_source_from_build, softmax, sources_from_build
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.routing import Route
+
+from helpers import RELIABILITY, REPO, DirectOnnx, Server, load_until, sticky_head
+from reliability import burst
 
 pytestmark = pytest.mark.slow
 

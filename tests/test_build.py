@@ -11,17 +11,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import tl_models.core.manifest
 import tl_models.training.features
 import tl_models.training.pipeline
-import tl_models.core.manifest
+from tl_models.cli import main
+from tl_models.core.errors import BuildError
+from tl_models.core.files import file_sha256
+from tl_models.core.manifest import BuildDir, HeadEntry
+from tl_models.core.names import MANIFEST
+from tl_models.core.preprocess import Preprocessing
+from tl_models.core.runtime import create_session
 from tl_models.training.architectures import HeadSpec, build_head
 from tl_models.training.augment import Augment
 from tl_models.training.backbones import WeightsError, load_backbone
@@ -30,13 +37,6 @@ from tl_models.training.data import DataError, load_image_folder
 from tl_models.training.features import FeatureCache, load_images
 from tl_models.training.pipeline import BuildReport, load_build_backbone
 from tl_models.training.train import fit
-from tl_models.cli import main
-from tl_models.core.errors import BuildError
-from tl_models.core.files import file_sha256
-from tl_models.core.manifest import BuildDir, HeadEntry
-from tl_models.core.names import MANIFEST
-from tl_models.core.preprocess import Preprocessing
-from tl_models.core.runtime import create_session
 
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

@@ -11,11 +11,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import REPO
 
 from tl_models.cli import main as cli_main
 from tl_models.core.manifest import BuildDir
 from tl_models.core.routing import Route
+
+from helpers import REPO
 
 KUBERNETES = "1.33"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tl_models.training.data import DataError
-from tl_models.training.parity import ParityError
 from tl_models.core import errors
 from tl_models.core.preprocess import ImageError
 from tl_models.core.routing import NoTraffic, Route, RoutingError, UnknownHead
+from tl_models.training.data import DataError
+from tl_models.training.parity import ParityError
 from tl_models.triton.config import TritonConfigError
 
 

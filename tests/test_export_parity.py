@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from tl_models.core.preprocess import transform_image
+from tl_models.core.runtime import create_session
 from tl_models.training.architectures import HeadSpec, build_head
 from tl_models.training.backbones import BACKBONES, install_offline_weights, load_backbone
 from tl_models.training.export import export_backbone, export_head, fuse, read_metadata
 from tl_models.training.parity import BATCH_SIZES, Tolerance, run_parity
-from tl_models.core.preprocess import transform_image
-from tl_models.core.runtime import create_session
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, sticky_head
 
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
@@ -24,6 +23,8 @@ from tl_models.core.errors import BadRequest, UserError
 from tl_models.core.heads import head_source_from_build, sources_from_build
 from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.fleet.bento import FleetError, commit, prepare, status, swap
+
+from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, sticky_head
 
 pytestmark = pytest.mark.slow
 KEYS = [f"user-{i}" for i in range(16)]

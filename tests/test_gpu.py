@@ -14,7 +14,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
-from helpers import Deployment, DirectOnnx, bytes_input, serving_build
 
 from tl_models.bento import launcher as bento_server
 from tl_models.core.heads import softmax
@@ -26,6 +25,8 @@ from tl_models.training.pipeline import reexport
 from tl_models.triton.config import RepositoryOptions, head_model, read_config
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
+
+from helpers import Deployment, DirectOnnx, bytes_input, serving_build
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA device")]
 

@@ -19,23 +19,24 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ADMIN, TOKEN, DirectOnnx, bytes_input
 
 from tl_models.bento import launcher as bento_server
-from tl_models.bento.launcher import BentoServerError
 from tl_models.bento.engine import ServingConfig, ServingEngine
-from tl_models.training.data import load_image_folder, stratified_split
-from tl_models.training.quantize import Calibration, Gate, quantize
+from tl_models.bento.launcher import BentoServerError
 from tl_models.cli import main as cli_main
 from tl_models.core.cpu import isa_class, this_machine
 from tl_models.core.errors import BuildError, Refused
 from tl_models.core.heads import backbone_from_build, sources_from_build
 from tl_models.core.manifest import BuildDir
 from tl_models.core.routing import read_route
+from tl_models.training.data import load_image_folder, stratified_split
+from tl_models.training.quantize import Calibration, Gate, quantize
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
 from tl_models.triton.swap import TritonSwapError, swap
+
+from helpers import ADMIN, TOKEN, DirectOnnx, bytes_input
 
 pytestmark = pytest.mark.slow
 

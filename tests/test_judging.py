@@ -16,17 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_inputs import encode
-from helpers import ADMIN, FEEDBACK, DirectOnnx
 from onnx import TensorProto, helper
 
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento.judge import Judge, JudgeConfig, Scored
 from tl_models.bento.registry import HeadRegistry
-from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
-from tl_models.training.config import TrainConfig
-from tl_models.training.pipeline import BuildOptions
-from tl_models.training.traffic import build_from_log
 from tl_models.core.drift import DRIFT_THRESHOLD, MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
 from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound
@@ -34,6 +28,13 @@ from tl_models.core.feedback import FeedbackStore, request_ids
 from tl_models.core.heads import sources_from_build
 from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import preprocess_bytes
+from tl_models.training.config import TrainConfig
+from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
+from tl_models.training.pipeline import BuildOptions
+from tl_models.training.traffic import build_from_log
+
+from bad_inputs import encode
+from helpers import ADMIN, FEEDBACK, DirectOnnx
 
 # ---------------------------------------------------------------- parts, in process
 

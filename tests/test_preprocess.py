@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from tl_models.training.backbones import get_spec
 from tl_models.core.preprocess import (
     ImageError,
     decode_image,
@@ -19,6 +18,7 @@ from tl_models.core.preprocess import (
     preprocess_file,
     transform_image,
 )
+from tl_models.training.backbones import get_spec
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

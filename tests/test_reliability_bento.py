@@ -14,14 +14,15 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from bad_inputs import bad_images, bad_tensors, encode, odd_images
-from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
 from PIL import Image
-from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 
 from tl_models.core.files import file_sha256
 from tl_models.core.heads import softmax
 from tl_models.core.preprocess import preprocess_bytes
+
+from bad_inputs import bad_images, bad_tensors, encode, odd_images
+from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
+from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 
 pytestmark = pytest.mark.slow
 

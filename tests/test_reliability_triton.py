@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from bad_inputs import bad_images, bad_tensors, odd_images
-from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
-from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tl_models.core.names import CONFIG, VERSION_SHA256
 from tl_models.core.routing import read_route
 from tl_models.triton import swap as triton_swap
 from tl_models.triton.config import read_config
+
+from bad_inputs import bad_images, bad_tensors, odd_images
+from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
+from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_models.training.config import SelfTraining
-from tl_models.training.data import write_demo_dataset
-from tl_models.training.semi import select
 from tl_models.cli import main
 from tl_models.core.errors import BadRequest
 from tl_models.core.manifest import BuildDir
+from tl_models.training.config import SelfTraining
+from tl_models.training.data import write_demo_dataset
+from tl_models.training.semi import select
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from reliability import MAX_MEMORY_GROWTH, soak
 
 # a process that first allocates RAMP MiB over ~3 s (what a server's allocators do under first load), then either

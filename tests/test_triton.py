@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import RELIABILITY, bytes_input, live, load_triton_until, sticky_head, url
 from tritonclient.utils import InferenceServerException
 
 from tl_models.bench.loadgen import TritonCaller, drive
 from tl_models.cli import main as cli_main
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.routing import read_route
+
+from helpers import RELIABILITY, bytes_input, live, load_triton_until, sticky_head, url
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}

@@ -8,14 +8,15 @@ import sys
 
 import pytest
 from google.protobuf import text_format
-from helpers import serving_build
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tl_models.training.backbones import install_offline_weights
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingError, parse_weights
+from tl_models.training.backbones import install_offline_weights
 from tl_models.triton.config import RepositoryOptions, TritonConfigError, model_names, validate_config
 from tl_models.triton.repository import write_repository
+
+from helpers import serving_build
 
 ONNX_STEPS = ("build_backbone", "build_head_a", "build_head_b")
 ENSEMBLES = ("build_a", "build_a_tensor", "build_b", "build_b_tensor")

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tritonclient.http as httpclient
-from helpers import RELIABILITY, RELIABILITY_NOTES, bytes_input
 
 from tl_models.bench.loadgen import drive
 from tl_models.cli import main as cli_main
@@ -21,6 +20,8 @@ from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
 from tl_models.triton.swap import TritonSwapError, swap
+
+from helpers import RELIABILITY, RELIABILITY_NOTES, bytes_input
 
 pytestmark = pytest.mark.slow
 

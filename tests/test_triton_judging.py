@@ -11,11 +11,12 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import ADMIN, TOKEN, bytes_input, live, url
 
 from tl_models.bento import launcher as bento_server
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingState
+
+from helpers import ADMIN, TOKEN, bytes_input, live, url
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}

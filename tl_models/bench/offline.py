@@ -12,21 +12,21 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from ..core.errors import BadRequest
+from ..core.names import IMAGE
 from ..training.architectures import HeadSpec, build_head
 from ..training.backbones import freeze, load_backbone
 from ..training.config import TrainConfig
 from ..training.data import DataError, ImageFolderData, load_image_folder, stratified_split, write_demo_dataset
 from ..training.features import embed, load_images
 from ..training.train import TrainResult, fit
-from ..core.errors import BadRequest
-from ..core.names import IMAGE
 from .report import format_table, images_per_second, write_json
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,10 @@ def bench_runtime(
     """ONNX Runtime vs PyTorch eager backbone throughput (images/s) per backbone and batch, in one run; with
     ``int8`` also the static int8 QDQ graph of each of ``int8_types`` (per-channel minmax, the gate's default,
     calibrated on 16 random images: speed figures, not accuracy ones) and the fastest of them, as the gate picks."""
-    from ..training.export import export_backbone
-    from ..training.quantize import Calibration, prepare, quantize_graph
     from ..core.cpu import this_machine
     from ..core.runtime import active_provider, create_session
+    from ..training.export import export_backbone
+    from ..training.quantize import Calibration, prepare, quantize_graph
 
     figures: dict = {
         "benchmark": "runtime",

@@ -20,10 +20,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class ServeBenchOptions:
     judging: bool = False
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
-    def check(self) -> "ServeBenchOptions":
+    def check(self) -> ServeBenchOptions:
         unknown = [s for s in self.stacks if s not in STACKS]
         if unknown or not self.stacks:
             raise BenchServeError(f"unknown stack(s) {unknown or '(none given)'}; choose from {', '.join(STACKS)}")
@@ -172,10 +172,10 @@ def in_process(
     servers run; once per precision) and PyTorch eager (backbone + head) per batch."""
     import torch
 
-    from ..training.export import fuse
-    from ..training.pipeline import load_build_backbone, load_head_module
     from ..core.names import BACKBONE_FILES, HEAD_ONNX
     from ..core.runtime import active_provider, create_session
+    from ..training.export import fuse
+    from ..training.pipeline import load_build_backbone, load_head_module
 
     build = BuildDir(build_dir)
     manifest = build.manifest()

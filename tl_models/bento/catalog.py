@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Sequence
 
 from ..core.files import atomic_write_json, file_lock
 from ..core.heads import HeadSource

@@ -21,10 +21,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class ServingConfig:
     fleet_poll: float = 5.0
 
     @classmethod
-    def from_env(cls, default_state_dir: Path) -> "ServingConfig":
+    def from_env(cls, default_state_dir: Path) -> ServingConfig:
         env = os.environ
         roots = env.get("TL_MODELS_BUILD_ROOTS")
         return cls(

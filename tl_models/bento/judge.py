@@ -53,7 +53,7 @@ class JudgeConfig:
     retention_days: float = 7.0
 
     @classmethod
-    def from_env(cls, state_dir: Path) -> "JudgeConfig":
+    def from_env(cls, state_dir: Path) -> JudgeConfig:
         env = os.environ
         config = cls(
             log_dir=Path(env.get("TL_MODELS_LOG_DIR") or state_dir / LOG_DIR),

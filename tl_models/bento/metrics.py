@@ -9,7 +9,7 @@ class Metrics:
     """Per-head Prometheus metrics. prometheus_client is imported on first use: BentoML sets
     PROMETHEUS_MULTIPROC_DIR in its workers, and the client must see it to aggregate across workers."""
 
-    _instance: "Metrics | None" = None
+    _instance: Metrics | None = None
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -65,7 +65,7 @@ class Metrics:
         )
 
     @classmethod
-    def get(cls) -> "Metrics":
+    def get(cls) -> Metrics:
         """The process-wide instance (metrics can be registered only once per process)."""
         if cls._instance is None:
             cls._instance = cls()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256

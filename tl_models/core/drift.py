@@ -57,7 +57,7 @@ class EmbeddingReference:
         embeddings: Rowed,
         rows: np.ndarray | list[int] | None = None,
         validation_rows: np.ndarray | list[int] | None = None,
-    ) -> "EmbeddingReference":
+    ) -> EmbeddingReference:
         """The reference of the training embeddings ``embeddings[rows]`` (every row by default), with the drift of
         the validation embeddings ``embeddings[validation_rows]`` as its baseline. Read in chunks (the feature
         cache's shards will do as well as an array): memory stays flat whatever N."""
@@ -83,7 +83,7 @@ class EmbeddingReference:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EmbeddingReference":
+    def from_dict(cls, data: dict) -> EmbeddingReference:
         return cls(
             np.asarray(data["mean"], np.float64),
             float(data["spread"]),

@@ -13,8 +13,8 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .errors import BadRequest, Conflict, NotFound
 

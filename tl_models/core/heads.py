@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -96,7 +96,7 @@ class HeadSource:
         return {**asdict(self), "labels": list(self.labels)}
 
     @classmethod
-    def from_dict(cls, data: dict, **override: object) -> "HeadSource":
+    def from_dict(cls, data: dict, **override: object) -> HeadSource:
         values = {**data, **override}
         return cls(
             name=values["name"],

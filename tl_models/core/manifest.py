@@ -18,11 +18,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable
 
 from .errors import BuildError
 from .files import atomic_write_json, file_lock, file_sha256
@@ -34,7 +34,7 @@ READABLE_FORMATS = (1, 2)
 
 def utc_now() -> str:
     """Now, UTC, ISO 8601 to the second: the manifest's timestamps."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -95,7 +95,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = MANIFEST) -> "Manifest":
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
         """Parse a manifest; BuildError for an unknown format version or a missing key."""
         version = data.get("format_version") if isinstance(data, dict) else None
         if version not in READABLE_FORMATS:

@@ -7,9 +7,9 @@ resize the shorter side, centre-crop, keep uint8 RGB (normalisation lives inside
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,7 +44,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         return cls(
             resize_size=int(data["resize_size"]),
             crop_size=int(data["crop_size"]),

@@ -15,9 +15,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 from .errors import BadRequest
@@ -113,14 +114,14 @@ class ServerProcess:
         """SIGTERM the server; SIGKILL its process group past ``timeout`` s. Returns the exit code."""
         return terminate(self.process, timeout, self.what, self.group)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _tree_sum(pid: int, measure: Callable[["psutil.Process"], float]) -> float:
+def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
     """``measure`` summed over a process and its living descendants (one that exits meanwhile counts 0)."""
     import psutil
 

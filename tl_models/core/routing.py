@@ -48,7 +48,7 @@ class Route:
     revision: int = 0
     shadow: dict[str, float] = field(default_factory=dict)
 
-    def validate(self) -> "Route":
+    def validate(self) -> Route:
         """Raise RoutingError unless every weighted head has a live version and the weights are usable."""
         for name, weight in self.weights.items():
             if name not in self.versions:
@@ -92,7 +92,7 @@ class Route:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Route":
+    def from_dict(cls, data: dict) -> Route:
         """The route of :meth:`to_dict` (a route file, or one pushed to a replica); missing parts are empty."""
         return cls(
             weights={k: float(v) for k, v in data.get("weights", {}).items()},

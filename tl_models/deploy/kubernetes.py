@@ -43,7 +43,7 @@ class DeployOptions:
     cpu: str = "1"
     memory: str = "2Gi"
 
-    def check(self) -> "DeployOptions":
+    def check(self) -> DeployOptions:
         if self.server not in SERVERS:
             raise BadRequest(f"unknown server {self.server!r}; choose from {', '.join(SERVERS)}")
         if self.replicas < 1:

@@ -35,7 +35,7 @@ class HeadSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadSpec":
+    def from_dict(cls, data: dict) -> HeadSpec:
         return cls(
             **{k: data[k] for k in ("kind", "embedding_dim", "num_classes", "hidden", "dropout")},
             standardise=data.get("standardise", False),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision.models as tvm

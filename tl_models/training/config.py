@@ -34,7 +34,7 @@ class SelfTraining:
     # to tell rounds apart (one image per class); it also no longer stops on a hopeless unlabelled folder
     stop: bool = True
 
-    def check(self) -> "SelfTraining":
+    def check(self) -> SelfTraining:
         if self.rounds < 1:
             raise BadRequest(f"self-training needs at least 1 round, got {self.rounds}")
         if not 0.0 < self.threshold < 1.0:
@@ -58,7 +58,7 @@ class FineTune:
     epochs: int = 15
     augment: tuple[str, ...] = AUGMENTATIONS
 
-    def check(self) -> "FineTune":
+    def check(self) -> FineTune:
         if self.stages < 0:
             raise BadRequest(f"--fine-tune takes a number of backbone stages (0 or more), got {self.stages}")
         if self.lr is not None and self.lr <= 0:

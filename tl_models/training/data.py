@@ -11,10 +11,11 @@ import hashlib
 import logging
 import os
 import random
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -106,7 +107,7 @@ class ImageFolderData:
             [i for i, s in enumerate(self.splits) if s == "val"],
         )
 
-    def subset(self, indices: Iterable[int]) -> "ImageFolderData":
+    def subset(self, indices: Iterable[int]) -> ImageFolderData:
         """The images at ``indices`` (classes kept, nothing skipped), e.g. a calibration or benchmark sample."""
         chosen = list(indices)
         hashes = self._file_hashes

@@ -20,9 +20,10 @@ import copy
 import os
 import queue
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class DecodedImages:
             list(self._pool.map(lambda i: _read_checked(self.paths[i], self.preprocessing), np.asarray(rows).tolist()))
         )
 
-    def __enter__(self) -> "DecodedImages":
+    def __enter__(self) -> DecodedImages:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,9 +10,9 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from ..core.errors import BadRequest, BuildError
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import (
-    BACKBONE_INT8,
     BACKBONE_FP16,
+    BACKBONE_INT8,
     BACKBONE_ONNX,
     BACKBONE_PT,
     CONFUSION_PNG,

@@ -60,7 +60,7 @@ class Calibration:
     types: str = "u8s8"
     reduce_range: bool = False  # 7-bit weights: ONNX Runtime's remedy for u8s8 saturation on CPUs without VNNI
 
-    def check(self) -> "Calibration":
+    def check(self) -> Calibration:
         if self.method not in METHODS:
             raise BadRequest(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 1 <= self.images <= 1024:

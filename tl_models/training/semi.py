@@ -11,8 +11,8 @@ is kept: each labels with the one before, and the last is the result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

@@ -50,7 +50,7 @@ class RepositoryOptions:
     weights: dict[str, float] | None = None
     precision: str = "fp32"
 
-    def check(self) -> "RepositoryOptions":
+    def check(self) -> RepositoryOptions:
         if self.flavour not in FLAVOURS:
             raise TritonConfigError(f"unknown flavour {self.flavour!r}; use one of {', '.join(FLAVOURS)}")
         if self.precision not in PRECISIONS:

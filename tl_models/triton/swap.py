@@ -23,10 +23,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
@@ -83,7 +83,7 @@ class Replicas:
         self.urls = urls
         self.clients = [client_for(url) for url in urls]
 
-    def check_ready(self) -> "Replicas":
+    def check_ready(self) -> Replicas:
         """TritonSwapError naming each replica that cannot be reached or is not ready (nothing was changed)."""
         problems = []
         for url, client in zip(self.urls, self.clients):

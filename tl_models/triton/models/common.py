@@ -16,7 +16,7 @@ def model_parameters(args: dict) -> tuple[dict, dict[str, str]]:
     return config, {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
-def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
+def error_response(exc: BaseException) -> pb_utils.InferenceResponse:
     """The error response for ``exc``: a user error or model fault with its message, anything else named as a
     fault of ``model.py``; the code from the error table."""
     message = str(exc) if isinstance(exc, (UserError, ModelFault)) else f"{type(exc).__name__}: {exc}"

@@ -69,7 +69,7 @@ class Routed:
         return np.arange(self.start, self.stop)
 
 
-def _first_string(request: "pb_utils.InferenceRequest", name: str) -> str | None:
+def _first_string(request: pb_utils.InferenceRequest, name: str) -> str | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
@@ -130,7 +130,7 @@ class TritonPythonModel:
         parts = await asyncio.gather(*(self._infer(model, version, [pb_utils.Tensor(name, c)], output) for c in chunks))
         return np.concatenate(parts)
 
-    async def _prepare(self, route: Route, index: int, request: "pb_utils.InferenceRequest") -> Routed:
+    async def _prepare(self, route: Route, index: int, request: pb_utils.InferenceRequest) -> Routed:
         """Route one request on ``route`` and preprocess its images; a UserError (its code from the table) for a
         bad request."""
         head, version = route.choose(_first_string(request, ROUTE_KEY), _first_string(request, ROUTE_HEAD))
