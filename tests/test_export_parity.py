@@ -184,7 +184,8 @@ def test_fp16_export_keeps_io_types_and_stays_within_fp16_tolerance(imagenet_mob
     script = (
         f"import numpy as np; from tl_models.core.runtime import create_session; "
         f"s = create_session({str(fp16_path)!r}); "
-        f"np.save({str(tmp_path / 'out.npy')!r}, s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])"
+        f"np.save({str(tmp_path / 'out.npy')!r}, "
+        f"s.run(None, {{'image': np.load({str(tmp_path / 'images.npy')!r})}})[0])"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     if run.returncode < 0 or re.search(r"NOT_IMPLEMENTED|Could not find an implementation", run.stderr):

@@ -170,7 +170,7 @@ def test_shadow_agreement_and_feedback_accuracy_equal_offline(server, deployment
     # the feedback store is shared by the session's tests: this test's labels are what the counts gain
     counted = {"a": next(h for h in server.heads()["heads"] if h["name"] == "a")["feedback"], "b": before["feedback"]}
     answers = []
-    for label, png in held:
+    for _label, png in held:
         response = server.classify(png, {"X-TL-Head": "a"})
         assert response.status_code == 200, response.text
         answers.append(response.json())
@@ -342,7 +342,7 @@ def test_a_head_trained_from_labelled_traffic_knows_the_served_domain_better(dep
     )
     ids = request_ids(len(served))
     embeddings = direct.embed(np.stack([preprocess_bytes(png, direct.spec) for _, png in served]))
-    for request_id, embedding, (label, _) in zip(ids, embeddings, served, strict=True):
+    for request_id, embedding, (_label, _) in zip(ids, embeddings, served, strict=True):
         log.add(request_id, time.time(), embedding, "a:1", {})
     log.flush()
     for request_id, (label, _) in zip(ids, served, strict=True):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +92,8 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     with ThreadPoolExecutor(1) as reader:
         output = reader.submit(process.stdout.read)
         while process.poll() is None:
-            try:
+            with suppress(psutil.NoSuchProcess):
                 peak = max(peak, tree_rss(process.pid))
-            except psutil.NoSuchProcess:
-                pass
             time.sleep(interval)
         text = output.result()
     return Run(time.perf_counter() - start, peak, process.returncode, text)

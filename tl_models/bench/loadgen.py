@@ -103,8 +103,8 @@ def drive(
 ) -> tuple[list[Record], float, float]:
     """Run ``concurrency`` callers back to back until ``seconds`` pass, ``max_requests`` have been sent or
     ``stop`` is set (at least one bound is required). Returns every request's record and the wall seconds from
-    the common start to the last answer, and the CPU seconds this process (the clients) used meanwhile. A failed request (or a caller that cannot connect) is an error record,
-    never an exception here."""
+    the common start to the last answer, and the CPU seconds this process (the clients) used meanwhile. A failed
+    request (or a caller that cannot connect) is an error record, never an exception here."""
     if concurrency < 1:
         raise BadRequest(f"concurrency must be at least 1, got {concurrency}")
     if seconds is None and max_requests is None and stop is None:

@@ -227,11 +227,13 @@ def bench_runtime(
                 tensor = torch.from_numpy(pixels)
 
                 @torch.inference_mode()
-                def eager() -> None:
-                    loaded.module(tensor)
+                def eager(module: torch.nn.Module = loaded.module, tensor: torch.Tensor = tensor) -> None:
+                    module(tensor)
 
                 torch_ips, torch_ms = images_per_second(eager, batch, seconds)
-                ort_ips, ort_ms = images_per_second(lambda: session.run(None, {IMAGE: pixels}), batch, seconds)
+                ort_ips, ort_ms = images_per_second(
+                    lambda session=session, pixels=pixels: session.run(None, {IMAGE: pixels}), batch, seconds
+                )
                 row = {
                     "backbone": name,
                     "batch": batch,
@@ -244,7 +246,7 @@ def bench_runtime(
                 }
                 for types, int8_session in quantized.items():
                     int8_ips, int8_ms = images_per_second(
-                        lambda: int8_session.run(None, {IMAGE: pixels}), batch, seconds
+                        lambda session=int8_session, pixels=pixels: session.run(None, {IMAGE: pixels}), batch, seconds
                     )
                     row.setdefault("int8", {})[types] = {
                         "images_per_s": int8_ips,

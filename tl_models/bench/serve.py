@@ -188,9 +188,8 @@ def in_process(
         session = sessions[stack] = create_session(
             fuse(build.file(BACKBONE_FILES[precision]), build.file(head.rel(HEAD_ONNX)), {})
         )
-        runners[stack] = lambda pixels, session=session, name=session.get_inputs()[0].name: session.run(
-            None, {name: pixels}
-        )
+        name = session.get_inputs()[0].name
+        runners[stack] = lambda pixels, session=session, name=name: session.run(None, {name: pixels})
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
 
@@ -205,7 +204,7 @@ def in_process(
             progress(f"[bench serve] {stack} in process: batch {batch}")
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
             cpu, wall = time.process_time(), time.perf_counter()
-            ips, ms = images_per_second(lambda: run(pixels), batch, seconds)
+            ips, ms = images_per_second(lambda run=run, pixels=pixels: run(pixels), batch, seconds)
             busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
             rows.append(
                 {
@@ -511,7 +510,7 @@ def heads_cost(
         try:
             point = measure(
                 f"bentoml-http {served} head(s)",
-                lambda: BentoCaller(server.url),
+                lambda url=server.url: BentoCaller(url),
                 images,
                 (1,),
                 options.seconds,

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,10 +323,8 @@ class ServingEngine:
         name, _, version = key.partition(":")
 
         def unroute() -> None:
-            try:
+            with suppress(UserError):
                 self.heads.unshadow(name, int(version))
-            except UserError:
-                pass
 
         asyncio.get_running_loop().run_in_executor(None, unroute)
 

@@ -341,7 +341,10 @@ class Judge:
         def shadow_entry(head: LoadedHead, share: float) -> dict:
             key = (head.name, str(head.version))
             scored = totals["tl_models_shadow_scored"].get(key, 0.0)
-            per = lambda family: totals[family].get(key, 0.0) / scored if scored else None
+
+            def per(family: str) -> float | None:
+                return totals[family].get(key, 0.0) / scored if scored else None
+
             seconds = totals["tl_models_shadow_seconds"].get(key, 0.0)
             return {
                 "name": head.name,

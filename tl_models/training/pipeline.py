@@ -248,7 +248,8 @@ def _build_locked(
     )
 
     def embed(folder: ImageFolderData) -> np.ndarray:
-        return cache.features(backbone, folder, engine, progress=options.progress).array
+        # F821: `del engine` below empties this closure's cell; embed is called only by prepare, before that
+        return cache.features(backbone, folder, engine, progress=options.progress).array  # noqa: F821
 
     for method in methods:
         method.prepare(run, embed)

@@ -23,6 +23,7 @@ import asyncio
 import json
 import random
 import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,10 +214,8 @@ class TritonPythonModel:
         self.dropped.add(key)
 
         def unroute() -> None:
-            try:
+            with suppress(UserError, OSError):
                 RoutingState(self.route_file, poll=0).update(shadow={key: 0})
-            except (UserError, OSError):
-                pass
 
         threading.Thread(target=unroute, daemon=True).start()
 
