@@ -38,7 +38,8 @@ def _chunks(rows: np.ndarray) -> list[np.ndarray]:
 
 def _mean(embeddings: Rowed, rows: np.ndarray) -> np.ndarray:
     """Mean of ``embeddings[rows]`` in float64, read a chunk at a time."""
-    return sum(np.asarray(embeddings[chunk], np.float64).sum(axis=0) for chunk in _chunks(rows)) / len(rows)
+    total: np.ndarray = sum(np.asarray(embeddings[chunk], np.float64).sum(axis=0) for chunk in _chunks(rows))
+    return total / len(rows)
 
 
 @dataclass(frozen=True)

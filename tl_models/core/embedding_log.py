@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class EmbeddingLogWriter:
             atomic_write_json(self.folder / LOG_INDEX, index)
         return len(records)
 
-    def _locked(self):
+    def _locked(self) -> AbstractContextManager[None]:
         return file_lock(self.folder / ".lock")
 
     def _index(self) -> dict:

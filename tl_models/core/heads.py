@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def backbone_from_build(build: BuildDir, manifest: Manifest, precision: str = "f
     or (int8) has no int8 backbone that passed the gate for its latest heads."""
     if BACKBONE_ONNX not in manifest.files:
         raise BuildError(f"{build.path} has no {BACKBONE_ONNX}; run `tl-models export {build.path}` first")
-    common = dict(
+    common: dict[str, Any] = dict(
         sha256=manifest.backbone_sha256(),
         preprocessing=manifest.preprocessing,
         labels=tuple(manifest.labels),
@@ -143,7 +144,7 @@ def backbone_from_build(build: BuildDir, manifest: Manifest, precision: str = "f
         precision="int8",
         graph_sha256=manifest.files[BACKBONE_INT8],
         gated=gated,
-        int8_machine=manifest.int8.get("machine"),
+        int8_machine=(manifest.int8 or {}).get("machine"),  # int8_gated refused a build without the record
         **common,
     )
 
@@ -159,7 +160,7 @@ def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
         raise BuildError(
             f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported again since?): {again}"
         )
-    gated = record["gated"]
+    gated: dict[str, str] = record["gated"]
     latest = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
     late = [h.key for h in latest if manifest.files.get(h.rel(HEAD_ONNX)) not in gated.values()]
     if late:
@@ -237,7 +238,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 @dataclass
@@ -246,7 +248,7 @@ class LoadedHead:
     trained on (None for heads built before drift was measured)."""
 
     source: HeadSource
-    session: object
+    session: Any  # an onnxruntime.InferenceSession
     reference: EmbeddingReference | None = None
 
     @property
@@ -258,7 +260,8 @@ class LoadedHead:
         return self.source.version
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.session.run([LOGITS], {EMBEDDING: embeddings.astype(np.float32, copy=False)})[0]
+        logits: np.ndarray = self.session.run([LOGITS], {EMBEDDING: embeddings.astype(np.float32, copy=False)})[0]
+        return logits
 
     def answer(self, logits: np.ndarray, top_k: int) -> list[dict]:
         """Top-k labels with softmax scores per row, and which head answered."""
@@ -330,7 +333,7 @@ def admit_head(
     return head
 
 
-def _reference(session, what: str) -> EmbeddingReference | None:
+def _reference(session: Any, what: str) -> EmbeddingReference | None:
     """The head's training-embedding summary from its ONNX metadata (written by the build), if it has one."""
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_PREFIX + EMBEDDING_REFERENCE_KEY)
     if text is None:

@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import BuildError
 from .files import atomic_write_json, file_lock, file_sha256
@@ -37,7 +38,13 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _from_dict(cls, data: dict, where: str):
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def _from_dict(cls: type[T], data: dict, where: str) -> T:
     """``cls(**data)`` for the dataclass ``cls``; a missing key is a BuildError naming it; unknown keys are kept
     out (a newer minor writer may add some)."""
     names = {f.name for f in fields(cls)}
@@ -105,7 +112,9 @@ class Manifest:
                 "tl-models that wrote it, or build again"
             )
         manifest = _from_dict(cls, data, where)
-        manifest.heads = [_from_dict(HeadEntry, entry, f"{where}, head {i}") for i, entry in enumerate(manifest.heads)]
+        manifest.heads = [
+            _from_dict(HeadEntry, entry, f"{where}, head {i}") for i, entry in enumerate(data.get("heads", []))
+        ]
         return manifest
 
     def to_dict(self) -> dict:
@@ -206,6 +215,8 @@ class BuildDir:
     ) -> Manifest:
         """Move a staged head version into place, hash new and ``rewritten`` files, write the manifest atomically."""
         if staged is not None:
+            if head_rel is None:
+                raise TypeError("commit: a staged head version needs its head_rel")
             target = self.path / head_rel
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target)

@@ -141,7 +141,8 @@ def normalize(batch: np.ndarray, spec: Preprocessing) -> np.ndarray:
     """uint8 N×3×H×W -> float32 normalised batch, the same arithmetic the backbone graph applies."""
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
-    return (batch.astype(np.float32) - mean) / std
+    normalised: np.ndarray = (batch.astype(np.float32) - mean) / std
+    return normalised
 
 
 def blank_image(size: int = 32, image_format: str = "PNG") -> bytes:

@@ -33,7 +33,8 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 # loopback never goes through a proxy: urlopen's global opener keeps whatever *_proxy variables held at its
@@ -45,7 +46,8 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when GET ``url`` (a loopback health endpoint) answers 200; False on any connection failure."""
     try:
         with _LOOPBACK.open(url, timeout=timeout) as response:
-            return response.status == 200
+            ok: bool = response.status == 200
+            return ok
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
 

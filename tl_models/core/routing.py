@@ -149,7 +149,7 @@ class RoutingState:
                 self._cached, self._stamp = Route(), None
                 return self._cached
             stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if stamp != self._stamp:
+            if stamp != self._stamp or self._cached is None:  # (None only before the first read)
                 self._cached = Route.from_dict(json.loads(self.path.read_text()))
                 self._stamp = stamp
             return self._cached

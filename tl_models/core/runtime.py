@@ -106,4 +106,5 @@ def create_session(
 
 def active_provider(session: ort.InferenceSession) -> str:
     """The provider that runs the session's nodes first (what a report should show)."""
-    return session.get_providers()[0]
+    provider: str = session.get_providers()[0]
+    return provider
