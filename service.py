@@ -23,6 +23,7 @@ import hmac
 import os
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import cast
 
 import bentoml
 import numpy as np
@@ -37,6 +38,10 @@ from tl_models.core.errors import BadRequest, UserError, http_status
 from tl_models.core.heads import HeadSource, confined, head_source_from_build
 from tl_models.core.names import check_name
 from tl_models.core.runtime import gpu_count
+
+# BentoML passes each endpoint its request context as ``ctx``, found by the annotation ``bentoml.Context`` (exactly
+# that type: Optional would make ctx a request field); the default only lets ctx follow parameters that have one
+NO_CONTEXT = cast("bentoml.Context", None)
 
 
 def _error(ctx: bentoml.Context, status: int, message: str) -> dict:
@@ -119,27 +124,27 @@ class Classifier:
         self.engine.judge.close()  # records what is queued, writes the embedding log's last shard
 
     @bentoml.api(route="/classify")
-    async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
+    async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """An image upload (JPEG/PNG) -> top-k labels with scores, and the head (name, version) that answered."""
         return await _answer(ctx, self.engine.classify(image.read_bytes(), top_k=top_k, **_routing(ctx)))
 
     @bentoml.api(route="/predict")
-    async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = None) -> dict:
+    async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """A preprocessed tensor (N×3×H×W pixel values 0..255) -> logits and top-k per image, from one head."""
         return await _answer(ctx, self.engine.predict(tensor, top_k=top_k, **_routing(ctx)))
 
     @bentoml.api(route="/embed")
-    async def embed(self, image: Path, ctx: bentoml.Context = None) -> dict:
+    async def embed(self, image: Path, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """An image upload -> the backbone embedding."""
         return await _answer(ctx, self.engine.embed(image.read_bytes()))
 
     @bentoml.api(route="/feedback")
-    async def feedback(self, request_id: str, label: str, ctx: bentoml.Context = None) -> dict:
+    async def feedback(self, request_id: str, label: str, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """The true label of an answered image: ``request_id`` from its answer (feedback token or admin token)."""
         return _feedback_denied(ctx) or await _answer(ctx, self.engine.feedback(request_id, label))
 
     @bentoml.api(route="/admin/weights")
-    async def admin_weights(self, weights: dict[str, float], ctx: bentoml.Context = None) -> dict:
+    async def admin_weights(self, weights: dict[str, float], ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """Set the traffic split, e.g. {"weights": {"a": 90, "b": 10}} (admin token required)."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.set_weights(weights))
 
@@ -152,7 +157,7 @@ class Classifier:
         build_dir: str | None = None,
         live: bool = True,
         weight: float | None = None,
-        ctx: bentoml.Context = None,
+        ctx: bentoml.Context = NO_CONTEXT,
     ) -> dict:
         """Load a head version from the store (``tag``, or ``head`` + ``version`` of the served build) or from
         a build directory (``build_dir`` + ``head`` [+ ``version``]) and, if ``live``, route its name to it."""
@@ -166,7 +171,7 @@ class Classifier:
         share: float = 1.0,
         tag: str | None = None,
         build_dir: str | None = None,
-        ctx: bentoml.Context = None,
+        ctx: bentoml.Context = NO_CONTEXT,
     ) -> dict:
         """Score a head version beside every answer on ``share`` (0..1) of requests, never returned; found like
         /admin/load. ``share`` 0 stops shadowing ``head`` (``version``, or every version)."""
@@ -176,7 +181,7 @@ class Classifier:
         self, head: str, version: int | None, share: float, tag: str | None, build_dir: str | None
     ) -> dict:
         source = None if share == 0 else await asyncio.to_thread(self._find, head, version, tag, build_dir)
-        return await self.engine.set_shadow(source, check_name(head) if share == 0 else source.name, version, share)
+        return await self.engine.set_shadow(source, check_name(head) if source is None else source.name, version, share)
 
     async def _load(
         self, head: str, version: int | None, tag: str | None, build_dir: str | None, live: bool, weight: float | None
@@ -199,23 +204,25 @@ class Classifier:
         return source
 
     @bentoml.api(route="/admin/unload")
-    async def admin_unload(self, head: str, version: int, ctx: bentoml.Context = None) -> dict:
+    async def admin_unload(self, head: str, version: int, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """Forget a head version the route does not use (e.g. after a fleet swap's phase 1 failed elsewhere)."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.unload(head, version))
 
     @bentoml.api(route="/admin/sync")
-    async def admin_sync(self, route: dict | None = None, ctx: bentoml.Context = None) -> dict:
+    async def admin_sync(self, route: dict | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """Converge to the fleet route now: ``route`` if given and newer, else the route file (TL_MODELS_FLEET_ROUTE);
         422 with the reason when it cannot."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.sync(route))
 
     @bentoml.api(route="/admin/retire")
-    async def admin_retire(self, head: str, ctx: bentoml.Context = None) -> dict:
+    async def admin_retire(self, head: str, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """Take a head out of the route; its share of traffic goes to the remaining heads."""
         return _admin_denied(ctx) or await _answer(ctx, self.engine.retire(head))
 
 
-Classifier.add_asgi_middleware(limits.BodyLimit, max_bytes=limits.max_request_bytes())
-Classifier.models.extend(store.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
-for _api in Classifier.apis.values():  # every answer is a JSON object: spares BentoML a JSON-schema build per response
+# mypy keeps a class's own type whatever its decorator returns: Classifier is the bentoml.Service made of it
+_service = cast("bentoml.Service[Classifier]", Classifier)
+_service.add_asgi_middleware(limits.BodyLimit, max_bytes=limits.max_request_bytes())
+_service.models.extend(store.declared_models())  # the build's backbone and heads: `bentoml build` bundles them
+for _api in _service.apis.values():  # every answer is a JSON object: spares BentoML a JSON-schema build per response
     _api.output_spec.media_type = "application/json"
