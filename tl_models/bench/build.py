@@ -89,6 +89,7 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = 0
+    assert process.stdout is not None  # stdout=PIPE
     with ThreadPoolExecutor(1) as reader:
         output = reader.submit(process.stdout.read)
         while process.poll() is None:

@@ -38,7 +38,8 @@ class MicroBatcher:
         return await future
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        jobs, size = [], 0
+        jobs: list[tuple[np.ndarray, asyncio.Future]] = []
+        size = 0
         while self._pending:
             batch, future = self._pending[0]
             if future.done():  # the client went away

@@ -212,7 +212,10 @@ class ServingEngine:
 
     async def resolve(self, name: str, version: int) -> LoadedHead:
         """A head version this worker has loaded, else loaded now in a thread (off the event loop)."""
-        return self.heads.cached(name, version) or await asyncio.to_thread(self.heads.head, name, version)
+        loaded = self.heads.cached(name, version)
+        if loaded is None:
+            loaded = await asyncio.to_thread(self.heads.head, name, version)
+        return loaded
 
     # -- requests
 
@@ -410,6 +413,8 @@ class ServingEngine:
         (``share`` 0: one version, or all of that name)."""
         if share == 0:
             await asyncio.to_thread(self.heads.unshadow, name, version)
+        elif source is None:
+            raise BadRequest(f"shadowing {name} on a share of {share} needs the head version to shadow")
         else:
             await asyncio.to_thread(self.heads.shadow, source, share)
         return self.status()

@@ -21,6 +21,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,7 +298,7 @@ class Judge:
             "heads": [{"head": key, "role": role, "correct": correct} for key, role, correct in judged],
         }
 
-    def drift(self, heads: list[LoadedHead]) -> dict[str, float | None]:
+    def drift(self, heads: Iterable[LoadedHead]) -> dict[str, float | None]:
         """``"name:version" -> drift`` of the recent window against each head's training embeddings (None when the
         head has no reference or the window is too small); also sets the gauge."""
         mean, _ = self.drift_window.mean()

@@ -68,7 +68,7 @@ def _tag_name(name: str) -> str:
 
     name = name.lower()
     try:
-        Tag(name)  # validates: lowercase letters, digits, '-', '_', '.', at most 63 characters
+        Tag(name, None)  # validates: lowercase letters, digits, '-', '_', '.', at most 63 characters
     except ValueError as exc:
         raise BuildError(f"cannot name a BentoML model {name!r}: {exc} (use a shorter build or head name)") from None
     return name

@@ -18,6 +18,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import BadRequest
 from ..core.manifest import BuildDir
@@ -65,7 +66,7 @@ def _meta(name: str, labels: dict, **extra: object) -> dict:
 
 def _container(build: str, options: DeployOptions, secret: str) -> dict:
     """The serving container: image, ports, env, probes, resources, mounts."""
-    resources = {
+    resources: dict[str, dict[str, str | int]] = {
         "requests": {"cpu": options.cpu, "memory": options.memory},
         "limits": {"cpu": str(2 * float(options.cpu)).rstrip("0").rstrip("."), "memory": options.memory},
     }
@@ -146,7 +147,7 @@ def manifests(build_dir: str | Path, options: DeployOptions) -> tuple[str, dict[
     volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": claim}}]
     if options.server == "bento":
         volumes += [{"name": "route", "configMap": {"name": f"{name}-route"}}, {"name": "state", "emptyDir": {}}]
-    pod = {
+    pod: dict[str, Any] = {
         "metadata": {
             "labels": labels,
             "annotations": {

@@ -19,7 +19,7 @@ def replica_urls(replicas: str | None = None, dns: str | None = None, port: int 
             raise BadRequest(f"replica URLs need a scheme, e.g. http://10.0.0.7:3000; got {bad or replicas!r}")
         return urls
     try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(dns, port, proto=socket.IPPROTO_TCP)})
+        addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(dns, port, proto=socket.IPPROTO_TCP)})
     except socket.gaierror as exc:
         raise BadRequest(f"cannot resolve {dns!r}: {exc}") from None
     return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]

@@ -45,6 +45,9 @@ class HeadSpec:
 class Standardise(nn.Module):
     """``(x - mean) / std`` per embedding dimension, with the statistics stored as buffers (exported as-is)."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

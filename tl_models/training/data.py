@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +164,7 @@ def load_image_folder(root: str | Path) -> ImageFolderData:
     return data
 
 
-def _admit(data: ImageFolderData, candidates: list[tuple[int, ImagePath]]) -> None:
+def _admit(data: ImageFolderData, candidates: Sequence[tuple[int, ImagePath]]) -> None:
     """Append the (class index, path) candidates that are readable images to ``data`` (paths, targets, file
     hashes), the others to ``data.skipped`` with the reason."""
     suffix = lambda p: Path(urlparse(p).path).suffix if isinstance(p, str) else p.suffix  # noqa: E731

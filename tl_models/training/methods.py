@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from ..core.errors import BadRequest
 from ..core.manifest import HeadEntry
 from ..core.names import PSEUDO_LABELS_JSON
 from .adapt import CORAL_EPS, coral
-from .architectures import HeadSpec, build_head
+from .architectures import HeadSpec, Standardise, build_head
 from .backbones import LoadedBackbone, stage_paths
 from .data import ImageFolderData, load_unlabeled_folder
 from .extract import resolve_device
@@ -73,7 +73,7 @@ class Run:
         torch.manual_seed(self.options.train.seed)
         head = build_head(self.spec)
         if self.statistics is not None:
-            head[0].set_statistics(*self.statistics)
+            cast(Standardise, head[0]).set_statistics(*self.statistics)
         return head
 
     def fit(self) -> None:

@@ -134,7 +134,7 @@ def start(
     if not repo.is_dir():
         raise TritonServerError(f"model repository {repo} does not exist: run `tl-models triton package` first")
     own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="tl-triton-")) if own else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="tl-triton-")) if workdir is None else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
     if tritonserver is None:
@@ -169,7 +169,9 @@ def start(
             env=server_environment(bundled is not None),
             start_new_session=True,
         )
-    server = TritonServer(process, log_path, repo, *ports, workdir=work, exit_timeout=exit_timeout, _own_workdir=own)
+    server = TritonServer(
+        process, log_path, repo, ports[0], ports[1], ports[2], workdir=work, exit_timeout=exit_timeout, _own_workdir=own
+    )
     log.info("tritonserver pid %d on %s (HTTP %d, gRPC %d, metrics %d), log %s", server.pid, repo, *ports, log_path)
     try:
         wait_ready(

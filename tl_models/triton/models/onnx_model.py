@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -65,7 +66,7 @@ class TritonPythonModel:
                 good.append((index, array))
         if good:
             try:
-                outputs = np.split(
+                outputs: list[Any] = np.split(  # arrays, or the exceptions of failed requests below
                     self._run(np.concatenate([a for _, a in good])), np.cumsum([len(a) for _, a in good])[:-1]
                 )
             except Exception:  # one bad request must not fail its neighbours: run them one by one

@@ -39,4 +39,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.spec = None
+        del self.spec

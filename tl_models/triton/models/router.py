@@ -26,6 +26,7 @@ import threading
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -98,7 +99,7 @@ class TritonPythonModel:
         self.head_prefix = params["head_prefix"]
         self.chunk = max(1, int(config.get("max_batch_size", 0)) or 1)
         kind = pb_utils.MetricFamily.COUNTER
-        self.families = {
+        self.families: dict[str, Any] = {
             "scored": pb_utils.MetricFamily("tl_models_shadow_scored", "Images a shadow head was scored on", kind),
             "agreed": pb_utils.MetricFamily(
                 "tl_models_shadow_agreed", "Images where a shadow head's top-1 equals the answering head's", kind
@@ -287,4 +288,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.routing = None
+        del self.routing
