@@ -1,11 +1,11 @@
-# tl-models: `make demo` runs the main job, `make test` runs the tests, `make docs` builds the docs site (strict).
-# All create .venv when missing.
+# tl-models: `make demo` runs the main job, `make test` runs the tests, `make docs` builds the docs site (strict),
+# `make lint` runs ruff (lint and format check) and mypy (configured in pyproject.toml). All create .venv when missing.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast docs install clean
+.PHONY: demo test test-fast docs lint install clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ test-fast: $(STAMP)
 # the mkdocs site of docs/ (mkdocs.yml): any warning fails it, e.g. a broken link or anchor, a page not in the nav
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# ruff's lint rules and format, then mypy over tl_models, service.py, tests and scripts (pyproject.toml): no finding
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf build site $(VENV)
