@@ -132,7 +132,7 @@ def test_bentoml_and_triton_count_the_same_agreement_for_the_same_traffic(served
     time.sleep(0.5)  # the router re-reads the route every 0.2 s
     labels = {"head": shadow[0], "version": str(shadow[1])}
     before = _metrics(served)
-    assert all(_ask(served, "http", image, answering[0])[0] == "%s:%d" % answering for image in images)
+    assert all(_ask(served, "http", image, answering[0])[0] == f"{answering[0]}:{answering[1]}" for image in images)
     after = _metrics(served)
     triton = {
         family: _counter(after, f"tl_models_shadow_{family}", **labels)
