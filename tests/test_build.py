@@ -565,6 +565,42 @@ def test_same_seed_gives_identical_heads(demo_data: Path, quick_build: QuickBuil
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed is what makes them equal
 
 
+def _damage(build: Path, kind: str) -> str:
+    """Damage a build directory on disk the way a bad copy or a hand edit would; the message the CLI must print."""
+    manifest = build / "manifest.json"
+    if kind == "manifest not JSON":
+        manifest.write_text(manifest.read_text()[:40])
+        return f"{manifest} is not valid JSON"
+    if kind == "unknown format version":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 99}))
+        return f"{manifest} has format version 99; this tl-models reads 1, 2"
+    if kind == "listed file missing":
+        (build / "heads" / "b" / "1" / "head.onnx").unlink()
+        return f"{build / 'heads' / 'b' / '1' / 'head.onnx'} is listed in the manifest but missing"
+    with open(build / "backbone.onnx", "r+b") as backbone:  # "corrupt backbone": a few bytes flipped mid-file
+        backbone.seek(backbone.seek(0, 2) // 2)
+        backbone.write(b"\x00\xff" * 8)
+    return f"{build / 'backbone.onnx'} fails its sha256 check"
+
+
+@pytest.mark.parametrize(
+    "kind", ["manifest not JSON", "unknown format version", "listed file missing", "corrupt backbone"]
+)
+@pytest.mark.parametrize("command", ["triton package", "bento package", "parity"])
+def test_a_damaged_build_is_refused_with_the_file_named(
+    deployment, tmp_path: Path, run_cli: RunCli, kind: str, command: str
+) -> None:
+    """Damage on disk is refused before anything is written: exit 1, one line naming the file and what is wrong."""
+    build = shutil.copytree(deployment.build_dir, tmp_path / "build")
+    message = _damage(build, kind)
+    before = {p: p.read_bytes() for p in build.rglob("*") if p.is_file()}
+    extra = ["--repo", str(tmp_path / "repo")] if command == "triton package" else []
+    code, _, err = run_cli(*command.split(), str(build), *extra)
+    assert code == 1 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "repo").exists()
+    assert {p: p.read_bytes() for p in build.rglob("*") if p.is_file()} == before  # nothing touched
+
+
 def test_cli_exit_codes_and_no_old_spelling(deployment, tmp_path: Path, run_cli: RunCli) -> None:
     """0 done, 1 user error, 2 usage, 3 parity failed; the spellings before 0.2 (`package triton`) are gone."""
     build = shutil.copytree(deployment.build_dir, tmp_path / "build")

@@ -107,6 +107,32 @@ def test_embedding_log_rotates_within_its_bound_and_joins_feedback(tmp_path):
         EmbeddingLogWriter(tmp_path / "log", {**facts, "build": "other"})
 
 
+def test_a_damaged_log_shard_or_feedback_line_is_skipped_and_named(tmp_path, caplog):
+    facts = {"build": "b", "backbone_sha256": "0" * 64, "embedding_dim": 4}
+    writer = EmbeddingLogWriter(tmp_path / "log", facts)
+    for shard in range(3):
+        writer.add(f"r{shard}", 1000.0 + shard, np.full(4, shard, np.float32), "a:1", {"a:1": [["3", 0.9]]})
+        assert writer.flush() == 1
+    shards = sorted((tmp_path / "log").glob("shard-*.npz"))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # cut short, as by a full disk or a broken copy
+    append_feedback(tmp_path / "log", "r2", "7", 1010.0)
+    with open(tmp_path / "log" / "feedback.jsonl", "a") as feedback:
+        feedback.write('{"request_id": "r0", "lab')  # a line cut short
+    with caplog.at_level("WARNING"):
+        log = read_log(tmp_path / "log")
+    assert log.columns["request_id"].tolist() == ["r0", "r2"]
+    assert log.facts["skipped"] == [shards[1].name, "feedback.jsonl:2"]
+    assert f"skipping damaged shard {shards[1]}" in caplog.text
+    assert log.labelled()[1] == ["7"]
+    for shard in (shards[0], shards[2]):
+        shard.write_bytes(b"not a shard")
+    with pytest.raises(BuildError, match=r"holds no readable records \(3 damaged shards\)"):
+        read_log(tmp_path / "log")
+    (tmp_path / "log" / "index.json").write_text('{"shards": [')
+    with pytest.raises(BuildError, match=r"index.json is damaged \(JSONDecodeError"):
+        read_log(tmp_path / "log")
+
+
 def test_a_full_recorder_queue_drops_and_counts_and_never_blocks(deployment, tmp_path):
     backbone, heads = sources_from_build(deployment.build_dir)
     registry = HeadRegistry(tmp_path / "state", 1280, backbone)

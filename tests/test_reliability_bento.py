@@ -331,3 +331,27 @@ def test_paths_from_requests_cannot_leave_the_model_store(server, deployment, tm
     assert _route(server) == before
     state = deployment.root / "state"
     assert all(p.resolve().is_relative_to(state.resolve()) for p in state.rglob("*"))
+
+
+def test_a_damaged_route_file_keeps_the_last_good_route_serving(server: Server, deployment) -> None:
+    """A half-written route file on the state volume (a hand edit, a copy cut short): both workers keep answering
+    on their last good route, /heads names the damage, the gauge says so, and an admin change is refused without
+    touching the file; a repaired file is followed again."""
+    path = deployment.root / "state" / "route.json"
+    good, damaged = path.read_bytes(), b'{"weights": {"a": 1.0, "b": 1.0}, "versions": {"a": 1'
+    image = deployment.images(1)[0]
+    try:
+        path.write_bytes(damaged)
+        answers = [server.classify(image) for _ in range(8)]
+        assert [a.status_code for a in answers] == [200] * 8, answers[-1].text
+        error = server.heads()["route_error"]
+        assert error and f"route file {path} is damaged" in error, error
+        assert re.search(r"^tl_models_route_damaged(\{[^}]*\})? 1\.0$", server.client.get("/metrics").text, re.M)
+        response = server.admin("/admin/weights", {"weights": {"a": 1, "b": 3}})
+        assert response.status_code == 422 and "nothing was changed" in response.text, response.text
+        assert path.read_bytes() == damaged
+    finally:
+        path.write_bytes(good)
+        os.utime(path)
+    assert server.heads()["route_error"] is None
+    assert server.classify(image).status_code == 200

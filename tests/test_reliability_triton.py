@@ -17,13 +17,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from tl_models.cli import main as cli_main
 from tl_models.core.names import CONFIG, VERSION_SHA256
 from tl_models.core.routing import read_route
 from tl_models.triton import swap as triton_swap
 from tl_models.triton.config import read_config
 
 from bad_inputs import bad_images, bad_tensors, odd_images
-from helpers import RELIABILITY, bytes_input, live, load_triton_until, url
+from helpers import RELIABILITY, RouterCaller, bytes_input, live, load_triton_until, url
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
 
 pytestmark = pytest.mark.slow
@@ -267,3 +268,35 @@ def test_a_swap_failing_half_way_is_rolled_back_without_losing_a_request(served,
     assert not client.is_model_ready(f"{name}_head_a", str(new)), "the rolled-back version is still loaded"
     _still_serving_version(served, reference, images, old)
     assert Path(repo / f"{name}_head_a" / str(new)).is_dir()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_damaged_route_file_keeps_the_router_serving_and_refuses_a_swap(served, images, protocol, capsys):
+    """A half-written route.json in the repository: the router keeps answering on its last good route, and `triton
+    swap` and `triton status` stop with one line naming the file, leaving it as it is; repaired, it is followed."""
+    path = served["repo"] / served["name"] / "route.json"
+    good, damaged = path.read_bytes(), b'{"weights": {"a": 90.0, "b": 10.0}, "versions": {"a": 1, "b"'
+    caller = RouterCaller(served, served["name"], protocol, force_head="b")
+    try:
+        path.write_bytes(damaged)
+        time.sleep(0.5)  # the router re-reads the route every 0.2 s
+        assert {caller(image).partition(":")[0] for image in images * 2} <= {"a", "b"}
+        server = ["--url", f"http://{served['server'].http_url}", "--repo", str(served["repo"]), "--build"]
+        for command in (
+            ["swap", *server, served["name"], "--head", "a", "--version", "2"],
+            ["status", *server, served["name"]],
+        ):
+            capsys.readouterr()
+            assert cli_main(["triton", *command]) == 1
+            err = capsys.readouterr().err
+            assert f"route file {path} is damaged" in err and err.count("\n") == 1, err
+        assert path.read_bytes() == damaged
+    finally:
+        path.write_bytes(good)
+        caller.close()
+    time.sleep(0.5)
+    after = RouterCaller(served, served["name"], protocol)
+    try:
+        assert after(images[0]).partition(":")[0] in {"a", "b"}
+    finally:
+        after.close()

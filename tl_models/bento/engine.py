@@ -124,6 +124,7 @@ class ServingEngine:
         )
         self.find_head = find_head or (lambda name, version: self._unknown(name, version))
         self.fleet: dict = {}
+        self._route_damaged = False
         if config.fleet_route is not None:
             self.sync_fleet()
             threading.Thread(target=self._follow_fleet, name="tl-models-fleet", daemon=True).start()
@@ -199,7 +200,7 @@ class ServingEngine:
         """The head (and version) that answers one request, ``head`` if given, else the weighted split; and the
         route it was chosen from, which the rest of the request uses (its shadow heads): one route read per
         request."""
-        route = self.heads.routing.current()
+        route = self.current_route()
         try:
             name, version = route.choose(key=key or None, head=head or None)
         except UserError as exc:
@@ -209,6 +210,16 @@ class ServingEngine:
         loaded = await self.resolve(name, version)
         self.heads.follow(route)
         return loaded, route
+
+    def current_route(self) -> Route:
+        """The route in force; while the route file is damaged, the last good one (``route_error`` in ``/heads``,
+        the ``tl_models_route_damaged`` gauge at 1)."""
+        route = self.heads.routing.current()
+        damaged = self.heads.routing.error is not None
+        if damaged != self._route_damaged:
+            self._route_damaged = damaged
+            self.metrics.route_damaged.set(int(damaged))
+        return route
 
     async def resolve(self, name: str, version: int) -> LoadedHead:
         """A head version this worker has loaded, else loaded now in a thread (off the event loop)."""
@@ -349,8 +360,8 @@ class ServingEngine:
 
     def status(self) -> dict:
         """Live heads with versions, weights, traffic shares and request counts (all workers); shadow heads,
-        feedback accuracy and drift (``judging``)."""
-        route = self.heads.routing.current()
+        feedback accuracy and drift (``judging``); ``route_error`` while the route file is damaged."""
+        route = self.current_route()
         counts = Metrics.request_counts()
         total = sum(w for w in route.weights.values() if w > 0)
         catalog = self.heads.catalog.entries()
@@ -385,6 +396,7 @@ class ServingEngine:
             },
             "heads": heads,
             "available": sorted(catalog),
+            "route_error": self.heads.routing.error,
             **self._judging(route, heads),
         }
 

@@ -57,6 +57,11 @@ class Metrics:
         self.recorded = Counter("tl_models_judge_recorded", "Images recorded for feedback (and drift)")
         self.dropped = Counter("tl_models_judge_dropped", "Images not recorded: the recorder queue was full")
         self.logged = Counter("tl_models_log_records", "Images written to the embedding log")
+        self.route_damaged = Gauge(
+            "tl_models_route_damaged",
+            "1 while the route file is damaged (the worker serves its last good route; GET /heads: route_error)",
+            multiprocess_mode="livemax",
+        )
         self.drift = Gauge(
             "tl_models_embedding_drift",
             "Distance of the recent served embeddings' mean from a head's training mean, in training spreads",

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
+import zipfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,9 @@ import numpy as np
 from .errors import BuildError
 from .files import atomic_write_bytes, atomic_write_json, file_lock
 
+log = logging.getLogger(__name__)
+
+COLUMNS = ("request_id", "time", "embedding", "head", "predictions")  # of every shard (LogRecords.columns)
 LOG_INDEX = "index.json"
 LOG_FEEDBACK = "feedback.jsonl"
 LOG_FORMAT = 1
@@ -151,27 +156,43 @@ class EmbeddingLog:
 
 
 def read_log(folder: str | Path) -> EmbeddingLog:
-    """Read a log folder; BuildError when it is no embedding log or holds no records."""
+    """Read a log folder; BuildError when it is no embedding log or holds no readable records. A damaged shard (cut
+    short, not a shard) or feedback line is skipped with a warning naming it; ``facts["skipped"]`` lists them."""
     folder = Path(folder)
     index_path = folder / LOG_INDEX
     if not index_path.is_file():
         raise BuildError(f"{folder} is no embedding log (no {LOG_INDEX}); serve with TL_MODELS_LOG_SHARE above 0")
-    index = json.loads(index_path.read_text())
-    parts = []
-    for shard in index["shards"]:
-        path = folder / shard["file"]
+    try:
+        index = json.loads(index_path.read_text())
+        shards = [str(shard["file"]) for shard in index["shards"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BuildError(f"{index_path} is damaged ({type(exc).__name__}: {exc})") from None
+    parts, skipped = [], []
+    for name in shards:
+        path = folder / name
         if path.is_file():
-            with np.load(path) as data:
-                parts.append({key: data[key] for key in data.files})
+            try:
+                with np.load(path) as data:
+                    parts.append({key: data[key] for key in COLUMNS})
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("skipping damaged shard %s of the embedding log: %s: %s", path, type(exc).__name__, exc)
+                skipped.append(name)
     if not parts:
-        raise BuildError(f"the embedding log {folder} holds no records yet")
+        raise BuildError(
+            f"the embedding log {folder} holds no readable records"
+            + (f" ({len(skipped)} damaged shards)" if skipped else " yet")
+        )
     columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     labels: dict[str, str] = {}
     feedback = folder / LOG_FEEDBACK
     if feedback.is_file():
-        for line in feedback.read_text().splitlines():
+        for number, line in enumerate(feedback.read_text(errors="replace").splitlines(), 1):
             if line.strip():
-                entry = json.loads(line)
-                labels.setdefault(entry["request_id"], entry["label"])
-    facts = {key: value for key, value in index.items() if key != "shards"}
+                try:
+                    entry = json.loads(line)
+                    labels.setdefault(str(entry["request_id"]), str(entry["label"]))
+                except (ValueError, TypeError, KeyError):
+                    log.warning("skipping damaged line %d of %s", number, feedback)
+                    skipped.append(f"{LOG_FEEDBACK}:{number}")
+    facts = {key: value for key, value in index.items() if key != "shards"} | {"skipped": skipped}
     return EmbeddingLog(facts, columns, labels)

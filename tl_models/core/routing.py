@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import threading
@@ -22,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import BadRequest, NotFound, Unavailable
+from .errors import BadRequest, NotFound, Refused, Unavailable
 from .files import atomic_write_json, file_lock
 
 
@@ -32,6 +33,14 @@ class RoutingError(BadRequest):
 
 class UnknownHead(NotFound):
     """A request or change that names a head the route does not have."""
+
+
+class DamagedRoute(Refused):
+    """A route file that is not a route: not JSON, not an object of weights/versions/revision/shadow, or a route
+    that does not validate (a half-written or hand-edited file)."""
+
+
+log = logging.getLogger(__name__)
 
 
 class NoTraffic(Unavailable):
@@ -120,24 +129,44 @@ def _key_point(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
 
 
+def parse_route(path: Path) -> Route:
+    """The validated route in the file at ``path``; :class:`DamagedRoute` naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON object is expected, got {type(data).__name__}")
+        return Route.from_dict(data).validate()
+    except (ValueError, TypeError, AttributeError, RoutingError) as exc:  # JSONDecodeError, UnicodeDecodeError too
+        reason = exc.message if isinstance(exc, RoutingError) else f"{type(exc).__name__}: {exc}"
+        raise DamagedRoute(
+            f"route file {path} is damaged ({reason}): restore it from a copy, or remove it to "
+            "start from the build's heads"
+        ) from None
+
+
 def read_route(path: str | Path) -> Route:
     """The route in the file at ``path`` now (empty when there is none): read afresh, no cache."""
-    return read_route(path)
+    return RoutingState(path, poll=0).current()
 
 
 class RoutingState:
-    """The route table on disk: cached reads (re-checked every ``poll`` s), locked atomic updates."""
+    """The route table on disk: cached reads (re-checked every ``poll`` s), locked atomic updates.
+
+    A damaged file (:class:`DamagedRoute`) after a good read does not stop the readers: they keep the last good
+    route and :attr:`error` says what is wrong until the file is a route again; a damaged file at the first read,
+    and any update while the file is damaged, raise it (the file is never overwritten)."""
 
     def __init__(self, path: str | Path, poll: float = 0.2):
         self.path = Path(path)
         self.poll = poll
+        self.error: str | None = None
         self._cached: Route | None = None
         self._stamp: tuple | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
 
     def current(self) -> Route:
-        """The route in force (empty when no file exists yet)."""
+        """The route in force (empty when no file exists yet; the last good one while the file is damaged)."""
         now = time.monotonic()
         with self._lock:
             if self._cached is not None and now - self._checked < self.poll:
@@ -150,7 +179,16 @@ class RoutingState:
                 return self._cached
             stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if stamp != self._stamp or self._cached is None:  # (None only before the first read)
-                self._cached = Route.from_dict(json.loads(self.path.read_text()))
+                try:
+                    route = parse_route(self.path)
+                except DamagedRoute as exc:
+                    if self._cached is None or self._stamp is None:  # nothing good read from this file yet
+                        raise
+                    if self.error is None:
+                        log.error("%s; serving the last good route (revision %d)", exc.message, self._cached.revision)
+                    self.error = exc.message
+                else:
+                    self._cached, self.error = route, None
                 self._stamp = stamp
             return self._cached
 
@@ -166,6 +204,8 @@ class RoutingState:
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             self._checked = 0.0
             old = self.current()
+            if self.error is not None:
+                raise DamagedRoute(f"{self.error}; nothing was changed")
             new_versions = {**old.versions, **(versions or {})}
             new_weights = dict(old.weights) if weights is None else {k: float(v) for k, v in weights.items()}
             for name in retire:
