@@ -320,6 +320,41 @@ def _cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "tl_models.cli"]
 
 
+def test_two_first_builds_into_one_new_folder_take_turns(demo_data: Path, base_build: Path, tmp_path: Path) -> None:
+    """Two `tl-models build` started together into one --out that does not exist yet: the second waits for the
+    first's lock and then adds its head to the first's build; the folder is never mixed (one backbone, both heads,
+    every file as the manifest says)."""
+    out = tmp_path / "together"
+    processes = [
+        subprocess.Popen(
+            _cli()
+            + [
+                "build",
+                "--data",
+                str(demo_data),
+                "--out",
+                str(out),
+                "--head",
+                head,
+                "--weights",
+                "IMAGENET1K_V1",
+                "--epochs",
+                "2",
+                "--no-export",
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+        for head in ("left", "right")
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    manifest = BuildDir(out).verify()
+    assert sorted((h.name, h.version) for h in manifest.heads) == [("left", 1), ("right", 1)]
+    assert not list((out / "heads").glob(".staging-*"))
+
+
 def test_sigkill_mid_build_leaves_the_previous_build_usable(
     demo_data: Path, quick_build: QuickBuild, built: Path, tmp_path: Path
 ) -> None:
