@@ -341,7 +341,7 @@ def test_two_first_builds_into_one_new_folder_take_turns(demo_data: Path, base_b
                 "--epochs",
                 "2",
                 "--no-export",
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),

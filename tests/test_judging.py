@@ -162,6 +162,47 @@ def test_a_full_recorder_queue_drops_and_counts_and_never_blocks(deployment, tmp
     judge.close()
 
 
+def test_a_request_is_in_both_the_store_and_the_log_or_counted_dropped(deployment, tmp_path):
+    """The recorder's accounting when the disk fails: a store failure keeps the request out of the log too and
+    counts it as dropped; a log failure keeps its records buffered (they are in the store) for the next flush."""
+    backbone, heads = sources_from_build(deployment.build_dir)
+    registry = HeadRegistry(tmp_path / "state", 1280, backbone)
+    registry.bootstrap([h for h in heads if h.version == 1], None, backbone.build)
+    head = registry.head("a", 1)
+    config = JudgeConfig(log_dir=tmp_path / "log", log_share=1.0, log_flush=3600)
+    judge = Judge(tmp_path / "state", config, backbone, 1280)
+    record, failing = judge.store.record, threading.Event()
+
+    def disk(rows):
+        if failing.is_set():
+            raise sqlite3.OperationalError("disk I/O error")
+        record(rows)
+
+    judge.store.record = disk
+    embedding = np.zeros((1, 1280), np.float32)
+    dropped_before = judge.metrics.dropped._value.get()
+    failing.set()
+    assert judge.submit(Scored(["lost"], time.time(), embedding, head, [], head.logits(embedding)))
+    assert judge.settle(10)
+    assert judge.metrics.dropped._value.get() - dropped_before == 1
+    assert judge.store.scores("lost") == [] and judge.log.pending.request_id == []  # in neither
+    failing.clear()
+    assert judge.submit(Scored(["kept"], time.time(), embedding, head, [], head.logits(embedding)))
+    assert judge.settle(10)
+    assert judge.store.scores("kept") and judge.log.pending.request_id == ["kept"]  # in both
+
+    write = judge.log._write
+    judge.log._write = lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        judge.log.flush()
+    assert judge.log.pending.request_id == ["kept"] and not list((tmp_path / "log").glob("shard-*"))
+    judge.log._write = write
+    assert judge.log.flush() == 1
+    assert read_log(tmp_path / "log").columns["request_id"].tolist() == ["kept"]
+    assert judge.metrics.dropped._value.get() - dropped_before == 1
+    judge.close()
+
+
 # ---------------------------------------------------------------- a real bentoml serve
 
 

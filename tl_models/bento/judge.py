@@ -221,47 +221,60 @@ class Judge:
                     break
             try:
                 self._record(batch)
-                for scored in batch:
-                    seen.update((h.source.key, h) for h in [scored.answered, *(h for h, _ in scored.shadows)])
-                now = time.monotonic()
-                if seen and now - last_drift >= 1.0:
-                    self.drift(list(seen.values()))
-                    seen, last_drift = {}, now
-                if (
-                    self.log is not None
-                    and self.log.pending
-                    and (now - last_flush >= self.config.log_flush or len(self.log.pending) >= 4096)
-                ):
-                    self.metrics.logged.inc(self.log.flush())
-                    last_flush = now
-            except Exception:  # the recorder must outlive a bad disk moment; what it held is counted as dropped
+            except Exception:  # the recorder must outlive a bad disk moment; the batch is in neither store nor log
                 log.exception("recording %d requests failed", len(batch))
                 self.metrics.dropped.inc(sum(len(s.request_ids) for s in batch))
+            for scored in batch:
+                seen.update((h.source.key, h) for h in [scored.answered, *(h for h, _ in scored.shadows)])
+            now = time.monotonic()
+            if seen and now - last_drift >= 1.0:
+                self.drift(list(seen.values()))
+                seen, last_drift = {}, now
+            if (
+                self.log is not None
+                and self.log.pending
+                and (now - last_flush >= self.config.log_flush or len(self.log.pending) >= 4096)
+            ):
+                try:
+                    self.metrics.logged.inc(self.log.flush())
+                except Exception:  # the records stay pending (they are in the store): the next flush retries
+                    log.exception(
+                        "writing the embedding log failed; %d records wait for the next flush", len(self.log.pending)
+                    )
+                last_flush = now
             for _ in batch:
                 self._queue.task_done()
 
     def _record(self, batch: list[Scored]) -> None:
-        rows = []
+        """Commit a batch to the feedback store, then (only then) to the drift window and the embedding log's
+        buffer: a store failure leaves the batch out of both, and the caller counts it as dropped."""
+        rows, logged = [], []
         for scored in batch:
             heads = [(scored.answered, scored.logits, LIVE)] + [(h, lg, SHADOW) for h, lg in scored.shadows]
             tops = {head.source.key: _top(head, logits, self.top_k) for head, logits, _ in heads}
             for head, _, role in heads:
                 for rid, top in zip(scored.request_ids, tops[head.source.key]):
                     rows.append((rid, head.source.key, role, top[0][0], top[0][1], scored.time))
-            self.drift_window.add(scored.embedding)
             if self.log is not None:
-                for i, rid in enumerate(scored.request_ids):
-                    if random.random() < self.config.log_share:
-                        self.log.add(
-                            rid,
-                            scored.time,
-                            scored.embedding[i],
-                            scored.answered.source.key,
-                            {key: top[i] for key, top in tops.items()},
-                        )
+                logged += [
+                    (
+                        rid,
+                        scored.time,
+                        scored.embedding[i],
+                        scored.answered.source.key,
+                        {key: top[i] for key, top in tops.items()},
+                    )
+                    for i, rid in enumerate(scored.request_ids)
+                    if random.random() < self.config.log_share
+                ]
         if rows:
             self.store.record(rows)
             self.metrics.recorded.inc(sum(len(s.request_ids) for s in batch))
+        for scored in batch:
+            self.drift_window.add(scored.embedding)
+        if self.log is not None:
+            for record in logged:
+                self.log.add(*record)
 
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until everything this worker queued is recorded; False after ``timeout`` seconds."""

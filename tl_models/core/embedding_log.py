@@ -92,8 +92,9 @@ class EmbeddingLogWriter:
 
     def flush(self) -> int:
         """Write the buffered records as a new shard (nothing when none); deletes the oldest shards past
-        ``max_bytes``. Returns the number of records written."""
-        records, self.pending = self.pending, LogRecords()
+        ``max_bytes``. Returns the number of records written. When writing fails the records stay buffered for
+        the next flush and no shard of theirs is left behind."""
+        records = self.pending
         if not records:
             return 0
         buffer = io.BytesIO()
@@ -101,6 +102,16 @@ class EmbeddingLogWriter:
         self._shards += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(records.time[0]))
         name = f"shard-{stamp}-{os.getpid()}-{self._shards:06d}.npz"
+        try:
+            self._write(name, records, buffer)
+        except BaseException:
+            (self.folder / name).unlink(missing_ok=True)
+            raise
+        self.pending = LogRecords()
+        return len(records)
+
+    def _write(self, name: str, records: LogRecords, buffer: io.BytesIO) -> None:
+        """One shard and its entry in the index, under the folder's lock; the oldest shards past ``max_bytes`` go."""
         with self._locked():
             atomic_write_bytes(self.folder / name, buffer.getvalue())
             index = self._index()
@@ -117,7 +128,6 @@ class EmbeddingLogWriter:
             while sum(s["bytes"] for s in index["shards"]) > self.max_bytes and len(index["shards"]) > 1:
                 (self.folder / index["shards"].pop(0)["file"]).unlink(missing_ok=True)
             atomic_write_json(self.folder / LOG_INDEX, index)
-        return len(records)
 
     def _locked(self) -> AbstractContextManager[None]:
         return file_lock(self.folder / ".lock")
