@@ -42,6 +42,18 @@ def tree_pids(pid: int) -> set[int]:
     return {child.pid for child in psutil.Process(pid).children(recursive=True)}
 
 
+def settled_pids(pid: int, quiet: float = 1.5, timeout: float = 30.0) -> set[int]:
+    """:func:`tree_pids` once it has not changed for ``quiet`` seconds: a model the test before unloaded may still
+    be stopping its stub after Triton answered the unload (a baseline taken then would see it "die")."""
+    pids, since, deadline = tree_pids(pid), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = tree_pids(pid)
+        if now != pids:
+            pids, since = now, time.monotonic()
+    return pids
+
+
 def burst(call: Callable[[T], R], items: Iterable[T], threads: int = 8) -> list[R]:
     """``call(item)`` for every item from ``threads`` client threads; results in order."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:

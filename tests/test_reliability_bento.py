@@ -22,7 +22,7 @@ from tl_models.core.preprocess import preprocess_bytes
 
 from bad_inputs import bad_images, bad_tensors, encode, odd_images
 from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
-from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
+from reliability import MAX_MEMORY_GROWTH, burst, record_soak, settled_pids, soak, tree_pids
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def _check_answer(server: Server, direct: DirectOnnx, image: bytes) -> None:
 def test_fuzzed_bad_requests_get_a_4xx_that_says_what_was_wrong(server, deployment):
     direct = DirectOnnx(deployment.build_dir)
     good = deployment.images(1)[0]
-    workers = tree_pids(server.process.pid)
+    workers = settled_pids(server.process.pid)
     requests = _bad_requests(np.random.default_rng(7))
     assert len(requests) >= 1000
 

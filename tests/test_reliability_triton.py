@@ -25,7 +25,7 @@ from tl_models.triton.config import read_config
 
 from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, RouterCaller, bytes_input, live, load_triton_until, url
-from reliability import MAX_MEMORY_GROWTH, burst, record_soak, soak, tree_pids
+from reliability import MAX_MEMORY_GROWTH, burst, record_soak, settled_pids, soak, tree_pids
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -102,7 +102,7 @@ def test_fuzzed_bad_requests_get_a_client_error_that_says_what_was_wrong(served,
     protocol_cases = _protocol_cases(module, name, good, dim)
     cases += [protocol_cases[i % len(protocol_cases)] for i in range(120)]
     cases = [item for i, case in enumerate(cases) for item in ([case, None] if i % 10 == 0 else [case])]
-    stubs = tree_pids(server.pid)
+    stubs = settled_pids(server.pid)
     local = threading.local()
     expected = reference([good], "a", live(served, "a"))[0]
 

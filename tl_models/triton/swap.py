@@ -47,6 +47,8 @@ from .config import backbone_model, ensemble_model, head_model, read_config
 from .repository import write_config
 
 log = logging.getLogger(__name__)
+# seconds a replica that is up may stay not ready (finishing a model load or unload) before a change is refused
+READY_WAIT = 10.0
 
 
 class TritonSwapError(UserError):
@@ -83,18 +85,25 @@ class Replicas:
         self.urls = urls
         self.clients = [client_for(url) for url in urls]
 
-    def check_ready(self) -> Replicas:
-        """TritonSwapError naming each replica that cannot be reached or is not ready (nothing was changed)."""
-        problems = []
-        for url, client in zip(self.urls, self.clients):
-            try:
-                if not client.is_server_ready():
-                    problems.append(f"{url}: not ready")
-            except (OSError, InferenceServerException) as exc:
-                problems.append(f"{url}: cannot reach Triton ({exc})")
-        if problems:
-            raise TritonSwapError("refused before any change: " + "; ".join(problems))
-        return self
+    def check_ready(self, wait: float = READY_WAIT) -> Replicas:
+        """TritonSwapError naming each replica that cannot be reached or is not ready (nothing was changed). A
+        replica that is up but not ready is asked again for up to ``wait`` seconds: Triton reports not ready
+        while it finishes loading or unloading a model, e.g. just after the previous swap returned."""
+        deadline = time.monotonic() + wait
+        while True:
+            problems, waiting = [], False
+            for url, client in zip(self.urls, self.clients):
+                try:
+                    if not client.is_server_ready():
+                        problems.append(f"{url}: not ready")
+                        waiting = True
+                except (OSError, InferenceServerException) as exc:
+                    problems.append(f"{url}: cannot reach Triton ({exc})")
+            if not problems:
+                return self
+            if not waiting or time.monotonic() >= deadline:
+                raise TritonSwapError("refused before any change: " + "; ".join(problems))
+            time.sleep(0.1)
 
     def load(self, model: str) -> None:
         """(Re)load ``model`` from the repository on every replica, all at once."""
