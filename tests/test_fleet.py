@@ -39,6 +39,7 @@ class Fleet:
     route_file: Path
     envs: list[dict] = field(default_factory=list)
     servers: list = field(default_factory=list)
+    base: dict = field(default_factory=dict)  # the environment every replica starts from
 
     @property
     def urls(self) -> list[str]:

@@ -56,6 +56,7 @@ def gate_images(int8_build) -> dict[str, object]:
     """Per head the gate measured: its validation images (split as its build split them) and the agreement the
     gate recorded; the int8 and fp32 references."""
     manifest = BuildDir(int8_build).manifest()
+    assert manifest.int8 is not None
     measured, val_images = manifest.int8["heads"], {}
     for key in measured:
         entry = manifest.head(key.split(":")[0], int(key.split(":")[1]))

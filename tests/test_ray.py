@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> str:
+def cluster() -> Iterator[str]:
     """A head node and a worker node, 2 logical CPUs each; stopped (with every Ray process here) afterwards."""
     port = free_port()
     head = _ray(
@@ -128,7 +129,7 @@ def test_a_ray_build_matches_the_local_one_and_survives_a_killed_worker(
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and on_ray.poll() is None:
         workers = _embed_workers()
-        if workers and list((tmp_path / "ray-cache" / "features").glob("*/index.json")):
+        if workers and any((tmp_path / "ray-cache" / "features").glob("*/index.json")):
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)  # an actor's process, mid-extraction
         time.sleep(0.05)

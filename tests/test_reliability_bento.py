@@ -36,7 +36,7 @@ def _tensor_body(array: np.ndarray) -> bytes:
 
 
 # malformed HTTP requests: (kind, path, httpx keyword arguments, regex the answer must match)
-MALFORMED = [
+MALFORMED: list[tuple[str, str, dict, str]] = [
     ("json body to /classify", "/classify", {"json": {"image": "abc"}}, r"file type|validation"),
     (
         "raw png body to /classify",
@@ -100,7 +100,7 @@ MALFORMED = [
 
 def _bad_requests(rng: np.random.Generator) -> list[tuple[str, str, dict, str]]:
     """At least 1,000 bad requests: images to /classify, tensors to /predict, malformed HTTP."""
-    requests = [
+    requests: list[tuple[str, str, dict, str]] = [
         (b.kind, "/classify", {"files": {"image": ("x.png", b.payload, "image/png")}}, b.expect)
         for b in bad_images(rng, 800)
     ]
@@ -108,7 +108,7 @@ def _bad_requests(rng: np.random.Generator) -> list[tuple[str, str, dict, str]]:
         (
             b.kind,
             "/predict",
-            {"content": _tensor_body(b.payload), "headers": {"content-type": "application/json"}},
+            {"content": _tensor_body(np.asarray(b.payload)), "headers": {"content-type": "application/json"}},
             b.expect,
         )
         for b in bad_tensors(rng, 100, INPUT_SIZE, max_batch=4)

@@ -135,6 +135,9 @@ def test_side_by_side_sessions_give_the_one_session_embeddings_in_order(
                 with lock:
                     running[0] -= 1
 
+        def ident(self) -> dict:
+            return two.ident()
+
     rows, embeddings = zip(*extract.embed_stream(Watched(), data.paths, backbone.preprocessing, [(0, 150)]))
     assert most[0] == 2 and max(calls) == 16 and sum(calls) == 150
     assert np.array_equal(np.concatenate(rows), np.arange(150))
@@ -290,7 +293,7 @@ def test_parquet_listings_and_fsspec_urls_read_the_same_images(digits: Path, tmp
     rows = _rows(digits, per_class=4)
     by_csv = load_listing(_listing(digits.parent / "small.csv", rows))
     memory = fsspec.filesystem("memory")
-    urls = []
+    urls: list[str] = []
     for row in rows:  # the same bytes behind file:// and memory:// URLs
         source = digits.parent / row["path"]
         url = f"memory://scale-test/{row['path']}"

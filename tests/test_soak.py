@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,7 +35,7 @@ def _worker():
 
 
 @pytest.fixture
-def process():
+def process() -> Iterator[Callable[[float], int]]:
     started: list[subprocess.Popen] = []
 
     def start(leak_mib_per_s: float) -> int:

@@ -80,7 +80,7 @@ def test_dynamic_batching_under_16_concurrent_clients(served, images):
     assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} inferences"
 
 
-def test_router_split_sticky_key_and_explicit_head(served, reference, images):
+def test_router_split_sticky_key_and_explicit_head(served, reference, images) -> None:
     name, module = served["name"], grpcclient
     client = module.InferenceServerClient(served["server"].grpc_url)
     outputs = [module.InferRequestedOutput("logits"), module.InferRequestedOutput("head")]

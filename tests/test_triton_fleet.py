@@ -65,7 +65,7 @@ def _urls(pair: dict) -> list[str]:
 
 def _sticky(pair: dict, image: bytes) -> list[str]:
     """The head each of 12 keys gets, asserted equal on both replicas."""
-    heads = []
+    heads: list[str] = []
     for key in (f"user-{i}" for i in range(12)):
         answers = set()
         for server in pair["servers"]:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class Record:
     start: float
     end: float
     error: str | None
-    answer: object = None
+    answer: Any = None  # the caller's: BentoCaller's JSON answer, None from TritonCaller
 
 
 class BentoCaller:

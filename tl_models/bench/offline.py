@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,7 +235,7 @@ def bench_runtime(
                 ort_ips, ort_ms = images_per_second(
                     lambda session=session, pixels=pixels: session.run(None, {IMAGE: pixels}), batch, seconds
                 )
-                row = {
+                row: dict[str, Any] = {
                     "backbone": name,
                     "batch": batch,
                     "provider": active_provider(session),

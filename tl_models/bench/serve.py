@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +156,9 @@ def _int8_backbone(build_dir: Path, own: bool, progress: Callable[[str], None]) 
         Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0),
         search="types",
     )
-    progress(f"[bench serve] int8: {report.chosen.calibration.label()}, {report.chosen.speedup:.2f}x fp32 at batch 32")
+    chosen = report.chosen
+    assert chosen is not None  # quantize refuses when no setting passed
+    progress(f"[bench serve] int8: {chosen.calibration.label()}, {chosen.speedup:.2f}x fp32 at batch 32")
 
 
 # ---------------------------------------------------------------- in process
@@ -189,7 +193,11 @@ def in_process(
             fuse(build.file(BACKBONE_FILES[precision]), build.file(head.rel(HEAD_ONNX)), {})
         )
         name = session.get_inputs()[0].name
-        runners[stack] = lambda pixels, session=session, name=name: session.run(None, {name: pixels})
+
+        def run_session(pixels: np.ndarray, session: Any = session, name: str = name) -> object:
+            return session.run(None, {name: pixels})
+
+        runners[stack] = run_session
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
 
@@ -249,6 +257,7 @@ def measure(
         }
         server_cpu = None
         if cpu is not None and row["requests"]:
+            assert server_pid  # cpu is only read for a server started here
             server_cpu = 1000.0 * (process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
         row["server_cpu_ms_per_request"] = server_cpu
         progress(
@@ -325,7 +334,7 @@ def _servers(
             stack.callback(server.stop)
             started.append({"server": "bentoml", "precision": precision, "pid": server.pid})
             url, pid = server.url, server.pid
-        callers[_stack("bentoml-http", precision)] = (lambda url=url: BentoCaller(url)), pid
+        callers[_stack("bentoml-http", precision)] = partial(BentoCaller, url), pid
     triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
     urls = {name: given[name] for name in ("triton-http", "triton-grpc")}
     pids: dict[str, int | None] = {name: None for name in triton}
@@ -339,23 +348,21 @@ def _servers(
         repo = write_repository(
             build_dir, workdir / f"model_repository{suffix}", RepositoryOptions(flavour="python", precision=precision)
         )
-        server = triton_launcher.start(
+        tritonserver = triton_launcher.start(
             repo.path, workdir=workdir / f"tritonserver{suffix}", timeout=options.start_timeout
         )
-        stack.callback(server.stop)
-        started.append({"server": "tritonserver", "precision": precision, "pid": server.pid})
-        pids = {name: None if urls[name] else server.pid for name in triton}
+        stack.callback(tritonserver.stop)
+        started.append({"server": "tritonserver", "precision": precision, "pid": tritonserver.pid})
+        pids = {name: None if urls[name] else tritonserver.pid for name in triton}
         urls = {
-            "triton-http": urls["triton-http"] or server.http_url,
-            "triton-grpc": urls["triton-grpc"] or server.grpc_url,
+            "triton-http": urls["triton-http"] or tritonserver.http_url,
+            "triton-grpc": urls["triton-grpc"] or tritonserver.grpc_url,
         }
     model = options.triton_model or manifest.name
     for name in triton:
-        protocol = name.split("-")[1]
-        callers[_stack(name, precision)] = (
-            (lambda protocol=protocol, url=urls[name]: TritonCaller(protocol, url, model)),
-            pids[name],
-        )
+        protocol, triton_url = name.split("-")[1], urls[name]
+        assert triton_url is not None  # given, or the tritonserver started above
+        callers[_stack(name, precision)] = partial(TritonCaller, protocol, triton_url, model), pids[name]
     return callers
 
 
@@ -510,7 +517,7 @@ def heads_cost(
         try:
             point = measure(
                 f"bentoml-http {served} head(s)",
-                lambda url=server.url: BentoCaller(url),
+                partial(BentoCaller, server.url),
                 images,
                 (1,),
                 options.seconds,
@@ -570,7 +577,7 @@ def judging_cost(
             for mode, url in urls.items():
                 points[mode] += measure(
                     f"bentoml-http {mode}",
-                    lambda url=url: BentoCaller(url),
+                    partial(BentoCaller, url),
                     images,
                     (clients,),
                     options.seconds,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..training.config import DEVICES, ENGINES, FineTune, SelfTraining, TrainConfig
 from ..training.data import write_demo_dataset
@@ -95,7 +95,7 @@ def augmentations(text: str) -> tuple[str, ...]:
 
 
 def build_options(
-    args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None, **more: object
+    args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None, **more: Any
 ) -> BuildOptions:
     """The pipeline's options from the arguments of :func:`add_build_args` (``more``: method-specific ones)."""
     from ..training.pipeline import BuildOptions

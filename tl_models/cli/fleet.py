@@ -65,7 +65,10 @@ def cmd_fleet_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_split(args: argparse.Namespace) -> int:
-    report = split(_replicas(args), args.route_file, parse_split(args.split), _token(args))
+    weights = parse_split(args.split)
+    if weights is None:  # --split is required, but an empty one parses to nothing
+        raise BadRequest(f"--split needs weights: {SPLIT_HELP}")
+    report = split(_replicas(args), args.route_file, weights, _token(args))
     lines = [f"weights {args.split} in {report['seconds']:.2f} s"]
     lines += [
         f"  {r['url']}: " + ("converged" if r["converged"] else f"NOT converged ({r['error']})")

@@ -13,10 +13,12 @@ from .common import EXIT_GATE, EXIT_OK
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.verify:
         report = verify(args.build_dir)
+        chosen = report.chosen
+        assert chosen is not None  # verify refuses otherwise
         print(report.table())
         print(
             f"verified {args.build_dir / BACKBONE_INT8} on this machine ({report.machine['isa']}, ONNX Runtime "
-            f"{report.machine['onnxruntime']}): {report.chosen.speedup:.2f}x fp32; the record is updated"
+            f"{report.machine['onnxruntime']}): {chosen.speedup:.2f}x fp32; the record is updated"
         )
         return EXIT_OK
     calibration = Calibration(args.method, args.per_channel, args.calibration_images, args.types, args.reduce_range)
@@ -26,11 +28,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         Gate(args.min_agreement, args.max_drop, args.min_speedup),
         search="none" if args.no_search else args.search,
     )
+    chosen = report.chosen
+    assert chosen is not None  # quantize refuses otherwise
     print(report.table())
-    print(
-        f"wrote {args.build_dir / BACKBONE_INT8} ({report.chosen.calibration.label()}: "
-        f"{report.chosen.speedup:.2f}x fp32 here)"
-    )
+    print(f"wrote {args.build_dir / BACKBONE_INT8} ({chosen.calibration.label()}: {chosen.speedup:.2f}x fp32 here)")
     return EXIT_OK
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..core.process import url_address
 from ..triton.config import RepositoryOptions
 from ..triton.launcher import TritonServer, serve
 from ..triton.repository import write_repository
 from ..triton.swap import shadow, status, swap
-from .common import EXIT_OK, EXIT_USER_ERROR, SPLIT_HELP, add_precision_arg, address, parse_split, show
+from .common import EXIT_OK, EXIT_USER_ERROR, SPLIT_HELP, add_precision_arg, parse_split, show
 
 
 def cmd_triton_package(args: argparse.Namespace) -> int:
@@ -90,7 +91,7 @@ def cmd_triton_status(args: argparse.Namespace) -> int:
 
 def triton_urls(text: str) -> list[str]:
     """``--url``: one Triton HTTP URL, or several (comma-separated) for replicas serving one shared repository."""
-    return [address(part.strip(), "http") for part in text.split(",") if part.strip()]
+    return [url_address(part.strip(), ("http",)) for part in text.split(",") if part.strip()]
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:

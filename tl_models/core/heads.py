@@ -224,14 +224,17 @@ def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
 
 
 def agreed(
-    answer_labels: Sequence[str], answer_top: np.ndarray, shadow_labels: Sequence[str], shadow_top: np.ndarray
+    answer_labels: Sequence[str],
+    answer_top: Sequence[int] | np.ndarray,
+    shadow_labels: Sequence[str],
+    shadow_top: Sequence[int] | np.ndarray,
 ) -> int:
     """How many images a shadow head gives the same top-1 label as the head that answered. Labels are compared by
     name, not by class index: a shadow head trained on other classes, or on the same classes in another order, is
     judged on what it says. Both servers count agreement with this rule."""
     if tuple(shadow_labels) == tuple(answer_labels):
         return int((np.asarray(shadow_top) == np.asarray(answer_top)).sum())
-    return sum(shadow_labels[i] == answer_labels[j] for i, j in zip(shadow_top, answer_top))
+    return int(sum(shadow_labels[i] == answer_labels[j] for i, j in zip(shadow_top, answer_top)))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ def connect(address: str, timeout: float = 5.0) -> None:
         raise BadRequest("--ray needs Ray: pip install 'tl-models[scale]'") from None
     if ray.is_initialized():
         return
-    ray.init(address=f"{host}:{port}", logging_level="ERROR", log_to_driver=False)
+    ray.init(address=f"{host}:{port}", logging_level=logging.ERROR, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("joined Ray cluster %s: %s", address, ray.cluster_resources())
@@ -109,9 +109,11 @@ class RayEngine:
         import ray
 
         items = [{"index": i, "path": str(paths[i])} for start, stop in ranges for i in range(start, stop)]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // (4 * batch_size)))
+        dataset: ray.data.Dataset = ray.data.from_items(
+            items, override_num_blocks=max(1, len(items) // (4 * batch_size))
+        )
         dataset = dataset.map_batches(
-            _decode,
+            _decode,  # type: ignore[arg-type]  # ray's typing of fn has no room for its fn_kwargs
             fn_kwargs={"preprocessing": preprocessing.to_dict()},
             batch_size=batch_size,
             num_cpus=DECODE_CPUS,

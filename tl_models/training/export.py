@@ -40,7 +40,7 @@ def _trace(
             torch.onnx.export(
                 module,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # stub says path only; the TorchScript exporter writes file objects
                 input_names=[input_name],
                 output_names=[output_name],
                 dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
@@ -60,6 +60,7 @@ def _trace(
             external_data=False,
             verbose=False,
         )
+        assert program is not None  # the dynamo exporter always returns its ONNXProgram
         return program.model_proto
 
 

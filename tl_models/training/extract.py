@@ -53,6 +53,17 @@ class Engine(Protocol):
         ...
 
 
+class StreamEngine(Protocol):
+    """An engine that embeds ranges of images itself, in any order (a cluster's: ``distributed.RayEngine``); the
+    feature cache takes its ``stream`` in place of :func:`embed_stream`."""
+
+    def ident(self) -> dict: ...
+
+    def stream(
+        self, paths: list, preprocessing: Preprocessing, ranges: list[tuple[int, int]], batch_size: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
 class TorchEngine:
     """The frozen module (eval mode, inference mode) on ``device``."""
 
@@ -83,7 +94,7 @@ class OrtEngine:
     an equal share of the cores, one batch at a time and ``BATCH / sessions`` images a batch (at least 8: as many
     images in flight as one session at ``BATCH``); one session on CUDA. Embeddings do not depend on either."""
 
-    def __init__(self, model: str | Path, device: str = "cpu", sessions: int = 1):
+    def __init__(self, model: str | Path | bytes, device: str = "cpu", sessions: int = 1):
         self.device = device
         self.parallel = 1 if device == "cuda" else max(1, sessions)
         self.batch = max(8, BATCH // self.parallel)

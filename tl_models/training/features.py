@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from ..core.files import atomic_write_bytes, atomic_write_json, file_lock
 from ..core.preprocess import Preprocessing
 from .backbones import LoadedBackbone
 from .data import ImageFolderData, read_image
-from .extract import BATCH, Engine, TorchEngine, embed_stream
+from .extract import BATCH, Engine, StreamEngine, TorchEngine, embed_stream
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class CachedEmbeddings:
             self._fds = [os.open(path, os.O_RDONLY) for path in self.files]
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         offsets = self._offsets[shard] + (rows - self._starts[shard]) * self._row_bytes
-        view, size = memoryview(out).cast("B"), self._row_bytes
+        view, size = out.data.cast("B"), self._row_bytes  # out.data: the array's memoryview
         for i, (number, offset) in enumerate(zip(shard.tolist(), offsets.tolist())):
             if os.preadv(self._fds[number], [view[i * size : (i + 1) * size]], offset) != size:
                 raise OSError(f"feature cache shard {self.files[number]} is shorter than its index says")
@@ -269,7 +269,7 @@ class FeatureCache:
         self,
         backbone: LoadedBackbone,
         data: ImageFolderData,
-        engine: Engine | None = None,
+        engine: Engine | StreamEngine | None = None,
         batch_size: int | None = None,
         progress: bool = True,
     ) -> Features:
@@ -301,7 +301,7 @@ class FeatureCache:
                     backbone.preprocessing,
                     shards,
                     todo,
-                    batch_size or getattr(engine, "batch", BATCH),
+                    batch_size or int(getattr(engine, "batch", BATCH)),
                     progress,
                 )
             else:
@@ -316,7 +316,7 @@ class FeatureCache:
         data: ImageFolderData,
         batch_size: int | None = None,
         progress: bool = True,
-        engine: Engine | None = None,
+        engine: Engine | StreamEngine | None = None,
     ) -> tuple[np.ndarray, bool]:
         """(embeddings N×D, cache hit?) — runs the backbone only on what the cache does not hold."""
         found = self.features(backbone, data, engine, batch_size, progress)
@@ -324,7 +324,7 @@ class FeatureCache:
 
 
 def _extract(
-    engine: Engine,
+    engine: Engine | StreamEngine,
     data: ImageFolderData,
     preprocessing: Preprocessing,
     shards: _Shards,
@@ -337,8 +337,10 @@ def _extract(
     twice is kept once)."""
     every = shards.ranges()
     ranges = [every[n] for n in todo]
-    stream = getattr(engine, "stream", None)
-    batches = (stream or partial(embed_stream, engine))(data.paths, preprocessing, ranges, batch_size)
+    if hasattr(engine, "stream"):
+        batches = engine.stream(data.paths, preprocessing, ranges, batch_size)
+    else:
+        batches = embed_stream(engine, data.paths, preprocessing, ranges, batch_size)
     open_shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # number -> (embeddings, which rows arrived)
     repeated = 0
     with tqdm(

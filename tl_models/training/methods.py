@@ -57,8 +57,8 @@ class Run:
     data: ImageFolderData
     backbone: LoadedBackbone
     spec: HeadSpec
-    train_idx: np.ndarray
-    val_idx: np.ndarray
+    train_idx: np.ndarray | list[int]
+    val_idx: np.ndarray | list[int]
     targets: torch.Tensor
     extraction: Features
     inputs: torch.Tensor | CachedEmbeddings  # the rows the head trains on (the cache's shards by default)
@@ -96,7 +96,7 @@ class TrainingMethod:
 
     name: ClassVar[str]
     trains_head: ClassVar[bool] = False  # True: ``train`` replaces the plain fit
-    entry: ClassVar[Callable[[BuildOptions], BuildReport] | None] = None  # the whole build instead, if given
+    entry: ClassVar[staticmethod[[BuildOptions], BuildReport] | None] = None  # the whole build instead, if given
 
     @staticmethod
     def wanted(options: BuildOptions) -> bool:
@@ -144,7 +144,8 @@ def entry_point(options: BuildOptions) -> Callable[[BuildOptions], BuildReport] 
 
 def checked(options: BuildOptions, data: ImageFolderData) -> list[TrainingMethod]:
     """The selected methods, each of them checked and its folders read (``check``, in registry order)."""
-    methods, folders = selected(options), []
+    methods = selected(options)
+    folders: list[ImageFolderData] = []
     for method in methods:
         method.check(options, data, folders)
     trainer(methods)  # two methods that train the head: refused before any work
@@ -204,6 +205,7 @@ class FineTuneMethod(TrainingMethod):
 
     def train(self, run: Run) -> None:
         run.fit()
+        assert run.head is not None and run.result is not None  # set by run.fit()
         options = run.options
         self.tuned = fine_tune(
             run.backbone,
@@ -242,6 +244,7 @@ class SelfTrainingMethod(TrainingMethod):
 
     def check(self, options: BuildOptions, data: ImageFolderData, folders: list[ImageFolderData]) -> None:
         options.self_training.check()
+        assert options.unlabeled is not None  # wanted() selected this method
         self.folder = _read_once(folders, options.unlabeled, data)
 
     def prepare(self, run: Run, embed: Embed) -> None:
@@ -293,6 +296,7 @@ class CoralMethod(TrainingMethod):
         return options.target is not None
 
     def check(self, options: BuildOptions, data: ImageFolderData, folders: list[ImageFolderData]) -> None:
+        assert options.target is not None  # wanted() selected this method
         self.folder = _read_once(folders, options.target, data, "target folder")
 
     def prepare(self, run: Run, embed: Embed) -> None:

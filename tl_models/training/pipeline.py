@@ -47,7 +47,7 @@ from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backb
 from .config import FineTune, SelfTraining, TrainConfig
 from .data import ImageFolderData, load_data
 from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
-from .extract import Engine, OrtEngine, TorchEngine, extraction_sessions, resolve_device, resolve_engine
+from .extract import Engine, OrtEngine, StreamEngine, TorchEngine, extraction_sessions, resolve_device, resolve_engine
 from .features import FeatureCache, default_cache_dir
 from .methods import Run, TrainingMethod, checked, entry_point, trainer
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
@@ -278,6 +278,7 @@ def _build_locked(
         "skipped": len(data.skipped),
         "split": "random" if data.splits is None else "listing",
     }
+    assert run.head is not None  # set by run.fit() or the method that trains the head
     entry, manifest = commit_head(
         build_dir,
         manifest,
@@ -297,7 +298,7 @@ def _build_locked(
 
 def extraction_engine(
     options: BuildOptions, build_dir: BuildDir, manifest: Manifest, backbone: LoadedBackbone
-) -> tuple[Engine, bool]:
+) -> tuple[Engine | StreamEngine, bool]:
     """The engine that embeds this build's images, and whether it exported the build's backbone.onnx just now
     (a first build on ONNX Runtime: exported before extraction, so that heads train on the graph serving runs)."""
     device = resolve_device(options.device)

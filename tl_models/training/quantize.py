@@ -373,6 +373,8 @@ def _gated_heads(
 def int8_parity(build: BuildDir, manifest: Manifest) -> dict:
     """`tl-models parity` of the int8 backbone: the gate's measures (agreement with fp32 ONNX Runtime, val accuracy
     drop) of the file as it is now, against the bounds it was admitted with."""
+    if manifest.int8 is None:
+        raise BuildError(f"{build.path} has {BACKBONE_INT8} but no int8 record: run `tl-models quantize {build.path}`")
     gate = Gate(**manifest.int8["gate"])
     heads, splits = _gated_heads(build, manifest, calibration_images=1)
     judge = _Judge(build, heads, splits)
@@ -451,6 +453,7 @@ def verify(path: str | Path) -> QuantizeReport:
         manifest = build.verify()
         int8_gated(build, manifest)  # an int8 backbone of this backbone.onnx, measured with the latest heads
         record = manifest.int8
+        assert record is not None  # int8_gated raised otherwise
         report = QuantizeReport(Gate(**record["gate"]))
         heads, splits = _gated_heads(build, manifest, calibration_images=1)
         report.attempts.append(
@@ -467,6 +470,7 @@ def verify(path: str | Path) -> QuantizeReport:
 def _figures(report: QuantizeReport) -> dict:
     """The record's measured part: the chosen setting, every attempt, the machine it was measured on."""
     chosen = report.chosen
+    assert chosen is not None and chosen.speed is not None  # _verdict passed it: accuracy, then speed
     return {
         "calibration": asdict(chosen.calibration),
         "heads": chosen.heads,

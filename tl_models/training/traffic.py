@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ def build_from_log(options: BuildOptions) -> BuildReport:
             f"--from-log adds a head version to the build whose service wrote the log: {options.out} "
             "is no build directory"
         )
+    if options.from_log is None:
+        raise BadRequest("a build from a log needs the log: --from-log LOG")
     traffic = read_log(options.from_log)
     with build_dir.lock():
         build_dir.clean_staging()
@@ -67,7 +70,7 @@ def build_from_log(options: BuildOptions) -> BuildReport:
         features = embeddings.astype(np.float32)
         targets = [manifest.labels.index(label) for label in labels]
         backbone = load_build_backbone(build_dir, manifest)
-        record = {
+        record: dict[str, Any] = {
             "log": {
                 "root": str(Path(options.from_log).resolve()),
                 "records": len(traffic.columns["time"]),

@@ -86,7 +86,7 @@ def _forward(head: nn.Module, embedder: nn.Module | None, inputs: torch.Tensor) 
 
 @torch.inference_mode()
 def predict(
-    head: nn.Module, inputs: torch.Tensor, embedder: nn.Module | None = None, batch_size: int = 256
+    head: nn.Module, inputs: torch.Tensor | Rows, embedder: nn.Module | None = None, batch_size: int = 256
 ) -> torch.Tensor:
     """Logits for all inputs, head and embedder in eval mode."""
     head.eval()
@@ -165,6 +165,7 @@ def _fit(
         best = (float((val_logits.argmax(1) == y_val).float().mean()), float(loss_fn(val_logits, y_val)))
         result.head_state = copy.deepcopy(head.state_dict())
         if trainable:
+            assert embedder is not None  # trainable parameters are the embedder's
             result.embedder_state = copy.deepcopy(embedder.state_dict())
     stale = 0
     bar = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", disable=not progress)
@@ -192,6 +193,7 @@ def _fit(
             best, stale, result.best_epoch = (val_acc, val_loss), 0, epoch
             result.head_state = copy.deepcopy(head.state_dict())
             if trainable:
+                assert embedder is not None  # trainable parameters are the embedder's
                 result.embedder_state = copy.deepcopy(embedder.state_dict())
         else:
             stale += 1
@@ -199,6 +201,7 @@ def _fit(
                 break
     head.load_state_dict(result.head_state)
     if result.embedder_state is not None:
+        assert embedder is not None  # embedder_state is only kept when the embedder trains
         embedder.load_state_dict(result.embedder_state)
     logits = predict(head, x_val, embedder).numpy()
     result.metrics = classification_metrics(logits, y_val.numpy(), logits.shape[1])

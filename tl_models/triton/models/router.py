@@ -110,7 +110,7 @@ class TritonPythonModel:
                 kind,
             ),
         }
-        self.metrics: dict[tuple[str, str, int], object] = {}
+        self.metrics: dict[tuple[str, str, int], Any] = {}  # pb_utils.Metric objects (untyped module)
         self.dropped: set[str] = set()
         self.repository = Path(args["model_repository"]).parent
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
