@@ -10,7 +10,7 @@ import pytest
 
 from tl_models.core.routing import DamagedRoute, RoutingState, read_route
 
-DAMAGED = {
+DAMAGED: dict[str, str | bytes] = {
     "half-written": '{"weights": {"a": 1.0}, "versions": {"a"',
     "not an object": "[1, 2, 3]",
     "not a number": '{"weights": {"a": "heavy"}, "versions": {"a": 1}}',
