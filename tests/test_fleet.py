@@ -19,6 +19,7 @@ import pytest
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.cli import main as cli_main
 from tl_models.core.errors import BadRequest, UserError
 from tl_models.core.heads import head_source_from_build, sources_from_build
 from tl_models.core.routing import Route, RoutingState, read_route
@@ -256,6 +257,78 @@ def test_a_bad_fleet_call_is_refused_before_any_replica_changes(fleet, deploymen
         with pytest.raises(UserError, match=match):
             call()
     assert fleet.route().revision == revision
+
+
+def test_fleet_init_writes_the_first_route_once(deployment, tmp_path):
+    """`tl-models fleet init`: the build's latest version of every head, equal weights or the given split; a second
+    init is refused and leaves the file as it is."""
+    route_file = tmp_path / "shared" / "route.json"
+    assert cli_main(["fleet", "init", str(deployment.build_dir), "--route-file", str(route_file)]) == 0
+    route = read_route(route_file)
+    assert route.versions == deployment.manifest.latest_versions() == {"a": 2, "b": 1}
+    assert route.weights == {"a": 1.0, "b": 1.0} and route.shadow == {}
+    written = route_file.read_bytes()
+    command = ["fleet", "init", str(deployment.build_dir), "--route-file", str(route_file), "--split", "a=9,b=1"]
+    assert cli_main(command) == 1 and route_file.read_bytes() == written
+    other = tmp_path / "other.json"
+    assert cli_main([*command[:3], "--route-file", str(other), "--split", "a=9,b=1"]) == 0
+    assert read_route(other).weights == {"a": 9.0, "b": 1.0}
+
+
+def test_fleet_split_changes_every_replica_and_the_route_file(fleet, deployment):
+    fleet.at(1, deployment)
+    urls = ",".join(fleet.urls)
+    try:
+        command = ["fleet", "split", "--replicas", urls, "--route-file", str(fleet.route_file), "--token", TOKEN]
+        assert cli_main([*command, "--split", "a=3,b=1"]) == 0
+        assert fleet.route().weights == {"a": 3.0, "b": 1.0}
+        after = status(fleet.urls, fleet.route_file)
+        assert after["agree"] and all(r["weights"] == {"a": 3.0, "b": 1.0} for r in after["replicas"]), after
+        revision = fleet.route().revision
+        assert cli_main([*command, "--split", "c=1"]) == 1  # no such head: refused before any change
+        assert fleet.route().revision == revision
+    finally:
+        RoutingState(fleet.route_file).update(weights={"a": 1, "b": 1})
+        sync(fleet)
+
+
+def test_replicas_follow_a_changed_route_file_by_polling_alone(fleet, deployment):
+    """The route file changed as a ConfigMap update would change it (no call to any replica): every replica
+    converges within a few of its polls (TL_MODELS_FLEET_POLL=1 here)."""
+    fleet.at(1, deployment)
+    try:
+        RoutingState(fleet.route_file).update(weights={"a": 1, "b": 4})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = status(fleet.urls, fleet.route_file)
+            if now["agree"] and all(r["weights"] == {"a": 1.0, "b": 4.0} for r in now["replicas"]):
+                break
+            time.sleep(0.5)
+        assert all(r["weights"] == {"a": 1.0, "b": 4.0} for r in now["replicas"]), now
+    finally:
+        RoutingState(fleet.route_file).update(weights={"a": 1, "b": 1})
+        sync(fleet)
+
+
+def test_a_replica_down_in_phase_1_refuses_the_swap_and_changes_nothing(fleet, deployment):
+    fleet.at(1, deployment)
+    revision = fleet.route().revision
+    fleet.servers[2].stop()
+    with pytest.raises(FleetError) as info:
+        swap(fleet.urls, fleet.route_file, "a", 2, TOKEN, build_dir=deployment.build_dir)
+    assert fleet.urls[2] in str(info.value)
+    assert fleet.route().revision == revision and fleet.route().versions["a"] == 1
+    for url in fleet.urls[:2]:  # admitted in phase 1 where it could be, then unloaded again
+        heads = httpx.get(f"{url}/heads", timeout=30).json()
+        assert {(h["name"], h["version"]) for h in heads["heads"]} == {("a", 1), ("b", 1)}
+        assert "a:2" not in heads["available"], heads["available"]
+
+
+def sync(fleet: Fleet) -> None:
+    """Every replica on the route file now (a test's finally: the next test starts from the file's route)."""
+    for url in fleet.urls:
+        response = httpx.post(f"{url}/admin/sync", json={}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert response.status_code == 200, response.text
 
 
 def test_a_pushed_route_wins_over_an_older_route_file(deployment, tmp_path):

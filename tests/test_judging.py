@@ -23,7 +23,7 @@ from tl_models.bento.judge import Judge, JudgeConfig, Scored
 from tl_models.bento.registry import HeadRegistry
 from tl_models.core.drift import DRIFT_THRESHOLD, MIN_WINDOW, DriftWindow, EmbeddingReference
 from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, read_log
-from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound
+from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound, Refused
 from tl_models.core.feedback import FeedbackStore, request_ids
 from tl_models.core.heads import sources_from_build
 from tl_models.core.manifest import BuildDir
@@ -200,6 +200,30 @@ def test_a_request_is_in_both_the_store_and_the_log_or_counted_dropped(deploymen
     assert judge.log.flush() == 1
     assert read_log(tmp_path / "log").columns["request_id"].tolist() == ["kept"]
     assert judge.metrics.dropped._value.get() - dropped_before == 1
+    judge.close()
+
+
+def test_with_the_recorder_off_answers_are_judged_but_nothing_is_recorded(deployment, tmp_path, monkeypatch):
+    backbone, heads = sources_from_build(deployment.build_dir)
+    registry = HeadRegistry(tmp_path / "state", 1280, backbone)
+    registry.bootstrap([h for h in heads if h.version == 1], None, backbone.build)
+    head, shadow = registry.head("a", 1), registry.head("b", 1)
+    monkeypatch.setenv("TL_MODELS_RECORD", "0")
+    judge = Judge(tmp_path / "state", JudgeConfig.from_env(tmp_path / "state"), backbone, 1280)
+    embedding = np.zeros((1, 1280), np.float32)
+    logits = head.logits(embedding)
+    scored, failed = judge.shadow(head, logits, embedding, [(shadow, 1.0)])
+    assert [h.source.key for h, _ in scored] == ["b:1"] and failed == []  # shadow heads are still scored
+    dropped_before = judge.metrics.dropped._value.get()
+    assert not judge.submit(Scored(["r1"], time.time(), embedding, head, scored, logits))
+    assert judge.metrics.dropped._value.get() == dropped_before  # not recording is not dropping
+    assert judge.settle(1) and judge.store.scores("r1") == []
+    with pytest.raises(Refused, match="TL_MODELS_RECORD=0"):
+        judge.feedback("r1", "3", {"3"})
+    assert judge.status([head], [])["recorder"]["enabled"] is False
+    monkeypatch.setenv("TL_MODELS_LOG_SHARE", "0.1")
+    with pytest.raises(BadRequest, match="TL_MODELS_LOG_SHARE needs the recorder"):
+        JudgeConfig.from_env(tmp_path / "state")
     judge.close()
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.drift import DRIFT_THRESHOLD, DRIFT_WINDOW, DriftWindow
 from ..core.embedding_log import EmbeddingLogWriter, append_feedback
-from ..core.errors import BadRequest
+from ..core.errors import BadRequest, Refused
 from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore, issued_recently
 from ..core.heads import BackboneSource, LoadedHead, agreed, softmax
 from .metrics import Metrics
@@ -52,6 +52,7 @@ class JudgeConfig:
     drift_threshold: float = DRIFT_THRESHOLD
     feedback_window: int = 1000
     retention_days: float = 7.0
+    record: bool = True  # False: no recorder (no feedback store writes, drift or log); shadows still scored
 
     @classmethod
     def from_env(cls, state_dir: Path) -> JudgeConfig:
@@ -66,9 +67,12 @@ class JudgeConfig:
             drift_threshold=float(env.get("TL_MODELS_DRIFT_THRESHOLD", str(DRIFT_THRESHOLD))),
             feedback_window=int(env.get("TL_MODELS_FEEDBACK_WINDOW", "1000")),
             retention_days=float(env.get("TL_MODELS_RETENTION_DAYS", "7")),
+            record=env.get("TL_MODELS_RECORD", "1") != "0",
         )
         if not 0 <= config.log_share <= 1:
             raise BadRequest(f"TL_MODELS_LOG_SHARE must be a share between 0 and 1, got {config.log_share}")
+        if not config.record and config.log_share > 0:
+            raise BadRequest("TL_MODELS_LOG_SHARE needs the recorder: unset TL_MODELS_RECORD=0, or the log share")
         if config.queue_size < 1 or config.drift_window < 1 or config.feedback_window < 1:
             raise BadRequest(
                 "TL_MODELS_JUDGE_QUEUE, TL_MODELS_DRIFT_WINDOW and TL_MODELS_FEEDBACK_WINDOW must be at least 1"
@@ -123,8 +127,8 @@ class Judge:
         self._dropped: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
         self._children: dict[str, tuple] = {}
         self._queue: queue.Queue[Scored] = queue.Queue(maxsize=config.queue_size)
-        self._thread = threading.Thread(target=self._record_forever, name="tl-models-judge", daemon=True)
-        self._thread.start()
+        if config.record:
+            threading.Thread(target=self._record_forever, name="tl-models-judge", daemon=True).start()
 
     # -- the request path
 
@@ -196,7 +200,10 @@ class Judge:
         return children
 
     def submit(self, scored: Scored) -> bool:
-        """Queue a request for recording; False (counted) when the queue is full: the request never waits."""
+        """Queue a request for recording; False (counted) when the queue is full: the request never waits. With
+        the recorder off, nothing (False, not counted)."""
+        if not self.config.record:
+            return False
         try:
             self._queue.put_nowait(scored)
         except queue.Full:
@@ -291,6 +298,8 @@ class Judge:
         """Record the true label of an answered image; per scored head whether it was right."""
         if not isinstance(request_id, str) or not request_id:
             raise BadRequest("give the request_id an answer carried, and the true label")
+        if not self.config.record:
+            raise Refused("feedback is not recorded: this service runs with TL_MODELS_RECORD=0 (recorder off)")
         deadline = time.monotonic() + 2.0  # an answer from a moment ago may still sit in a recorder's queue
         while not self.store.scores(request_id) and issued_recently(request_id) and time.monotonic() < deadline:
             self.settle(0.1)
@@ -385,6 +394,7 @@ class Judge:
                 "ready": window_mean is not None,
             },
             "recorder": {
+                "enabled": self.config.record,
                 "recorded": int(totals["tl_models_judge_recorded"].get((), 0.0)),
                 "dropped": int(totals["tl_models_judge_dropped"].get((), 0.0)),
                 "logged": int(totals["tl_models_log_records"].get((), 0.0)),

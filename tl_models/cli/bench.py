@@ -181,7 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--judging",
         action="store_true",
-        help="also BentoML throughput at the top concurrency without vs with a shadow head and 10%% of "
-        "requests in the embedding log (two services, measured in turns)",
+        help="also BentoML throughput at the top concurrency with the recorder off (TL_MODELS_RECORD=0), on (the "
+        "default), and on with a shadow head and 10%% of requests in the embedding log (three services, measured "
+        "in turns)",
     )
     p.set_defaults(func=cmd_bench_serve)

@@ -147,6 +147,14 @@ SETTINGS: tuple[Setting, ...] = (
         "limits",
         "`:`-separated folders `/admin/load` may load a `build_dir` from; others are 403.",
     ),
+    Setting(
+        "TL_MODELS_RECORD",
+        "`1`: on",
+        "judging",
+        "`0` turns the recorder off: answers keep their request ids and shadow heads are still scored, but nothing "
+        "is written to the feedback store (`POST /feedback` answers 422), drift is not computed and nothing is "
+        "logged.",
+    ),
     Setting("TL_MODELS_LOG_SHARE", "`0`: off", "judging", "Share (0..1) of answered images in the embedding log."),
     Setting("TL_MODELS_LOG_DIR", "`$TL_MODELS_STATE_DIR/embedding-log`", "judging", "Folder of the embedding log."),
     Setting(
