@@ -111,6 +111,7 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
         stacks=("onnxruntime", "torch", "bentoml-http", "triton-http"),
         json_path=json_path,
         plot_path=plot_path,
+        profile=True,
     )
     figures = bench_serve(options)
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(figures))
@@ -128,6 +129,10 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
     assert "overhead_ms" in rows[("bentoml-http", 1)]
     assert bento["server_cpu_ms_per_request"] > 0  # the server it started: its process tree's CPU per request
+    profile = bento["profile"]  # py-spy over its process tree at the top concurrency
+    assert profile.get("samples", 0) > 0 and "ONNX Runtime" in profile["categories"], profile
+    assert sum(profile["categories"].values()) == pytest.approx(1.0) and Path(profile["raw"]).is_file()
+    assert "profile" not in rows[("bentoml-http", 1)] and "profile" not in rows[("triton-http", 3)]
     triton = rows[("triton-http", 3)]  # pointed at a closed port: every request is an error, none crashed the run
     assert triton["errors"] == triton["requests"] > 0 and triton["throughput"] == 0
     assert triton["server_cpu_ms_per_request"] is None  # a server given by URL: its CPU is not ours to read

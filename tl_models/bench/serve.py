@@ -35,6 +35,7 @@ from ..core.errors import UserError
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import ROUTE_FILE
 from ..triton import launcher as triton_launcher
+from . import profile as profiler
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
 from .report import format_table, images_per_second, write_json
 
@@ -81,6 +82,7 @@ class ServeBenchOptions:
     plot_path: Path | None = None
     int8: bool = False
     judging: bool = False
+    profile: bool = False  # py-spy samples each server started here at the top concurrency
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
     def check(self) -> ServeBenchOptions:
@@ -96,6 +98,8 @@ class ServeBenchOptions:
             raise BenchServeError(f"heads must be 0 (skip the heads part) or at least 2, got {self.heads}")
         if self.build_dir is not None and not BuildDir(self.build_dir).exists():
             raise BenchServeError(f"{self.build_dir} is not a build directory (no manifest.json)")
+        if self.profile and profiler.available() is None:
+            raise BenchServeError("--profile samples the servers with py-spy: pip install py-spy")
         return self
 
 
@@ -249,14 +253,19 @@ def measure(
     max_requests: int,
     progress: Callable[[str], None],
     server_pid: int | None = None,
+    profile_to: Path | None = None,
 ) -> list[dict]:
     """One point per concurrency (after a short warm-up at that concurrency): throughput, latency, errors, and
-    for a server started here (``server_pid``) the CPU its process tree spent per request."""
+    for a server started here (``server_pid``) the CPU its process tree spent per request; with ``profile_to``,
+    a py-spy profile of that tree during the top concurrency's point (:mod:`tl_models.bench.profile`)."""
     rows = []
     for clients in concurrency:
         progress(f"[bench serve] {stack}: concurrency {clients}, {seconds:g} s or {max_requests} requests")
         drive(connect, images, clients, max_requests=2 * clients)  # warm-up: connections, batch sizes
         cpu = process.tree_cpu_seconds(server_pid) if server_pid else None
+        sampler = None
+        if profile_to is not None and server_pid is not None and clients == max(concurrency):
+            sampler = profiler.record(server_pid, seconds, profile_to)
         row = {
             "stack": stack,
             "precision": _precision(stack),
@@ -268,6 +277,8 @@ def measure(
             assert server_pid  # cpu is only read for a server started here
             server_cpu = 1000.0 * (process.tree_cpu_seconds(server_pid) - cpu) / row["requests"]
         row["server_cpu_ms_per_request"] = server_cpu
+        if sampler is not None and profile_to is not None:
+            row["profile"] = profiler.finish(sampler, profile_to, timeout=seconds + 60)
         progress(
             f"    {row['throughput']:.1f} req/s, p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, "
             f"{row['errors']} errors of {row['requests']}, clients used {row['client_cpu_share']:.0%} CPU"
@@ -712,6 +723,15 @@ def _table(figures: dict) -> str:
                 f"{r['client_cpu_share']:.0%} CPU{extra}",
             )
         )
+    for r in (r for r in figures["servers"] if r.get("profile")):
+        shares = r["profile"].get("categories")
+        text = (
+            ", ".join(f"{name} {share:.0%}" for name, share in list(shares.items())[:7])
+            + f" ({r['profile']['samples']} samples; {r['profile']['raw']})"
+            if shares
+            else r["profile"].get("error", "no samples")
+        )
+        rows.append((f"profile of {r['stack']}, concurrency {r['concurrency']}", text))
     heads = figures.get("heads_cost")
     if heads:
         for count, point in heads["heads"].items():
@@ -803,6 +823,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
                             options.max_requests,
                             options.progress,
                             pid,
+                            workdir / f"profile-{stack}.txt" if options.profile else None,
                         )
         if options.heads:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)

@@ -64,6 +64,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         plot_path=args.plot,
         int8=args.int8,
         judging=args.judging,
+        profile=args.profile,
     )
     bench_serve(options)
     return EXIT_OK
@@ -184,5 +185,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also BentoML throughput at the top concurrency with the recorder off (TL_MODELS_RECORD=0), on (the "
         "default), and on with a shadow head and 10%% of requests in the embedding log (three services, measured "
         "in turns)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each server started here with py-spy at the top concurrency: the share of its CPU per part "
+        "(ONNX Runtime, decode, HTTP, metrics, judging, ...) in the table, folded stacks in --workdir",
     )
     p.set_defaults(func=cmd_bench_serve)
