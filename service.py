@@ -89,7 +89,30 @@ async def _heads(_: Request) -> JSONResponse:
     return JSONResponse(await asyncio.to_thread(engine.status))
 
 
-read_routes = Starlette(routes=[Route("/heads", _heads, methods=["GET"])])
+async def _classify_body(request: Request) -> JSONResponse:
+    """``POST /classify/body``: ``/classify`` with the image as the whole request body (any Content-Type): no
+    multipart to parse and no temporary file, the cheaper path for clients that can send raw bytes; ``top_k`` as a
+    query parameter, ``X-TL-Key`` / ``X-TL-Head`` as for ``/classify``."""
+    engine = bentoml.get_current_service().engine
+    try:
+        top_k = request.query_params.get("top_k")
+        if top_k is not None and not top_k.lstrip("-").isdigit():
+            raise BadRequest(f"top_k must be an integer, got {top_k!r}")
+        answer = await engine.classify(
+            await request.body(),
+            key=request.headers.get("x-tl-key"),
+            head=request.headers.get("x-tl-head"),
+            top_k=None if top_k is None else int(top_k),
+        )
+    except UserError as exc:
+        status = http_status(exc)
+        return JSONResponse({"error": exc.message, "status": status}, status_code=status)
+    return JSONResponse(answer)
+
+
+read_routes = Starlette(
+    routes=[Route("/heads", _heads, methods=["GET"]), Route("/classify/body", _classify_body, methods=["POST"])]
+)
 
 
 limits.refuse_remote_files()

@@ -173,6 +173,37 @@ def test_answers_equal_onnxruntime_run_directly(server, deployment):
     np.testing.assert_allclose(np.array(response.json()["embedding"]), direct.embed(batch[-1:])[0], atol=1e-4)
 
 
+def test_the_raw_body_path_answers_as_classify_does(server, deployment):
+    """``POST /classify/body`` (the image as the whole body, no multipart) gives what ``/classify`` gives, with the
+    same routing headers, and refuses what it refuses."""
+    for image in deployment.images(2) + [photo_jpeg()]:
+        for head in ("a", "b"):
+            multipart = server.classify(image, {"X-TL-Head": head}, top_k=3).json()
+            response = server.client.post(
+                "/classify/body", params={"top_k": 3}, content=image, headers={"X-TL-Head": head}
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert {k: v for k, v in body.items() if k != "request_id"} == {
+                k: v for k, v in multipart.items() if k != "request_id"
+            }
+            assert body["request_id"] != multipart["request_id"]
+    key = {"X-TL-Key": "user-7"}
+    image = deployment.images(1)[0]
+    assert server.client.post("/classify/body", content=image, headers=key).json()["head"] == \
+        server.classify(image, key).json()["head"]  # fmt: skip
+    for content, params, headers, status, message in (
+        (b"hello, not an image", {}, {}, 400, "not an image"),
+        (b"", {}, {}, 400, "image"),
+        (image, {"top_k": "many"}, {}, 400, "top_k must be an integer"),
+        (image, {"top_k": 0}, {}, 400, "top_k must be at least 1"),
+        (image, {}, {"X-TL-Head": "nope"}, 404, "unknown head 'nope'"),
+    ):
+        response = server.client.post("/classify/body", content=content, params=params, headers=headers)
+        assert response.status_code == status and message in response.json()["error"], response.text
+    assert server.client.post("/classify/body", content=image).status_code == 200
+
+
 def test_weighted_split_and_shared_backbone_passes(server, deployment):
     response = server.admin("/admin/weights", {"weights": {"a": 90, "b": 10}})
     assert response.status_code == 200, response.text

@@ -45,15 +45,20 @@ class Record:
 
 
 class BentoCaller:
-    """``POST /classify`` with a multipart image upload to the BentoML service; returns the JSON answer."""
+    """``POST /classify`` with a multipart image upload to the BentoML service (``body``: ``POST /classify/body``
+    with the image as the whole body); returns the JSON answer."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 60.0):
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 60.0, body: bool = False):
         import httpx
 
         self.client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.body = body
 
     def __call__(self, image: bytes) -> dict:
-        response = self.client.post("/classify", files={"image": ("image.png", image, "image/png")})
+        if self.body:
+            response = self.client.post("/classify/body", content=image, headers={"content-type": "image/png"})
+        else:
+            response = self.client.post("/classify", files={"image": ("image.png", image, "image/png")})
         if response.status_code != 200:
             raise RequestFailed(f"HTTP {response.status_code}: {response.text[:200]}")
         return response.json()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -32,8 +33,9 @@ OTHER = "other"
 
 
 def available() -> str | None:
-    """The py-spy executable, or None when it is not installed."""
-    return shutil.which("py-spy")
+    """The py-spy executable (beside this Python's, else on PATH), or None when it is not installed."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
 
 
 def record(pid: int, seconds: float, out: Path) -> subprocess.Popen:

@@ -40,7 +40,7 @@ from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
 from .report import format_table, images_per_second, write_json
 
 IN_PROCESS = ("onnxruntime", "torch")
-SERVERS = ("bentoml-http", "triton-http", "triton-grpc")
+SERVERS = ("bentoml-http", "bentoml-body", "triton-http", "triton-grpc")  # bentoml-body: POST /classify/body
 STACKS = IN_PROCESS + SERVERS
 TARGETS = {
     "throughput_ratio": 0.8,
@@ -334,6 +334,7 @@ def _servers(
     callers: dict[str, tuple[Callable[[], Caller], int | None]] = {}
     given = {
         "bentoml-http": options.bento_url,
+        "bentoml-body": options.bento_url,
         "triton-http": options.triton_http_url,
         "triton-grpc": options.triton_grpc_url,
     }
@@ -341,7 +342,8 @@ def _servers(
         wanted = tuple(s for s in wanted if given[s] is None)
         given = {name: None for name in given}
     suffix = "" if precision == "fp32" else f"-{precision}"
-    if "bentoml-http" in wanted:
+    bento = [s for s in ("bentoml-http", "bentoml-body") if s in wanted]
+    if bento:
         url, pid = given["bentoml-http"], None
         if url is None:
             options.progress(f"[bench serve] starting bentoml serve ({precision} backbone)")
@@ -353,7 +355,8 @@ def _servers(
             stack.callback(server.stop)
             started.append({"server": "bentoml", "precision": precision, "pid": server.pid})
             url, pid = server.url, server.pid
-        callers[_stack("bentoml-http", precision)] = partial(BentoCaller, url), pid
+        for way in bento:
+            callers[_stack(way, precision)] = partial(BentoCaller, url, body=way == "bentoml-body"), pid
     triton = [s for s in ("triton-http", "triton-grpc") if s in wanted]
     urls = {name: given[name] for name in ("triton-http", "triton-grpc")}
     pids: dict[str, int | None] = {name: None for name in triton}
@@ -808,7 +811,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
         )
         figures["servers"] = []
         for precision in precisions:
-            for group in (("bentoml-http",), ("triton-http", "triton-grpc")):  # one server running at a time
+            for group in (("bentoml-http", "bentoml-body"), ("triton-http", "triton-grpc")):  # one server at a time
                 wanted = tuple(s for s in group if s in options.stacks)
                 with ExitStack() as servers:
                     for stack, (connect, pid) in _servers(
