@@ -230,6 +230,8 @@ def restore_triton(served: dict) -> None:
         state.update(weights=TRITON_START.weights)
     route = state.current()
     assert (route.versions, route.weights, route.shadow) == (TRITON_START.versions, TRITON_START.weights, {}), route
+    # ready again: Triton reports not ready while it finishes the unloads above (or the test before's)
+    triton_swap.Replicas([url]).check_ready(wait=60)
 
 
 def url(served: dict, protocol: str) -> str:
