@@ -44,9 +44,14 @@ from tl_models.core.runtime import gpu_count
 NO_CONTEXT = cast("bentoml.Context", None)
 
 
+def _error_body(status: int, message: str) -> dict:
+    """The body of every refused request: ``{"error", "status"}``."""
+    return {"error": message, "status": status}
+
+
 def _error(ctx: bentoml.Context, status: int, message: str) -> dict:
     ctx.response.status_code = status
-    return {"error": message, "status": status}
+    return _error_body(status, message)
 
 
 async def _answer(ctx: bentoml.Context, call: Awaitable[dict]) -> dict:
@@ -106,7 +111,7 @@ async def _classify_body(request: Request) -> JSONResponse:
         )
     except UserError as exc:
         status = http_status(exc)
-        return JSONResponse({"error": exc.message, "status": status}, status_code=status)
+        return JSONResponse(_error_body(status, exc.message), status_code=status)
     return JSONResponse(answer)
 
 

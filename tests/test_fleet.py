@@ -25,7 +25,7 @@ from tl_models.core.heads import head_source_from_build, sources_from_build
 from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.fleet.bento import FleetError, commit, prepare, status, swap
 
-from helpers import RELIABILITY, RELIABILITY_NOTES, TOKEN, sticky_head
+from helpers import ADMIN, RELIABILITY, RELIABILITY_NOTES, TOKEN, sticky_head
 
 pytestmark = pytest.mark.slow
 KEYS = [f"user-{i}" for i in range(16)]
@@ -71,6 +71,12 @@ class Fleet:
 
     def route(self) -> Route:
         return read_route(self.route_file)
+
+    def sync(self) -> None:
+        """Every replica on the route file now (a test's finally: the next test starts from the file's route)."""
+        for url in self.urls:
+            response = httpx.post(f"{url}/admin/sync", json={}, headers=ADMIN, timeout=60)
+            assert response.status_code == 200, response.text
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +295,7 @@ def test_fleet_split_changes_every_replica_and_the_route_file(fleet, deployment)
         assert fleet.route().revision == revision
     finally:
         RoutingState(fleet.route_file).update(weights={"a": 1, "b": 1})
-        sync(fleet)
+        fleet.sync()
 
 
 def test_replicas_follow_a_changed_route_file_by_polling_alone(fleet, deployment):
@@ -307,7 +313,7 @@ def test_replicas_follow_a_changed_route_file_by_polling_alone(fleet, deployment
         assert all(r["weights"] == {"a": 1.0, "b": 4.0} for r in now["replicas"]), now
     finally:
         RoutingState(fleet.route_file).update(weights={"a": 1, "b": 1})
-        sync(fleet)
+        fleet.sync()
 
 
 def test_a_replica_down_in_phase_1_refuses_the_swap_and_changes_nothing(fleet, deployment):
@@ -322,13 +328,6 @@ def test_a_replica_down_in_phase_1_refuses_the_swap_and_changes_nothing(fleet, d
         heads = httpx.get(f"{url}/heads", timeout=30).json()
         assert {(h["name"], h["version"]) for h in heads["heads"]} == {("a", 1), ("b", 1)}
         assert "a:2" not in heads["available"], heads["available"]
-
-
-def sync(fleet: Fleet) -> None:
-    """Every replica on the route file now (a test's finally: the next test starts from the file's route)."""
-    for url in fleet.urls:
-        response = httpx.post(f"{url}/admin/sync", json={}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-        assert response.status_code == 200, response.text
 
 
 def test_a_pushed_route_wins_over_an_older_route_file(deployment, tmp_path):
