@@ -10,7 +10,7 @@ int8: the backbone `tl-models quantize` wrote past its gate), TL_MODELS_STATE_DI
 TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_FEEDBACK_TOKEN (POST /feedback; the admin token works too),
 TL_MODELS_LOG_SHARE (share of requests in the embedding log; README "Judging heads" lists the other judging knobs),
 TL_MODELS_FLEET_ROUTE (the fleet's route file this replica follows), TL_MODELS_FLEET_POLL, TL_MODELS_WORKERS,
-TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG
+TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG, TL_MODELS_PREFLIGHT (0: no start check)
 (0: no log line per request; /metrics still counts every request); limits (README,
 "Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
 TL_MODELS_BUILD_ROOTS.
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tl_models.bento import limits, store
-from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.bento.engine import ServingConfig, ServingEngine, preflight
 from tl_models.core.errors import BadRequest, UserError, http_status
 from tl_models.core.heads import HeadSource, confined, head_source_from_build
 from tl_models.core.names import check_name
@@ -121,6 +121,22 @@ read_routes = Starlette(
 
 
 limits.refuse_remote_files()
+
+
+def _preflight() -> None:
+    """Exit with one line when the service cannot start (runs where `bentoml serve` imports this module, before any
+    worker starts: a worker whose start fails is restarted by BentoML forever). TL_MODELS_PREFLIGHT=0 skips it, for
+    tools that import this module without serving it."""
+    if os.environ.get("TL_MODELS_PREFLIGHT") == "0":
+        return
+    try:
+        backbone, heads = store.serving_sources()
+        preflight(backbone, heads, ServingConfig.from_env(store.default_state_dir(backbone)))
+    except UserError as exc:
+        raise SystemExit(f"tl-models: the service cannot start: {exc.message}") from None
+
+
+_preflight()
 
 
 @bentoml.service(

@@ -103,6 +103,7 @@ def test_limit_settings_reach_the_bentoml_service():
     env = {
         **os.environ,
         "TL_MODELS_BUILD": "unused",
+        "TL_MODELS_PREFLIGHT": "0",
         "TL_MODELS_TIMEOUT": "7.5",
         "TL_MODELS_MAX_REQUEST_BYTES": "12345",
         "BENTOML_DO_NOT_TRACK": "true",

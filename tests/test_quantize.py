@@ -7,7 +7,11 @@ tests run on, so every test here holds on any CPU."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 
 from tl_models.cli import main
 from tl_models.core.cpu import isa_class, this_machine
+from tl_models.core.files import LockHeld, file_lock
 from tl_models.core.manifest import BuildDir
 from tl_models.core.runtime import create_session
 from tl_models.training.quantize import Calibration, Gate, QuantizeRefused, candidates, quantize
@@ -22,6 +27,7 @@ from tl_models.training.quantize import Calibration, Gate, QuantizeRefused, cand
 pytestmark = pytest.mark.slow
 
 OPEN = ["--min-agreement", "0", "--max-drop", "1"]  # the accuracy gate open: these tests are about the rest
+ANY_SPEED = ["--min-speedup", "0"]  # the speed gate open, whatever the CPU
 
 
 def _snapshot(build: Path) -> dict[str, bytes]:
@@ -186,3 +192,41 @@ def test_verify_re_measures_here_and_updates_the_record_or_refuses(deployment, t
 
     assert main(["quantize", str(deployment.build_dir), "--verify"]) == 1  # nothing to verify
     assert "has no int8 backbone" in capsys.readouterr().err
+
+
+def test_quantize_during_a_build_waits_for_it_and_gates_the_new_head(deployment, tmp_path, capsys, caplog):
+    """`quantize` started while a build adds a head version to the same directory waits for the build's lock (and
+    says so), then gates the new head too: the manifest has both, nothing of either is lost."""
+    build = shutil.copytree(deployment.build_dir, tmp_path / "build")
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "tl_models.cli", "build", "--data", str(deployment.root / "data"), "--out", str(build)]
+        + ["--head", "c", "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--epochs", "15"]
+        + ["--cache-dir", str(deployment.root / "cache")],
+        env=deployment.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while builder.poll() is None and time.monotonic() < deadline:  # until the build holds its lock
+            try:
+                with file_lock(build / ".lock", wait=False):
+                    pass
+            except LockHeld as held:
+                assert f"pid {builder.pid} " in held.message, held.message
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the build never held its lock: {builder.communicate()[0][-2000:]}")
+        with caplog.at_level(logging.WARNING, logger="tl_models.core.manifest"):
+            code = main(["quantize", str(build), "--calibration-images", "8", "--no-search", *OPEN, *ANY_SPEED])
+        output = builder.communicate(timeout=600)[0]
+    finally:
+        builder.kill()
+    assert builder.returncode == 0, output[-2000:]
+    assert code == 0, capsys.readouterr().err
+    assert f"waiting for {build}: its lock is held by pid {builder.pid}" in caplog.text
+    manifest = BuildDir(build).verify()
+    assert manifest.latest_versions() == {"a": 2, "b": 1, "c": 1}
+    assert manifest.int8 is not None and set(manifest.int8["heads"]) == {"a:2", "b:1", "c:1"}

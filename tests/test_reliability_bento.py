@@ -6,18 +6,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import psutil
 import pytest
 from PIL import Image
 
+from tl_models.bento import launcher as bento_server
+from tl_models.bento.catalog import HeadCatalog
+from tl_models.bento.launcher import BentoServerError
 from tl_models.core.files import file_sha256
-from tl_models.core.heads import softmax
+from tl_models.core.heads import softmax, sources_from_build
 from tl_models.core.preprocess import preprocess_bytes
 
 from bad_inputs import bad_images, bad_tensors, encode, odd_images
@@ -355,3 +361,82 @@ def test_a_damaged_route_file_keeps_the_last_good_route_serving(server: Server, 
         os.utime(path)
     assert server.heads()["route_error"] is None
     assert server.classify(image).status_code == 200
+
+
+def _another_backbone(build: Path, out: Path) -> Path:
+    """A copy of ``build`` whose backbone graph has other bytes (its doc string): to the service, another backbone
+    (its heads are recorded as trained on it)."""
+    shutil.copytree(build, out)
+    model = onnx.load(out / "backbone.onnx")
+    model.doc_string = "another backbone"
+    onnx.save(model, out / "backbone.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["backbone.onnx"] = file_sha256(out / "backbone.onnx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _cannot_start(deployment, kind: str, root: Path) -> tuple[dict, str]:
+    """An environment `bentoml serve` cannot start on, made the way a bad copy or a wrong setting would; the line
+    it must print."""
+    env = {**deployment.env, "TL_MODELS_STATE_DIR": str(root / "state"), "TL_MODELS_WORKERS": "1"}
+    if kind == "corrupt backbone":
+        build = shutil.copytree(deployment.build_dir, root / "build")
+        _damage_bytes(build / "backbone.onnx")
+        return {**env, "TL_MODELS_BUILD": str(build)}, f"{build / 'backbone.onnx'} fails its sha256 check"
+    if kind == "tampered head in the model store":
+        home = shutil.copytree(deployment.env["BENTOML_HOME"], root / "bentoml")
+        (head,) = (home / "models" / "build-head-a" / "v1").rglob("head.onnx")
+        _damage_bytes(head)
+        return {**env, "BENTOML_HOME": str(home)}, f"head a:1: {head} fails its sha256 check"
+    if kind == "state dir of another backbone":
+        HeadCatalog(root / "state" / "heads.json").put(sources_from_build(deployment.build_dir)[1])
+        other = _another_backbone(deployment.build_dir, root / "other")
+        return {**env, "TL_MODELS_BUILD": str(other)}, f"state directory {root / 'state'} was made for another backbone"
+    assert kind == "damaged route file"
+    (root / "state").mkdir()
+    route = root / "state" / "route.json"
+    route.write_text('{"weights": {"a": 1.0}, "versions": {"a"')
+    return {**env, "TL_MODELS_BUILD": str(deployment.build_dir)}, f"route file {route} is damaged"
+
+
+def _damage_bytes(path: Path) -> None:
+    with open(path, "r+b") as handle:  # a few bytes flipped mid-file
+        handle.seek(handle.seek(0, 2) // 2)
+        handle.write(b"\x00\xff" * 8)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["corrupt backbone", "tampered head in the model store", "state dir of another backbone", "damaged route file"],
+)
+def test_a_service_that_cannot_start_exits_once_with_one_line(deployment, tmp_path: Path, kind: str) -> None:
+    """BentoML restarts a worker whose start fails, forever: what would stop every worker is refused where
+    `bentoml serve` imports the service, before any worker starts: exit 1, one line naming the file."""
+    env, line = _cannot_start(deployment, kind, tmp_path)
+    log_path = tmp_path / "serve.log"
+    started = time.monotonic()
+    with pytest.raises(BentoServerError, match="exited with code 1 before it was ready"):
+        bento_server.start(env, log_path=log_path, timeout=120)
+    log_text = log_path.read_text()
+    assert "tl-models: the service cannot start: " in log_text and line in log_text, log_text[-2000:]
+    assert "Traceback" not in log_text and "Initializing service error" not in log_text, log_text[-2000:]
+    assert time.monotonic() - started < 60
+
+
+def test_a_tampered_head_in_the_model_store_is_refused_and_the_service_keeps_serving(server: Server, deployment):
+    """A head file in the BentoML store changed after packaging: loading it is refused (422, the file named), the
+    route and the answers stay as they were."""
+    (head,) = (Path(deployment.env["BENTOML_HOME"]) / "models" / "build-head-b" / "v1").rglob("head.onnx")
+    good = head.read_bytes()
+    before = _route(server)
+    try:
+        _damage_bytes(head)
+        response = server.admin("/admin/load", {"head": "b", "version": 1})
+        assert response.status_code == 422, response.text
+        assert f"{head} fails its sha256 check" in response.json()["error"], response.text
+        assert _route(server) == before
+        assert server.classify(deployment.images(1)[0]).status_code == 200
+    finally:
+        head.write_bytes(good)
+    assert server.admin("/admin/load", {"head": "b", "version": 1}).status_code == 200

@@ -40,12 +40,12 @@ from ..core.preprocess import (
     preprocess_bytes,
     tensor_problem,
 )
-from ..core.routing import Route, parse_weights, read_route
+from ..core.routing import Route, parse_route, parse_weights, read_route
 from ..core.runtime import create_session
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
-from .registry import HeadRegistry
+from .registry import HeadRegistry, check_state
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,17 @@ class ServingConfig:
             fleet_route=Path(env["TL_MODELS_FLEET_ROUTE"]) if env.get("TL_MODELS_FLEET_ROUTE") else None,
             fleet_poll=float(env.get("TL_MODELS_FLEET_POLL", "5")),
         )
+
+
+def preflight(backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig) -> None:
+    """Refuse, one line naming the file, what would stop every worker's start, before BentoML starts one (its
+    process manager restarts a worker whose start fails, forever): the CPU an int8 backbone was gated on, the
+    backbone's sha256, the state directory (:func:`check_state`) and the fleet route file."""
+    backbone.check_machine()
+    read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
+    check_state(config.state_dir, backbone, heads)
+    if config.fleet_route is not None and config.fleet_route.exists():
+        parse_route(config.fleet_route)
 
 
 class ServingEngine:

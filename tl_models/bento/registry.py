@@ -14,10 +14,38 @@ from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
 from ..core.manifest import latest_versions
 from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
-from ..core.routing import Route, RoutingState, read_route
+from ..core.routing import Route, RoutingState, parse_route, read_route
 from .catalog import HeadCatalog
 
 log = logging.getLogger(__name__)
+
+
+def check_state(state_dir: Path, backbone: BackboneSource, heads: Sequence[HeadSource]) -> None:
+    """BuildError or Refused (one line naming the file) unless a worker could start on ``state_dir``: its head
+    catalog is readable and made for this backbone, its route file is a route, and every routed head version is in
+    the build or the catalog, trained on this backbone, and passes its sha256 check."""
+    catalog = HeadCatalog(state_dir / "heads.json")
+    try:
+        entries = catalog.entries()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"head catalog {catalog.path} is damaged ({type(exc).__name__}: {exc})") from None
+    foreign = sorted(key for key, source in entries.items() if source.backbone_sha256 != backbone.sha256)
+    if foreign:
+        raise BuildError(
+            f"state directory {state_dir} was made for another backbone (its heads {', '.join(foreign)} were "
+            f"trained on sha256 {entries[foreign[0]].backbone_sha256[:12]}…; this service runs "
+            f"{backbone.sha256[:12]}… of build {backbone.build!r}): point TL_MODELS_STATE_DIR elsewhere"
+        )
+    sources = {**entries, **{source.key: source for source in heads}}  # bootstrap records the build's heads
+    route_file = state_dir / ROUTE_FILE
+    route = parse_route(route_file) if route_file.exists() else Route(versions=latest_versions(heads))
+    for key in [f"{name}:{version}" for name, version in route.versions.items()]:
+        source = sources.get(key)
+        if source is None:
+            raise BuildError(f"head {key} is routed by {route_file} but is neither in the build nor in {catalog.path}")
+        if source.backbone_sha256 != backbone.sha256:
+            raise BuildError(f"head {key} ({source.origin}) was trained on another backbone than this service runs")
+        read_verified(source.path, source.sha256, f"head {key}")
 
 
 class HeadRegistry:

@@ -6,10 +6,14 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import Conflict
 
 
 def file_sha256(path: str | Path) -> str:
@@ -42,13 +46,49 @@ def atomic_write_json(path: str | Path, data: object) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
+class LockHeld(Conflict):
+    """A lock that another process holds, taken without waiting: the message names the holder."""
+
+
 @contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if missing), across processes."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def file_lock(path: str | Path, wait: bool = True, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if missing), across processes; the system releases it when its
+    holder exits, however it ends. The holder writes its pid and command into the file: when another process holds
+    the lock, ``wait=False`` raises :class:`LockHeld` naming it, and ``waiting`` (if given) is called with it before
+    waiting."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:  # not "w": that would wipe the holder's line before the lock is ours
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(path)
+            if not wait:
+                raise LockHeld(f"{path} is held by {holder}") from None
+            if waiting is not None:
+                waiting(holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} ({_command()}) since {time.strftime('%H:%M:%S')}\n")
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _command() -> str:
+    """This process's command line on one line, the program by its base name (``python -m tl_models.cli ...``)."""
+    try:
+        words = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        words = [sys.executable, *sys.argv]
+    return " ".join([os.path.basename(words[0]), *words[1:]]).replace("\n", " ")[:200]
+
+
+def lock_holder(path: str | Path) -> str:
+    """Who holds the lock ``path``, as its holder wrote it (pid, command, since when)."""
+    try:
+        return Path(path).read_text().strip() or "another process"
+    except OSError:
+        return "another process"

@@ -15,6 +15,7 @@ after that. A build killed at any point leaves the previous manifest and its fil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, TypeVar
 from .errors import BuildError
 from .files import atomic_write_json, file_lock, file_sha256
 from .names import BACKBONE_ONNX, HEAD_ONNX, HEADS_DIR, MANIFEST
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: no fused model.onnx per head version (fused.onnx on request); 1 is read as well
 READABLE_FORMATS = (1, 2)
@@ -189,9 +192,16 @@ class BuildDir:
                 raise BuildError(f"{path} fails its sha256 check (expected {expected[:12]}…, got {actual[:12]}…)")
         return manifest
 
-    def lock(self) -> AbstractContextManager[None]:
-        """Exclusive lock so two builds into one directory cannot interleave."""
-        return file_lock(self.path / ".lock")
+    def lock(self, create: bool = False) -> AbstractContextManager[None]:
+        """Exclusive lock so two writers of one build (builds, quantize, export, parity) cannot interleave; a writer
+        that has to wait says who it waits for. Without ``create`` (a first build) a folder that is not a build is
+        refused before anything is written into it."""
+        if not create:
+            self.manifest()
+        return file_lock(self.path / ".lock", waiting=self._waiting)
+
+    def _waiting(self, holder: str) -> None:
+        log.warning("waiting for %s: its lock is held by %s", self.path, holder)
 
     def next_version(self, name: str, manifest: Manifest | None) -> int:
         """1 + the highest version of ``name`` in the manifest or on disk (orphans of killed builds count)."""

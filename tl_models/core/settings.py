@@ -115,6 +115,14 @@ SETTINGS: tuple[Setting, ...] = (
         "TL_MODELS_ACCESS_LOG", "`1`", "bento", "`0`: no log line per request (`/metrics` still counts every request)."
     ),
     Setting(
+        "TL_MODELS_PREFLIGHT",
+        "`1`: on",
+        "bento",
+        "`0` skips the start check of `service.py` (backbone and routed heads' sha256, the state directory, the route "
+        "files), for tools that import it without serving it; with it, a service that cannot start exits once with "
+        "one line instead of BentoML restarting its workers.",
+    ),
+    Setting(
         "TL_MODELS_ADMIN_TOKEN",
         "unset: admin endpoints off (401)",
         "bento",

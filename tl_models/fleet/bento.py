@@ -17,6 +17,11 @@ A swap is two-phase:
    replicas do not wait for it and never go back to an older revision); a replica unreachable now is reported and
    converges from the file when it is back.
 
+One fleet change at a time: ``init``, ``swap`` and ``split`` hold the route file's change lock
+(``route.json.change.lock`` beside it) from start to end, and a second change started meanwhile is refused, naming
+the process that holds it (two swaps interleaving their phases could leave a replica admitted to a version no
+route names). The system releases the lock when its holder ends, however it ends.
+
 The choice of head for a request key is a pure function of the key and the route (:mod:`tl_models.core.routing`),
 so a key gets the same head on every replica once they follow the same route.
 """
@@ -25,14 +30,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from ..core.errors import UserError
+from ..core.files import LockHeld, file_lock
 from ..core.heads import head_source_from_build
 from ..core.manifest import BuildDir
 from ..core.routing import Route, RoutingState, read_route
@@ -57,6 +64,20 @@ class Reply:
 
     def reason(self) -> str:
         return self.error or f"HTTP {self.status}"
+
+
+@contextmanager
+def changing(route_file: str | Path) -> Iterator[None]:
+    """Hold the fleet's change lock for one change; FleetError at once when another change holds it."""
+    path = Path(route_file)
+    try:
+        with file_lock(path.with_name(path.name + ".change.lock"), wait=False):
+            yield
+    except LockHeld as exc:
+        raise FleetError(
+            f"another fleet change is in progress on {path} ({exc.message}): nothing was changed; "
+            "run this one when it has finished"
+        ) from None
 
 
 def _call(
@@ -125,12 +146,12 @@ def status(urls: list[str], route_file: str | Path | None = None) -> dict:
 
 def init(route_file: str | Path, build_dir: str | Path, weights: dict[str, float] | None = None) -> Route:
     """Write the fleet's first route: the latest version of every head of the build, ``weights`` (default equal)."""
-    manifest = BuildDir(build_dir).manifest()
-    versions = manifest.latest_versions()
+    versions = BuildDir(build_dir).manifest().latest_versions()
     state = RoutingState(route_file, poll=0)
-    if state.path.is_file():
-        raise FleetError(f"{route_file} exists already: change it with `tl-models fleet swap` or `fleet split`")
-    return state.update(weights=weights or {name: 1.0 for name in versions}, versions=versions)
+    with changing(route_file):
+        if state.path.is_file():
+            raise FleetError(f"{route_file} exists already: change it with `tl-models fleet swap` or `fleet split`")
+        return state.update(weights=weights or {name: 1.0 for name in versions}, versions=versions)
 
 
 def _check_head(build_dir: str | Path | None, head: str, version: int) -> None:
@@ -149,8 +170,20 @@ def swap(
     build_dir: str | Path | None = None,
 ) -> dict:
     """Make ``head`` ``version`` live on every replica, two-phase (see the module docstring); what happened."""
-    state = RoutingState(route_file, poll=0)
-    current = state.current()
+    with changing(route_file):
+        return _swap(urls, route_file, head, version, token, weights, build_dir)
+
+
+def _swap(
+    urls: list[str],
+    route_file: str | Path,
+    head: str,
+    version: int,
+    token: str,
+    weights: dict[str, float] | None,
+    build_dir: str | Path | None,
+) -> dict:
+    current = read_route(route_file)
     if not current.versions:
         raise FleetError(f"no fleet route at {route_file}: write one with `tl-models fleet init`")
     Route(
@@ -212,5 +245,6 @@ def commit(
 def split(urls: list[str], route_file: str | Path, weights: dict[str, float], token: str) -> dict:
     """New traffic weights on every replica (no new versions: nothing to admit first)."""
     start = time.perf_counter()
-    replies = commit(urls, route_file, token, weights=weights)
+    with changing(route_file):
+        replies = commit(urls, route_file, token, weights=weights)
     return {"weights": weights, "phase2": replies, "seconds": time.perf_counter() - start}

@@ -195,7 +195,7 @@ def build(options: BuildOptions) -> BuildReport:
     created = not build_dir.path.exists()
     first = not build_dir.exists()
     try:
-        with build_dir.lock():
+        with build_dir.lock(create=True):
             return _build_locked(options, build_dir, data, backbone, methods)
     except BaseException:
         if first and not build_dir.exists():
@@ -521,11 +521,17 @@ def check_parity(
     path: str | Path, tolerance: Tolerance = Tolerance(), batch_sizes: tuple[int, ...] = BATCH_SIZES
 ) -> ParityReport:
     """`tl-models parity`: compare a build's ONNX files (and each fused backbone + head graph) against its PyTorch
-    modules, and an int8 backbone against fp32 ONNX Runtime with its gate's measures; writes parity.json."""
+    modules, and an int8 backbone against fp32 ONNX Runtime with its gate's measures; writes parity.json (under the
+    build's lock: it reads the build as one writer left it)."""
     build_dir = BuildDir(path)
+    with build_dir.lock():
+        return _check_parity(build_dir, tolerance, batch_sizes)
+
+
+def _check_parity(build_dir: BuildDir, tolerance: Tolerance, batch_sizes: tuple[int, ...]) -> ParityReport:
     manifest = build_dir.verify()
     if BACKBONE_ONNX not in manifest.top_files:
-        raise BuildError(f"{path} has no ONNX export; run `tl-models export {path}`")
+        raise BuildError(f"{build_dir.path} has no ONNX export; run `tl-models export {build_dir.path}`")
     backbone = load_build_backbone(build_dir, manifest)
     graphs = {}
     for entry in manifest.heads:
