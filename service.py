@@ -10,9 +10,9 @@ int8: the backbone `tl-models quantize` wrote past its gate), TL_MODELS_STATE_DI
 TL_MODELS_ADMIN_TOKEN (admin endpoints), TL_MODELS_FEEDBACK_TOKEN (POST /feedback; the admin token works too),
 TL_MODELS_LOG_SHARE (share of requests in the embedding log; README "Judging heads" lists the other judging knobs),
 TL_MODELS_FLEET_ROUTE (the fleet's route file this replica follows), TL_MODELS_FLEET_POLL, TL_MODELS_WORKERS,
-TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG, TL_MODELS_PREFLIGHT (0: no start check)
-(0: no log line per request; /metrics still counts every request); limits (README,
-"Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
+TL_MODELS_MAX_BATCH, TL_MODELS_TOP_K, TL_MODELS_ACCESS_LOG (0: no log line per request; /metrics still counts every
+request), TL_MODELS_TRACING (1: BentoML's OpenTelemetry spans on), TL_MODELS_PREFLIGHT (0: no start check); limits
+(README, "Limits"): TL_MODELS_MAX_REQUEST_BYTES, TL_MODELS_TIMEOUT, TL_MODELS_MAX_PIXELS, TL_MODELS_MAX_TENSOR_BATCH,
 TL_MODELS_BUILD_ROOTS.
 """
 
@@ -21,15 +21,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-from collections.abc import Awaitable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import bentoml
 import numpy as np
+from bentoml._internal.container import BentoMLContainer
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tl_models.bento import limits, store
@@ -62,11 +64,6 @@ async def _answer(ctx: bentoml.Context, call: Awaitable[dict]) -> dict:
         return _error(ctx, http_status(exc), exc.message)
 
 
-def _routing(ctx: bentoml.Context) -> dict[str, str | None]:
-    headers = ctx.request.headers
-    return {"key": headers.get("x-tl-key"), "head": headers.get("x-tl-head")}
-
-
 def _admin_denied(ctx: bentoml.Context) -> dict | None:
     """None when the request carries the admin token (``Authorization: Bearer`` or ``X-TL-Admin-Token``)."""
     return _token_denied(ctx, ("TL_MODELS_ADMIN_TOKEN",), "admin endpoints")
@@ -90,37 +87,105 @@ def _token_denied(ctx: bentoml.Context, variables: tuple[str, ...], what: str) -
 
 
 async def _heads(_: Request) -> JSONResponse:
-    engine = bentoml.get_current_service().engine
-    return JSONResponse(await asyncio.to_thread(engine.status))
+    return JSONResponse(await asyncio.to_thread(_engine().status))
+
+
+async def _reply(call: Callable[[], Awaitable[dict]]) -> JSONResponse:
+    """The JSON answer of an engine call; a user error becomes the answer its class maps to."""
+    try:
+        return JSONResponse(await call())
+    except UserError as exc:
+        status = http_status(exc)
+        return JSONResponse(_error_body(status, exc.message), status_code=status)
+
+
+def _top_k(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit():
+        raise BadRequest(f"top_k must be a valid integer, got {value!r}")
+    return int(value)
+
+
+FORM_URLENCODED = "application/x-www-form-urlencoded"  # a form without files: refused below, with what to send
+
+
+async def _upload(request: Request) -> tuple[bytes, int | None]:
+    """The image file part ``image`` and the field ``top_k`` of a multipart/form-data request."""
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data", FORM_URLENCODED)):
+        raise BadRequest(
+            "send the image as a file upload: multipart/form-data with a file part 'image' (or the image as the "
+            "whole body to /classify/body)"
+        )
+    try:
+        async with request.form(max_files=4, max_fields=16) as form:
+            image = form.get("image")
+            if image is None:
+                raise BadRequest("field required: the file part 'image'")
+            if not isinstance(image, UploadFile):  # a URL or text: never fetched
+                raise BadRequest("send the image as a file upload (a file part, not text); URLs are not fetched")
+            return await image.read(), _top_k(form.get("top_k"))
+    except MultiPartException as exc:
+        raise BadRequest(f"bad multipart body: {exc.message}") from None
+
+
+async def _classify(request: Request) -> JSONResponse:
+    """``POST /classify``: an image upload (multipart file part ``image``, optional field ``top_k``) -> top-k labels
+    with scores, the head (name, version) that answered and the request id; ``X-TL-Key`` / ``X-TL-Head`` route it.
+    A plain route, not a ``@bentoml.api``: no request model, no temporary file per upload, no response model."""
+
+    async def call() -> dict:
+        image, top_k = await _upload(request)
+        return await _engine().classify(image, top_k=top_k, **_headers(request))
+
+    return await _reply(call)
 
 
 async def _classify_body(request: Request) -> JSONResponse:
     """``POST /classify/body``: ``/classify`` with the image as the whole request body (any Content-Type): no
-    multipart to parse and no temporary file, the cheaper path for clients that can send raw bytes; ``top_k`` as a
-    query parameter, ``X-TL-Key`` / ``X-TL-Head`` as for ``/classify``."""
-    engine = bentoml.get_current_service().engine
-    try:
-        top_k = request.query_params.get("top_k")
-        if top_k is not None and not top_k.lstrip("-").isdigit():
-            raise BadRequest(f"top_k must be an integer, got {top_k!r}")
-        answer = await engine.classify(
-            await request.body(),
-            key=request.headers.get("x-tl-key"),
-            head=request.headers.get("x-tl-head"),
-            top_k=None if top_k is None else int(top_k),
-        )
-    except UserError as exc:
-        status = http_status(exc)
-        return JSONResponse(_error_body(status, exc.message), status_code=status)
-    return JSONResponse(answer)
+    multipart to parse, the cheapest path for clients that can send raw bytes; ``top_k`` as a query parameter."""
+
+    async def call() -> dict:
+        top_k = _top_k(request.query_params.get("top_k"))
+        return await _engine().classify(await request.body(), top_k=top_k, **_headers(request))
+
+    return await _reply(call)
+
+
+async def _embed(request: Request) -> JSONResponse:
+    """``POST /embed``: an image upload (multipart file part ``image``) -> the backbone embedding."""
+
+    async def call() -> dict:
+        image, _ = await _upload(request)
+        return await _engine().embed(image)
+
+    return await _reply(call)
+
+
+async def _metrics(_: Request) -> Response:
+    """``GET /metrics``: every worker's Prometheus families (BentoML's multiprocess registry; its per-request
+    middleware is off, see ``metrics`` below)."""
+    client = BentoMLContainer.metrics_client.get()
+    return Response(await asyncio.to_thread(client.generate_latest), media_type=client.CONTENT_TYPE_LATEST)
+
+
+def _engine() -> ServingEngine:
+    return bentoml.get_current_service().engine
+
+
+def _headers(request: Request) -> dict[str, str | None]:
+    return {"key": request.headers.get("x-tl-key"), "head": request.headers.get("x-tl-head")}
 
 
 read_routes = Starlette(
-    routes=[Route("/heads", _heads, methods=["GET"]), Route("/classify/body", _classify_body, methods=["POST"])]
+    routes=[
+        Route("/heads", _heads, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/classify", _classify, methods=["POST"]),
+        Route("/classify/body", _classify_body, methods=["POST"]),
+        Route("/embed", _embed, methods=["POST"]),
+    ]
 )
-
-
-limits.refuse_remote_files()
 
 
 def _preflight() -> None:
@@ -143,6 +208,10 @@ _preflight()
     workers=int(os.environ.get("TL_MODELS_WORKERS", "1")),
     traffic={"timeout": float(os.environ.get("TL_MODELS_TIMEOUT", "60"))},
     logging={"access": {"enabled": os.environ.get("TL_MODELS_ACCESS_LOG", "1") != "0"}},
+    # per-request work nothing here reads: BentoML's traffic metrics middleware (our /metrics serves the registry)
+    # and OpenTelemetry spans (sampled at rate 0 unless configured; TL_MODELS_TRACING=1 keeps them)
+    metrics={"enabled": False},
+    **({} if os.environ.get("TL_MODELS_TRACING") == "1" else {"tracing": {"excluded_urls": ["/"]}}),
     labels={"project": "tl-models"},
     **({"resources": {"gpu": 1}} if gpu_count() else {}),
 )
@@ -167,20 +236,10 @@ class Classifier:
     def _shutdown(self) -> None:
         self.engine.judge.close()  # records what is queued, writes the embedding log's last shard
 
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Path, top_k: int | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:
-        """An image upload (JPEG/PNG) -> top-k labels with scores, and the head (name, version) that answered."""
-        return await _answer(ctx, self.engine.classify(image.read_bytes(), top_k=top_k, **_routing(ctx)))
-
     @bentoml.api(route="/predict")
     async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:
         """A preprocessed tensor (N×3×H×W pixel values 0..255) -> logits and top-k per image, from one head."""
-        return await _answer(ctx, self.engine.predict(tensor, top_k=top_k, **_routing(ctx)))
-
-    @bentoml.api(route="/embed")
-    async def embed(self, image: Path, ctx: bentoml.Context = NO_CONTEXT) -> dict:
-        """An image upload -> the backbone embedding."""
-        return await _answer(ctx, self.engine.embed(image.read_bytes()))
+        return await _answer(ctx, self.engine.predict(tensor, top_k=top_k, **_headers(ctx.request)))
 
     @bentoml.api(route="/feedback")
     async def feedback(self, request_id: str, label: str, ctx: bentoml.Context = NO_CONTEXT) -> dict:

@@ -195,7 +195,7 @@ def test_the_raw_body_path_answers_as_classify_does(server, deployment):
     for content, params, headers, status, message in (
         (b"hello, not an image", {}, {}, 400, "not an image"),
         (b"", {}, {}, 400, "image"),
-        (image, {"top_k": "many"}, {}, 400, "top_k must be an integer"),
+        (image, {"top_k": "many"}, {}, 400, "top_k must be a valid integer, got 'many'"),
         (image, {"top_k": 0}, {}, 400, "top_k must be at least 1"),
         (image, {}, {"X-TL-Head": "nope"}, 404, "unknown head 'nope'"),
     ):

@@ -1,10 +1,9 @@
-"""HTTP-level bounds of the BentoML service: request body size, and no server-side fetching of file fields.
+"""HTTP-level bounds of the BentoML service: request body size (uploads are never fetched from a URL: ``/classify``
+and ``/embed`` take file parts only, see service.py).
 
 * :class:`BodyLimit` (ASGI middleware) answers 413 with a JSON error when a request body is larger than
   ``TL_MODELS_MAX_REQUEST_BYTES`` (default 16 MiB): at once when ``Content-Length`` says so, or as soon as a
   streamed (chunked) body passes the bound. BentoML 1.4 has no request-size setting of its own.
-* :func:`refuse_remote_files`: BentoML's multipart parser downloads a file field given as a text value (a URL)
-  instead of an upload, unbounded; the service refuses that with a 400 and never fetches anything.
 
 The request timeout is BentoML's ``traffic.timeout`` (answer 504), set from ``TL_MODELS_TIMEOUT`` in service.py.
 """
@@ -75,20 +74,3 @@ class BodyLimit:
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
-
-
-def refuse_remote_files() -> None:
-    """Make BentoML's multipart parser refuse file fields sent as text (it would download them as URLs)."""
-    from _bentoml_impl.serde import MultipartSerde
-    from bentoml.exceptions import BadInput
-    from starlette.datastructures import UploadFile
-
-    async def upload_only(obj):
-        if isinstance(obj, UploadFile):
-            return obj
-        raise BadInput(
-            "send the image as a file upload (multipart/form-data with a file part); "
-            "URLs and text values are not fetched"
-        )
-
-    MultipartSerde.ensure_file = staticmethod(upload_only)

@@ -115,6 +115,13 @@ SETTINGS: tuple[Setting, ...] = (
         "TL_MODELS_ACCESS_LOG", "`1`", "bento", "`0`: no log line per request (`/metrics` still counts every request)."
     ),
     Setting(
+        "TL_MODELS_TRACING",
+        "`0`: off",
+        "bento",
+        "`1` keeps BentoML's OpenTelemetry spans on every request (configure an exporter through BentoML's "
+        "`tracing` settings); off, no span is made (they cost CPU on every request even when never sampled).",
+    ),
+    Setting(
         "TL_MODELS_PREFLIGHT",
         "`1`: on",
         "bento",
