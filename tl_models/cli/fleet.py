@@ -13,7 +13,7 @@ from .common import EXIT_OK, EXIT_USER_ERROR, SPLIT_HELP, parse_split, show
 
 
 def _replicas(args: argparse.Namespace) -> list[str]:
-    return replica_urls(args.replicas, args.dns, args.port)
+    return replica_urls(args.replicas, args.dns, args.port, args.dns_server)
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -96,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--replicas", help="replica URLs, comma-separated (http://host:port,...)")
         p.add_argument("--dns", help="or a headless Service's DNS name: every address it resolves to")
         p.add_argument("--port", type=int, default=3000, help="with --dns: the replicas' port")
+        p.add_argument(
+            "--dns-server",
+            metavar="HOST[:PORT]",
+            help="with --dns: ask this DNS server (an IP address; port 53 unless given; tcp://HOST[:PORT] for TCP) "
+            "instead of the system resolver",
+        )
         p.add_argument(
             "--route-file",
             type=Path,
