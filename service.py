@@ -27,6 +27,7 @@ from typing import cast
 import bentoml
 import numpy as np
 from bentoml._internal.container import BentoMLContainer
+from bentoml._internal.context import server_context
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -190,9 +191,10 @@ read_routes = Starlette(
 
 def _preflight() -> None:
     """Exit with one line when the service cannot start (runs where `bentoml serve` imports this module, before any
-    worker starts: a worker whose start fails is restarted by BentoML forever). TL_MODELS_PREFLIGHT=0 skips it, for
-    tools that import this module without serving it."""
-    if os.environ.get("TL_MODELS_PREFLIGHT") == "0":
+    worker starts: a worker whose start fails is restarted by BentoML forever). Not again in the workers (BentoML
+    sets their index before importing this module): their engine reads and checks the same files.
+    TL_MODELS_PREFLIGHT=0 skips it, for tools that import this module without serving it."""
+    if os.environ.get("TL_MODELS_PREFLIGHT") == "0" or server_context.worker_index is not None:
         return
     try:
         backbone, heads = store.serving_sources()

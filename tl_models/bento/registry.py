@@ -13,7 +13,7 @@ from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailabl
 from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
 from ..core.manifest import latest_versions
-from ..core.names import HEAD_ONNX, HEADS_DIR, ROUTE_FILE
+from ..core.names import CATALOG_FILE, HEAD_ONNX, HEADS_DIR, ROUTE_FILE
 from ..core.routing import Route, RoutingState, parse_route, read_route
 from .catalog import HeadCatalog
 
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 def check_state(state_dir: Path, backbone: BackboneSource, heads: Sequence[HeadSource]) -> None:
     """BuildError or Refused (one line naming the file) unless a worker could start on ``state_dir``: its head
     catalog is readable and made for this backbone, its route file is a route, and every routed head version is in
-    the build or the catalog, trained on this backbone, and passes its sha256 check."""
-    catalog = HeadCatalog(state_dir / "heads.json")
+    the build or the catalog (the build's heads were made for this backbone: the store and the build directory
+    give no others) and passes its sha256 check."""
+    catalog = HeadCatalog(state_dir / CATALOG_FILE)
     try:
         entries = catalog.entries()
     except (ValueError, KeyError, TypeError) as exc:
@@ -43,8 +44,6 @@ def check_state(state_dir: Path, backbone: BackboneSource, heads: Sequence[HeadS
         source = sources.get(key)
         if source is None:
             raise BuildError(f"head {key} is routed by {route_file} but is neither in the build nor in {catalog.path}")
-        if source.backbone_sha256 != backbone.sha256:
-            raise BuildError(f"head {key} ({source.origin}) was trained on another backbone than this service runs")
         read_verified(source.path, source.sha256, f"head {key}")
 
 
@@ -63,7 +62,7 @@ class HeadRegistry:
         self.embedding_dim = embedding_dim
         self.backbone = backbone
         self.providers = providers
-        self.catalog = HeadCatalog(state_dir / "heads.json")
+        self.catalog = HeadCatalog(state_dir / CATALOG_FILE)
         self.routing = RoutingState(state_dir / ROUTE_FILE, poll=route_poll)
         self._loaded: dict[tuple[str, int], LoadedHead] = {}
         self._lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -77,8 +78,10 @@ def file_lock(path: str | Path, wait: bool = True, waiting: Callable[[str], None
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@functools.cache
 def _command() -> str:
-    """This process's command line on one line, the program by its base name (``python -m tl_models.cli ...``)."""
+    """This process's command line on one line, the program by its base name (``python -m tl_models.cli ...``);
+    read once (a lock is taken on every embedding-log flush)."""
     try:
         words = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:

@@ -196,8 +196,8 @@ class BuildDir:
         """Exclusive lock so two writers of one build (builds, quantize, export, parity) cannot interleave; a writer
         that has to wait says who it waits for. Without ``create`` (a first build) a folder that is not a build is
         refused before anything is written into it."""
-        if not create:
-            self.manifest()
+        if not create and not self.exists():
+            self.manifest()  # raises: not a build directory
         return file_lock(self.path / ".lock", waiting=self._waiting)
 
     def _waiting(self, holder: str) -> None:

@@ -41,7 +41,8 @@ REQUEST_ID = "request_id"  # Triton router output: one id per image (core.feedba
 # ---------------------------------------------------------------- a Triton model repository
 CONFIG = "config.pbtxt"
 LABELS = "labels.txt"
-ROUTE_FILE = "route.json"
+ROUTE_FILE = "route.json"  # also a BentoML service's route, in its state directory
+CATALOG_FILE = "heads.json"  # a BentoML service's head catalog, in its state directory beside its route
 VERSION_ONNX = "model.onnx"  # the ONNX graph of one Triton model version (a backbone or one head)
 VERSION_SHA256 = VERSION_ONNX + ".sha256"
 VERSION_HEAD = "head.json"  # a head version's source facts (labels, backbone sha256), for admission

@@ -284,6 +284,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
             _tensor(EMBEDDING, "TYPE_FP32", [dim]),
             [1],
             precision=backbone.precision,
+            spin=True,  # one thread pool per process, the heads run on one thread each
         ),
         versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})},
     )
