@@ -107,7 +107,7 @@ def test_batcher_shares_passes_and_isolates_a_failing_request(deployment, tmp_pa
     good = [engine.preprocess(image)[None] for image in deployment.images(3)]
     wrong = good[0].astype(np.float32)  # concatenates with the others, but the graph takes uint8 only
     sizes = []
-    batcher = MicroBatcher(lambda x: direct.backbone.run(["embedding"], {"image": x})[0], 16, sizes.append)
+    batcher = MicroBatcher([lambda x: direct.backbone.run(["embedding"], {"image": x})[0]], 16, sizes.append)
 
     async def burst(jobs: list[np.ndarray]) -> list:
         return await asyncio.gather(*(batcher.submit(x) for x in jobs), return_exceptions=True)

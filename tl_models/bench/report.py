@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,30 @@ def images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
         calls += 1
     elapsed = time.perf_counter() - start
     return calls * batch / elapsed, 1000.0 * elapsed / calls
+
+
+def side_by_side_images_per_second(runs: list, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, ms per call) of the ``runs`` called back to back, each in a thread of its own, all at once, for
+    ``seconds`` (after 2 warm-up calls each)."""
+    for run in runs:
+        for _ in range(2):
+            run()
+    calls = [0] * len(runs)
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def loop(index: int) -> None:
+        while calls[index] < 3 or time.perf_counter() < deadline:
+            runs[index]()
+            calls[index] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return sum(calls) * batch / elapsed, 1000.0 * elapsed * len(runs) / sum(calls)
 
 
 def format_table(title: str, rows: list[tuple[str, str]]) -> str:

@@ -37,7 +37,7 @@ from ..core.names import ROUTE_FILE
 from ..triton import launcher as triton_launcher
 from . import profile as profiler
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
-from .report import format_table, images_per_second, write_json
+from .report import format_table, images_per_second, side_by_side_images_per_second, write_json
 
 IN_PROCESS = ("onnxruntime", "torch")
 SERVERS = ("bentoml-http", "bentoml-body", "triton-http", "triton-grpc")  # bentoml-body: POST /classify/body
@@ -185,11 +185,13 @@ def in_process(
     precisions: tuple[str, ...] = ("fp32",),
 ) -> list[dict]:
     """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
-    servers run; once per precision) and PyTorch eager (backbone + head) per batch."""
+    servers run; once per precision) and PyTorch eager (backbone + head) per batch. ONNX Runtime twice: one session
+    with ONNX Runtime's threads, and (on a machine with several cores) one single-threaded session per core side by
+    side, as the BentoML service's lanes run: the best of both is the ceiling the servers are compared with."""
     import torch
 
     from ..core.names import BACKBONE_FILES, HEAD_ONNX
-    from ..core.runtime import active_provider, create_session
+    from ..core.runtime import active_provider, available_cores, create_session
     from ..training.export import fuse
     from ..training.pipeline import load_build_backbone, load_head_module
 
@@ -197,48 +199,54 @@ def in_process(
     manifest = build.manifest()
     head = _first_head(manifest)
     size = tuple(manifest.input_size)
-    runners: dict[str, Callable[[np.ndarray], object]] = {}
-    sessions = {}
+    cores = available_cores()
+    runners: dict[tuple[str, int], list[Any]] = {}  # (stack, sessions) -> sessions, or the torch model
     for precision in precisions if "onnxruntime" in stacks else ():
+        graph = fuse(build.file(BACKBONE_FILES[precision]), build.file(head.rel(HEAD_ONNX)), {})
         stack = _stack("onnxruntime", precision)
-        session = sessions[stack] = create_session(
-            fuse(build.file(BACKBONE_FILES[precision]), build.file(head.rel(HEAD_ONNX)), {})
-        )
-        name = session.get_inputs()[0].name
-
-        def run_session(pixels: np.ndarray, session: Any = session, name: str = name) -> object:
-            return session.run(None, {name: pixels})
-
-        runners[stack] = run_session
+        runners[(stack, 1)] = [create_session(graph)]
+        if cores > 1:
+            runners[(stack, cores)] = [create_session(graph, threads=1) for _ in range(cores)]
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
-
-        @torch.inference_mode()
-        def eager(pixels: np.ndarray) -> object:
-            return model(torch.from_numpy(pixels))
-
-        runners["torch"] = eager
+        runners[("torch", 1)] = [model]
     rows = []
-    for stack, run in runners.items():
+    for (stack, count), engines in runners.items():
         for batch in batches:
-            progress(f"[bench serve] {stack} in process: batch {batch}")
+            way = f"{count} single-threaded sessions side by side, " if count > 1 else ""
+            progress(f"[bench serve] {stack} in process: {way}batch {batch}")
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
+            calls = [partial(_forward, engine, pixels) for engine in engines]
             cpu, wall = time.process_time(), time.perf_counter()
-            ips, ms = images_per_second(lambda run=run, pixels=pixels: run(pixels), batch, seconds)
+            if count == 1:
+                ips, ms = images_per_second(calls[0], batch, seconds)
+            else:
+                ips, ms = side_by_side_images_per_second(calls, batch, seconds)
             busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
             rows.append(
                 {
                     "stack": stack,
                     "precision": _precision(stack),
                     "batch": batch,
+                    "sessions": count,
                     "throughput": ips,
                     "ms_per_batch": ms,
                     "cpu_ms_per_image": 1000.0 * busy / ips,
-                    "threads": torch.get_num_threads() if stack == "torch" else None,
-                    "provider": active_provider(sessions[stack]) if stack in sessions else "torch eager",
+                    "threads": torch.get_num_threads() if stack == "torch" else (1 if count > 1 else None),
+                    "provider": "torch eager" if stack == "torch" else active_provider(engines[0]),
                 }
             )
     return rows
+
+
+def _forward(engine: Any, pixels: np.ndarray) -> object:
+    """One pass of an ONNX Runtime session or a torch module (PyTorch eager) over ``pixels``."""
+    if hasattr(engine, "get_inputs"):
+        return engine.run(None, {engine.get_inputs()[0].name: pixels})
+    import torch
+
+    with torch.inference_mode():
+        return engine(torch.from_numpy(pixels))
 
 
 # ---------------------------------------------------------------- over loopback
@@ -637,7 +645,7 @@ def _ratios(figures: dict) -> None:
             "batch": best["batch"],
             "throughput": best["throughput"],
         }
-        single = next((r for r in ort if r["batch"] == 1), None)
+        single = next((r for r in ort if r["batch"] == 1 and r.get("sessions", 1) == 1), None)
         for row in (r for r in figures["servers"] if r["precision"] == precision):
             row["vs_ort_best"] = row["throughput"] / best["throughput"]
             if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
@@ -707,7 +715,9 @@ def targets(figures: dict) -> list[dict]:
 def _table(figures: dict) -> str:
     rows = [
         (
-            f"{r['stack']} in process, batch {r['batch']}",
+            f"{r['stack']} in process, "
+            + (f"{r['sessions']} sessions side by side, " if r.get("sessions", 1) > 1 else "")
+            + f"batch {r['batch']}",
             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img",
         )
         for r in figures["in_process"]

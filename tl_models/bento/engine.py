@@ -24,7 +24,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +43,7 @@ from ..core.preprocess import (
     tensor_problem,
 )
 from ..core.routing import Route, parse_route, parse_weights, read_route
-from ..core.runtime import create_session
+from ..core.runtime import GPU_PROVIDERS, available_cores, create_session, resolve_providers
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
@@ -62,6 +64,8 @@ class ServingConfig:
     providers: str | None = None
     threads: int | None = None
     spin: bool = True
+    lanes: int | None = None  # backbone passes side by side on the CPU; None: one per core (:func:`backbone_sessions`)
+    cores: int = 1  # this worker's share of the machine's cores
     warmup_batches: tuple[int, ...] = field(default=(1,))
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_tensor_batch: int = 256
@@ -74,6 +78,7 @@ class ServingConfig:
     def from_env(cls, default_state_dir: Path) -> ServingConfig:
         env = os.environ
         roots = env.get("TL_MODELS_BUILD_ROOTS")
+        workers = max(1, int(env.get("TL_MODELS_WORKERS", "1")))
         return cls(
             state_dir=Path(env.get("TL_MODELS_STATE_DIR") or default_state_dir),
             weights=parse_weights(env["TL_MODELS_WEIGHTS"]) if env.get("TL_MODELS_WEIGHTS") else None,
@@ -84,7 +89,9 @@ class ServingConfig:
             threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
             # a lone worker's backbone threads wait for work spinning (1.3 ms less per batch-1 pass here); several
             # workers' spinning threads would take the cores from each other
-            spin=env.get("TL_MODELS_SPIN", "1" if env.get("TL_MODELS_WORKERS", "1") == "1" else "0") == "1",
+            spin=env.get("TL_MODELS_SPIN", "1" if workers == 1 else "0") == "1",
+            lanes=int(env["TL_MODELS_LANES"]) if env.get("TL_MODELS_LANES") else None,
+            cores=max(1, available_cores() // workers),
             max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
             max_tensor_batch=int(env.get("TL_MODELS_MAX_TENSOR_BATCH", "256")),
             build_roots=tuple(Path(r) for r in roots.split(os.pathsep) if r) if roots else (Path.cwd(),),
@@ -92,6 +99,29 @@ class ServingConfig:
             fleet_route=Path(env["TL_MODELS_FLEET_ROUTE"]) if env.get("TL_MODELS_FLEET_ROUTE") else None,
             fleet_poll=float(env.get("TL_MODELS_FLEET_POLL", "5")),
         )
+
+
+def backbone_sessions(data: bytes, config: ServingConfig) -> tuple[list[Any], Any | None]:
+    """The backbone's ONNX Runtime sessions: the lanes that run passes side by side, and the solo session that runs
+    a pass while no other does (None when there is no such thing).
+
+    On a GPU: one session. On the CPU (``config.lanes``, default: one per core of this worker): single-threaded
+    lanes, the most images per second (this 2-core AMX machine: two side by side 1.14x one session's best batch),
+    and a solo session with all the worker's cores (``config.threads``), spinning (``config.spin``): a lone
+    request's pass in 3.1 ms instead of 5.7 ms. One lane: that one session only.
+    """
+    gpu = resolve_providers(config.providers)[0] in GPU_PROVIDERS
+    count = 1 if gpu else config.lanes or config.cores
+    threads = config.threads or (None if count == 1 else config.cores)
+
+    def session(threads: int | None, spin: bool) -> Any:
+        return create_session(data, providers=config.providers, threads=threads, name="backbone", spin=spin)
+
+    if count == 1:
+        return [session(threads, config.spin)], None
+    per_lane = max(1, (threads or 1) // count)
+    lanes = [session(per_lane, False) for _ in range(count)]
+    return lanes, session(threads, config.spin) if (threads or 1) > per_lane else None
 
 
 def preflight(backbone: BackboneSource, heads: Sequence[HeadSource], config: ServingConfig) -> None:
@@ -120,14 +150,18 @@ class ServingEngine:
         self.backbone_source = backbone
         backbone.check_machine()
         data = read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
-        self.backbone = create_session(
-            data, providers=config.providers, threads=config.threads, name="backbone", spin=config.spin
-        )
+        lanes, solo = backbone_sessions(data, config)
+        self.backbone = solo or lanes[0]
         self.spec = Preprocessing.from_dict(backbone.preprocessing)
         self.input_size = (3, self.spec.crop_size, self.spec.crop_size)
         self.embedding_dim = int(self._run_backbone(np.zeros((1, *self.input_size), np.uint8)).shape[1])
         self.metrics = Metrics.get()
-        self.batcher = MicroBatcher(self._run_backbone, config.max_batch, self.metrics.batch.observe)
+        self.batcher = MicroBatcher(
+            [partial(_run_session, session) for session in lanes],
+            config.max_batch,
+            self.metrics.batch.observe,
+            solo=partial(_run_session, solo) if solo is not None else None,
+        )
         self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers, config.route_poll)
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
         self.judge = Judge(
@@ -207,7 +241,7 @@ class ServingEngine:
         self.ready = True
 
     def _run_backbone(self, images: np.ndarray) -> np.ndarray:
-        return self.backbone.run([EMBEDDING], {IMAGE: images})[0]
+        return _run_session(self.backbone, images)
 
     async def route(
         self, key: str | None = None, head: str | None = None, endpoint: str = ""
@@ -251,6 +285,10 @@ class ServingEngine:
             return preprocess_bytes(data, self.spec, self.config.max_pixels)
         except ImageError as exc:
             raise ImageError(f"bad image: {exc}") from None
+
+    def preprocess_one(self, data: bytes) -> np.ndarray:
+        """:meth:`preprocess` as a batch of one (what the batcher's lanes decode right before their pass)."""
+        return self.preprocess(data)[None]
 
     def tensor_input(self, tensor: np.ndarray) -> np.ndarray:
         """A client tensor (N×3×H×W or 3×H×W; uint8, or integer/float pixel values 0..255) -> uint8 batch."""
@@ -300,8 +338,7 @@ class ServingEngine:
         k = self._top_k(top_k)
         chosen, route = await self.route(key, head, "classify")
         async with self._observed(chosen, "classify"):
-            image = await asyncio.to_thread(self.preprocess, data)
-            embedding = await self.batcher.submit(image[None])
+            embedding = await self.batcher.submit(data, self.preprocess_one)
             logits = chosen.logits(embedding)
             ids = await self._judge(route, chosen, embedding, logits)
             return {**chosen.answer(logits, k)[0], "request_id": ids[0]}
@@ -359,8 +396,7 @@ class ServingEngine:
 
     async def embed(self, data: bytes) -> dict:
         """One encoded image -> its backbone embedding."""
-        image = await asyncio.to_thread(self.preprocess, data)
-        embedding = await self.batcher.submit(image[None])
+        embedding = await self.batcher.submit(data, self.preprocess_one)
         return {"embedding": embedding[0].tolist(), "dim": self.embedding_dim}
 
     async def feedback(self, request_id: str, label: str) -> dict:
@@ -484,3 +520,7 @@ class ServingEngine:
         """Take a head out of the route; its requests go to the other heads."""
         await asyncio.to_thread(self.heads.retire, name)
         return self.status()
+
+
+def _run_session(session: Any, images: np.ndarray) -> np.ndarray:
+    return session.run([EMBEDDING], {IMAGE: images})[0]

@@ -73,6 +73,14 @@ def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
     return providers + ["CPUExecutionProvider"]
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def create_session(
     model: str | Path | bytes,
     providers: str | list[str] | None = None,

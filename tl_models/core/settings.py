@@ -111,6 +111,13 @@ SETTINGS: tuple[Setting, ...] = (
         "mobilenet_v2 batch 1 took 3.0 instead of 4.3 ms); `0`: they sleep, for workers or servers sharing the cores.",
     ),
     Setting(
+        "TL_MODELS_LANES",
+        "one per core of the worker (CPU); 1 on a GPU",
+        "bento",
+        "Backbone passes that run side by side, each on a single-threaded session of its own; a request that finds "
+        "the worker idle runs on a session with all of the worker's cores instead. `1`: one session for everything.",
+    ),
+    Setting(
         "TL_MODELS_MAX_BATCH",
         "`16`",
         "bento",
