@@ -134,6 +134,11 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
     assert "overhead_ms" in rows[("bentoml-http", 1)]
     assert bento["server_cpu_ms_per_request"] > 0  # the server it started: its process tree's CPU per request
+    leanest = min(r["cpu_ms_per_image"] for r in figures["in_process"] if r["stack"] == "onnxruntime")
+    assert bento["cpu_over_ort_ms"] == pytest.approx(bento["server_cpu_ms_per_request"] - leanest)
+    assert any(
+        t["target"].startswith("bentoml-http: server CPU per request at concurrency 3") for t in figures["targets"]
+    )
     profile = bento["profile"]  # py-spy over its process tree at the top concurrency
     assert profile.get("samples", 0) > 0 and "ONNX Runtime" in profile["categories"], profile
     assert sum(profile["categories"].values()) == pytest.approx(1.0) and Path(profile["raw"]).is_file()
@@ -141,6 +146,7 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     triton = rows[("triton-http", 3)]  # pointed at a closed port: every request is an error, none crashed the run
     assert triton["errors"] == triton["requests"] > 0 and triton["throughput"] == 0
     assert triton["server_cpu_ms_per_request"] is None  # a server given by URL: its CPU is not ours to read
+    assert "cpu_over_ort_ms" not in triton
 
     heads = figures["heads_cost"]
     assert set(heads["heads"]) == {"1", "2"} and all(h["rss_bytes"] > 50 * 2**20 for h in heads["heads"].values())
