@@ -1,9 +1,10 @@
-"""The request path of the BentoML service: one backbone session, adaptive batching, routing to a head.
+"""The request path of the BentoML service: the backbone's sessions, adaptive batching, routing to a head.
 
 No BentoML in here: ``service.py`` maps HTTP onto :class:`ServingEngine`, which
 
-* runs one backbone session, loaded and warmed up once; concurrent requests share backbone passes through
-  :class:`MicroBatcher` (whatever queued up while a pass ran goes into the next one);
+* runs the backbone, loaded and warmed up once, in lanes (:func:`backbone_sessions`); concurrent requests share
+  backbone passes through :class:`MicroBatcher` (whatever queued up while every lane was busy goes into the next
+  free lane's pass);
 * routes every request through :mod:`tl_models.core.routing` (weighted sticky split, ``X-TL-Head`` override)
   to a head of its :class:`HeadRegistry`, which admits heads and runs the admin operations;
 * scores shadow heads on the same embedding and gives every answered image a request id for feedback
@@ -136,7 +137,7 @@ def preflight(backbone: BackboneSource, heads: Sequence[HeadSource], config: Ser
 
 
 class ServingEngine:
-    """One backbone session, the worker's :class:`HeadRegistry` and the three request endpoints."""
+    """The backbone's sessions, the worker's :class:`HeadRegistry` and the three request endpoints."""
 
     def __init__(
         self,
@@ -151,10 +152,10 @@ class ServingEngine:
         backbone.check_machine()
         data = read_verified(backbone.path, backbone.graph_sha256, f"{backbone.precision} backbone")
         lanes, solo = backbone_sessions(data, config)
-        self.backbone = solo or lanes[0]
+        self.backbone_sessions = lanes + ([solo] if solo is not None else [])
         self.spec = Preprocessing.from_dict(backbone.preprocessing)
         self.input_size = (3, self.spec.crop_size, self.spec.crop_size)
-        self.embedding_dim = int(self._run_backbone(np.zeros((1, *self.input_size), np.uint8)).shape[1])
+        self.embedding_dim = int(_run_session(lanes[0], np.zeros((1, *self.input_size), np.uint8)).shape[1])
         self.metrics = Metrics.get()
         self.batcher = MicroBatcher(
             [partial(_run_session, session) for session in lanes],
@@ -231,17 +232,15 @@ class ServingEngine:
                 log.exception("fleet route sync failed")
 
     def warm_up(self) -> None:
-        """Run the backbone at the warm-up batch sizes and every loaded head once; then the engine is ready."""
+        """Run each backbone session at the warm-up batch sizes and every loaded head once; then the engine is ready."""
         for size in sorted({*self.config.warmup_batches, self.config.max_batch}):
-            self._run_backbone(np.zeros((size, *self.input_size), np.uint8))
+            for session in self.backbone_sessions:
+                _run_session(session, np.zeros((size, *self.input_size), np.uint8))
         for image_format in ("PNG", "JPEG"):  # loads PIL's decoders now rather than in the first request
             self.preprocess(blank_image(32, image_format))
         for head in self.heads.loaded():
             head.logits(np.zeros((1, self.embedding_dim), np.float32))
         self.ready = True
-
-    def _run_backbone(self, images: np.ndarray) -> np.ndarray:
-        return _run_session(self.backbone, images)
 
     async def route(
         self, key: str | None = None, head: str | None = None, endpoint: str = ""
