@@ -112,6 +112,31 @@ def create_session(
     return session
 
 
+def lane_sessions(
+    model: str | Path | bytes,
+    lanes: int,
+    threads: int | None,
+    providers: str | list[str] | None = None,
+    spin: bool = True,
+    name: str | None = None,
+) -> tuple[list[ort.InferenceSession], ort.InferenceSession | None]:
+    """A backbone's sessions for serving on the CPU: ``lanes`` sessions that run passes side by side, each with an
+    equal share of ``threads`` (None: this process's cores; not spinning: they share the cores), and a solo session
+    with all ``threads`` (None: ONNX Runtime's default, which pins its threads to the cores), spinning when
+    ``spin``, for a pass that runs alone (None where a lane has every thread already). One lane: that one session,
+    ``threads`` and ``spin`` its own.
+
+    Side by side, single-threaded sessions give the most images per second; one session with every core gives a
+    lone image the shortest pass (2-core AMX Xeon, mobilenet_v2 batch 1: two single-threaded sessions 382.7 img/s
+    against one session's 325.6; a lone pass 3.1 ms on two threads, 5.7 ms on one)."""
+    if lanes <= 1:
+        return [create_session(model, providers, threads, name, spin)], None
+    per_lane = max(1, (threads or available_cores()) // lanes)
+    sessions = [create_session(model, providers, per_lane, name, spin=False) for _ in range(lanes)]
+    solo = create_session(model, providers, threads, name, spin) if (threads or available_cores()) > per_lane else None
+    return sessions, solo
+
+
 def active_provider(session: ort.InferenceSession) -> str:
     """The provider that runs the session's nodes first (what a report should show)."""
     provider: str = session.get_providers()[0]
