@@ -107,7 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
         "TL_MODELS_SPIN",
         "`1` with one worker, `0` with several",
         "bento",
-        "`1`: the backbone's ONNX Runtime threads spin while waiting for work (faster passes; on a 2-core Xeon, "
+        "`1`: the backbone's ONNX Runtime threads (its solo session's, with lanes) spin while waiting for work "
+        "(faster passes; on a 2-core Xeon, "
         "mobilenet_v2 batch 1 took 3.0 instead of 4.3 ms); `0`: they sleep, for workers or servers sharing the cores.",
     ),
     Setting(
