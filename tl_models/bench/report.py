@@ -13,19 +13,12 @@ from ..core.files import atomic_write_json
 
 def images_per_second(run, batch: int, seconds: float) -> tuple[float, float]:
     """(images/s, ms per call) of ``run()`` over at least ``seconds`` and 3 calls, after 2 warm-up calls."""
-    for _ in range(2):
-        run()
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < seconds:
-        run()
-        calls += 1
-    elapsed = time.perf_counter() - start
-    return calls * batch / elapsed, 1000.0 * elapsed / calls
+    return side_by_side_images_per_second([run], batch, seconds)
 
 
 def side_by_side_images_per_second(runs: list, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, ms per call) of the ``runs`` called back to back, each in a thread of its own, all at once, for
-    ``seconds`` (after 2 warm-up calls each)."""
+    """(images/s, ms per call) of the ``runs`` called back to back, each in a thread of its own, all at once, over
+    at least ``seconds`` and 3 calls each (after 2 warm-up calls each)."""
     for run in runs:
         for _ in range(2):
             run()

@@ -37,7 +37,7 @@ from ..core.names import ROUTE_FILE
 from ..triton import launcher as triton_launcher
 from . import profile as profiler
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
-from .report import format_table, images_per_second, side_by_side_images_per_second, write_json
+from .report import format_table, side_by_side_images_per_second, write_json
 
 IN_PROCESS = ("onnxruntime", "torch")
 SERVERS = ("bentoml-http", "bentoml-body", "triton-http", "triton-grpc")  # bentoml-body: POST /classify/body
@@ -219,10 +219,7 @@ def in_process(
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
             calls = [partial(_forward, engine, pixels) for engine in engines]
             cpu, wall = time.process_time(), time.perf_counter()
-            if count == 1:
-                ips, ms = images_per_second(calls[0], batch, seconds)
-            else:
-                ips, ms = side_by_side_images_per_second(calls, batch, seconds)
+            ips, ms = side_by_side_images_per_second(calls, batch, seconds)
             busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
             rows.append(
                 {
