@@ -71,11 +71,13 @@ def test_cuda_provider_on_gpu(tiny_model):
     assert active_provider(session) == "CUDAExecutionProvider"
 
 
-def test_serving_sessions_can_stop_spinning(tiny_model):
-    """Servers share the CPU between sessions and request handling: their sessions must not busy-wait."""
-    entry = "session.intra_op.allow_spinning"
+def test_serving_sessions_can_stop_spinning_and_spinning_ones_stop_when_a_run_ends(tiny_model):
+    """Servers share the CPU between sessions and request handling: their sessions must not busy-wait, and a
+    spinning session (a lone request's) must not go on spinning between requests."""
+    spin, stop = "session.intra_op.allow_spinning", "session.force_spinning_stop"
     quiet = create_session(tiny_model, providers="cpu", threads=1, spin=False).get_session_options()
-    assert quiet.get_session_config_entry(entry) == "0" and quiet.intra_op_num_threads == 1
-    default = create_session(tiny_model, providers="cpu").get_session_options()
-    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
-        default.get_session_config_entry(entry)
+    assert quiet.get_session_config_entry(spin) == "0" and quiet.intra_op_num_threads == 1
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        quiet.get_session_config_entry(stop)
+    spinning = create_session(tiny_model, providers="cpu").get_session_options()
+    assert spinning.get_session_config_entry(spin) == "1" and spinning.get_session_config_entry(stop) == "1"
