@@ -236,7 +236,7 @@ class Classifier:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
-        self.engine.judge.close()  # records what is queued, writes the embedding log's last shard
+        self.engine.close()  # the judge records what is queued, writes the embedding log's last shard
 
     @bentoml.api(route="/predict")
     async def predict(self, tensor: np.ndarray, top_k: int | None = None, ctx: bentoml.Context = NO_CONTEXT) -> dict:

@@ -1,106 +1,149 @@
-"""The serving batcher's scheduling: lanes side by side, the solo way for a lone request, failures kept to their
-request. The ways are plain functions here (what a pass runs does not matter to the scheduling); the batcher over
-real ONNX Runtime sessions is tested in test_bento.py."""
+"""The serving batcher's scheduling: lanes side by side, the solo way for a lone request, requests that wait
+sharing a pass, failures kept to their request. The ways are plain functions here (what a pass runs does not matter
+to the scheduling); the batcher over real ONNX Runtime sessions is tested in test_bento.py. Every order of events
+that matters is forced (a way held until the requests under test are queued), never left to the thread scheduler."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from tl_models.bento.batching import MicroBatcher
 
+WAIT = 10.0  # seconds a test waits for a thread before it fails
+
 
 class Way:
-    """A pass that takes ``seconds`` and doubles its input; records its batch sizes and how many ways ran at once."""
+    """A pass that doubles its input (negative input fails it) and records its batch sizes. ``meet``: the first
+    pass waits there for another way's (a barrier of two), so a test passes only if two ways run at once. ``hold``:
+    a pass waits until the test lets it go; ``started`` is set when one begins."""
 
-    running = 0
-    most = 0
-    lock = threading.Lock()
-
-    def __init__(self, name: str, seconds: float = 0.02):
-        self.name, self.seconds = name, seconds
+    def __init__(self, meet: threading.Barrier | None = None):
+        self.meet = meet
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
         self.sizes: list[int] = []
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with Way.lock:
-            Way.running += 1
-            Way.most = max(Way.most, Way.running)
         self.sizes.append(len(batch))
-        try:
-            if (batch < 0).any():
-                raise ValueError("negative input")
-            time.sleep(self.seconds)
-            return batch * 2
-        finally:
-            with Way.lock:
-                Way.running -= 1
+        self.started.set()
+        assert self.hold.wait(WAIT)
+        if self.meet is not None and len(self.sizes) == 1:
+            self.meet.wait(WAIT)  # raises BrokenBarrierError if no other way ran meanwhile
+        if (batch < 0).any():
+            raise ValueError("negative input")
+        return batch * 2
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> None:
-    Way.running = Way.most = 0
+@pytest.fixture
+def batchers() -> Iterator[list[MicroBatcher]]:
+    made: list[MicroBatcher] = []
+    yield made
+    for batcher in made:
+        batcher.close()
 
 
-def _burst(batcher: MicroBatcher, items: list, prepare=None) -> list:
+def _queued_behind(batcher: MicroBatcher, way: Way, first: object, items: list, prepare=None) -> list:
+    """Submit ``first``, hold ``way``'s pass on it until every one of ``items`` waits, then let it go: the items are
+    queued together, whatever the thread scheduler does. Each request's answer or exception, ``first``'s first."""
+
     async def run() -> list:
-        return await asyncio.gather(*(batcher.submit(i, prepare) for i in items), return_exceptions=True)
+        way.hold.clear()
+        head = asyncio.ensure_future(batcher.submit(first, prepare))
+        while not way.started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(i, prepare)) for i in items]
+        await asyncio.sleep(0)  # each task runs up to its await: every item is queued
+        way.hold.set()
+        return await asyncio.gather(head, *rest, return_exceptions=True)
 
     return asyncio.run(run())
 
 
-def test_a_lone_request_runs_solo_and_a_burst_runs_on_the_lanes_side_by_side():
-    lanes, solo = [Way("lane0"), Way("lane1")], Way("solo")
+def test_a_lone_request_runs_solo_and_waiting_requests_run_on_the_lanes_side_by_side(batchers):
+    meet = threading.Barrier(2)
+    lanes, solo = [Way(meet), Way(meet)], Way()
     batcher = MicroBatcher(lanes, max_batch=4, solo=solo)
+    batchers.append(batcher)
     one = np.ones((1, 3))
     for _ in range(3):  # one after the other: nothing else runs, the solo way takes each
-        np.testing.assert_array_equal(_burst(batcher, [one])[0], 2 * one)
+        np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
     assert solo.sizes == [1, 1, 1] and lanes[0].sizes == lanes[1].sizes == []
 
-    results = _burst(batcher, [np.full((1, 3), i) for i in range(20)])
-    for i, result in enumerate(results):
-        np.testing.assert_array_equal(result, np.full((1, 3), 2 * i))  # each its own rows, in order
-    assert solo.sizes == [1, 1, 1, 4]  # the burst's first pass (4 requests arrived together); then the lanes
-    assert lanes[0].sizes[0] == lanes[1].sizes[0] == 4  # started at once: more than one pass's worth waited
-    assert sum(lanes[0].sizes + lanes[1].sizes) == 16 and max(lanes[0].sizes + lanes[1].sizes) == 4
-    assert 2 <= Way.most <= 3  # both lanes at once (and the solo pass, while the burst starts), never more
+    solo.started.clear()
+    results = _queued_behind(batcher, solo, one, [np.full((1, 3), i) for i in range(16)])
+    np.testing.assert_array_equal(results[0], 2 * one)
+    for i, result in enumerate(results[1:]):
+        np.testing.assert_array_equal(result, np.full((1, 3), 2 * i))  # each its own rows
+    assert solo.sizes == [1, 1, 1, 1]  # the queued requests went to the lanes, not to the solo way
+    sizes = lanes[0].sizes + lanes[1].sizes
+    assert sum(sizes) == 16 and max(sizes) <= 4  # passes of at most max_batch, both lanes at once (the barrier)
 
 
-def test_without_a_solo_way_every_pass_runs_on_a_lane():
-    lane = Way("lane")
+def test_a_burst_on_an_idle_worker_starts_the_lanes_too(batchers):
+    meet = threading.Barrier(2)
+    lanes, solo = [Way(meet), Way(meet)], Way()
+    batcher = MicroBatcher(lanes, max_batch=4, solo=solo)
+    batchers.append(batcher)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(batcher.submit(np.full((1, 2), i)) for i in range(16)))
+
+    for i, result in enumerate(asyncio.run(burst())):
+        np.testing.assert_array_equal(result, np.full((1, 2), 2 * i))
+    # the solo way took at most one pass's worth at a time and only while no lane ran; both lanes ran at once
+    assert max(solo.sizes) <= 4 and lanes[0].sizes and lanes[1].sizes
+    assert sum(solo.sizes + lanes[0].sizes + lanes[1].sizes) == 16
+
+
+def test_without_a_solo_way_requests_that_wait_share_one_pass(batchers):
+    lane = Way()
     batcher = MicroBatcher([lane], max_batch=16)
-    results = _burst(batcher, [np.ones((2, 3))] * 5)
-    assert all(r.shape == (2, 3) for r in results)
-    assert lane.sizes == [10]  # requests that arrive together share one pass
-    assert Way.most == 1
+    batchers.append(batcher)
+    results = _queued_behind(batcher, lane, np.ones((1, 3)), [np.ones((2, 3))] * 5)
+    assert [r.shape for r in results] == [(1, 3)] + [(2, 3)] * 5
+    assert lane.sizes == [1, 10]
 
 
-def test_an_input_that_cannot_be_prepared_fails_alone():
-    lane = Way("lane")
+def test_an_input_that_cannot_be_prepared_fails_alone(batchers):
+    lane = Way()
     batcher = MicroBatcher([lane], max_batch=16)
+    batchers.append(batcher)
 
     def prepare(item: int) -> np.ndarray:
         if item == 3:
             raise ValueError("not an image")
         return np.full((1, 2), item)
 
-    results = _burst(batcher, list(range(6)), prepare)
+    results = _queued_behind(batcher, lane, 0, list(range(1, 6)), prepare)
     assert isinstance(results[3], ValueError) and str(results[3]) == "not an image"
     for i in (0, 1, 2, 4, 5):
         np.testing.assert_array_equal(results[i], np.full((1, 2), 2 * i))
+    assert lane.sizes == [1, 4]  # the other four still shared a pass
 
 
-def test_a_failing_pass_is_rerun_one_request_at_a_time_so_only_the_culprit_fails():
-    lane = Way("lane")
+def test_a_failing_pass_is_rerun_one_request_at_a_time_so_only_the_culprit_fails(batchers):
+    lane = Way()
     batcher = MicroBatcher([lane], max_batch=16)
+    batchers.append(batcher)
     items = [np.ones((1, 2)), np.ones((1, 2)), -np.ones((1, 2)), np.ones((1, 2))]
-    results = _burst(batcher, items)
-    assert isinstance(results[2], ValueError)
-    assert all(isinstance(r, np.ndarray) for i, r in enumerate(results) if i != 2)
-    assert lane.sizes == [4, 1, 1, 1, 1]  # the shared pass failed; then each request ran alone
+    results = _queued_behind(batcher, lane, np.ones((1, 2)), items)
+    assert isinstance(results[3], ValueError)
+    assert all(isinstance(r, np.ndarray) for i, r in enumerate(results) if i != 3)
+    assert lane.sizes == [1, 4, 1, 1, 1, 1]  # the shared pass failed; then each request ran alone
+
+
+def test_a_closed_batcher_refuses_requests_and_its_threads_end(batchers):
+    batcher = MicroBatcher([Way(), Way()], solo=Way())
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(batcher.submit(np.ones((1, 2))))
+    assert not any(thread.is_alive() for thread in batcher._threads)
 
 
 def test_a_batcher_needs_a_lane():

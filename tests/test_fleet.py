@@ -349,4 +349,4 @@ def test_a_pushed_route_wins_over_an_older_route_file(deployment, tmp_path):
     assert engine.heads.routing.current().versions == {"a": 2, "b": 1}
     with pytest.raises(BadRequest, match="route must be"):
         asyncio.run(engine.sync({"weights": {"a": 1}}))
-    engine.judge.close()
+    engine.close()

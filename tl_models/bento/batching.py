@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,18 +17,11 @@ Prepare = Callable[[Any], np.ndarray]
 
 
 @dataclass
-class _Lane:
-    """One way to run a pass (its own ONNX Runtime session) and the thread that always runs it."""
-
-    run: Run
-    thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lane"))
-
-
-@dataclass
 class _Job:
     item: Any  # an N×... batch, or what ``prepare`` turns into one (encoded image bytes)
     prepare: Prepare | None
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
 
 
 class MicroBatcher:
@@ -35,11 +29,13 @@ class MicroBatcher:
 
     ``lanes`` run passes side by side, one pass each at a time (on a CPU: one single-threaded session per core,
     the most images per second); ``solo``, when given, runs a pass while no other pass runs (a session with every
-    core's threads: the shortest pass for a lone request). A request that finds a way free starts a pass at once;
-    requests that arrive while every lane is busy wait and go together into the next free lane's pass (up to
-    ``max_batch`` images). Each pass runs in its lane's own thread, images decoded there (``prepare``) right
-    before the pass: one thread hop per request. A request whose input cannot be prepared fails alone; if a pass
-    fails anyway, its requests are re-run one by one so that only the culprit fails.
+    core's threads: the shortest pass for a lone request). Each way has its own thread, which takes the waiting
+    requests itself (up to ``max_batch`` images) as soon as it is free: a lane that finishes a pass starts the
+    next one at once, without a round trip through the event loop. A request that finds the worker idle goes to
+    the solo way; one that finds a pass running goes to a free lane; requests that wait share the next pass.
+    Images are decoded in the way's thread (``prepare``) right before the pass. A request whose input cannot be
+    prepared fails alone; if a pass fails anyway, its requests are re-run one by one so that only the culprit
+    fails.
     """
 
     def __init__(
@@ -53,37 +49,74 @@ class MicroBatcher:
             raise ValueError("a batcher needs at least one lane")
         self.max_batch = max_batch
         self._on_batch = on_batch
-        self._free = [_Lane(run) for run in reversed(lanes)]
-        self._solo = _Lane(solo) if solo is not None else None
-        self._busy = 0  # passes started and not finished
-        self._starting = 0  # of which not yet running (they take their requests when they do)
+        self._lock = threading.Lock()
+        self._lane_free = threading.Condition(self._lock)
+        self._solo_free = threading.Condition(self._lock)
         self._pending: deque[_Job] = deque()
-        self._tasks: set[asyncio.Task] = set()
+        self._busy = 0  # passes running
+        self._has_solo = solo is not None
+        self._closed = False
+        ways = [(run, False) for run in lanes] + ([(solo, True)] if solo is not None else [])
+        self._threads = [
+            threading.Thread(target=self._serve, args=way, name=f"{'solo' if way[1] else 'lane'}-{i}", daemon=True)
+            for i, way in enumerate(ways)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def submit(self, item: Any, prepare: Prepare | None = None) -> np.ndarray:
-        """Run ``item`` (an N×... batch, or ``prepare(item)`` in the lane's thread) through a pass together with
-        whatever else is queued; returns its N outputs, or raises what preparing or the pass raised for it."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(item, prepare, future))
-        self._dispatch()
+        """Run ``item`` (an N×... batch, or ``prepare(item)`` in the way's thread) through a pass together with
+        whatever else waits; returns its N outputs, or raises what preparing or the pass raised for it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(_Job(item, prepare, future, loop))
+            (self._solo_free if self._busy == 0 and self._has_solo else self._lane_free).notify()
         return await future
 
-    def _dispatch(self) -> None:
-        """Start a pass on a free way while more requests wait than the passes about to start will take: the solo
-        way only when no other pass runs. A pass takes its requests when it starts, so requests that arrive
-        together share it."""
-        while len(self._pending) > self._starting * self.max_batch:
-            if self._busy == 0 and self._solo is not None:
-                lane, solo = self._solo, True
-            elif self._free:
-                lane, solo = self._free.pop(), False
-            else:
-                return
-            self._busy += 1
-            self._starting += 1
-            task = asyncio.get_running_loop().create_task(self._pass(lane, solo))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def close(self) -> None:
+        """Stop the ways' threads once their passes end; requests still waiting are cancelled."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._lane_free.notify_all()
+            self._solo_free.notify_all()
+        for job in waiting:
+            job.loop.call_soon_threadsafe(job.future.cancel)
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self, run: Run, solo: bool) -> None:
+        """One way's thread: take the waiting requests when this way may, run the pass, answer, again. The solo
+        way takes requests only while no pass runs; a lane, while one does (or when there is no solo way), and
+        always right after its own pass: the worker is under load, and ending a pass and taking the next requests
+        is one step, so the solo way never sees the worker idle in between."""
+        ready = self._solo_free if solo else self._lane_free
+        jobs: list[_Job] | None = None  # the pass just run
+        while True:
+            with self._lock:
+                if jobs is not None:
+                    self._busy -= 1
+                just_ran = jobs is not None
+                while not self._closed and not (
+                    self._pending and (self._busy == 0 if solo else just_ran or self._busy or not self._has_solo)
+                ):
+                    just_ran = False
+                    ready.wait()
+                if self._closed:
+                    return
+                jobs = self._take()
+                self._busy += 1
+                if self._pending:  # more than this pass takes: another lane may start
+                    self._lane_free.notify()
+            try:
+                results = self._run_jobs(run, [(job.item, job.prepare) for job in jobs])
+            except BaseException as exc:  # a bug here: the requests fail, the way goes on
+                results = [exc] * len(jobs)
+            _settle(jobs, results)
 
     def _take(self) -> list[_Job]:
         jobs: list[_Job] = []
@@ -100,28 +133,9 @@ class MicroBatcher:
             size += images
         return jobs
 
-    async def _pass(self, lane: _Lane, solo: bool) -> None:
-        self._starting -= 1
-        jobs = self._take()
-        try:
-            if jobs:
-                work = [(job.item, job.prepare) for job in jobs]
-                results = await asyncio.get_running_loop().run_in_executor(lane.thread, self._run_jobs, lane.run, work)
-                for job, result in zip(jobs, results):
-                    _settle(job.future, result)
-        except BaseException:  # cancelled (the worker stops): its requests must not hang
-            for job in jobs:
-                job.future.cancel()
-            raise
-        finally:
-            self._busy -= 1
-            if not solo:
-                self._free.append(lane)
-            self._dispatch()
-
     def _run_jobs(self, run: Run, work: list[tuple[Any, Prepare | None]]) -> list[Any]:
-        """In the lane's thread: prepare each job's input, run the pass, split its outputs by job; per job its
-        outputs or the exception that failed it."""
+        """Prepare each job's input, run the pass, split its outputs by job; per job its outputs or the exception
+        that failed it."""
         results: list[Any] = [None] * len(work)
         inputs: dict[int, np.ndarray] = {}
         for index, (item, prepare) in enumerate(work):
@@ -156,10 +170,22 @@ class MicroBatcher:
         return run(batch)
 
 
-def _settle(future: asyncio.Future, result: np.ndarray | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _settle(jobs: list[_Job], results: list[Any]) -> None:
+    """Answer ``jobs`` (each its outputs or its exception) on their event loops, from a way's thread: one wake-up
+    per loop. Nothing to do for a loop that has closed: nobody waits for its answers."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
+    for job, result in zip(jobs, results):
+        by_loop.setdefault(job.loop, []).append((job, result))
+    for loop, answers in by_loop.items():
+        with suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(_answer, answers)
+
+
+def _answer(answers: list[tuple[_Job, Any]]) -> None:
+    for job, result in answers:
+        if job.future.done():  # the client went away
+            continue
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)

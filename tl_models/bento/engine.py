@@ -221,6 +221,11 @@ class ServingEngine:
             except Exception:  # keep following: the next poll may succeed (a file being replaced, a full disk)
                 log.exception("fleet route sync failed")
 
+    def close(self) -> None:
+        """Stop the backbone's lanes (passes running end first) and record what the judge has queued."""
+        self.batcher.close()
+        self.judge.close()
+
     def warm_up(self) -> None:
         """Run each backbone session at the warm-up batch sizes and every loaded head once; then the engine is ready."""
         for size in sorted({*self.config.warmup_batches, self.config.max_batch}):
