@@ -60,7 +60,7 @@ def _queued_behind(batcher: MicroBatcher, way: Way, first: object, items: list, 
         rest = [asyncio.ensure_future(batcher.submit(i, prepare)) for i in items]
         await asyncio.sleep(0)  # each task runs up to its await: every item is queued
         way.hold.set()
-        return await asyncio.gather(head, *rest, return_exceptions=True)
+        return await asyncio.wait_for(asyncio.gather(head, *rest, return_exceptions=True), WAIT)
 
     return asyncio.run(run())
 
@@ -92,12 +92,18 @@ def test_a_burst_on_an_idle_worker_starts_the_lanes_too(batchers):
     batchers.append(batcher)
 
     async def burst() -> list:
-        return await asyncio.gather(*(batcher.submit(np.full((1, 2), i)) for i in range(16)))
+        solo.hold.clear()  # the solo way's pass waits until the whole burst has arrived
+        tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 2), i))) for i in range(16)]
+        await asyncio.sleep(0)  # each task runs up to its await: every request is queued
+        while not solo.started.is_set():
+            await asyncio.sleep(0.001)
+        solo.hold.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
 
     for i, result in enumerate(asyncio.run(burst())):
         np.testing.assert_array_equal(result, np.full((1, 2), 2 * i))
-    # the solo way took at most one pass's worth at a time and only while no lane ran; both lanes ran at once
-    assert max(solo.sizes) <= 4 and lanes[0].sizes and lanes[1].sizes
+    # the solo way took one pass (the requests that found the worker idle); both lanes ran at once
+    assert len(solo.sizes) == 1 and solo.sizes[0] <= 4 and lanes[0].sizes and lanes[1].sizes
     assert sum(solo.sizes + lanes[0].sizes + lanes[1].sizes) == 16
 
 
@@ -149,3 +155,12 @@ def test_a_closed_batcher_refuses_requests_and_its_threads_end(batchers):
 def test_a_batcher_needs_a_lane():
     with pytest.raises(ValueError, match="at least one lane"):
         MicroBatcher([])
+
+
+def test_a_pass_holds_two_images_per_lane_on_the_cpu_sixteen_on_a_gpu_unless_told(tmp_path):
+    from tl_models.bento.engine import ServingConfig, pass_size
+
+    assert pass_size(ServingConfig(tmp_path, providers="cpu")) == 2
+    assert pass_size(ServingConfig(tmp_path, providers="cuda")) == 16
+    assert pass_size(ServingConfig(tmp_path, providers="cpu", max_batch=8)) == 8
+    assert ServingConfig.from_env(tmp_path).max_batch is None  # TL_MODELS_MAX_BATCH unset: the default above

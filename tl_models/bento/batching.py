@@ -28,11 +28,11 @@ class MicroBatcher:
     """Adaptive batching of backbone passes inside one worker.
 
     ``lanes`` run passes side by side, one pass each at a time (on a CPU: one single-threaded session per core,
-    the most images per second); ``solo``, when given, runs a pass while no other pass runs (a session with every
-    core's threads: the shortest pass for a lone request). Each way has its own thread, which takes the waiting
-    requests itself (up to ``max_batch`` images) as soon as it is free: a lane that finishes a pass starts the
-    next one at once, without a round trip through the event loop. A request that finds the worker idle goes to
-    the solo way; one that finds a pass running goes to a free lane; requests that wait share the next pass.
+    the most images per second); ``solo``, when given, runs the pass of a request that finds the worker idle (a
+    session with every core's threads: the shortest pass for a lone request). Each way has its own thread, which
+    takes the waiting requests itself (up to ``max_batch`` images) as soon as it is free: a lane that finishes a
+    pass starts the next one at once, without a round trip through the event loop. Requests that arrive while a
+    pass runs go to the lanes; requests that wait share the next pass.
     Images are decoded in the way's thread (``prepare``) right before the pass. A request whose input cannot be
     prepared fails alone; if a pass fails anyway, its requests are re-run one by one so that only the culprit
     fails.
@@ -54,6 +54,7 @@ class MicroBatcher:
         self._solo_free = threading.Condition(self._lock)
         self._pending: deque[_Job] = deque()
         self._busy = 0  # passes running
+        self._solo_turn = False  # a request found the worker idle: the solo way takes the next pass
         self._has_solo = solo is not None
         self._closed = False
         ways = [(run, False) for run in lanes] + ([(solo, True)] if solo is not None else [])
@@ -73,7 +74,11 @@ class MicroBatcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(_Job(item, prepare, future, loop))
-            (self._solo_free if self._busy == 0 and self._has_solo else self._lane_free).notify()
+            if self._has_solo and self._busy == 0:  # the worker is idle: the solo way's turn
+                self._solo_turn = True
+                self._solo_free.notify()
+            else:
+                self._lane_free.notify()
         return await future
 
     def close(self) -> None:
@@ -91,32 +96,41 @@ class MicroBatcher:
 
     def _serve(self, run: Run, solo: bool) -> None:
         """One way's thread: take the waiting requests when this way may, run the pass, answer, again. The solo
-        way takes requests only while no pass runs; a lane, while one does (or when there is no solo way), and
-        always right after its own pass: the worker is under load, and ending a pass and taking the next requests
-        is one step, so the solo way never sees the worker idle in between."""
+        way takes the requests that found the worker idle (and those that arrived with them); a lane, every other.
+        Ending a pass and taking the next waiting requests is one step, before the answers go out: the worker never
+        looks idle in between, and a client answered finds it idle."""
         ready = self._solo_free if solo else self._lane_free
-        jobs: list[_Job] | None = None  # the pass just run
+        done: tuple[list[_Job], list[Any]] | None = None  # the pass just run and its results
         while True:
             with self._lock:
-                if jobs is not None:
+                if done is not None:
                     self._busy -= 1
-                just_ran = jobs is not None
-                while not self._closed and not (
-                    self._pending and (self._busy == 0 if solo else just_ran or self._busy or not self._has_solo)
-                ):
-                    just_ran = False
-                    ready.wait()
-                if self._closed:
-                    return
-                jobs = self._take()
-                self._busy += 1
-                if self._pending:  # more than this pass takes: another lane may start
-                    self._lane_free.notify()
+                jobs = self._start() if self._may_start(solo) else None
+            if done is not None:
+                _settle(*done)
+            if jobs is None:
+                with self._lock:
+                    while not self._closed and not self._may_start(solo):
+                        ready.wait()
+                    if self._closed:
+                        return
+                    jobs = self._start()
             try:
-                results = self._run_jobs(run, [(job.item, job.prepare) for job in jobs])
+                done = jobs, self._run_jobs(run, [(job.item, job.prepare) for job in jobs])
             except BaseException as exc:  # a bug here: the requests fail, the way goes on
-                results = [exc] * len(jobs)
-            _settle(jobs, results)
+                done = jobs, [exc] * len(jobs)
+
+    def _may_start(self, solo: bool) -> bool:
+        return bool(self._pending) and self._solo_turn == solo
+
+    def _start(self) -> list[_Job]:
+        """Under the lock: take the next pass's requests; wake a lane if more wait."""
+        self._solo_turn = False
+        jobs = self._take()
+        self._busy += 1
+        if self._pending:
+            self._lane_free.notify()
+        return jobs
 
     def _take(self) -> list[_Job]:
         jobs: list[_Job] = []

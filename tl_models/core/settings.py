@@ -120,9 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "TL_MODELS_MAX_BATCH",
-        "`16`",
+        "`2` on the CPU, `16` on a GPU",
         "bento",
-        "Most images in one shared backbone pass; queued requests join the next pass.",
+        "Most images in one shared backbone pass (on the CPU, per lane); queued requests join the next pass.",
     ),
     Setting("TL_MODELS_TOP_K", "`5`", "bento", "Predictions per image when the request gives no `top_k`."),
     Setting("TL_MODELS_ROUTE_POLL", "`0`: every request", "bento", "Seconds between checks of the route file."),
