@@ -44,7 +44,7 @@ from ..core.preprocess import (
     tensor_problem,
 )
 from ..core.routing import Route, parse_route, parse_weights, read_route
-from ..core.runtime import GPU_PROVIDERS, available_cores, lane_sessions, resolve_providers
+from ..core.runtime import CPU_RUN_ROWS, GPU_PROVIDERS, available_cores, lane_sessions, resolve_providers
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
@@ -117,12 +117,11 @@ def backbone_sessions(data: bytes, config: ServingConfig) -> tuple[list[Any], An
 
 def pass_size(config: ServingConfig) -> int:
     """Most images in one backbone pass: ``config.max_batch``, else 16 on a GPU (one session: batching is its
-    throughput) and 2 on the CPU, where each lane is a single-threaded session and a larger pass costs more per image
-    (2-core AMX Xeon, mobilenet_v2, two sessions side by side: 6.2 CPU-ms per image at batch 1, 6.5 at 2, 7.0 at 4,
-    8.1 at 16; a BentoML worker at concurrency 32: 0.5 CPU-ms less per request with 2 than with 16)."""
+    throughput) and :data:`~tl_models.core.runtime.CPU_RUN_ROWS` per lane on the CPU, where a larger pass costs more
+    per image (a BentoML worker at concurrency 32 here: 0.5 CPU-ms less per request with 2 than with 16)."""
     if config.max_batch is not None:
         return config.max_batch
-    return 16 if _on_gpu(config) else 2
+    return 16 if _on_gpu(config) else CPU_RUN_ROWS
 
 
 def _on_gpu(config: ServingConfig) -> bool:

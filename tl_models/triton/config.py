@@ -270,11 +270,12 @@ def onnx_step_config(
     threads: int = 0,
     precision: str | None = None,
     spin: bool = False,
+    rows: int = 0,
 ) -> dict:
     """Backbone or head: onnxruntime_onnx platform, or the python backend running ONNX Runtime (``threads``
     intra-op threads, 0: ONNX Runtime's default; ``spin``: they spin while waiting for work, the backbone's: faster
-    passes, 1.06x the requests per second here). ``precision`` (the backbone's) is shown as a parameter of the
-    model's config."""
+    passes, 1.06x the requests per second here; ``rows``: a dynamic batch runs in runs of at most that many rows,
+    0: whole). ``precision`` (the backbone's) is shown as a parameter of the model's config."""
     config = {
         "name": model,
         "input": [inp],
@@ -297,7 +298,7 @@ def onnx_step_config(
                 }
             }
     else:
-        parameters = _params(onnx_file=VERSION_ONNX, threads=str(threads), spin="1" if spin else "0")
+        parameters = _params(onnx_file=VERSION_ONNX, threads=str(threads), spin="1" if spin else "0", rows=str(rows))
         config.update(backend="python", parameters=parameters)
     if precision is not None:
         config["parameters"] = {**config.get("parameters", {}), **_params(precision=precision)}

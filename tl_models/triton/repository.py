@@ -53,6 +53,7 @@ from ..core.names import (
 )
 from ..core.preprocess import blank_image
 from ..core.routing import Route, RoutingState, read_route
+from ..core.runtime import CPU_RUN_ROWS
 from .config import (
     RepositoryOptions,
     TritonConfigError,
@@ -285,6 +286,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
             [1],
             precision=backbone.precision,
             spin=True,  # one thread pool per process, the heads run on one thread each
+            rows=0 if options.gpu else CPU_RUN_ROWS,
         ),
         versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})},
     )

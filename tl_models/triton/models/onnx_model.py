@@ -2,7 +2,8 @@
 
 Copied as ``model.py`` next to ``model.onnx`` in a version directory by ``tl-models triton package --flavour
 python``. The session comes from ``tl_models.core.runtime.create_session`` (provider choice and logging). The
-requests of a dynamic batch run as one ONNX Runtime call; when that call fails, each request runs alone so
+requests of a dynamic batch run as one ONNX Runtime call (parameter ``rows``: in runs of at most that many rows, the
+backbone's on the CPU, where a larger run costs more per image); when that call fails, each request runs alone so
 only the bad one gets an error response.
 """
 
@@ -42,6 +43,7 @@ class TritonPythonModel:
             name=label,
             spin=params.get("spin", "0") == "1",
         )
+        self.rows = int(params.get("rows", "0"))  # most rows per run; 0: the whole batch
         pb_utils.Logger.log_info(f"{label}: ONNX Runtime providers {self.session.get_providers()}")
         spec = config["input"][0]
         self.input_name, self.output_name = spec["name"], config["output"][0]["name"]
@@ -52,7 +54,9 @@ class TritonPythonModel:
         return tensor_problem(array, f"input {self.input_name!r}", self.dims, self.dtype)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        if not self.rows or len(batch) <= self.rows:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.concatenate([self._run(batch[i : i + self.rows]) for i in range(0, len(batch), self.rows)])
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
