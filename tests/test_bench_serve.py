@@ -118,12 +118,17 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(figures))
     assert plot_path.read_bytes().startswith(b"\x89PNG")
 
-    in_process = {(r["stack"], r["sessions"], r["batch"]) for r in figures["in_process"]}
-    side_by_side = {("onnxruntime", available_cores(), b) for b in (1, 2)} if available_cores() > 1 else set()
-    assert in_process == {("onnxruntime", 1, 1), ("onnxruntime", 1, 2), ("torch", 1, 1), ("torch", 1, 2)} | side_by_side
-    assert figures["ort_best"]["throughput"] == max(
-        r["throughput"] for r in figures["in_process"] if r["stack"] == "onnxruntime"
+    in_process = [(r["stack"], r["sessions"], r["batch"], r["decode"]) for r in figures["in_process"]]
+    layouts = sorted({1, available_cores()})  # one session; one single-threaded session per core side by side
+    assert sorted(in_process) == sorted(
+        [("onnxruntime", n, b, False) for n in layouts for b in (1, 2)]
+        + [("onnxruntime", n, 1, True) for n in layouts]  # each image decoded first, as the servers do
+        + [("torch", 1, 1, False), ("torch", 1, 2, False)]
     )
+    raw = [r for r in figures["in_process"] if r["stack"] == "onnxruntime" and not r["decode"]]
+    assert figures["ort_best"]["throughput"] == max(r["throughput"] for r in raw)
+    decoding = [r for r in figures["in_process"] if r["decode"]]
+    assert figures["ort_decode_best"]["throughput"] == max(r["throughput"] for r in decoding)
     assert all(r["throughput"] > 0 and r["cpu_ms_per_image"] > 0 for r in figures["in_process"])
     rows = {(r["stack"], r["concurrency"]): r for r in figures["servers"]}
     assert set(rows) == {("bentoml-http", 1), ("bentoml-http", 3), ("triton-http", 1), ("triton-http", 3)}
@@ -132,9 +137,10 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     bento = rows[("bentoml-http", 3)]
     assert bento["errors"] == 0 and bento["throughput"] > 0 and bento["p50_ms"] <= bento["p99_ms"]
     assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
+    assert bento["vs_ort_decode_best"] == pytest.approx(bento["throughput"] / figures["ort_decode_best"]["throughput"])
     assert "overhead_ms" in rows[("bentoml-http", 1)]
     assert bento["server_cpu_ms_per_request"] > 0  # the server it started: its process tree's CPU per request
-    leanest = min(r["cpu_ms_per_image"] for r in figures["in_process"] if r["stack"] == "onnxruntime")
+    leanest = min(r["cpu_ms_per_image"] for r in raw)
     assert bento["cpu_over_ort_ms"] == pytest.approx(bento["server_cpu_ms_per_request"] - leanest)
     assert any(
         t["target"].startswith("bentoml-http: server CPU per request at concurrency 3") for t in figures["targets"]
@@ -200,9 +206,13 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
         build_dir, Calibration(images=4), Gate(min_agreement=0.0, max_accuracy_drop=1.0, min_speedup=0.0), search="none"
     )
     figures = bench_serve(options)
-    assert [(r["stack"], r["sessions"]) for r in figures["in_process"]] == [
-        ("onnxruntime", sessions) for sessions in sorted({1, available_cores()})
-    ] + [("onnxruntime-int8", sessions) for sessions in sorted({1, available_cores()})]
+    layouts = sorted({1, available_cores()})
+    assert [(r["stack"], r["sessions"], r["decode"]) for r in figures["in_process"]] == [
+        ("onnxruntime", sessions, False) for sessions in layouts
+    ] + [("onnxruntime-int8", sessions, False) for sessions in layouts] + [
+        ("onnxruntime", sessions, True)
+        for sessions in layouts  # the decoding reference: fp32 only
+    ]
     rows = {r["stack"]: r for r in figures["servers"]}
     assert set(rows) == {"bentoml-http", "bentoml-http-int8"}
     int8 = rows["bentoml-http-int8"]

@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tl_models.cli import main as cli_main
 from tl_models.core.routing import RoutingError, parse_weights
+from tl_models.core.runtime import CPU_RUN_ROWS
 from tl_models.training.backbones import install_offline_weights
 from tl_models.triton.config import RepositoryOptions, TritonConfigError, model_names, validate_config
 from tl_models.triton.repository import write_repository
@@ -70,6 +71,9 @@ def test_every_config_parses_and_serves_as_promised(build_dir, tmp_path, flavour
             assert config.platform == "onnxruntime_onnx" and not (repo / name / "1" / "model.py").exists()
         else:
             assert config.backend == "python" and (repo / name / "1" / "model.py").is_file()
+            # the backbone on the CPU runs a dynamic batch in runs of CPU_RUN_ROWS (cheaper per image); the rest whole
+            rows = CPU_RUN_ROWS if name == "build_backbone" and not gpu else 0
+            assert config.parameters["rows"].string_value == str(rows)
         assert (repo / name / "1" / "model.onnx").is_file()
     for name in ("preprocess", "build"):
         assert found[name].backend == "python" and found[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU

@@ -55,7 +55,7 @@ def write_json(path: str | Path | None, figures: dict) -> None:
 
 def plot_serving(figures: dict, path: str | Path) -> None:
     """`bench serve`: throughput and p99 latency vs client concurrency, one line per server stack, with the
-    raw ONNX Runtime best (in process) as a dashed line."""
+    raw ONNX Runtime best (in process) as a dashed line and its best decoding each image first as a dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +72,10 @@ def plot_serving(figures: dict, path: str | Path) -> None:
         best = figures["ort_best"]
         rate_ax.axhline(
             best["throughput"], color="grey", linestyle="--", label=f"ONNX Runtime in process, batch {best['batch']}"
+        )
+    if "ort_decode_best" in figures:
+        rate_ax.axhline(
+            figures["ort_decode_best"]["throughput"], color="grey", linestyle=":", label="the same, decoding each image"
         )
     for ax, label in ((rate_ax, "requests/s (1 image each)"), (p99_ax, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)

@@ -34,6 +34,7 @@ from ..core import process
 from ..core.errors import UserError
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import ROUTE_FILE
+from ..core.preprocess import Preprocessing, preprocess_bytes
 from ..triton import launcher as triton_launcher
 from . import profile as profiler
 from .loadgen import BentoCaller, Caller, TritonCaller, drive, summarize
@@ -184,11 +185,14 @@ def in_process(
     stacks: tuple[str, ...],
     progress: Callable[[str], None],
     precisions: tuple[str, ...] = ("fp32",),
+    images: list[bytes] | None = None,
 ) -> list[dict]:
     """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
     servers run; once per precision) and PyTorch eager (backbone + head) per batch. ONNX Runtime twice: one session
     with ONNX Runtime's threads, and (on a machine with several cores) one single-threaded session per core side by
-    side, as the BentoML service's lanes run: the best of both is the ceiling the servers are compared with."""
+    side, as the BentoML service's lanes run: the best of both is the ceiling the servers are compared with. With
+    ``images``, fp32 ONNX Runtime once more each way at batch 1 decoding each image first (rows with ``decode``):
+    what a program of its own over ONNX Runtime does per encoded image, as the servers do."""
     import torch
 
     from ..core.names import BACKBONE_FILES, HEAD_ONNX
@@ -211,30 +215,45 @@ def in_process(
     if "torch" in stacks:
         model = torch.nn.Sequential(load_build_backbone(build, manifest).module, load_head_module(build, head)).eval()
         runners[("torch", 1)] = [model]
+    spec = Preprocessing.from_dict(manifest.preprocessing)
+    points = [(key, batch, False) for key in runners for batch in batches]
+    if images:
+        points += [(key, 1, True) for key in runners if key[0] == "onnxruntime"]
     rows = []
-    for (stack, count), engines in runners.items():
-        for batch in batches:
-            way = f"{count} single-threaded sessions side by side, " if count > 1 else ""
-            progress(f"[bench serve] {stack} in process: {way}batch {batch}")
+    for (stack, count), batch, decode in points:
+        engines = runners[(stack, count)]
+        way = f"{count} single-threaded sessions side by side, " if count > 1 else ""
+        progress(f"[bench serve] {stack} in process: {way}{'decode + pass, ' if decode else ''}batch {batch}")
+        if decode:
+            turns = images or []
+            calls = [partial(_decode_forward, engine, turns[i:] + turns[:i], spec) for i, engine in enumerate(engines)]
+        else:
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
             calls = [partial(_forward, engine, pixels) for engine in engines]
-            cpu, wall = time.process_time(), time.perf_counter()
-            ips, ms = side_by_side_images_per_second(calls, batch, seconds)
-            busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
-            rows.append(
-                {
-                    "stack": stack,
-                    "precision": _precision(stack),
-                    "batch": batch,
-                    "sessions": count,
-                    "throughput": ips,
-                    "ms_per_batch": ms,
-                    "cpu_ms_per_image": 1000.0 * busy / ips,
-                    "threads": torch.get_num_threads() if stack == "torch" else (1 if count > 1 else None),
-                    "provider": "torch eager" if stack == "torch" else active_provider(engines[0]),
-                }
-            )
+        cpu, wall = time.process_time(), time.perf_counter()
+        ips, ms = side_by_side_images_per_second(calls, batch, seconds)
+        busy = (time.process_time() - cpu) / (time.perf_counter() - wall)  # cores kept busy
+        rows.append(
+            {
+                "stack": stack,
+                "precision": _precision(stack),
+                "batch": batch,
+                "sessions": count,
+                "decode": decode,
+                "throughput": ips,
+                "ms_per_batch": ms,
+                "cpu_ms_per_image": 1000.0 * busy / ips,
+                "threads": torch.get_num_threads() if stack == "torch" else (1 if count > 1 else None),
+                "provider": "torch eager" if stack == "torch" else active_provider(engines[0]),
+            }
+        )
     return rows
+
+
+def _decode_forward(session: Any, images: list[bytes], spec: Preprocessing) -> object:
+    """Decode the next of ``images`` (taken in turn) with the build's preprocessing, then one batch-1 pass."""
+    images.append(images.pop(0))
+    return _forward(session, preprocess_bytes(images[0], spec)[None])
 
 
 def _forward(engine: Any, pixels: np.ndarray) -> object:
@@ -634,8 +653,11 @@ def judging_cost(
 def _ratios(figures: dict) -> None:
     """Server throughput / raw ORT best, p50 at concurrency 1 minus raw ORT batch-1 ms, and server CPU per request
     minus raw ORT's least CPU per image, on each server row (against ONNX Runtime of the same precision)."""
+    decoding = [r for r in figures["in_process"] if r["decode"]]
+    if decoding:
+        figures["ort_decode_best"] = {"throughput": max(r["throughput"] for r in decoding)}
     for precision in ("fp32", "int8"):
-        ort = [r for r in figures["in_process"] if r["stack"] == _stack("onnxruntime", precision)]
+        ort = [r for r in figures["in_process"] if r["stack"] == _stack("onnxruntime", precision) and not r["decode"]]
         if not ort:
             continue
         best = max(ort, key=lambda r: r["throughput"])
@@ -647,6 +669,8 @@ def _ratios(figures: dict) -> None:
         leanest = min(r["cpu_ms_per_image"] for r in ort)
         for row in (r for r in figures["servers"] if r["precision"] == precision):
             row["vs_ort_best"] = row["throughput"] / best["throughput"]
+            if decoding and precision == "fp32":
+                row["vs_ort_decode_best"] = row["throughput"] / figures["ort_decode_best"]["throughput"]
             if row.get("server_cpu_ms_per_request") is not None:
                 row["cpu_over_ort_ms"] = row["server_cpu_ms_per_request"] - leanest
             if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
@@ -727,6 +751,7 @@ def _table(figures: dict) -> str:
         (
             f"{r['stack']} in process, "
             + (f"{r['sessions']} sessions side by side, " if r.get("sessions", 1) > 1 else "")
+            + ("decode + pass, " if r["decode"] else "")
             + f"batch {r['batch']}",
             f"{r['throughput']:.1f} img/s, {r['ms_per_batch']:.1f} ms/batch, {r['cpu_ms_per_image']:.1f} CPU-ms/img",
         )
@@ -737,6 +762,7 @@ def _table(figures: dict) -> str:
             f", server {r['server_cpu_ms_per_request']:.1f} CPU-ms/req" if r.get("server_cpu_ms_per_request") else ""
         )
         extra += f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
+        extra += f" (x{r['vs_ort_decode_best']:.2f} decoding too)" if "vs_ort_decode_best" in r else ""
         extra += f", overhead {r['overhead_ms']:+.1f} ms" if "overhead_ms" in r else ""
         rows.append(
             (
@@ -827,7 +853,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
             "servers_started": started,
         }
         figures["in_process"] = in_process(
-            build_dir, options.batches, options.seconds, options.stacks, options.progress, precisions
+            build_dir, options.batches, options.seconds, options.stacks, options.progress, precisions, images
         )
         figures["servers"] = []
         for precision in precisions:
