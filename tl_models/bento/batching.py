@@ -90,7 +90,8 @@ class MicroBatcher:
             self._lane_free.notify_all()
             self._solo_free.notify_all()
         for job in waiting:
-            job.loop.call_soon_threadsafe(job.future.cancel)
+            with suppress(RuntimeError):  # its loop is closed: nobody waits
+                job.loop.call_soon_threadsafe(job.future.cancel)
         for thread in self._threads:
             thread.join()
 

@@ -28,8 +28,8 @@ ALIASES = {
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # Most images per ONNX Runtime run of a served backbone on the CPU, where a larger run costs more per image (2-core AMX
 # Xeon, mobilenet_v2: one session, 7.9-8.5 CPU-ms per image in runs of 32, 6.7-7.0 in runs of 2; two single-threaded
-# sessions side by side: 6.2 at 1, 6.5 at 2, 7.0 at 4, 8.1 at 16). Two rather than one: the same cost here, half the
-# runs' fixed cost elsewhere. A GPU takes the whole batch.
+# sessions side by side: 6.2 at 1, 6.5 at 2, 7.0 at 4, 8.1 at 16). Two rather than one: about the same cost per image
+# here, and half as many runs, each with a fixed cost of its own. A GPU takes the whole batch.
 CPU_RUN_ROWS = 2
 
 
