@@ -20,10 +20,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def in_process(
     stacks: tuple[str, ...],
     progress: Callable[[str], None],
     precisions: tuple[str, ...] = ("fp32",),
-    images: list[bytes] | None = None,
+    images: Sequence[bytes] = (),
 ) -> list[dict]:
     """Images/s and ms per batch of ONNX Runtime (the fused graph: backbone + head composed in memory, the nodes the
     servers run; once per precision) and PyTorch eager (backbone + head) per batch. ONNX Runtime twice: one session
@@ -225,8 +226,11 @@ def in_process(
         way = f"{count} single-threaded sessions side by side, " if count > 1 else ""
         progress(f"[bench serve] {stack} in process: {way}{'decode + pass, ' if decode else ''}batch {batch}")
         if decode:
-            turns = images or []
-            calls = [partial(_decode_forward, engine, turns[i:] + turns[:i], spec) for i, engine in enumerate(engines)]
+            # each session starts at its own image and takes them in turn
+            calls = [
+                partial(_decode_forward, engine, islice(cycle(images), i, None), spec)
+                for i, engine in enumerate(engines)
+            ]
         else:
             pixels = np.random.default_rng(batch).integers(0, 256, (batch, *size), dtype=np.uint8)
             calls = [partial(_forward, engine, pixels) for engine in engines]
@@ -250,10 +254,9 @@ def in_process(
     return rows
 
 
-def _decode_forward(session: Any, images: list[bytes], spec: Preprocessing) -> object:
-    """Decode the next of ``images`` (taken in turn) with the build's preprocessing, then one batch-1 pass."""
-    images.append(images.pop(0))
-    return _forward(session, preprocess_bytes(images[0], spec)[None])
+def _decode_forward(session: Any, images: Iterator[bytes], spec: Preprocessing) -> object:
+    """Decode the next of ``images`` with the build's preprocessing, then one batch-1 pass."""
+    return _forward(session, preprocess_bytes(next(images), spec)[None])
 
 
 def _forward(engine: Any, pixels: np.ndarray) -> object:
