@@ -29,6 +29,7 @@ from ..core.names import (
     ROUTE_KEY,
     VERSION_ONNX,
 )
+from ..core.runtime import CPU_RUN_ROWS
 
 FLAVOURS = ("python", "onnxruntime")
 
@@ -298,7 +299,7 @@ def onnx_step_config(
                 }
             }
     else:
-        parameters = _params(onnx_file=VERSION_ONNX, threads=str(threads), spin="1" if spin else "0", rows=str(rows))
+        parameters = _params(threads=str(threads), spin="1" if spin else "0", rows=str(rows))
         config.update(backend="python", parameters=parameters)
     if precision is not None:
         config["parameters"] = {**config.get("parameters", {}), **_params(precision=precision)}
@@ -367,8 +368,14 @@ def ensemble_config(
     }
 
 
-def router_config(name: str, manifest: Manifest, options: RepositoryOptions) -> dict:
-    """The A/B router. No model_warmup: its BLS targets may not be loaded yet when it is warmed."""
+def router_config(name: str, manifest: Manifest, options: RepositoryOptions, backbone_sha256: str) -> dict:
+    """The A/B router. No model_warmup: its BLS targets may not be loaded yet when it is warmed. In the python flavour
+    on the CPU it runs the backbone's graph (``backbone_sha256``) itself, in runs of ``CPU_RUN_ROWS``."""
+    in_process = (
+        _params(backbone_in_process=backbone_sha256, backbone_rows=str(CPU_RUN_ROWS))
+        if options.flavour == "python" and not options.gpu
+        else {}
+    )
     return {
         "name": name,
         "backend": "python",
@@ -390,5 +397,6 @@ def router_config(name: str, manifest: Manifest, options: RepositoryOptions) -> 
             backbone_model=backbone_model(name),
             head_prefix=head_model(name, ""),
             precision=options.precision,
-        ),
+        )
+        | in_process,
     }

@@ -276,6 +276,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
         "int8_machine": backbone.int8_machine,
         "origin": backbone.origin,
     }
+    backbone_files = _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})
     write_model(
         repo,
         onnx_step_config(
@@ -288,7 +289,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
             spin=True,  # one thread pool per process, the heads run on one thread each
             rows=0 if options.gpu else CPU_RUN_ROWS,
         ),
-        versions={1: _version_files(Path(backbone.path), options, {VERSION_BACKBONE: backbone_facts})},
+        versions={1: backbone_files},
     )
     write_model(
         repo,
@@ -309,7 +310,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
         router_files[ROUTE_FILE] = (json.dumps(Route(weights, live, 1).validate().to_dict(), indent=2) + "\n").encode()
     write_model(
         repo,
-        router_config(name, manifest, options),
+        router_config(name, manifest, options, backbone_files[VERSION_SHA256].decode()),
         router_files,
         {1: {"model.py": (MODELS_DIR / "router.py").read_bytes()}},
     )

@@ -1,27 +1,23 @@
 """Triton python-backend model for one ONNX graph (backbone or head version), run by ONNX Runtime.
 
 Copied as ``model.py`` next to ``model.onnx`` in a version directory by ``tl-models triton package --flavour
-python``. The session comes from ``tl_models.core.runtime.create_session`` (provider choice and logging). The
-requests of a dynamic batch run as one ONNX Runtime call (parameter ``rows``: in runs of at most that many rows, the
-backbone's on the CPU, where a larger run costs more per image); when that call fails, each request runs alone so
-only the bad one gets an error response.
+python``. The graph runs in :class:`~tl_models.triton.models.common.OnnxGraph` (parameters ``threads``, ``spin`` and
+``rows``: the backbone's on the CPU runs a dynamic batch in runs of at most 2 rows, where a larger run costs more per
+image). The requests of a dynamic batch run as one call; when that call fails, each request runs alone so only the
+bad one gets an error response.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tl_models.core.cpu import check_int8_machine
 from tl_models.core.errors import BadRequest, ModelFault
-from tl_models.core.names import VERSION_BACKBONE, VERSION_ONNX
 from tl_models.core.preprocess import tensor_problem
-from tl_models.core.runtime import create_session
-from tl_models.triton.models.common import error_response, model_parameters
+from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters
 
 
 class TritonPythonModel:
@@ -29,22 +25,13 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         config, params = model_parameters(args)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        threads = int(params.get("threads", "0")) or None
-        label = f"{args['model_name']}:{args['model_version']}"
-        facts = version_dir / VERSION_BACKBONE
-        if facts.is_file():  # the backbone: an int8 graph loads only on the CPU class its gate measured it on
-            backbone = json.loads(facts.read_text())
-            if backbone["precision"] == "int8":
-                check_int8_machine(backbone.get("int8_machine"), backbone.get("origin", ""))
-        self.session = create_session(
-            version_dir / params.get("onnx_file", VERSION_ONNX),
-            threads=threads,
-            name=label,
+        self.graph = OnnxGraph(
+            Path(args["model_repository"]) / args["model_version"],
+            f"{args['model_name']}:{args['model_version']}",
+            threads=int(params.get("threads", "0")),
             spin=params.get("spin", "0") == "1",
+            rows=int(params.get("rows", "0")),
         )
-        self.rows = int(params.get("rows", "0"))  # most rows per run; 0: the whole batch
-        pb_utils.Logger.log_info(f"{label}: ONNX Runtime providers {self.session.get_providers()}")
         spec = config["input"][0]
         self.input_name, self.output_name = spec["name"], config["output"][0]["name"]
         self.dtype = pb_utils.triton_string_to_numpy(spec["data_type"])
@@ -52,11 +39,6 @@ class TritonPythonModel:
 
     def _check(self, array: np.ndarray) -> str | None:
         return tensor_problem(array, f"input {self.input_name!r}", self.dims, self.dtype)
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if not self.rows or len(batch) <= self.rows:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
-        return np.concatenate([self._run(batch[i : i + self.rows]) for i in range(0, len(batch), self.rows)])
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -71,13 +53,13 @@ class TritonPythonModel:
         if good:
             try:
                 outputs: list[Any] = np.split(  # arrays, or the exceptions of failed requests below
-                    self._run(np.concatenate([a for _, a in good])), np.cumsum([len(a) for _, a in good])[:-1]
+                    self.graph.run(np.concatenate([a for _, a in good])), np.cumsum([len(a) for _, a in good])[:-1]
                 )
             except Exception:  # one bad request must not fail its neighbours: run them one by one
                 outputs = []
                 for _, array in good:
                     try:
-                        outputs.append(self._run(array))
+                        outputs.append(self.graph.run(array))
                     except Exception as exc:
                         outputs.append(exc)
             for (index, _), output in zip(good, outputs):
@@ -89,4 +71,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.session = None
+        del self.graph

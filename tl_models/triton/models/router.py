@@ -15,16 +15,24 @@ answering heads, on each request drawn by their share; their top-1 agreement wit
 Triton's custom metrics (``tl_models_shadow_scored`` / ``_agreed`` / ``_errors``, labels head and version, on the
 metrics port). A shadow head that fails is counted, dropped from this router's shadowing and from the route; the
 request is answered.
+
+With parameter ``backbone_in_process`` (the python flavour on the CPU: the sha256 of the backbone's graph) the router
+runs the backbone model's graph in an ONNX Runtime session of its own (every core's threads, spinning during a run,
+passes of at most ``backbone_rows`` images, one pass at a time on a thread of its own) instead of a BLS call to the
+backbone model: two hops between processes fewer per request. The backbone model stays for the ensembles.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +52,11 @@ from tl_models.core.names import (
     ROUTE_HEAD,
     ROUTE_KEY,
     VERSION_HEAD,
+    VERSION_ONNX,
 )
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
-from tl_models.triton.models.common import error_response, model_parameters
+from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters
 
 
 class StepError(ModelFault):
@@ -114,6 +123,22 @@ class TritonPythonModel:
         self.dropped: set[str] = set()
         self.repository = Path(args["model_repository"]).parent
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.decode = partial(preprocess_many, spec=self.spec, max_pixels=self.max_pixels)
+        self.graph: OnnxGraph | None = None
+        if "backbone_in_process" in params:
+            self.graph = self._backbone_graph(params["backbone_in_process"], int(params["backbone_rows"]))
+            self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
+
+    def _backbone_graph(self, sha256: str, rows: int) -> OnnxGraph:
+        """The backbone model's graph in a session of this process, checked against the sha256 in the config."""
+        version_dir = self.repository / self.backbone / "1"
+        found = hashlib.sha256((version_dir / VERSION_ONNX).read_bytes()).hexdigest()
+        if found != sha256:
+            raise ModelFault(
+                f"{version_dir / VERSION_ONNX} has sha256 {found[:12]}…, the router's config names {sha256[:12]}…: "
+                "write the repository again (`tl-models triton package`)"
+            )
+        return OnnxGraph(version_dir, f"{self.backbone}:1 in the router", spin=True, rows=rows)
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
         request = pb_utils.InferenceRequest(
@@ -136,9 +161,18 @@ class TritonPythonModel:
         """Route one request on ``route`` and preprocess its images; a UserError (its code from the table) for a
         bad request."""
         head, version = route.choose(_first_string(request, ROUTE_KEY), _first_string(request, ROUTE_HEAD))
-        data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy()
-        images = await asyncio.to_thread(preprocess_many, data.reshape(-1), self.spec, self.max_pixels)
+        data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy().reshape(-1)
+        images = await asyncio.to_thread(self.decode, data)
         return Routed(index, head, version, images)  # in a thread: PIL releases the GIL while it decodes and resizes
+
+    async def _embed(self, images: np.ndarray) -> np.ndarray:
+        """The backbone's embeddings of ``images``: a pass in this process, or BLS calls to the backbone model."""
+        if self.graph is None:
+            return await self._batched(self.backbone, -1, IMAGE, images, EMBEDDING)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.runner, self.graph.run, images)
+        except Exception as exc:
+            raise StepError(f"{self.backbone} in the router: ONNX Runtime: {exc}") from None
 
     def labels(self, head: str, version: int) -> tuple[str, ...]:
         """The labels of a head version, from its ``head.json`` in the repository (read once)."""
@@ -239,9 +273,7 @@ class TritonPythonModel:
             r.start, r.stop = start, start + len(r.images)
             start = r.stop
         try:
-            embeddings = await self._batched(
-                self.backbone, -1, IMAGE, np.concatenate([r.images for r in routed]), EMBEDDING
-            )
+            embeddings = await self._embed(np.concatenate([r.images for r in routed]))
         except StepError as exc:
             for r in routed:
                 responses[r.index] = error_response(exc)
@@ -289,3 +321,5 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         del self.routing
+        if self.graph is not None:
+            self.runner.shutdown()
