@@ -22,6 +22,8 @@ from tl_models.core.names import CONFIG, VERSION_SHA256
 from tl_models.core.routing import read_route
 from tl_models.triton import swap as triton_swap
 from tl_models.triton.config import read_config
+from tl_models.triton.launcher import TritonServerError
+from tl_models.triton.launcher import start as start_triton
 
 from bad_inputs import bad_images, bad_tensors, odd_images
 from helpers import RELIABILITY, RouterCaller, bytes_input, live, load_triton_until, url
@@ -300,3 +302,17 @@ def test_a_damaged_route_file_keeps_the_router_serving_and_refuses_a_swap(served
         assert after(images[0]).partition(":")[0] in {"a", "b"}
     finally:
         after.close()
+
+
+def test_a_router_whose_backbone_graph_was_damaged_on_disk_refuses_to_load(served, tmp_path):
+    """The router runs the backbone's graph itself on the CPU: a graph on disk that is not the one its config names
+    (here one damaged byte) stops it loading with a message naming the file, rather than serving wrong embeddings."""
+    name, repo = served["name"], tmp_path / "repo"
+    for model in (name, f"{name}_backbone"):
+        shutil.copytree(served["repo"] / model, repo / model, ignore=shutil.ignore_patterns("__pycache__"))
+    graph = repo / f"{name}_backbone" / "1" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(TritonServerError, match=r"model\.onnx has sha256 .* the router's config names"):
+        start_triton(repo, workdir=tmp_path / "server", load=(name,), timeout=300).stop()  # stopped if it started
