@@ -304,15 +304,49 @@ def test_a_damaged_route_file_keeps_the_router_serving_and_refuses_a_swap(served
         after.close()
 
 
+def _router_repository(served: dict, root: Path) -> Path:
+    """A copy of the served repository's router, backbone and head models (their files only, no cache)."""
+    name, repo = served["name"], root / "repo"
+    for model in (name, f"{name}_backbone", f"{name}_head_a", f"{name}_head_b"):
+        shutil.copytree(served["repo"] / model, repo / model, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte in the middle of the weights: ONNX Runtime would load it
+    path.write_bytes(bytes(data))
+
+
 def test_a_router_whose_backbone_graph_was_damaged_on_disk_refuses_to_load(served, tmp_path):
     """The router runs the backbone's graph itself on the CPU: a graph on disk that is not the one its config names
-    (here one damaged byte) stops it loading with a message naming the file, rather than serving wrong embeddings."""
-    name, repo = served["name"], tmp_path / "repo"
-    for model in (name, f"{name}_backbone"):
-        shutil.copytree(served["repo"] / model, repo / model, ignore=shutil.ignore_patterns("__pycache__"))
-    graph = repo / f"{name}_backbone" / "1" / "model.onnx"
-    data = bytearray(graph.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    graph.write_bytes(bytes(data))
-    with pytest.raises(TritonServerError, match=r"model\.onnx has sha256 .* the router's config names"):
-        start_triton(repo, workdir=tmp_path / "server", load=(name,), timeout=300).stop()  # stopped if it started
+    stops it loading with a message naming the file, rather than serving wrong embeddings."""
+    repo = _router_repository(served, tmp_path)
+    _damage(repo / f"{served['name']}_backbone" / "1" / "model.onnx")
+    with pytest.raises(TritonServerError, match=r"backbone/1/model\.onnx has sha256 .* it was packaged with"):
+        start_triton(repo, workdir=tmp_path / "server", load=(served["name"],), timeout=300).stop()  # if it started
+
+
+def test_a_head_graph_damaged_on_disk_fails_its_requests_and_the_others_are_answered(
+    served, reference, images, tmp_path
+):
+    """The router alone (its head models not even loaded in Triton) runs each head's graph itself: a damaged file of
+    head b's live version gets its requests an error naming the file; head a goes on answering."""
+    name = served["name"]
+    repo = _router_repository(served, tmp_path)
+    _damage(repo / f"{name}_head_b" / str(live(served, "b")) / "model.onnx")
+    server = start_triton(repo, workdir=tmp_path / "server", load=(name,), timeout=300)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+
+        def ask(head: str):
+            inputs = [bytes_input(grpcclient, images[:2]), bytes_input(grpcclient, [head.encode()] * 2, "route_head")]
+            return client.infer(name, inputs).as_numpy("logits")
+
+        with pytest.raises(InferenceServerException, match=r"head_b/\d+/model\.onnx has sha256 .* packaged with"):
+            ask("b")
+        np.testing.assert_allclose(ask("a"), reference(images[:2], "a", live(served, "a")), atol=1e-4, rtol=0)
+        with pytest.raises(InferenceServerException, match="packaged with"):
+            ask("b")  # still refused: a head that failed to load is not kept
+    finally:
+        server.stop()

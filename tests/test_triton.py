@@ -125,23 +125,26 @@ def test_router_split_sticky_key_and_explicit_head(served, reference, images) ->
     assert unknown.value.status() == "StatusCode.NOT_FOUND"  # the error table: unknown head -> NOT_FOUND
 
 
-def test_the_router_runs_the_backbone_in_its_own_process_on_the_cpu(served, reference, images):
-    """Python flavour on the CPU: the router's backbone pass is a session of its own (no BLS call), so the backbone
-    model counts none of the router's images, and the answers are still the reference's."""
+def test_the_router_runs_the_graphs_in_its_own_process_on_the_cpu(served, reference, images):
+    """Python flavour on the CPU: the router's backbone pass and head runs are sessions of its own (no BLS call), so
+    the backbone and head models count none of the router's images, and the answers are still the reference's."""
     name = served["name"]
     admin = httpclient.InferenceServerClient(served["server"].http_url)
 
-    def backbone_images() -> int:
-        return int(admin.get_inference_statistics(f"{name}_backbone")["model_stats"][0]["inference_count"])
+    def counted() -> list[int]:
+        return [
+            sum(int(s["inference_count"]) for s in admin.get_inference_statistics(model)["model_stats"])
+            for model in (f"{name}_backbone", f"{name}_head_b")
+        ]
 
-    before = backbone_images()
+    before = counted()
     client = grpcclient.InferenceServerClient(served["server"].grpc_url)
     inputs = [bytes_input(grpcclient, images[:5]), bytes_input(grpcclient, [b"b"] * 5, "route_head")]
     logits = client.infer(name, inputs).as_numpy("logits")
     np.testing.assert_allclose(logits, reference(images[:5], "b", live(served, "b")), atol=1e-4, rtol=0)
-    assert backbone_images() == before
-    client.infer(f"{name}_b", [bytes_input(grpcclient, images[:5])])  # the ensembles still call the backbone model
-    assert backbone_images() == before + 5
+    assert counted() == before
+    client.infer(f"{name}_b", [bytes_input(grpcclient, images[:5])])  # the ensembles still call both models
+    assert counted() == [before[0] + 5, before[1] + 5]
 
 
 @pytest.mark.parametrize("model_suffix", ["_a", ""])

@@ -75,11 +75,11 @@ def test_every_config_parses_and_serves_as_promised(build_dir, tmp_path, flavour
             rows = CPU_RUN_ROWS if name == "build_backbone" and not gpu else 0
             assert config.parameters["rows"].string_value == str(rows)
         assert (repo / name / "1" / "model.onnx").is_file()
-    router = found["build"].parameters  # python flavour on the CPU: the router runs the backbone's graph itself
-    assert ("backbone_in_process" in router) == (flavour == "python" and not gpu)
-    if "backbone_in_process" in router:
+    router = found["build"].parameters  # python flavour on the CPU: the router runs the graphs itself
+    assert ("in_process" in router) == (flavour == "python" and not gpu)
+    if "in_process" in router:
         sha256 = (repo / "build_backbone" / "1" / "model.onnx.sha256").read_text()
-        assert router["backbone_in_process"].string_value == sha256
+        assert router["in_process"].string_value == "1" and router["backbone_sha256"].string_value == sha256
         assert router["backbone_rows"].string_value == str(CPU_RUN_ROWS)
     for name in ("preprocess", "build"):
         assert found[name].backend == "python" and found[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU

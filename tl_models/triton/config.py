@@ -370,9 +370,10 @@ def ensemble_config(
 
 def router_config(name: str, manifest: Manifest, options: RepositoryOptions, backbone_sha256: str) -> dict:
     """The A/B router. No model_warmup: its BLS targets may not be loaded yet when it is warmed. In the python flavour
-    on the CPU it runs the backbone's graph (``backbone_sha256``) itself, in runs of ``CPU_RUN_ROWS``."""
+    on the CPU it runs the graphs itself: the backbone's (``backbone_sha256``) in runs of ``CPU_RUN_ROWS``, the
+    heads'."""
     in_process = (
-        _params(backbone_in_process=backbone_sha256, backbone_rows=str(CPU_RUN_ROWS))
+        _params(in_process="1", backbone_sha256=backbone_sha256, backbone_rows=str(CPU_RUN_ROWS))
         if options.flavour == "python" and not options.gpu
         else {}
     )

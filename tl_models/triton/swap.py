@@ -7,7 +7,8 @@ model-control API (called on each replica) and the route file (in the shared rep
 3. the route file (``tl_models.core.routing``) is repointed, with new weights if given: the router follows within
    its poll interval;
 4. once the old version has seen no traffic for ``drain`` seconds, the version_policy drops it and ``load``
-   unloads it (in-flight requests finish first; the router retries a straggler on the new route).
+   unloads it (in-flight requests finish first; the router retries a straggler on the new route); the swap returns
+   once every replica reports ready again (Triton reports not ready while it finishes an unload).
 
 Before step 1 the new version goes through the admission BentoML uses too (:func:`tl_models.core.heads.admit_head`:
 the sha256 recorded when it was packaged, ONNX Runtime load, tensor names, embedding size, same backbone, a test
@@ -89,6 +90,13 @@ class Replicas:
         """TritonSwapError naming each replica that cannot be reached or is not ready (nothing was changed). A
         replica that is up but not ready is asked again for up to ``wait`` seconds: Triton reports not ready
         while it finishes loading or unloading a model, e.g. just after the previous swap returned."""
+        problems = self.unready(wait)
+        if problems:
+            raise TritonSwapError("refused before any change: " + "; ".join(problems))
+        return self
+
+    def unready(self, wait: float = READY_WAIT) -> list[str]:
+        """Each replica that cannot be reached, or is still not ready after up to ``wait`` seconds, and why."""
         deadline = time.monotonic() + wait
         while True:
             problems, waiting = [], False
@@ -99,10 +107,8 @@ class Replicas:
                         waiting = True
                 except (OSError, InferenceServerException) as exc:
                     problems.append(f"{url}: cannot reach Triton ({exc})")
-            if not problems:
-                return self
-            if not waiting or time.monotonic() >= deadline:
-                raise TritonSwapError("refused before any change: " + "; ".join(problems))
+            if not problems or not waiting or time.monotonic() >= deadline:
+                return problems
             time.sleep(0.1)
 
     def load(self, model: str) -> None:
@@ -197,6 +203,14 @@ def _admit(repo: Path, name: str, version_dir: Path) -> None:
         admit_head(source, embedding_dim, backbone["sha256"], providers="cpu", gated=gated)
     except UserError as exc:
         raise TritonSwapError(f"{exc.message}: refused; the live version keeps serving") from None
+
+
+def _settle(client: Replicas) -> None:
+    """Return once every replica reports ready again after an unload (Triton reports not ready while it finishes
+    one), so that the next change or ``status`` finds the fleet settled; a warning after ``READY_WAIT``."""
+    problems = client.unready()
+    if problems:
+        log.warning("done, but not every replica is ready again: %s", "; ".join(problems))
 
 
 def _drain(client: Replicas, model: str, version: int, quiet: float, timeout: float) -> None:
@@ -298,6 +312,7 @@ def swap(
         if len(client.not_ready(model, old)) < len(client.urls):
             raise TritonSwapError(f"{model} version {old} is still loaded after the unload request")
         log.info("unloaded %s version %d", model, old)
+        _settle(client)
     return SwapResult(head, old, version, route)
 
 
@@ -391,6 +406,7 @@ def _unshadow(
         _drain(client, model_dir.name, old, quiet=max(drain, 0.5), timeout=timeout)
     if unused and needed:
         _set_versions(client, model_dir, needed, [])
+        _settle(client)
     return route
 
 

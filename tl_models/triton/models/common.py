@@ -3,6 +3,7 @@ the one table of :mod:`tl_models.core.errors`, and one ONNX graph of a version d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from tl_models.core.cpu import check_int8_machine
 from tl_models.core.errors import ModelFault, UserError, triton_code
-from tl_models.core.names import VERSION_BACKBONE, VERSION_ONNX
+from tl_models.core.names import VERSION_BACKBONE, VERSION_ONNX, VERSION_SHA256
 from tl_models.core.runtime import create_session
 
 
@@ -39,14 +40,38 @@ def check_backbone_machine(version_dir: Path) -> None:
             check_int8_machine(backbone.get("int8_machine"), backbone.get("origin", ""))
 
 
-class OnnxGraph:
-    """The ONNX graph of a version directory in one ONNX Runtime session: ``threads`` intra-op threads (0: ONNX
-    Runtime's default), spinning when ``spin``, a batch run in runs of at most ``rows`` rows (0: whole). A
-    backbone's int8 graph loads only on the CPU class its gate measured it on."""
+def read_graph(version_dir: Path, sha256: str | None = None) -> bytes:
+    """The ``model.onnx`` of a version directory, checked against ``sha256`` (default: the one recorded beside it when
+    it was packaged); a ModelFault naming the file when it differs (a damaged or replaced file)."""
+    path = version_dir / VERSION_ONNX
+    expected = sha256 or (version_dir / VERSION_SHA256).read_text().strip()
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != expected:
+        raise ModelFault(
+            f"{path} has sha256 {found[:12]}…, not the {expected[:12]}… it was packaged with: a damaged or replaced "
+            "file; package the build again (`tl-models triton package`)"
+        )
+    return data
 
-    def __init__(self, version_dir: Path, label: str, threads: int = 0, spin: bool = False, rows: int = 0) -> None:
+
+class OnnxGraph:
+    """The ONNX graph of a version directory (``graph``: its bytes, already read) in one ONNX Runtime session:
+    ``threads`` intra-op threads (0: ONNX Runtime's default), spinning when ``spin``, a batch run in runs of at most
+    ``rows`` rows (0: whole). A backbone's int8 graph loads only on the CPU class its gate measured it on."""
+
+    def __init__(
+        self,
+        version_dir: Path,
+        label: str,
+        threads: int = 0,
+        spin: bool = False,
+        rows: int = 0,
+        graph: bytes | None = None,
+    ) -> None:
         check_backbone_machine(version_dir)
-        self.session = create_session(version_dir / VERSION_ONNX, threads=threads or None, name=label, spin=spin)
+        model = version_dir / VERSION_ONNX if graph is None else graph
+        self.session = create_session(model, threads=threads or None, name=label, spin=spin)
         self.rows = rows
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

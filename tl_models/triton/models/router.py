@@ -1,4 +1,4 @@
-"""Triton python-backend model ``NAME``: the A/B router (BLS) over backbone -> head.
+"""Triton python-backend model ``NAME``: the A/B router over backbone -> head.
 
 Copied as ``model.py`` by ``tl-models triton package``. Per request it picks a head with ``tl_models.core.routing``
 (explicit ``route_head``, else the weighted split, sticky on ``route_key``), preprocesses the request's images
@@ -16,16 +16,19 @@ Triton's custom metrics (``tl_models_shadow_scored`` / ``_agreed`` / ``_errors``
 metrics port). A shadow head that fails is counted, dropped from this router's shadowing and from the route; the
 request is answered.
 
-With parameter ``backbone_in_process`` (the python flavour on the CPU: the sha256 of the backbone's graph) the router
-runs the backbone model's graph in an ONNX Runtime session of its own (every core's threads, spinning during a run,
-passes of at most ``backbone_rows`` images, one pass at a time on a thread of its own) instead of a BLS call to the
-backbone model: two hops between processes fewer per request. The backbone model stays for the ensembles.
+With parameter ``in_process`` (the python flavour on the CPU) the router runs the graphs itself instead of BLS calls
+to the backbone and head models, each a round trip between processes through ``tritonserver``: the backbone's
+(checked against ``backbone_sha256``) in an ONNX Runtime session with every core's threads, spinning during a run,
+one pass at a time on a thread of its own, in runs of at most ``backbone_rows`` images; each head version's (checked
+against the sha256 recorded when it was packaged) loaded on first use, run on the event loop (a D×C product),
+forgotten once the route no longer names it. The backbone and head models stay for the ensembles; Triton's
+statistics of those models count the ensembles' requests, not the router's. Otherwise (a GPU, the onnxruntime
+flavour) the router makes BLS calls: one backbone call per batch, one per head version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import threading
@@ -52,11 +55,10 @@ from tl_models.core.names import (
     ROUTE_HEAD,
     ROUTE_KEY,
     VERSION_HEAD,
-    VERSION_ONNX,
 )
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
-from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters
+from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters, read_graph
 
 
 class StepError(ModelFault):
@@ -124,21 +126,17 @@ class TritonPythonModel:
         self.repository = Path(args["model_repository"]).parent
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
         self.decode = partial(preprocess_many, spec=self.spec, max_pixels=self.max_pixels)
-        self.graph: OnnxGraph | None = None
-        if "backbone_in_process" in params:
-            self.graph = self._backbone_graph(params["backbone_in_process"], int(params["backbone_rows"]))
-            self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
-
-    def _backbone_graph(self, sha256: str, rows: int) -> OnnxGraph:
-        """The backbone model's graph in a session of this process, checked against the sha256 in the config."""
-        version_dir = self.repository / self.backbone / "1"
-        found = hashlib.sha256((version_dir / VERSION_ONNX).read_bytes()).hexdigest()
-        if found != sha256:
-            raise ModelFault(
-                f"{version_dir / VERSION_ONNX} has sha256 {found[:12]}…, the router's config names {sha256[:12]}…: "
-                "write the repository again (`tl-models triton package`)"
+        self.backbone_graph: OnnxGraph | None = None
+        self.head_graphs: dict[tuple[str, int], OnnxGraph] = {}
+        self._route: Route | None = None  # the route the head graphs were last pruned to
+        if params.get("in_process") == "1":
+            version_dir = self.repository / self.backbone / "1"
+            graph = read_graph(version_dir, params["backbone_sha256"])
+            rows = int(params["backbone_rows"])
+            self.backbone_graph = OnnxGraph(
+                version_dir, f"{self.backbone}:1 in the router", spin=True, rows=rows, graph=graph
             )
-        return OnnxGraph(version_dir, f"{self.backbone}:1 in the router", spin=True, rows=rows)
+            self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
         request = pb_utils.InferenceRequest(
@@ -167,12 +165,36 @@ class TritonPythonModel:
 
     async def _embed(self, images: np.ndarray) -> np.ndarray:
         """The backbone's embeddings of ``images``: a pass in this process, or BLS calls to the backbone model."""
-        if self.graph is None:
+        if self.backbone_graph is None:
             return await self._batched(self.backbone, -1, IMAGE, images, EMBEDDING)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.runner, self.graph.run, images)
+            return await asyncio.get_running_loop().run_in_executor(self.runner, self.backbone_graph.run, images)
         except Exception as exc:
             raise StepError(f"{self.backbone} in the router: ONNX Runtime: {exc}") from None
+
+    async def _logits(self, head: str, version: int, embeddings: np.ndarray) -> np.ndarray:
+        """A head version's logits for ``embeddings``: its graph in this process, or BLS calls to its model."""
+        model = self.head_prefix + head
+        if self.backbone_graph is None:
+            return await self._batched(model, version, EMBEDDING, embeddings, LOGITS)
+        try:
+            graph = self.head_graphs.get((head, version))
+            if graph is None:
+                version_dir = self.repository / model / str(version)
+                graph = OnnxGraph(
+                    version_dir, f"{model}:{version} in the router", threads=1, graph=read_graph(version_dir)
+                )
+                self.head_graphs[(head, version)] = graph
+            return graph.run(embeddings)
+        except Exception as exc:  # a missing or damaged file, a graph ONNX Runtime refuses
+            raise StepError(f"{model} version {version} in the router: {exc}") from None
+
+    def _prune(self, route: Route) -> None:
+        """Forget the head graphs ``route`` no longer names (a swapped-out version), once per route change."""
+        if route is not self._route:
+            self._route = route
+            named = set(route.versions.items()) | {(name, version) for name, version, _ in route.shadows()}
+            self.head_graphs = {key: graph for key, graph in self.head_graphs.items() if key in named}
 
     def labels(self, head: str, version: int) -> tuple[str, ...]:
         """The labels of a head version, from its ``head.json`` in the repository (read once)."""
@@ -186,12 +208,12 @@ class TritonPythonModel:
 
     async def _head(self, head: str, version: int, embeddings: np.ndarray) -> tuple[int, np.ndarray]:
         try:
-            return version, await self._batched(self.head_prefix + head, version, EMBEDDING, embeddings, LOGITS)
+            return version, await self._logits(head, version, embeddings)
         except StepError:
             live = read_route(self.route_file).versions.get(head)
             if live is None or live == version:
                 raise
-            return live, await self._batched(self.head_prefix + head, live, EMBEDDING, embeddings, LOGITS)
+            return live, await self._logits(head, live, embeddings)
 
     def _count(self, family: str, head: str, version: int, value: float) -> None:
         metric = self.metrics.get((family, head, version))
@@ -257,6 +279,7 @@ class TritonPythonModel:
     async def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         route = self.routing.current()  # one read for the whole batch: answers and shadows follow the same route
+        self._prune(route)
         prepared = await asyncio.gather(
             *(self._prepare(route, i, r) for i, r in enumerate(requests)), return_exceptions=True
         )
@@ -285,10 +308,7 @@ class TritonPythonModel:
         shadows = self._shadow_rows(route, routed)
         results = await asyncio.gather(
             *(self._head(head, version, embeddings[rows[(head, version)]]) for head, version in groups),
-            *(
-                self._batched(self.head_prefix + name, version, EMBEDDING, embeddings[r], LOGITS)
-                for (name, version), r in shadows.items()
-            ),
+            *(self._logits(name, version, embeddings[r]) for (name, version), r in shadows.items()),
             return_exceptions=True,
         )
         answers: list[tuple[str, int, int] | None] = [None] * len(embeddings)
@@ -321,5 +341,5 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         del self.routing
-        if self.graph is not None:
+        if self.backbone_graph is not None:
             self.runner.shutdown()
