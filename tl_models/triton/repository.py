@@ -12,8 +12,9 @@ For a build named NAME (its manifest's ``name``) the repository holds::
                               admission checks (tl_models.core.heads.admit_head); labels.txt
     NAME_<head>/              ensemble image_bytes -> preprocess -> backbone -> head (pinned live version)
     NAME_<head>_tensor/       ensemble image -> backbone -> head
-    NAME/                     python router (BLS): A/B split of tl_models.core.routing over ``NAME/route.json``;
-                              preprocesses in-process, then calls backbone -> head
+    NAME/                     python router: A/B split of tl_models.core.routing over ``NAME/route.json``;
+                              preprocesses in-process, then backbone -> head: on the CPU (python flavour) the
+                              graphs run in the router's process, else BLS calls to the models above
 
 Every config is built as a ``ModelConfig`` message, printed as text, parsed back with ``text_format.Parse``
 and checked (:func:`validate_config`) before it is written. A model or version directory is staged in a

@@ -62,7 +62,7 @@ from tl_models.triton.models.common import OnnxGraph, error_response, model_para
 
 
 class StepError(ModelFault):
-    """A BLS call that returned an error."""
+    """A backbone or head step that failed: a BLS call that returned an error, or a graph run in this process."""
 
 
 @dataclass
