@@ -3,6 +3,7 @@ it, and one fleet change at a time (a second `fleet swap` or `split` is refused 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -97,3 +98,25 @@ def test_a_second_fleet_change_is_refused_while_another_holds_the_route(tmp_path
     report = split(UNREACHABLE, route_file, {"a": 3, "b": 1}, "token")  # the killed holder left nothing behind
     assert [r["converged"] for r in report["phase2"]] == [False]
     assert RoutingState(route_file, poll=0).current().weights == {"a": 3.0, "b": 1.0}
+
+
+def test_a_holder_read_before_it_wrote_its_line_is_still_named(tmp_path):
+    """A holder writes its line just after it takes the lock: one who asks in between (the file still holds the
+    previous holder's line, a process long gone) waits for the new line instead of naming the wrong process."""
+    path = tmp_path / ".lock"
+    path.write_text("pid 999999999 (an earlier holder) since 00:00:00\n")
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # taken here; its line follows 0.1 s later, from another thread
+
+        def announce() -> None:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} (this test) since 00:00:01\n")
+            handle.flush()
+
+        late = threading.Timer(0.1, announce)
+        late.start()
+        try:
+            with pytest.raises(LockHeld, match=f"held by pid {os.getpid()} "), file_lock(path, wait=False):
+                pass
+        finally:
+            late.join()

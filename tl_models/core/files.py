@@ -89,9 +89,30 @@ def _command() -> str:
     return " ".join([os.path.basename(words[0]), *words[1:]]).replace("\n", " ")[:200]
 
 
-def lock_holder(path: str | Path) -> str:
-    """Who holds the lock ``path``, as its holder wrote it (pid, command, since when)."""
+def lock_holder(path: str | Path, patience: float = 0.5) -> str:
+    """Who holds the lock ``path``, as its holder wrote it (pid, command, since when). A holder writes its line just
+    after it takes the lock: a line still empty, or one naming a process that has ended (the previous holder's), is
+    read again for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            line = Path(path).read_text().strip()
+        except OSError:
+            line = ""
+        if (line and _alive(line)) or time.monotonic() >= deadline:
+            return line or "another process"
+        time.sleep(0.01)
+
+
+def _alive(line: str) -> bool:
+    """Whether the process a holder's line names (``pid N ...``) still runs; True when the line names none."""
+    pid = line.split()[1] if line.startswith("pid ") and len(line.split()) > 1 else ""
+    if not pid.isdigit():
+        return True
     try:
-        return Path(path).read_text().strip() or "another process"
-    except OSError:
-        return "another process"
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
