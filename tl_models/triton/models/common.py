@@ -3,7 +3,6 @@ the one table of :mod:`tl_models.core.errors`, and one ONNX graph of a version d
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from tl_models.core.cpu import check_int8_machine
 from tl_models.core.errors import ModelFault, UserError, triton_code
+from tl_models.core.heads import read_verified
 from tl_models.core.names import VERSION_BACKBONE, VERSION_ONNX, VERSION_SHA256
 from tl_models.core.runtime import create_session
 
@@ -42,17 +42,10 @@ def check_backbone_machine(version_dir: Path) -> None:
 
 def read_graph(version_dir: Path, sha256: str | None = None) -> bytes:
     """The ``model.onnx`` of a version directory, checked against ``sha256`` (default: the one recorded beside it when
-    it was packaged); a ModelFault naming the file when it differs (a damaged or replaced file)."""
-    path = version_dir / VERSION_ONNX
+    it was packaged) by :func:`~tl_models.core.heads.read_verified`, as a swap's admission checks it: Refused naming
+    the file when it is missing or differs (a damaged or replaced file)."""
     expected = sha256 or (version_dir / VERSION_SHA256).read_text().strip()
-    data = path.read_bytes()
-    found = hashlib.sha256(data).hexdigest()
-    if found != expected:
-        raise ModelFault(
-            f"{path} has sha256 {found[:12]}…, not the {expected[:12]}… it was packaged with: a damaged or replaced "
-            "file; package the build again (`tl-models triton package`)"
-        )
-    return data
+    return read_verified(version_dir / VERSION_ONNX, expected, "the router's graph")
 
 
 class OnnxGraph:
