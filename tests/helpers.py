@@ -301,3 +301,11 @@ def sticky_head(weights: dict[str, float], versions: dict[str, int], key: str) -
         if point < edge:
             return f"{name}:{versions[name]}"
     return f"{live[-1][0]}:{versions[live[-1][0]]}"
+
+
+def damage_bytes(path: Path) -> None:
+    """Damage a file the way a bad copy would: a few bytes mid-file overwritten (its size unchanged, so only a
+    checksum finds it; in a model file they fall among the weights, which ONNX Runtime would load)."""
+    with open(path, "r+b") as handle:
+        handle.seek(handle.seek(0, 2) // 2)
+        handle.write(b"\x00\xff" * 8)

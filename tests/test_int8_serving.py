@@ -36,7 +36,7 @@ from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository
 from tl_models.triton.swap import TritonSwapError, swap
 
-from helpers import ADMIN, TOKEN, DirectOnnx, bytes_input
+from helpers import ADMIN, TOKEN, DirectOnnx, bytes_input, damage_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -101,9 +101,7 @@ def test_a_corrupt_int8_backbone_is_refused_at_load(int8_build, tmp_path, monkey
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     corrupt = shutil.copytree(int8_build, tmp_path / "corrupt")
     path = corrupt / "backbone.int8.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    damage_bytes(path)
     backbone, heads = sources_from_build(corrupt, "int8")
     with pytest.raises(Refused, match="int8 backbone: .* fails its sha256 check"):
         ServingEngine(backbone, heads, ServingConfig(state_dir=tmp_path / "state"))

@@ -27,7 +27,7 @@ from tl_models.core.heads import softmax, sources_from_build
 from tl_models.core.preprocess import preprocess_bytes
 
 from bad_inputs import bad_images, bad_tensors, encode, odd_images
-from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, load_until
+from helpers import RELIABILITY, RELIABILITY_NOTES, DirectOnnx, Server, damage_bytes, load_until
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, settled_pids, soak, tree_pids
 
 pytestmark = pytest.mark.slow
@@ -387,13 +387,13 @@ def _cannot_start(deployment, kind: str, root: Path) -> tuple[dict, str]:
     env = {**deployment.env, "TL_MODELS_STATE_DIR": str(root / "state"), "TL_MODELS_WORKERS": "1"}
     if kind == "corrupt backbone":
         build = shutil.copytree(deployment.build_dir, root / "build")
-        _damage_bytes(build / "backbone.onnx")
+        damage_bytes(build / "backbone.onnx")
         return {**env, "TL_MODELS_BUILD": str(build)}, f"{build / 'backbone.onnx'} fails its sha256 check"
     if kind == "tampered head in the model store":
         home = shutil.copytree(deployment.env["BENTOML_HOME"], root / "bentoml")
         latest = (home / "models" / "build-head-a" / "latest").read_text().strip()  # the version a new route takes
         (head,) = (home / "models" / "build-head-a" / latest).rglob("head.onnx")
-        _damage_bytes(head)
+        damage_bytes(head)
         return {**env, "BENTOML_HOME": str(home)}, f"head a:{latest[1:]}: {head} fails its sha256 check"
     if kind == "state dir of another backbone":
         HeadCatalog(root / "state" / "heads.json").put(sources_from_build(deployment.build_dir)[1])
@@ -404,12 +404,6 @@ def _cannot_start(deployment, kind: str, root: Path) -> tuple[dict, str]:
     route = root / "state" / "route.json"
     route.write_text('{"weights": {"a": 1.0}, "versions": {"a"')
     return {**env, "TL_MODELS_BUILD": str(deployment.build_dir)}, f"route file {route} is damaged"
-
-
-def _damage_bytes(path: Path) -> None:
-    with open(path, "r+b") as handle:  # a few bytes flipped mid-file
-        handle.seek(handle.seek(0, 2) // 2)
-        handle.write(b"\x00\xff" * 8)
 
 
 @pytest.mark.parametrize(
@@ -437,7 +431,7 @@ def test_a_tampered_head_in_the_model_store_is_refused_and_the_service_keeps_ser
     good = head.read_bytes()
     before = _route(server)
     try:
-        _damage_bytes(head)
+        damage_bytes(head)
         response = server.admin("/admin/load", {"head": "b", "version": 1})
         assert response.status_code == 422, response.text
         assert f"{head} fails its sha256 check" in response.json()["error"], response.text

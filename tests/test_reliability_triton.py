@@ -26,7 +26,7 @@ from tl_models.triton.launcher import TritonServerError
 from tl_models.triton.launcher import start as start_triton
 
 from bad_inputs import bad_images, bad_tensors, odd_images
-from helpers import RELIABILITY, RouterCaller, bytes_input, live, load_triton_until, url
+from helpers import RELIABILITY, RouterCaller, bytes_input, damage_bytes, live, load_triton_until, url
 from reliability import MAX_MEMORY_GROWTH, burst, record_soak, settled_pids, soak, tree_pids
 
 pytestmark = pytest.mark.slow
@@ -312,17 +312,11 @@ def _router_repository(served: dict, root: Path) -> Path:
     return repo
 
 
-def _damage(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one byte in the middle of the weights: ONNX Runtime would load it
-    path.write_bytes(bytes(data))
-
-
 def test_a_router_whose_backbone_graph_was_damaged_on_disk_refuses_to_load(served, tmp_path):
     """The router runs the backbone's graph itself on the CPU: a graph on disk that is not the one its config names
     stops it loading with a message naming the file, rather than serving wrong embeddings."""
     repo = _router_repository(served, tmp_path)
-    _damage(repo / f"{served['name']}_backbone" / "1" / "model.onnx")
+    damage_bytes(repo / f"{served['name']}_backbone" / "1" / "model.onnx")
     with pytest.raises(TritonServerError, match=r"backbone/1/model\.onnx fails its sha256 check"):
         start_triton(repo, workdir=tmp_path / "server", load=(served["name"],), timeout=300).stop()  # if it started
 
@@ -334,7 +328,7 @@ def test_a_head_graph_damaged_on_disk_fails_its_requests_and_the_others_are_answ
     head b's live version gets its requests an error naming the file; head a goes on answering."""
     name = served["name"]
     repo = _router_repository(served, tmp_path)
-    _damage(repo / f"{name}_head_b" / str(live(served, "b")) / "model.onnx")
+    damage_bytes(repo / f"{name}_head_b" / str(live(served, "b")) / "model.onnx")
     server = start_triton(repo, workdir=tmp_path / "server", load=(name,), timeout=300)
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
