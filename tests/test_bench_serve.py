@@ -80,7 +80,8 @@ def test_drive_reports_a_refused_connection_as_errors(protocol):
 
 
 def test_options_are_checked(tmp_path):
-    for bad in ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1}, {"build_dir": tmp_path}):
+    bad_options = ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1}, {"rounds": 0})
+    for bad in (*bad_options, {"build_dir": tmp_path}):
         with pytest.raises(BenchServeError):
             ServeBenchOptions(**bad).check()
 
@@ -222,3 +223,42 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
         ("bentoml", "fp32"),
         ("bentoml", "int8"),
     ]
+
+
+def test_rounds_compare_each_server_point_with_its_own_rounds_onnx_runtime(built, tmp_path, capsys):
+    """Two rounds: the in-process and server points twice, the server restarted, each point's ratio against
+    its own round's ONNX Runtime best and the target judged on the median of the two."""
+    options = ServeBenchOptions(
+        build_dir=built / "build",
+        data=built / "data",
+        workdir=tmp_path / "work",
+        batches=(1,),
+        concurrency=(2,),
+        seconds=0.3,
+        max_requests=20,
+        heads=0,
+        stacks=("onnxruntime", "bentoml-body"),
+        rounds=2,
+    )
+    figures = bench_serve(options)
+    assert [s["server"] for s in figures["servers_started"]] == ["bentoml", "bentoml"]
+    assert len({s["pid"] for s in figures["servers_started"]}) == 2
+    per_round = len({1, available_cores()}) + len({1, available_cores()})  # raw and decoding, each layout
+    assert [r["round"] for r in figures["in_process"]] == [0] * per_round + [1] * per_round
+    best = [
+        max(r["throughput"] for r in figures["in_process"] if r["round"] == index and not r["decode"])
+        for index in (0, 1)
+    ]
+    assert figures["ort_best"]["rounds"] == best
+    assert figures["ort_best"]["throughput"] == pytest.approx(sum(best) / 2)  # the median of two
+    rows = figures["servers"]
+    assert [(r["stack"], r["round"]) for r in rows] == [("bentoml-body", 0), ("bentoml-body", 1)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 0
+        assert row["vs_ort_best"] == pytest.approx(row["throughput"] / best[row["round"]])
+    throughput = next(t for t in figures["targets"] if t["target"].startswith("bentoml-body: throughput"))
+    assert throughput["rounds"] == [r["vs_ort_best"] for r in rows]
+    assert throughput["value"] == pytest.approx(sum(throughput["rounds"]) / 2)
+    out = capsys.readouterr().out
+    assert "[bench serve] round 2 of 2" in out and "bentoml-body, concurrency 2, round 2" in out
+    assert "median of" in out

@@ -54,8 +54,9 @@ def write_json(path: str | Path | None, figures: dict) -> None:
 
 
 def plot_serving(figures: dict, path: str | Path) -> None:
-    """`bench serve`: throughput and p99 latency vs client concurrency, one line per server stack, with the
-    raw ONNX Runtime best (in process) as a dashed line and its best decoding each image first as a dotted one."""
+    """`bench serve`: throughput and p99 latency vs client concurrency, one line per server stack (the median of
+    the rounds), with the raw ONNX Runtime best (in process) as a dashed line and its best decoding each image first
+    as a dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,10 +65,12 @@ def plot_serving(figures: dict, path: str | Path) -> None:
     fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 4))
     stacks = list(dict.fromkeys(row["stack"] for row in figures["servers"]))
     for stack in stacks:
-        rows = sorted((r for r in figures["servers"] if r["stack"] == stack), key=lambda r: r["concurrency"])
-        level = [r["concurrency"] for r in rows]
-        rate_ax.plot(level, [r["throughput"] for r in rows], marker="o", label=stack)
-        p99_ax.plot(level, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in rows], marker="o", label=stack)
+        rows = [r for r in figures["servers"] if r["stack"] == stack]
+        level = sorted({r["concurrency"] for r in rows})
+        at = [[r for r in rows if r["concurrency"] == clients] for clients in level]  # one row per round
+        rate_ax.plot(level, [np.median([r["throughput"] for r in point]) for point in at], marker="o", label=stack)
+        p99 = [np.median([np.nan if r["p99_ms"] is None else r["p99_ms"] for r in point]) for point in at]
+        p99_ax.plot(level, p99, marker="o", label=stack)
     if "ort_best" in figures:
         best = figures["ort_best"]
         rate_ax.axhline(

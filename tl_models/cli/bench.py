@@ -65,6 +65,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         int8=args.int8,
         judging=args.judging,
         profile=args.profile,
+        rounds=args.rounds,
     )
     bench_serve(options)
     return EXIT_OK
@@ -191,5 +192,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="sample each server started here with py-spy at the top concurrency: the share of its CPU per part "
         "(ONNX Runtime, decode, HTTP, metrics, judging, ...) in the table, folded stacks in --workdir",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="measure the in-process and server points this many times in turn (servers restarted each round), "
+        "each server point against its own round's ONNX Runtime; targets judged on the median of the rounds",
     )
     p.set_defaults(func=cmd_bench_serve)
