@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tl_models.core import runtime
 from tl_models.core.errors import BadRequest
-from tl_models.core.runtime import active_provider, create_session, gpu_count, resolve_providers
+from tl_models.core.runtime import active_provider, create_session, gpu_count, lane_sessions, resolve_providers
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,27 @@ def test_serving_sessions_can_stop_spinning_and_spinning_ones_stop_when_a_run_en
         quiet.get_session_config_entry(stop)
     spinning = create_session(tiny_model, providers="cpu").get_session_options()
     assert spinning.get_session_config_entry(spin) == "1" and spinning.get_session_config_entry(stop) == "1"
+
+
+def _layout(sessions) -> tuple[list[tuple[int, str]], tuple[int, str] | None]:
+    """(intra-op threads, spinning) of each lane and of the solo session (0 threads: ONNX Runtime's default)."""
+
+    def facts(session):
+        options = session.get_session_options()
+        return options.intra_op_num_threads, options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    lanes, solo = sessions
+    return [facts(lane) for lane in lanes], None if solo is None else facts(solo)
+
+
+def test_lane_sessions_of_a_lone_worker_and_of_one_worker_among_several(tiny_model, monkeypatch):
+    """A lone worker: single-threaded lanes, one per core, and a solo session with every core. One worker of
+    several (``shared``): lanes over its share of the cores, and still a solo session with every core of the machine
+    (a lone request gets the whole machine); none where one core is all there is."""
+    monkeypatch.setattr(runtime, "available_cores", lambda: 4)
+    assert _layout(lane_sessions(tiny_model, 4, None, "cpu")) == ([(1, "0")] * 4, (0, "1"))
+    assert _layout(lane_sessions(tiny_model, 1, 2, "cpu", spin=False)) == ([(2, "0")], None)
+    assert _layout(lane_sessions(tiny_model, 2, 2, "cpu", spin=False, shared=True)) == ([(1, "0")] * 2, (0, "0"))
+    assert _layout(lane_sessions(tiny_model, 1, 1, "cpu", spin=False, shared=True)) == ([(1, "0")], (0, "0"))
+    monkeypatch.setattr(runtime, "available_cores", lambda: 1)
+    assert _layout(lane_sessions(tiny_model, 1, 1, "cpu", shared=True)) == ([(1, "0")], None)

@@ -105,14 +105,16 @@ class ServingConfig:
 def backbone_sessions(data: bytes, config: ServingConfig) -> tuple[list[Any], Any | None]:
     """The backbone's lanes and solo session (:func:`~tl_models.core.runtime.lane_sessions`): on a GPU one session;
     on the CPU ``config.lanes`` lanes (default: one per core of this worker) over ``config.threads`` threads
-    (default: the worker's cores, so that several workers do not oversubscribe them), the solo session spinning
-    when ``config.spin``."""
+    (default: the worker's cores, so that several workers do not oversubscribe them under load), the solo session
+    with every core of the machine, spinning when ``config.spin``."""
     if _on_gpu(config):
         return lane_sessions(data, 1, config.threads, config.providers, config.spin, "backbone")
     # ONNX Runtime's own thread count (None) where the worker has every core: it pins its threads to the cores, a lone
     # pass's tail latency here is lower than with the same count given (Triton p99 at concurrency 1: 14 vs 21 ms)
-    threads = config.threads or (None if config.cores >= available_cores() else config.cores)
-    return lane_sessions(data, config.lanes or config.cores, threads, config.providers, config.spin, "backbone")
+    shared = config.cores < available_cores()  # one worker of several
+    threads = config.threads or (config.cores if shared else None)
+    lanes = config.lanes or config.cores
+    return lane_sessions(data, lanes, threads, config.providers, config.spin, "backbone", shared)
 
 
 def pass_size(config: ServingConfig) -> int:

@@ -129,22 +129,26 @@ def lane_sessions(
     providers: str | list[str] | None = None,
     spin: bool = True,
     name: str | None = None,
+    shared: bool = False,
 ) -> tuple[list[ort.InferenceSession], ort.InferenceSession | None]:
     """A backbone's sessions for serving on the CPU: ``lanes`` sessions that run passes side by side, each with an
     equal share of ``threads`` (None: this process's cores; not spinning: they share the cores), and a solo session
     with all ``threads`` (None: ONNX Runtime's default, which pins its threads to the cores), spinning when
     ``spin``, for a pass that runs alone (None where a lane has every thread already). One lane: that one session,
-    ``threads`` and ``spin`` its own.
+    ``threads`` and ``spin`` its own. ``shared`` (a worker among several on the machine): the lanes keep to
+    ``threads``, the worker's share, and the solo session takes every core (ONNX Runtime's default): a lone request
+    still gets the whole machine.
 
     Side by side, single-threaded sessions give the most images per second; one session with every core gives a
     lone image the shortest pass (2-core AMX Xeon, mobilenet_v2 batch 1: two single-threaded sessions 382.7 img/s
     against one session's 325.6; a lone pass 3.1 ms on two threads, 5.7 ms on one)."""
-    if lanes <= 1:
+    solo_threads = None if shared else threads
+    solo_cores = available_cores() if shared else threads or available_cores()
+    if lanes <= 1 and not shared:
         return [create_session(model, providers, threads, name, spin)], None
-    total = threads or available_cores()
-    per_lane = max(1, total // lanes)
+    per_lane = max(1, (threads or available_cores()) // lanes)
     sessions = [create_session(model, providers, per_lane, name, spin=False) for _ in range(lanes)]
-    return sessions, create_session(model, providers, threads, name, spin) if total > per_lane else None
+    return sessions, create_session(model, providers, solo_threads, name, spin) if solo_cores > per_lane else None
 
 
 def active_provider(session: ort.InferenceSession) -> str:

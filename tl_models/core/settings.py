@@ -116,7 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
         "one per core of the worker (CPU); 1 on a GPU",
         "bento",
         "Backbone passes that run side by side, each on a single-threaded session of its own; a request that finds "
-        "the worker idle runs on a session with all of the worker's cores instead. `1`: one session for everything.",
+        "the worker idle runs on a session with every core of the machine instead. `1` with one worker: one session "
+        "for everything.",
     ),
     Setting(
         "TL_MODELS_MAX_BATCH",
