@@ -4,6 +4,7 @@ and a real server answering 4xx."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -187,10 +188,10 @@ def test_heads_part_refuses_data_with_other_labels_before_measuring(built, tmp_p
     assert "in process" not in capsys.readouterr().out
 
 
-def test_int8_columns_sit_beside_fp32(built, tmp_path):
-    build_dir = shutil.copytree(built / "build", tmp_path / "build")
+def _one_point(built: Path, tmp_path: Path, **settings) -> ServeBenchOptions:
+    """Options of a short run: batch 1 in process, concurrency 2 against the servers, no heads part."""
     options = ServeBenchOptions(
-        build_dir=build_dir,
+        build_dir=built / "build",
         data=built / "data",
         workdir=tmp_path / "work",
         batches=(1,),
@@ -198,9 +199,13 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
         seconds=0.5,
         max_requests=20,
         heads=0,
-        stacks=("onnxruntime", "bentoml-http"),
-        int8=True,
     )
+    return dataclasses.replace(options, **settings)
+
+
+def test_int8_columns_sit_beside_fp32(built, tmp_path):
+    build_dir = shutil.copytree(built / "build", tmp_path / "build")
+    options = _one_point(built, tmp_path, build_dir=build_dir, stacks=("onnxruntime", "bentoml-http"), int8=True)
     with pytest.raises(BenchServeError, match="--int8: .*no int8 backbone"):  # a user's build is never quantized here
         bench_serve(options)
     quantize(
@@ -228,18 +233,7 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
 def test_rounds_compare_each_server_point_with_its_own_rounds_onnx_runtime(built, tmp_path, capsys):
     """Two rounds: the in-process and server points twice, the server restarted, each point's ratio against
     its own round's ONNX Runtime best and the target judged on the median of the two."""
-    options = ServeBenchOptions(
-        build_dir=built / "build",
-        data=built / "data",
-        workdir=tmp_path / "work",
-        batches=(1,),
-        concurrency=(2,),
-        seconds=0.3,
-        max_requests=20,
-        heads=0,
-        stacks=("onnxruntime", "bentoml-body"),
-        rounds=2,
-    )
+    options = _one_point(built, tmp_path, stacks=("onnxruntime", "bentoml-body"), seconds=0.3, rounds=2)
     figures = bench_serve(options)
     assert [s["server"] for s in figures["servers_started"]] == ["bentoml", "bentoml"]
     assert len({s["pid"] for s in figures["servers_started"]}) == 2
