@@ -81,7 +81,14 @@ def test_drive_reports_a_refused_connection_as_errors(protocol):
 
 
 def test_options_are_checked(tmp_path):
-    bad_options = ({"stacks": ("nginx",)}, {"concurrency": (0,)}, {"seconds": 0}, {"heads": 1}, {"rounds": 0})
+    bad_options = (
+        {"stacks": ("nginx",)},
+        {"concurrency": (0,)},
+        {"seconds": 0},
+        {"heads": 1},
+        {"rounds": 0},
+        {"processes": 0},
+    )
     for bad in (*bad_options, {"build_dir": tmp_path}):
         with pytest.raises(BenchServeError):
             ServeBenchOptions(**bad).check()
@@ -231,9 +238,9 @@ def test_int8_columns_sit_beside_fp32(built, tmp_path):
 
 
 def test_rounds_compare_each_server_point_with_its_own_rounds_onnx_runtime(built, tmp_path, capsys):
-    """Two rounds: the in-process and server points twice, the server restarted, each point's ratio against
-    its own round's ONNX Runtime best and the target judged on the median of the two."""
-    options = _one_point(built, tmp_path, stacks=("onnxruntime", "bentoml-body"), seconds=0.3, rounds=2)
+    """Two rounds: the in-process and server points twice, the server (two workers) restarted, each point's ratio
+    against its own round's ONNX Runtime best and the target judged on the median of the two."""
+    options = _one_point(built, tmp_path, stacks=("onnxruntime", "bentoml-body"), seconds=0.3, rounds=2, processes=2)
     figures = bench_serve(options)
     assert [s["server"] for s in figures["servers_started"]] == ["bentoml", "bentoml"]
     assert len({s["pid"] for s in figures["servers_started"]}) == 2
@@ -255,4 +262,6 @@ def test_rounds_compare_each_server_point_with_its_own_rounds_onnx_runtime(built
     assert throughput["value"] == pytest.approx(sum(throughput["rounds"]) / 2)
     out = capsys.readouterr().out
     assert "[bench serve] round 2 of 2" in out and "bentoml-body, concurrency 2, round 2" in out
-    assert "median of" in out
+    assert "median of" in out and "2 server processes" in out
+    log = (tmp_path / "work" / "bento-main.log").read_text()  # --processes 2: two workers answered
+    assert "[entry_service:Classifier:2] Service Classifier initialized" in log

@@ -20,6 +20,9 @@ from tl_models.bench.loadgen import TritonCaller, drive
 from tl_models.cli import main as cli_main
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.core.routing import read_route
+from tl_models.triton.config import RepositoryOptions
+from tl_models.triton.launcher import start as start_triton
+from tl_models.triton.repository import write_repository
 
 from helpers import RELIABILITY, bytes_input, live, load_triton_until, sticky_head, url
 
@@ -150,6 +153,27 @@ def test_the_router_runs_the_graphs_in_its_own_process_on_the_cpu(served, refere
         time.sleep(0.05)
     time.sleep(0.5)  # and nothing more arrives late: the router's 5 images are in neither count
     assert counted() == expected
+
+
+def test_router_instances_of_several_share_the_cores_and_give_the_same_answers(served, reference, images, tmp_path):
+    """`--instances 2`: each router instance runs a batch on a session with its share of the cores and a lone image
+    on a session with every core (not spinning); both give the reference's answers."""
+    repo = write_repository(served["build"], tmp_path / "repo", RepositoryOptions(flavour="python", instances=2))
+    server = start_triton(repo.path, workdir=tmp_path / "tritonserver", timeout=600)
+    try:
+        client = httpclient.InferenceServerClient(server.http_url)
+        route_b = [b"b"]
+        for image in images[:3]:  # one lone image at a time: the solo session
+            inputs = [bytes_input(httpclient, [image]), bytes_input(httpclient, route_b, "route_head")]
+            logits = client.infer(served["name"], inputs).as_numpy("logits")
+            np.testing.assert_allclose(logits, reference([image], "b", 1), atol=1e-4, rtol=0)
+        inputs = [bytes_input(httpclient, images[:5]), bytes_input(httpclient, route_b * 5, "route_head")]
+        logits = client.infer(served["name"], inputs).as_numpy("logits")  # a batch: the instance's own session
+        np.testing.assert_allclose(logits, reference(images[:5], "b", 1), atol=1e-4, rtol=0)
+        log = server.log_path.read_text(errors="replace")
+        assert log.count("in the router (solo): ONNX Runtime providers") == 2, log[-2000:]  # one per instance
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("model_suffix", ["_a", ""])

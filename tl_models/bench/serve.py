@@ -8,7 +8,8 @@ backbone, and a live head swap (``/admin/load``) under load. Servers are started
 their URLs are given. With ``int8``, ONNX Runtime and the servers started here run again on the build's int8
 backbone (stacks suffixed ``-int8``; each compared with int8 ONNX Runtime). With ``judging``, the cost of judging
 heads: BentoML throughput at the top concurrency without and with one shadow head and 10 % of requests in the
-embedding log (two services, measured in turns). With ``rounds`` above 1, the in-process points and the servers'
+embedding log (two services, measured in turns). With ``processes``, the BentoML service and Triton's router
+started here run that many workers / instances. With ``rounds`` above 1, the in-process points and the servers'
 points are measured that many times in turn (the servers restarted each round) and each server point is compared
 with its own round's ONNX Runtime: on a shared host whose speed drifts by a fifth within minutes, a target is
 judged on the median of the rounds' ratios, not on one point. Figures: a table, JSON (``json_path``) and a PNG
@@ -90,6 +91,7 @@ class ServeBenchOptions:
     judging: bool = False
     profile: bool = False  # py-spy samples each server started here at the top concurrency (first round)
     rounds: int = 1  # in-process and server points measured this many times in turn; targets on the median
+    processes: int | None = None  # BentoML workers and Triton router instances of the servers started here
     progress: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
     def check(self) -> ServeBenchOptions:
@@ -101,8 +103,8 @@ class ServeBenchOptions:
                 raise BenchServeError(f"every {what} must be at least 1, got {list(values)}")
         if self.seconds <= 0 or self.max_requests < 1:
             raise BenchServeError(f"seconds must be > 0 and max requests >= 1, got {self.seconds}, {self.max_requests}")
-        if self.rounds < 1:
-            raise BenchServeError(f"rounds must be at least 1, got {self.rounds}")
+        if self.rounds < 1 or (self.processes is not None and self.processes < 1):
+            raise BenchServeError(f"rounds and processes must be at least 1, got {self.rounds}, {self.processes}")
         if self.heads == 1 or self.heads < 0:
             raise BenchServeError(f"heads must be 0 (skip the heads part) or at least 2, got {self.heads}")
         if self.build_dir is not None and not BuildDir(self.build_dir).exists():
@@ -336,13 +338,16 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def _bento_env(build_dir: Path, state_dir: Path, workdir: Path, token: str, precision: str = "fp32") -> dict[str, str]:
+def _bento_env(
+    build_dir: Path, state_dir: Path, workdir: Path, token: str, precision: str = "fp32", workers: int | None = None
+) -> dict[str, str]:
     """The service on ``build_dir`` as deployed for throughput (no access log line per request);
-    ``/admin/load`` may load builds under ``workdir`` (the heads build)."""
+    ``/admin/load`` may load builds under ``workdir`` (the heads build); ``workers`` (None: the environment's)."""
     return bento_launcher.service_environment(
         build_dir=build_dir,
         state_dir=state_dir,
         precision=precision,
+        workers=workers,
         extra={
             "BENTOML_HOME": str(workdir / "bentoml"),
             "TL_MODELS_ADMIN_TOKEN": token,
@@ -381,8 +386,9 @@ def _servers(
         url, pid = given["bentoml-http"], None
         if url is None:
             options.progress(f"[bench serve] starting bentoml serve ({precision} backbone)")
+            state = workdir / f"state-main{suffix}"
             server = bento_launcher.start(
-                _bento_env(build_dir, workdir / f"state-main{suffix}", workdir, secrets.token_hex(8), precision),
+                _bento_env(build_dir, state, workdir, secrets.token_hex(8), precision, options.processes),
                 log_path=workdir / f"bento-main{suffix}.log",
                 timeout=options.start_timeout,
             )
@@ -402,7 +408,9 @@ def _servers(
             f"[bench serve] writing the Triton model repository and starting tritonserver ({precision} backbone)"
         )
         repo = write_repository(
-            build_dir, workdir / f"model_repository{suffix}", RepositoryOptions(flavour="python", precision=precision)
+            build_dir,
+            workdir / f"model_repository{suffix}",
+            RepositoryOptions(flavour="python", precision=precision, instances=options.processes or 1),
         )
         tritonserver = triton_launcher.start(
             repo.path, workdir=workdir / f"tritonserver{suffix}", timeout=options.start_timeout
@@ -861,6 +869,7 @@ def _table(figures: dict) -> str:
     title = (
         f"bench serve: {figures['backbone']} [{figures['weights']}], {figures['cpu_count']} CPU cores, "
         f"{figures['seconds']:g} s or {figures['max_requests']} requests per point"
+        + (f", {figures['processes']} server processes (workers / instances)" if figures.get("processes") else "")
     )
     return format_table(title, rows)
 
@@ -932,6 +941,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
             "max_requests": options.max_requests,
             "images": {"count": len(images), "mean_bytes": float(np.mean([len(i) for i in images]))},
             "heads_count": options.heads,
+            "processes": options.processes,
             "servers_started": started,
         }
         figures["in_process"], figures["servers"] = [], []

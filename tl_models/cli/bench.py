@@ -66,6 +66,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         judging=args.judging,
         profile=args.profile,
         rounds=args.rounds,
+        processes=args.processes,
     )
     bench_serve(options)
     return EXIT_OK
@@ -199,5 +200,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=defaults.rounds,
         help="measure the in-process and server points this many times in turn (servers restarted each round), "
         "each server point against its own round's ONNX Runtime; targets judged on the median of the rounds",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="BentoML workers (TL_MODELS_WORKERS) and Triton router instances (triton package --instances) of the "
+        "servers started here (default: the environment's workers, one instance)",
     )
     p.set_defaults(func=cmd_bench_serve)

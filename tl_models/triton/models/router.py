@@ -19,7 +19,9 @@ request is answered.
 With parameter ``in_process`` (the python flavour on the CPU) the router runs the graphs itself instead of BLS calls
 to the backbone and head models, each a round trip between processes through ``tritonserver``: the backbone's
 (checked against ``backbone_sha256``) in an ONNX Runtime session with every core's threads, spinning during a run,
-one pass at a time on a thread of its own, in runs of at most ``backbone_rows`` images; each head version's (checked
+one pass at a time on a thread of its own, in runs of at most ``backbone_rows`` images (one router instance of
+several, ``--instances``: a session with its share of the cores, and for a lone image with nothing waiting a session
+with every core, neither spinning); each head version's (checked
 against the sha256 recorded when it was packaged) loaded on first use, run on the event loop (a D×C product),
 forgotten once the route no longer names it. The backbone and head models stay for the ensembles; Triton's
 statistics of those models count the ensembles' requests, not the router's. Otherwise (a GPU, the onnxruntime
@@ -58,6 +60,7 @@ from tl_models.core.names import (
 )
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
+from tl_models.core.runtime import available_cores
 from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters, read_graph
 
 
@@ -129,13 +132,21 @@ class TritonPythonModel:
         self.backbone_graph: OnnxGraph | None = None
         self.head_graphs: dict[tuple[str, int], OnnxGraph] = {}
         self._route: Route | None = None  # the route the head graphs were last pruned to
+        self.solo_graph: OnnxGraph | None = None  # one router instance of several: a lone image's pass
+        self.passes = 0  # backbone passes of this instance waiting or running
         if params.get("in_process") == "1":
             version_dir = self.repository / self.backbone / "1"
             graph = read_graph(version_dir, params["backbone_sha256"])
             rows = int(params["backbone_rows"])
-            self.backbone_graph = OnnxGraph(
-                version_dir, f"{self.backbone}:1 in the router", spin=True, rows=rows, graph=graph
-            )
+            label = f"{self.backbone}:1 in the router"
+            instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+            share = max(1, available_cores() // instances)
+            if instances == 1:  # every core's threads, spinning during a run
+                self.backbone_graph = OnnxGraph(version_dir, label, spin=True, rows=rows, graph=graph)
+            else:  # its share of the cores under load; every core, not spinning, for a lone image
+                self.backbone_graph = OnnxGraph(version_dir, label, threads=share, rows=rows, graph=graph)
+                if available_cores() > share:
+                    self.solo_graph = OnnxGraph(version_dir, f"{label} (solo)", rows=rows, graph=graph)
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
@@ -167,10 +178,21 @@ class TritonPythonModel:
         """The backbone's embeddings of ``images``: a pass in this process, or BLS calls to the backbone model."""
         if self.backbone_graph is None:
             return await self._batched(self.backbone, -1, IMAGE, images, EMBEDDING)
+        self.passes += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.runner, self.backbone_graph.run, images)
+            return await asyncio.get_running_loop().run_in_executor(self.runner, self._pass, images)
         except Exception as exc:
             raise StepError(f"{self.backbone} in the router: ONNX Runtime: {exc}") from None
+        finally:
+            self.passes -= 1
+
+    def _pass(self, images: np.ndarray) -> np.ndarray:
+        """The backbone's pass over ``images`` (on the runner's thread): on the solo graph for a lone image with no
+        other pass waiting in this instance, else on the instance's own graph."""
+        if self.solo_graph is not None and len(images) == 1 and self.passes == 1:
+            return self.solo_graph.run(images)
+        assert self.backbone_graph is not None  # a pass in this process: the router runs the graphs
+        return self.backbone_graph.run(images)
 
     async def _logits(self, head: str, version: int, embeddings: np.ndarray) -> np.ndarray:
         """A head version's logits for ``embeddings``: its graph in this process, or BLS calls to its model."""
