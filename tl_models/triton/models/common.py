@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from onnxruntime import InferenceSession
 
 from tl_models.core.cpu import check_int8_machine
 from tl_models.core.errors import ModelFault, UserError, triton_code
@@ -51,7 +52,8 @@ def read_graph(version_dir: Path, sha256: str | None = None) -> bytes:
 class OnnxGraph:
     """The ONNX graph of a version directory (``graph``: its bytes, already read) in one ONNX Runtime session:
     ``threads`` intra-op threads (0: ONNX Runtime's default), spinning when ``spin``, a batch run in runs of at most
-    ``rows`` rows (0: whole). A backbone's int8 graph loads only on the CPU class its gate measured it on."""
+    ``rows`` rows (0: whole); ``session``: one made already (:func:`~tl_models.core.runtime.lane_sessions`), instead of
+    ``threads`` and ``spin``. A backbone's int8 graph loads only on the CPU class its gate measured it on."""
 
     def __init__(
         self,
@@ -61,10 +63,11 @@ class OnnxGraph:
         spin: bool = False,
         rows: int = 0,
         graph: bytes | None = None,
+        session: InferenceSession | None = None,
     ) -> None:
         check_backbone_machine(version_dir)
         model = version_dir / VERSION_ONNX if graph is None else graph
-        self.session = create_session(model, threads=threads or None, name=label, spin=spin)
+        self.session = session or create_session(model, threads=threads or None, name=label, spin=spin)
         self.rows = rows
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

@@ -60,7 +60,7 @@ from tl_models.core.names import (
 )
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
-from tl_models.core.runtime import available_cores
+from tl_models.core.runtime import available_cores, lane_sessions
 from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters, read_graph
 
 
@@ -140,13 +140,14 @@ class TritonPythonModel:
             rows = int(params["backbone_rows"])
             label = f"{self.backbone}:1 in the router"
             instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-            share = max(1, available_cores() // instances)
             if instances == 1:  # every core's threads, spinning during a run
                 self.backbone_graph = OnnxGraph(version_dir, label, spin=True, rows=rows, graph=graph)
-            else:  # its share of the cores under load; every core, not spinning, for a lone image
-                self.backbone_graph = OnnxGraph(version_dir, label, threads=share, rows=rows, graph=graph)
-                if available_cores() > share:
-                    self.solo_graph = OnnxGraph(version_dir, f"{label} (solo)", rows=rows, graph=graph)
+            else:  # one instance of several, as one BentoML worker of several: a lane of its share, a solo session
+                share = max(1, available_cores() // instances)
+                (lane,), solo = lane_sessions(graph, 1, share, spin=False, name=label, shared=True)
+                self.backbone_graph = OnnxGraph(version_dir, label, rows=rows, session=lane)
+                if solo is not None:
+                    self.solo_graph = OnnxGraph(version_dir, f"{label} (solo)", rows=rows, session=solo)
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
