@@ -679,8 +679,8 @@ def _ratios(figures: dict) -> None:
         for name, reference in _round_ratios(in_round, servers).items():
             references.setdefault(name, []).append(reference)
     for name, per_round in references.items():
-        figures[name] = {**per_round[0], "throughput": _median([r["throughput"] for r in per_round])}
-        figures[name]["rounds"] = [r["throughput"] for r in per_round]
+        each = [r["throughput"] for r in per_round]
+        figures[name] = {**per_round[0], "throughput": _median(each), "rounds": each}
 
 
 def _round_ratios(in_process_rows: list[dict], servers: list[dict]) -> dict[str, dict]:
