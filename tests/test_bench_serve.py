@@ -148,6 +148,10 @@ def test_tiny_run_measures_counts_and_stops_its_servers(built, tmp_path, capsys)
     assert bento["vs_ort_best"] == pytest.approx(bento["throughput"] / figures["ort_best"]["throughput"])
     assert bento["vs_ort_decode_best"] == pytest.approx(bento["throughput"] / figures["ort_decode_best"]["throughput"])
     assert "overhead_ms" in rows[("bentoml-http", 1)]
+    lone = rows[("bentoml-http", 1)]  # its CPU above the pass a lone request gets: one session, batch 1
+    single = next(r for r in raw if r["sessions"] == 1 and r["batch"] == 1)
+    assert lone["cpu_over_pass_ms"] == pytest.approx(lone["server_cpu_ms_per_request"] - single["cpu_ms_per_image"])
+    assert "cpu_over_pass_ms" not in bento  # concurrency 3: several requests share passes
     assert bento["server_cpu_ms_per_request"] > 0  # the server it started: its process tree's CPU per request
     leanest = min(r["cpu_ms_per_image"] for r in raw)
     assert bento["cpu_over_ort_ms"] == pytest.approx(bento["server_cpu_ms_per_request"] - leanest)

@@ -668,8 +668,9 @@ def judging_cost(
 
 
 def _ratios(figures: dict) -> None:
-    """Server throughput / raw ORT best, p50 at concurrency 1 minus raw ORT batch-1 ms, and server CPU per request
-    minus raw ORT's least CPU per image, on each server row (against ONNX Runtime of the same precision, in the same
+    """Server throughput / raw ORT best, p50 at concurrency 1 minus raw ORT batch-1 ms, server CPU per request minus
+    raw ORT's least CPU per image and, at concurrency 1, minus one session's CPU per image at batch 1 (the pass a lone
+    request gets: ``cpu_over_pass_ms``), on each server row (against ONNX Runtime of the same precision, in the same
     round). The references (``ort_best``, ``ort_decode_best``, ``ort_best_int8``): the median of the rounds', with
     each round's in ``rounds``."""
     references: dict[str, list[dict]] = {}
@@ -708,6 +709,8 @@ def _round_ratios(in_process_rows: list[dict], servers: list[dict]) -> dict[str,
                 row["cpu_over_ort_ms"] = row["server_cpu_ms_per_request"] - leanest
             if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
                 row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
+                if row.get("server_cpu_ms_per_request") is not None:  # above the pass a lone request gets
+                    row["cpu_over_pass_ms"] = row["server_cpu_ms_per_request"] - single["cpu_ms_per_image"]
     return references
 
 
@@ -819,6 +822,8 @@ def _table(figures: dict) -> str:
         extra += f", x{r['vs_ort_best']:.2f} ORT" if "vs_ort_best" in r else ""
         extra += f" (x{r['vs_ort_decode_best']:.2f} decoding too)" if "vs_ort_decode_best" in r else ""
         extra += f", overhead {r['overhead_ms']:+.1f} ms" if "overhead_ms" in r else ""
+        extra += f", CPU {r['cpu_over_ort_ms']:+.1f} ms over ORT's least" if "cpu_over_ort_ms" in r else ""
+        extra += f" ({r['cpu_over_pass_ms']:+.1f} over its batch-1 pass)" if "cpu_over_pass_ms" in r else ""
         rows.append(
             (
                 f"{r['stack']}, concurrency {r['concurrency']}{round_of(r)}",
