@@ -705,12 +705,14 @@ def _round_ratios(in_process_rows: list[dict], servers: list[dict]) -> dict[str,
             row["vs_ort_best"] = row["throughput"] / best["throughput"]
             if decoding and precision == "fp32":
                 row["vs_ort_decode_best"] = row["throughput"] / references["ort_decode_best"]["throughput"]
-            if row.get("server_cpu_ms_per_request") is not None:
-                row["cpu_over_ort_ms"] = row["server_cpu_ms_per_request"] - leanest
-            if row["concurrency"] == 1 and single is not None and row["p50_ms"] is not None:
-                row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
-                if row.get("server_cpu_ms_per_request") is not None:  # above the pass a lone request gets
-                    row["cpu_over_pass_ms"] = row["server_cpu_ms_per_request"] - single["cpu_ms_per_image"]
+            cpu = row.get("server_cpu_ms_per_request")
+            if cpu is not None:
+                row["cpu_over_ort_ms"] = cpu - leanest
+            if row["concurrency"] == 1 and single is not None:  # against the pass a lone request gets
+                if row["p50_ms"] is not None:
+                    row["overhead_ms"] = row["p50_ms"] - single["ms_per_batch"]
+                if cpu is not None:
+                    row["cpu_over_pass_ms"] = cpu - single["cpu_ms_per_image"]
     return references
 
 
