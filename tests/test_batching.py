@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import pytest
 
 from tl_models.bento.batching import MicroBatcher
+from tl_models.core.runtime import CoreLock
 
 WAIT = 10.0  # seconds a test waits for a thread before it fails
 
@@ -83,6 +85,37 @@ def test_a_lone_request_runs_solo_and_waiting_requests_run_on_the_lanes_side_by_
     assert solo.sizes == [1, 1, 1, 1]  # the queued requests went to the lanes, not to the solo way
     sizes = lanes[0].sizes + lanes[1].sizes
     assert sum(sizes) == 16 and max(sizes) <= 4  # passes of at most max_batch, both lanes at once (the barrier)
+
+
+def test_a_lone_request_runs_solo_only_on_an_idle_machine_and_lanes_wait_for_a_solo_pass(batchers, tmp_path):
+    """With the machine's core lock: another worker's lane pass runs, so a lone request here takes a lane; once
+    the machine is idle, the solo way; another worker's solo pass holds this worker's lanes until it ends."""
+    lane, solo = Way(), Way()
+    cores = partial(CoreLock, tmp_path / "cores.lock")
+    other_worker = cores()
+    batcher = MicroBatcher([lane], solo=solo, core_lock=cores)
+    batchers.append(batcher)
+    one = np.ones((1, 3))
+    other_worker.lane()
+    np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
+    assert lane.sizes == [1] and solo.sizes == []
+    other_worker.release()
+    for _ in range(2):
+        np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
+    assert lane.sizes == [1] and solo.sizes == [1, 1]  # each solo pass let go of the cores when it ended
+
+    async def behind_a_solo_pass() -> None:
+        assert other_worker.solo()
+        try:
+            task = asyncio.ensure_future(batcher.submit(one))  # the machine is busy: a lane's turn
+            await asyncio.sleep(0.3)
+            assert not task.done() and lane.sizes == [1]  # the lane waits, its pass not begun
+        finally:
+            other_worker.release()
+        np.testing.assert_array_equal(await asyncio.wait_for(task, WAIT), 2 * one)
+
+    asyncio.run(behind_a_solo_pass())
+    assert lane.sizes == [1, 1] and solo.sizes == [1, 1]
 
 
 def test_a_burst_on_an_idle_worker_starts_the_lanes_too(batchers):

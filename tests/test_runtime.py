@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import onnx
@@ -11,7 +14,14 @@ from onnx import TensorProto, helper
 
 from tl_models.core import runtime
 from tl_models.core.errors import BadRequest
-from tl_models.core.runtime import active_provider, create_session, gpu_count, lane_sessions, resolve_providers
+from tl_models.core.runtime import (
+    CoreLock,
+    active_provider,
+    create_session,
+    gpu_count,
+    lane_sessions,
+    resolve_providers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +92,42 @@ def test_serving_sessions_can_stop_spinning_and_spinning_ones_stop_when_a_run_en
         quiet.get_session_config_entry(stop)
     spinning = create_session(tiny_model, providers="cpu").get_session_options()
     assert spinning.get_session_config_entry(spin) == "1" and spinning.get_session_config_entry(stop) == "1"
+
+
+def test_the_core_lock_lets_lanes_run_side_by_side_and_a_solo_pass_only_alone_across_processes(tmp_path):
+    """Every serving process's passes on one machine: lanes hold the cores together, a solo pass only on an idle
+    machine; a lane waits for another process's solo pass, which the kernel ends when that process dies."""
+    path = tmp_path / "cores.lock"
+    lane, other_lane, solo = CoreLock(path), CoreLock(path), CoreLock(path)
+    lane.lane()
+    other_lane.lane()  # side by side: the second did not wait
+    assert not solo.solo()
+    lane.release()
+    assert not solo.solo()  # one lane still runs
+    other_lane.release()
+    assert solo.solo()
+    solo.release()
+
+    hold = (
+        "import sys; from tl_models.core.runtime import CoreLock; assert CoreLock(sys.argv[1]).solo(); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    started = threading.Event()
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        assert not solo.solo()
+        waiting = threading.Thread(target=lambda: (lane.lane(), started.set()), daemon=True)
+        waiting.start()
+        assert not started.wait(0.3)  # the lane waits for the other process's solo pass
+    finally:
+        child.communicate(timeout=30)  # it ends without letting go
+    assert child.returncode == 0 and started.wait(10)
+    lane.release()
+    assert solo.solo()
+    solo.release()
 
 
 def _layout(sessions) -> tuple[list[tuple[int, str]], tuple[int, str] | None]:

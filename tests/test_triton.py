@@ -157,7 +157,7 @@ def test_the_router_runs_the_graphs_in_its_own_process_on_the_cpu(served, refere
 
 def test_router_instances_of_several_share_the_cores_and_give_the_same_answers(served, reference, images, tmp_path):
     """`--instances 2`: each router instance runs a batch on a session with its share of the cores and a lone image
-    on a session with every core (not spinning); both give the reference's answers."""
+    on a session with every core (spinning during its run, on an idle machine); both give the reference's answers."""
     repo = write_repository(served["build"], tmp_path / "repo", RepositoryOptions(flavour="python", instances=2))
     server = start_triton(repo.path, workdir=tmp_path / "tritonserver", timeout=600)
     try:

@@ -8,9 +8,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
+
+from ..core.runtime import CoreLock
 
 Run = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[Any], np.ndarray]
@@ -29,7 +32,10 @@ class MicroBatcher:
 
     ``lanes`` run passes side by side, one pass each at a time (on a CPU: one single-threaded session per core,
     the most images per second); ``solo``, when given, runs the pass of a request that finds the worker idle (a
-    session with every core's threads: the shortest pass for a lone request). Each way has its own thread, which
+    session with every core's threads: the shortest pass for a lone request). With ``core_lock`` (on a CPU:
+    :class:`~tl_models.core.runtime.CoreLock`, one per way) the passes of every worker on the machine keep out of
+    each other's way: the solo way only where no pass runs anywhere, a lane once no solo pass does. Each way has its
+    own thread, which
     takes the waiting requests itself (up to ``max_batch`` images) as soon as it is free: a lane that finishes a
     pass starts the next one at once, without a round trip through the event loop. Requests that arrive while a
     pass runs go to the lanes; requests that wait share the next pass.
@@ -44,6 +50,7 @@ class MicroBatcher:
         max_batch: int = 16,
         on_batch: Callable[[int], None] | None = None,
         solo: Run | None = None,
+        core_lock: Callable[[], CoreLock] | None = None,
     ):
         if not lanes:
             raise ValueError("a batcher needs at least one lane")
@@ -56,7 +63,10 @@ class MicroBatcher:
         self._busy = 0  # passes running
         self._solo_turn = False  # a request found the worker idle: the solo way takes the next pass
         self._has_solo = solo is not None
+        self._solo_lock = core_lock() if core_lock is not None and solo is not None else None
         self._closed = False
+        if core_lock is not None:
+            lanes = [partial(_on_shared_cores, run, core_lock()) for run in lanes]
         ways = [(run, False) for run in lanes] + ([(solo, True)] if solo is not None else [])
         self._threads = [
             threading.Thread(target=self._serve, args=way, name=f"{'solo' if way[1] else 'lane'}-{i}", daemon=True)
@@ -74,7 +84,7 @@ class MicroBatcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(_Job(item, prepare, future, loop))
-            if self._has_solo and self._busy == 0:  # the worker is idle: the solo way's turn
+            if self._has_solo and self._busy == 0 and self._machine_idle():  # the solo way's turn
                 self._solo_turn = True
                 self._solo_free.notify()
             else:
@@ -85,6 +95,8 @@ class MicroBatcher:
         """Stop the ways' threads once their passes end; requests still waiting are cancelled."""
         with self._lock:
             self._closed = True
+            if self._solo_turn and self._solo_lock is not None:  # taken for a pass that will not run
+                self._solo_lock.release()
             waiting = list(self._pending)
             self._pending.clear()
             self._lane_free.notify_all()
@@ -106,6 +118,8 @@ class MicroBatcher:
             with self._lock:
                 if done is not None:
                     self._busy -= 1
+                    if solo and self._solo_lock is not None:
+                        self._solo_lock.release()
                 jobs = self._start() if self._may_start(solo) else None
             if done is not None:
                 _settle(*done)
@@ -120,6 +134,11 @@ class MicroBatcher:
                 done = jobs, self._run_jobs(run, [(job.item, job.prepare) for job in jobs])
             except BaseException as exc:  # a bug here: the requests fail, the way goes on
                 done = jobs, [exc] * len(jobs)
+
+    def _machine_idle(self) -> bool:
+        """Under the lock, this worker idle: the solo way's turn is taken already, or no pass runs on the machine
+        (its cores are the solo way's until that pass ends)."""
+        return self._solo_turn or self._solo_lock is None or self._solo_lock.solo()
 
     def _may_start(self, solo: bool) -> bool:
         return bool(self._pending) and self._solo_turn == solo
@@ -183,6 +202,15 @@ class MicroBatcher:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         return run(batch)
+
+
+def _on_shared_cores(run: Run, cores: CoreLock, batch: np.ndarray) -> np.ndarray:
+    """A lane's pass, once no solo pass runs on the machine."""
+    cores.lane()
+    try:
+        return run(batch)
+    finally:
+        cores.release()
 
 
 def _settle(jobs: list[_Job], results: list[Any]) -> None:

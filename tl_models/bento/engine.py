@@ -44,7 +44,7 @@ from ..core.preprocess import (
     tensor_problem,
 )
 from ..core.routing import Route, parse_route, parse_weights, read_route
-from ..core.runtime import CPU_RUN_ROWS, GPU_PROVIDERS, available_cores, lane_sessions, resolve_providers
+from ..core.runtime import CPU_RUN_ROWS, GPU_PROVIDERS, CoreLock, available_cores, lane_sessions, resolve_providers
 from .batching import MicroBatcher
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
@@ -88,9 +88,9 @@ class ServingConfig:
             route_poll=float(env.get("TL_MODELS_ROUTE_POLL", "0")),
             providers=env.get("TL_MODELS_PROVIDERS"),
             threads=int(env["TL_MODELS_THREADS"]) if env.get("TL_MODELS_THREADS") else None,
-            # a lone worker's backbone threads wait for work spinning (1.3 ms less per batch-1 pass here); several
-            # workers' spinning threads would take the cores from each other
-            spin=env.get("TL_MODELS_SPIN", "1" if workers == 1 else "0") == "1",
+            # the solo session's threads wait for work spinning (1.3 ms less per batch-1 pass here): its pass runs
+            # alone on the machine (CoreLock), and they stop when it ends
+            spin=env.get("TL_MODELS_SPIN", "1") == "1",
             lanes=int(env["TL_MODELS_LANES"]) if env.get("TL_MODELS_LANES") else None,
             cores=max(1, available_cores() // workers),
             max_pixels=int(env.get("TL_MODELS_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
@@ -167,6 +167,7 @@ class ServingEngine:
             pass_size(config),
             self.metrics.batch.observe,
             solo=partial(_run_session, solo) if solo is not None else None,
+            core_lock=None if _on_gpu(config) else CoreLock,
         )
         self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers, config.route_poll)
         route = self.heads.bootstrap(heads, config.weights, backbone.build)

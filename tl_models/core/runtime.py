@@ -8,9 +8,11 @@ got are logged, and a fallback from a requested GPU provider to CPU is a warning
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
@@ -149,6 +151,37 @@ def lane_sessions(
     per_lane = max(1, (threads or available_cores()) // lanes)
     sessions = [create_session(model, providers, per_lane, name, spin=False) for _ in range(lanes)]
     return sessions, create_session(model, providers, solo_threads, name, spin) if solo_cores > per_lane else None
+
+
+class CoreLock:
+    """The machine's cores between the backbone passes of every serving process on it (BentoML workers, Triton
+    router instances, a fleet's replicas): lanes' passes run side by side, each holding the lock shared; a solo
+    pass (one session with every core, for a lone request) runs only on an idle machine and alone, holding it
+    exclusive. A lane that would start during a solo pass waits for it (one batch-1 pass) instead of slowing it: a
+    multi-threaded pass whose threads lose a core to another pass waits on the slowest at every operator.
+
+    One handle per thread that runs passes (an advisory ``flock`` is its open file's); the file is in the temporary
+    directory (``path``: another), one per user, and the kernel lets go of a dead process's hold."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path or Path(tempfile.gettempdir()) / f"tl-models-cores-{os.getuid()}.lock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def solo(self) -> bool:
+        """Take the cores for one solo pass if no pass runs on the machine; never waits."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def lane(self) -> None:
+        """Take a lane's share of the cores, once no solo pass runs."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        """The pass ended."""
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def active_provider(session: ort.InferenceSession) -> str:

@@ -105,11 +105,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TL_MODELS_WORKERS", "`1`", "bento", "BentoML worker processes."),
     Setting(
         "TL_MODELS_SPIN",
-        "`1` with one worker, `0` with several",
+        "`1`",
         "bento",
-        "`1`: the backbone's ONNX Runtime threads (its solo session's, with lanes) spin while waiting for work "
-        "(faster passes; on a 2-core Xeon, "
-        "mobilenet_v2 batch 1 took 3.0 instead of 4.3 ms); `0`: they sleep, for workers or servers sharing the cores.",
+        "`1`: the solo session's ONNX Runtime threads (a lone request's pass on every core, which runs only with no "
+        "other pass on the machine) spin while waiting for work during a run (faster passes; on a 2-core Xeon, "
+        "mobilenet_v2 batch 1 took 3.0 instead of 4.3 ms); `0`: they sleep.",
     ),
     Setting(
         "TL_MODELS_LANES",

@@ -21,11 +21,12 @@ to the backbone and head models, each a round trip between processes through ``t
 (checked against ``backbone_sha256``) in an ONNX Runtime session with every core's threads, spinning during a run,
 one pass at a time on a thread of its own, in runs of at most ``backbone_rows`` images (one router instance of
 several, ``--instances``: a session with its share of the cores, and for a lone image with nothing waiting a session
-with every core, neither spinning); each head version's (checked
-against the sha256 recorded when it was packaged) loaded on first use, run on the event loop (a D×C product),
-forgotten once the route no longer names it. The backbone and head models stay for the ensembles; Triton's
-statistics of those models count the ensembles' requests, not the router's. Otherwise (a GPU, the onnxruntime
-flavour) the router makes BLS calls: one backbone call per batch, one per head version.
+with every core, spinning during a run; the solo pass only with no pass running on the machine, and alone:
+``CoreLock``); each head version's (checked against the sha256 recorded when it was packaged) loaded on first use,
+run on the event loop (a D×C product), forgotten once the route no longer names it. The backbone and head models
+stay for the ensembles; Triton's statistics of those models count the ensembles' requests, not the router's.
+Otherwise (a GPU, the onnxruntime flavour) the router makes BLS calls: one backbone call per batch, one per head
+version.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from tl_models.core.names import (
 )
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
-from tl_models.core.runtime import available_cores, lane_sessions
+from tl_models.core.runtime import CoreLock, available_cores, lane_sessions
 from tl_models.triton.models.common import OnnxGraph, error_response, model_parameters, read_graph
 
 
@@ -133,6 +134,7 @@ class TritonPythonModel:
         self.head_graphs: dict[tuple[str, int], OnnxGraph] = {}
         self._route: Route | None = None  # the route the head graphs were last pruned to
         self.solo_graph: OnnxGraph | None = None  # one router instance of several: a lone image's pass
+        self.cores: CoreLock | None = None  # one router instance of several: the machine's cores between passes
         self.passes = 0  # backbone passes of this instance waiting or running
         if params.get("in_process") == "1":
             version_dir = self.repository / self.backbone / "1"
@@ -144,10 +146,11 @@ class TritonPythonModel:
                 self.backbone_graph = OnnxGraph(version_dir, label, spin=True, rows=rows, graph=graph)
             else:  # one instance of several, as one BentoML worker of several: a lane of its share, a solo session
                 share = max(1, available_cores() // instances)
-                (lane,), solo = lane_sessions(graph, 1, share, spin=False, name=label, shared=True)
+                (lane,), solo = lane_sessions(graph, 1, share, spin=True, name=label, shared=True)
                 self.backbone_graph = OnnxGraph(version_dir, label, rows=rows, session=lane)
                 if solo is not None:
                     self.solo_graph = OnnxGraph(version_dir, f"{label} (solo)", rows=rows, session=solo)
+                self.cores = CoreLock()
             self.runner = ThreadPoolExecutor(1, thread_name_prefix="backbone")
 
     async def _infer(self, model: str, version: int, inputs: list, output: str) -> np.ndarray:
@@ -188,12 +191,21 @@ class TritonPythonModel:
             self.passes -= 1
 
     def _pass(self, images: np.ndarray) -> np.ndarray:
-        """The backbone's pass over ``images`` (on the runner's thread): on the solo graph for a lone image with no
-        other pass waiting in this instance, else on the instance's own graph."""
-        if self.solo_graph is not None and len(images) == 1 and self.passes == 1:
-            return self.solo_graph.run(images)
+        """The backbone's pass over ``images`` (on the runner's thread). One instance of several: on the solo graph
+        for a lone image with no other pass waiting in this instance nor running on the machine, else on the
+        instance's own graph once no solo pass runs (:class:`~tl_models.core.runtime.CoreLock`)."""
         assert self.backbone_graph is not None  # a pass in this process: the router runs the graphs
-        return self.backbone_graph.run(images)
+        if self.cores is None:  # the one instance: its graph has every core
+            return self.backbone_graph.run(images)
+        if self.solo_graph is not None and len(images) == 1 and self.passes == 1 and self.cores.solo():
+            graph = self.solo_graph
+        else:
+            self.cores.lane()
+            graph = self.backbone_graph
+        try:
+            return graph.run(images)
+        finally:
+            self.cores.release()
 
     async def _logits(self, head: str, version: int, embeddings: np.ndarray) -> np.ndarray:
         """A head version's logits for ``embeddings``: its graph in this process, or BLS calls to its model."""
