@@ -96,10 +96,9 @@ def test_a_lone_request_runs_solo_only_on_an_idle_machine_and_lanes_wait_for_a_s
     batcher = MicroBatcher([lane], solo=solo, core_lock=cores)
     batchers.append(batcher)
     one = np.ones((1, 3))
-    other_worker.lane()
-    np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
+    with other_worker.lane():
+        np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
     assert lane.sizes == [1] and solo.sizes == []
-    other_worker.release()
     for _ in range(2):
         np.testing.assert_array_equal(asyncio.run(batcher.submit(one)), 2 * one)
     assert lane.sizes == [1] and solo.sizes == [1, 1]  # each solo pass let go of the cores when it ended

@@ -99,12 +99,10 @@ def test_the_core_lock_lets_lanes_run_side_by_side_and_a_solo_pass_only_alone_ac
     machine; a lane waits for another process's solo pass, which the kernel ends when that process dies."""
     path = tmp_path / "cores.lock"
     lane, other_lane, solo = CoreLock(path), CoreLock(path), CoreLock(path)
-    lane.lane()
-    other_lane.lane()  # side by side: the second did not wait
-    assert not solo.solo()
-    lane.release()
-    assert not solo.solo()  # one lane still runs
-    other_lane.release()
+    with other_lane.lane():
+        with lane.lane():  # side by side: the second did not wait
+            assert not solo.solo()
+        assert not solo.solo()  # one lane still runs
     assert solo.solo()
     solo.release()
 
@@ -115,17 +113,25 @@ def test_the_core_lock_lets_lanes_run_side_by_side_and_a_solo_pass_only_alone_ac
     child = subprocess.Popen(
         [sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    started = threading.Event()
+    started, finish = threading.Event(), threading.Event()
+
+    def lane_pass() -> None:
+        with lane.lane():
+            started.set()
+            finish.wait(10)
+
     try:
         assert child.stdout is not None and child.stdout.readline() == "held\n"
         assert not solo.solo()
-        waiting = threading.Thread(target=lambda: (lane.lane(), started.set()), daemon=True)
+        waiting = threading.Thread(target=lane_pass, daemon=True)
         waiting.start()
         assert not started.wait(0.3)  # the lane waits for the other process's solo pass
     finally:
         child.communicate(timeout=30)  # it ends without letting go
     assert child.returncode == 0 and started.wait(10)
-    lane.release()
+    assert not solo.solo()  # the lane's pass runs now
+    finish.set()
+    waiting.join(10)
     assert solo.solo()
     solo.release()
 

@@ -206,11 +206,8 @@ class MicroBatcher:
 
 def _on_shared_cores(run: Run, cores: CoreLock, batch: np.ndarray) -> np.ndarray:
     """A lane's pass, once no solo pass runs on the machine."""
-    cores.lane()
-    try:
+    with cores.lane():
         return run(batch)
-    finally:
-        cores.release()
 
 
 def _settle(jobs: list[_Job], results: list[Any]) -> None:

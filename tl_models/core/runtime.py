@@ -13,6 +13,8 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnxruntime as ort
@@ -175,12 +177,17 @@ class CoreLock:
             return False
         return True
 
-    def lane(self) -> None:
-        """Take a lane's share of the cores, once no solo pass runs."""
+    @contextmanager
+    def lane(self) -> Iterator[None]:
+        """A lane's pass holds its share of the cores inside this block, entered once no solo pass runs."""
         fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
-        """The pass ended."""
+        """The solo pass ended."""
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 

@@ -198,14 +198,12 @@ class TritonPythonModel:
         if self.cores is None:  # the one instance: its graph has every core
             return self.backbone_graph.run(images)
         if self.solo_graph is not None and len(images) == 1 and self.passes == 1 and self.cores.solo():
-            graph = self.solo_graph
-        else:
-            self.cores.lane()
-            graph = self.backbone_graph
-        try:
-            return graph.run(images)
-        finally:
-            self.cores.release()
+            try:
+                return self.solo_graph.run(images)
+            finally:
+                self.cores.release()
+        with self.cores.lane():
+            return self.backbone_graph.run(images)
 
     async def _logits(self, head: str, version: int, embeddings: np.ndarray) -> np.ndarray:
         """A head version's logits for ``embeddings``: its graph in this process, or BLS calls to its model."""
