@@ -33,7 +33,8 @@ from tl_models.core.preprocess import Preprocessing, preprocess_bytes
 from tl_models.core.runtime import create_session
 from tl_models.training.config import TrainConfig
 from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, build
+from tl_models.training.options import BuildOptions
+from tl_models.training.pipeline import build
 
 TOKEN = "judging-demo"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -35,11 +35,13 @@ import torch
 
 from tl_models.core.manifest import BuildDir
 from tl_models.core.names import BACKBONE_ONNX
+from tl_models.training.build_backbone import load_build_backbone
 from tl_models.training.config import FineTune, SelfTraining, TrainConfig
 from tl_models.training.data import DEMO_SHIFTS, load_image_folder, shifted_image, write_demo_dataset
 from tl_models.training.extract import OrtEngine, extraction_sessions
 from tl_models.training.features import FeatureCache
-from tl_models.training.pipeline import BuildOptions, build, load_build_backbone, load_head_module
+from tl_models.training.options import BuildOptions
+from tl_models.training.pipeline import build, load_head_module
 from tl_models.training.train import predict
 
 HELD_OUT = 54  # per class: 540 test digits

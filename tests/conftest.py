@@ -16,7 +16,8 @@ from tl_models.bento import launcher as bento_server
 from tl_models.training.backbones import install_offline_weights
 from tl_models.training.config import TrainConfig
 from tl_models.training.data import write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, BuildReport, build
+from tl_models.training.options import BuildOptions, BuildReport
+from tl_models.training.pipeline import build
 from tl_models.triton.config import RepositoryOptions
 from tl_models.triton.launcher import start as start_triton
 from tl_models.triton.repository import write_repository

@@ -25,7 +25,8 @@ from tl_models.core.preprocess import Preprocessing, preprocess_bytes
 from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.training.config import TrainConfig
 from tl_models.training.data import write_demo_dataset
-from tl_models.training.pipeline import BuildOptions, build
+from tl_models.training.options import BuildOptions
+from tl_models.training.pipeline import build
 from tl_models.triton import swap as triton_swap
 from tl_models.triton.config import head_model
 

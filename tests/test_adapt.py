@@ -15,9 +15,10 @@ from tl_models.cli import main
 from tl_models.core.manifest import BuildDir
 from tl_models.core.runtime import create_session
 from tl_models.training.adapt import coral
+from tl_models.training.build_backbone import load_build_backbone
 from tl_models.training.data import load_image_folder, load_unlabeled_folder, write_demo_dataset
 from tl_models.training.features import FeatureCache
-from tl_models.training.pipeline import load_build_backbone, load_head_module
+from tl_models.training.pipeline import load_head_module
 from tl_models.training.train import predict
 
 pytestmark = pytest.mark.slow

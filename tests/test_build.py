@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 import tl_models.core.manifest
+import tl_models.training.commit
 import tl_models.training.features
-import tl_models.training.pipeline
+import tl_models.training.options
 from tl_models.cli import main
 from tl_models.core.errors import BuildError
 from tl_models.core.files import file_sha256
@@ -32,10 +33,11 @@ from tl_models.core.runtime import create_session
 from tl_models.training.architectures import HeadSpec, build_head
 from tl_models.training.augment import Augment
 from tl_models.training.backbones import WeightsError, load_backbone
+from tl_models.training.build_backbone import load_build_backbone
 from tl_models.training.config import FineTune, TrainConfig
 from tl_models.training.data import DataError, load_image_folder
 from tl_models.training.features import FeatureCache, load_images
-from tl_models.training.pipeline import BuildReport, load_build_backbone
+from tl_models.training.options import BuildReport
 from tl_models.training.train import fit
 
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
@@ -232,7 +234,7 @@ def test_second_head_hits_the_feature_cache(
     second = quick_build(data, out, head="b", kind="mlp")
     assert second.cache_hit is True
     assert second.head.train["feature_cache_hit"] is True
-    assert "feature cache hit" in tl_models.training.pipeline.summary_line(second)
+    assert "feature cache hit" in tl_models.training.options.summary_line(second)
 
     # the key covers weights and data: a change of either runs the backbone again
     with pytest.raises(AssertionError, match="backbone ran"):
@@ -292,7 +294,7 @@ def test_failed_build_keeps_the_previous_manifest(
     manifest_bytes = (out / MANIFEST).read_bytes()
     with monkeypatch.context() as patch:
         if where == "staging":
-            patch.setattr(tl_models.training.pipeline, "plot_confusion", _raise)
+            patch.setattr(tl_models.training.commit, "plot_confusion", _raise)
         else:
             patch.setattr(tl_models.core.manifest, "atomic_write_json", _raise)
         for name in ("a", "b"):
@@ -567,7 +569,7 @@ def test_a_failed_first_build_leaves_no_partial_folder(
     if existing:
         out.mkdir()
         (out / "notes.txt").write_text("the user's own file")
-    monkeypatch.setattr(tl_models.training.pipeline, "plot_confusion", _raise)
+    monkeypatch.setattr(tl_models.training.commit, "plot_confusion", _raise)
     with pytest.raises(RuntimeError, match="injected failure"):
         quick_build(demo_data, out, head="a")
     if existing:

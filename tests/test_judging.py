@@ -27,10 +27,11 @@ from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound, Re
 from tl_models.core.feedback import FeedbackStore, request_ids
 from tl_models.core.heads import sources_from_build
 from tl_models.core.manifest import BuildDir
+from tl_models.core.plan import Planned
 from tl_models.core.preprocess import preprocess_bytes
 from tl_models.training.config import TrainConfig
 from tl_models.training.data import DEMO_SHIFTS, shifted_image, write_demo_dataset
-from tl_models.training.pipeline import BuildOptions
+from tl_models.training.options import BuildOptions
 from tl_models.training.traffic import build_from_log
 
 from bad_inputs import encode
@@ -212,7 +213,7 @@ def test_with_the_recorder_off_answers_are_judged_but_nothing_is_recorded(deploy
     judge = Judge(tmp_path / "state", JudgeConfig.from_env(tmp_path / "state"), backbone, 1280)
     embedding = np.zeros((1, 1280), np.float32)
     logits = head.logits(embedding)
-    scored, failed = judge.shadow(head, logits, embedding, [(shadow, 1.0)])
+    scored, failed = judge.shadow(Planned("a", 1, (("b", 1),)), head, logits, embedding, [shadow])
     assert [h.source.key for h, _ in scored] == ["b:1"] and failed == []  # shadow heads are still scored
     dropped_before = judge.metrics.dropped._value.get()
     assert not judge.submit(Scored(["r1"], time.time(), embedding, head, scored, logits))

@@ -88,3 +88,83 @@ def test_the_serving_path_imports_no_torch():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The modules of tl_models that ``path`` imports anywhere (at the top, in a function, under TYPE_CHECKING):
+    ``from .x import y`` counts as ``x.y`` when that is a module, else as ``x``; a package's own ``__init__`` is
+    not counted for its modules (Python runs it first, whoever imports what)."""
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:
+                name = name.rpartition(".")[0]
+            if name and name != own and not own.startswith(name + "."):
+                found.add(name)
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other, directly or round a circle (Tarjan's strongly connected
+    components with more than one module), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph.get(module, ())):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_module_of_tl_models_imports_round_a_circle():
+    graph = {name: _imported_modules(path) for name, path in MODULES.items()}
+    assert sum(map(len, graph.values())) > 100  # the graph is there: every module's imports were read
+    assert import_cycles(graph) == [], "modules that import each other (give what they share a module of its own)"
+
+
+def test_the_cycle_finder_finds_a_circle_through_a_lazy_import():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    assert "tl_models.training.traffic" in _imported_modules(PACKAGE / "training" / "methods.py")
+    assert "tl_models.core.routing" in _imported_modules(PACKAGE / "triton" / "models" / "router.py")

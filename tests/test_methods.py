@@ -13,7 +13,7 @@ from tl_models.core.manifest import BuildDir, HeadEntry
 from tl_models.training import methods
 from tl_models.training.config import FineTune
 from tl_models.training.data import load_data, write_demo_dataset
-from tl_models.training.pipeline import BuildOptions
+from tl_models.training.options import BuildOptions
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_a_failing_shadow_head_never_fails_a_request(served, images):
 
 
 def test_bentoml_and_triton_count_the_same_agreement_for_the_same_traffic(served, reference, tmp_path):
-    """One rule for both servers (``tl_models.core.heads.agreed``): the same shadow head beside the same answering
+    """One rule for both servers (``tl_models.core.plan.agreed``): the same shadow head beside the same answering
     head on the same images gives the same agreement on BentoML (``/heads``) and on Triton (its metrics), equal to
     the count from the build's ONNX files run directly."""
     paths = sorted(served["data"].rglob("*.png"))

@@ -120,7 +120,8 @@ class ServeBenchOptions:
 def _default_build(options: ServeBenchOptions, data: Path, workdir: Path) -> Path:
     """Heads ``a`` (linear) and ``b`` (mlp) on ``data``, exported with parity checked (like the tests' build)."""
     from ..training.config import TrainConfig
-    from ..training.pipeline import BuildOptions, build
+    from ..training.options import BuildOptions
+    from ..training.pipeline import build
 
     out = workdir / "build"
     for name, kind in (("a", "linear"), ("b", "mlp")):
@@ -206,8 +207,9 @@ def in_process(
 
     from ..core.names import BACKBONE_FILES, HEAD_ONNX
     from ..core.runtime import active_provider, available_cores, create_session
+    from ..training.build_backbone import load_build_backbone
     from ..training.export import fuse
-    from ..training.pipeline import load_build_backbone, load_head_module
+    from ..training.pipeline import load_head_module
 
     build = BuildDir(build_dir)
     manifest = build.manifest()
@@ -465,7 +467,8 @@ def _heads_build(
     features) and one new version of its first head. Returns the copy, the live version of each head before
     the swap, and the (head, version) to swap in."""
     from ..training.config import TrainConfig
-    from ..training.pipeline import BuildOptions, build
+    from ..training.options import BuildOptions
+    from ..training.pipeline import build
 
     copy = workdir / "heads-build"
     shutil.copytree(build_dir, copy)

@@ -35,6 +35,7 @@ from ..core.errors import BadRequest, NotFound, Refused, UserError
 from ..core.feedback import request_ids
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, read_verified
 from ..core.names import EMBEDDING, IMAGE, check_name
+from ..core.plan import Planned, plan_request
 from ..core.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -115,6 +116,15 @@ def backbone_sessions(data: bytes, config: ServingConfig) -> tuple[list[Any], An
     threads = config.threads or (config.cores if shared else None)
     lanes = config.lanes or config.cores
     return lane_sessions(data, lanes, threads, config.providers, config.spin, "backbone", shared)
+
+
+@dataclass
+class Routed:
+    """One request's plan with its head versions loaded: the one that answers and the shadows drawn for it."""
+
+    planned: Planned
+    answer: LoadedHead
+    shadows: list[LoadedHead]
 
 
 def pass_size(config: ServingConfig) -> int:
@@ -253,22 +263,28 @@ class ServingEngine:
             head.logits(np.zeros((1, self.embedding_dim), np.float32))
         self.ready = True
 
-    async def route(
-        self, key: str | None = None, head: str | None = None, endpoint: str = ""
-    ) -> tuple[LoadedHead, Route]:
-        """The head (and version) that answers one request, ``head`` if given, else the weighted split; and the
-        route it was chosen from, which the rest of the request uses (its shadow heads): one route read per
-        request."""
+    async def route(self, key: str | None = None, head: str | None = None, endpoint: str = "") -> Routed:
+        """One request's plan on the route read once (:func:`~tl_models.core.plan.plan_request`: the head version
+        that answers, ``head`` if given, else the weighted split; the shadow heads drawn), with those head versions
+        loaded before the backbone pass. A shadow head that cannot be loaded is dropped (and taken out of the
+        route); the request goes on without it."""
         route = self.current_route()
         try:
-            name, version = route.choose(key=key or None, head=head or None)
+            planned = plan_request(route, key, head, self.judge.dropped_keys)
         except UserError as exc:
             reason = "unknown_head" if isinstance(exc, NotFound) else "no_route"
             self.metrics.errors.labels("", "", endpoint, reason).inc()
             raise
-        loaded = await self.resolve(name, version)
+        answer = await self.resolve(planned.head, planned.version)
         self.heads.follow(route)
-        return loaded, route
+        shadows = []
+        for name, version in planned.shadows:
+            try:
+                shadows.append(await self.resolve(name, version))
+            except UserError as exc:
+                self.judge.drop(f"{name}:{version}", exc.message)
+                self._unroute_shadow(f"{name}:{version}")
+        return Routed(planned, answer, shadows)
 
     def current_route(self) -> Route:
         """The route in force; while the route file is damaged, the last good one (``route_error`` in ``/heads``,
@@ -346,11 +362,12 @@ class ServingEngine:
     ) -> dict:
         """One encoded image -> top-k labels and scores from the routed head."""
         k = self._top_k(top_k)
-        chosen, route = await self.route(key, head, "classify")
+        routed = await self.route(key, head, "classify")
+        chosen = routed.answer
         async with self._observed(chosen, "classify"):
             embedding = await self.batcher.submit(data, self.preprocess_one)
             logits = chosen.logits(embedding)
-            ids = await self._judge(route, chosen, embedding, logits)
+            ids = self._judge(routed, embedding, logits)
             return {**chosen.answer(logits, k)[0], "request_id": ids[0]}
 
     async def predict(
@@ -358,13 +375,14 @@ class ServingEngine:
     ) -> dict:
         """A preprocessed tensor batch -> logits and top-k per image, all from one routed head."""
         k = self._top_k(top_k)
-        chosen, route = await self.route(key, head, "predict")
+        routed = await self.route(key, head, "predict")
+        chosen = routed.answer
         async with self._observed(chosen, "predict"):
             batch = self.tensor_input(tensor)
             embedding = await self.batcher.submit(batch)
             logits = chosen.logits(embedding)
             answers = chosen.answer(logits, k)
-            ids = await self._judge(route, chosen, embedding, logits)
+            ids = self._judge(routed, embedding, logits)
             return {
                 "head": chosen.name,
                 "version": chosen.version,
@@ -374,23 +392,15 @@ class ServingEngine:
                 "request_ids": ids,
             }
 
-    async def _judge(self, route: Route, chosen: LoadedHead, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
-        """Score ``route``'s shadow heads on this embedding, queue the request for recording; its request ids."""
+    def _judge(self, routed: Routed, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
+        """Score the request's shadow heads on its embedding, queue it for recording; its request ids."""
         ids = request_ids(len(embedding))
-        shadows = []
-        for name, version, share in route.shadows():
-            key = f"{name}:{version}"
-            if (name, version) == (chosen.name, chosen.version) or self.judge.dropped(key):
-                continue
-            try:
-                shadows.append((await self.resolve(name, version), share))
-            except UserError as exc:
-                self.judge.drop(key, exc.message)
+        scored: list[tuple[LoadedHead, np.ndarray]] = []
+        if routed.shadows:
+            scored, failed = self.judge.shadow(routed.planned, routed.answer, logits, embedding, routed.shadows)
+            for key in failed:
                 self._unroute_shadow(key)
-        scored, failed = self.judge.shadow(chosen, logits, embedding, shadows) if shadows else ([], [])
-        for key in failed:
-            self._unroute_shadow(key)
-        self.judge.submit(Scored(ids, time.time(), embedding, chosen, scored, logits))
+        self.judge.submit(Scored(ids, time.time(), embedding, routed.answer, scored, logits))
         return ids
 
     def _unroute_shadow(self, key: str) -> None:

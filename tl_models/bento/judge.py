@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,9 @@ from ..core.drift import DRIFT_THRESHOLD, DRIFT_WINDOW, DriftWindow
 from ..core.embedding_log import EmbeddingLogWriter, append_feedback
 from ..core.errors import BadRequest, Refused
 from ..core.feedback import FEEDBACK_DB, LIVE, SHADOW, FeedbackStore, issued_recently
-from ..core.heads import BackboneSource, LoadedHead, agreed, softmax
+from ..core.heads import BackboneSource, LoadedHead, softmax
+from ..core.identity import identity_facts
+from ..core.plan import BatchPlan, Planned
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ class Judge:
         if config.log_share > 0:
             self.log = EmbeddingLogWriter(
                 config.log_dir,
-                {"build": backbone.build, "backbone_sha256": backbone.sha256, "embedding_dim": embedding_dim},
+                {"build": backbone.build, **identity_facts(backbone.sha256), "embedding_dim": embedding_dim},
                 max_bytes=config.log_max_bytes,
             )
         self._dropped: dict[str, str] = {}  # this worker's failed shadow heads: key -> reason
@@ -144,24 +146,33 @@ class Judge:
             log.warning("shadow head %s is dropped from shadowing: %s", key, reason)
         self._dropped[key] = reason
 
-    def dropped(self, key: str) -> bool:
-        """Whether shadow head ``key`` was dropped in this worker."""
-        return key in self._dropped
+    @property
+    def dropped_keys(self) -> Container[str]:
+        """The shadow heads (``"name:version"``) dropped in this worker: the plan draws none of them."""
+        return self._dropped.keys()
 
     def dropped_shadows(self) -> dict[str, str]:
         """This worker's dropped shadow heads: key -> reason."""
         return dict(self._dropped)
 
     def shadow(
-        self, answered: LoadedHead, logits: np.ndarray, embedding: np.ndarray, shadows: list[tuple[LoadedHead, float]]
+        self,
+        planned: Planned,
+        answered: LoadedHead,
+        logits: np.ndarray,
+        embedding: np.ndarray,
+        shadows: list[LoadedHead],
     ) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
-        """Score each shadow head drawn by its share on ``embedding``: ``(head, logits)`` of those that ran, and
-        the keys of those that failed (dropped here; the caller takes them out of the route)."""
+        """Score the shadow heads the request's plan drew (``shadows``, loaded) on ``embedding``; agreement with
+        ``answered`` by the plan's rule (:meth:`~tl_models.core.plan.BatchPlan.agreement`). ``(head, logits)`` of
+        those that ran, and the keys of those that failed (dropped here; the caller takes them out of the route)."""
         scored, failed = [], []
         answer_top, answer_confidence = _top1(logits)
-        for head, share in shadows:
+        plan = BatchPlan([planned], [len(embedding)])
+        answers = {planned.key: (answered.source.labels, answer_top)}
+        for head in shadows:
             key = head.source.key
-            if key in self._dropped or (share < 1 and random.random() >= share):
+            if key in self._dropped:
                 continue
             start = time.perf_counter()
             try:
@@ -174,7 +185,7 @@ class Judge:
                 self.drop(key, f"{type(exc).__name__}: {exc}")
                 failed.append(key)
                 continue
-            same = agreed(answered.source.labels, answer_top, head.source.labels, top)
+            _, same = plan.agreement((head.name, head.version), head.source.labels, top, answers)
             seconds, images, agreements, confidences, answer_confidences, _ = self._shadow_metrics(head)
             seconds.inc(time.perf_counter() - start)
             images.inc(len(embedding))

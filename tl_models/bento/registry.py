@@ -12,6 +12,7 @@ from pathlib import Path
 from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
 from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
+from ..core.identity import check_backbone, same_backbone
 from ..core.manifest import latest_versions
 from ..core.names import CATALOG_FILE, HEAD_ONNX, HEADS_DIR, ROUTE_FILE
 from ..core.routing import Route, RoutingState, parse_route, read_route
@@ -30,12 +31,16 @@ def check_state(state_dir: Path, backbone: BackboneSource, heads: Sequence[HeadS
         entries = catalog.entries()
     except (ValueError, KeyError, TypeError) as exc:
         raise BuildError(f"head catalog {catalog.path} is damaged ({type(exc).__name__}: {exc})") from None
-    foreign = sorted(key for key, source in entries.items() if source.backbone_sha256 != backbone.sha256)
+    foreign = sorted(
+        key for key, source in entries.items() if not same_backbone(source.backbone_sha256, backbone.sha256)
+    )
     if foreign:
-        raise BuildError(
-            f"state directory {state_dir} was made for another backbone (its heads {', '.join(foreign)} were "
-            f"trained on sha256 {entries[foreign[0]].backbone_sha256[:12]}…; this service runs "
-            f"{backbone.sha256[:12]}… of build {backbone.build!r}): point TL_MODELS_STATE_DIR elsewhere"
+        check_backbone(
+            f"state directory {state_dir} (its heads {', '.join(foreign)})",
+            entries[foreign[0]].backbone_sha256,
+            backbone.sha256,
+            f"build {backbone.build!r}",
+            "point TL_MODELS_STATE_DIR elsewhere",
         )
     sources = {**entries, **{source.key: source for source in heads}}  # bootstrap records the build's heads
     route_file = state_dir / ROUTE_FILE

@@ -34,6 +34,7 @@ from ..core.heads import (
     head_source_from_build,
     sources_from_build,
 )
+from ..core.identity import IDENTITY_KEY, identity_facts, same_backbone
 from ..core.manifest import BuildDir
 from ..core.names import BACKBONE_FILES, BACKBONE_ONNX, HEAD_ONNX, check_name
 
@@ -125,7 +126,7 @@ def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
         {**common, "kind": "backbone", "precision": precision},
         {
             "files": {file: backbone.graph_sha256},
-            "backbone_sha256": backbone.sha256,
+            **identity_facts(backbone.sha256),
             "weights": manifest.weights,
             "embedding_dim": manifest.embedding_dim,
             "input_size": manifest.input_size,
@@ -152,7 +153,7 @@ def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
                 "head_kind": entry.kind,
                 "labels": list(head.labels),
                 "embedding_dim": manifest.embedding_dim,
-                "backbone_sha256": backbone.sha256,
+                **identity_facts(backbone.sha256),
                 "backbone_tag": backbone_tag,
                 "metrics": metrics,
                 "parity": entry.parity or {},
@@ -212,7 +213,7 @@ def _precision(model) -> str:
 def _backbone_sha256(model) -> str:
     """The fp32 backbone a stored backbone model serves (or was quantized from): what its heads were trained on."""
     meta = model.info.metadata
-    return meta.get("backbone_sha256") or meta["files"][BACKBONE_ONNX]
+    return meta.get(IDENTITY_KEY) or meta["files"][BACKBONE_ONNX]
 
 
 def build_models(build: str, precision: str = "fp32") -> tuple[object, list]:
@@ -232,7 +233,7 @@ def build_models(build: str, precision: str = "fp32") -> tuple[object, list]:
     heads = [
         m
         for m in _tl_models("head", build)
-        if m.info.metadata.get("backbone_sha256") == source.sha256
+        if same_backbone(m.info.metadata.get(IDENTITY_KEY), source.sha256)
         and source.serves(m.info.metadata["files"][HEAD_ONNX])
     ]
     return backbone, sorted(heads, key=lambda m: (m.info.labels["head"], int(m.info.labels["head_version"])))
@@ -281,7 +282,7 @@ def head_source(model) -> HeadSource:
         path=model.path_of(HEAD_ONNX),
         sha256=meta["files"][HEAD_ONNX],
         labels=tuple(meta["labels"]),
-        backbone_sha256=meta["backbone_sha256"],
+        backbone_sha256=meta[IDENTITY_KEY],
         origin=f"bentoml:{model.tag}",
     )
 

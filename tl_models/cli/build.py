@@ -15,7 +15,7 @@ from ..training.data import write_demo_dataset
 from .common import EXIT_OK, add_tolerance_args, tolerance
 
 if TYPE_CHECKING:
-    from ..training.pipeline import BuildOptions
+    from ..training.options import BuildOptions
 
 
 def add_build_args(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +98,7 @@ def build_options(
     args: argparse.Namespace, data: Path, out: Path, head: str, weights: str | None = None, **more: Any
 ) -> BuildOptions:
     """The pipeline's options from the arguments of :func:`add_build_args` (``more``: method-specific ones)."""
-    from ..training.pipeline import BuildOptions
+    from ..training.options import BuildOptions
 
     return BuildOptions(
         **more,
@@ -125,7 +125,8 @@ def build_options(
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..training.pipeline import build, summary_line
+    from ..training.options import summary_line
+    from ..training.pipeline import build
 
     self_training = SelfTraining(
         args.pseudo_rounds, args.pseudo_threshold, args.pseudo_cap, stop=not args.pseudo_all_rounds
@@ -149,7 +150,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..training.pipeline import build, summary_line
+    from ..training.options import summary_line
+    from ..training.pipeline import build
 
     data = write_demo_dataset(args.out / "data")
     reports = {}

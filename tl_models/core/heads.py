@@ -18,7 +18,8 @@ import numpy as np
 
 from .cpu import check_int8_machine
 from .drift import EmbeddingReference
-from .errors import BadRequest, BuildError, Conflict, Forbidden, NotFound, Refused
+from .errors import BadRequest, BuildError, Forbidden, NotFound, Refused
+from .identity import check_backbone, same_backbone
 from .manifest import BuildDir, HeadEntry, Manifest
 from .names import (
     BACKBONE_FILES,
@@ -156,7 +157,7 @@ def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
     again = f"run `tl-models quantize {build.path}`"
     if BACKBONE_INT8 not in manifest.files or "gated" not in record:
         raise BuildError(f"{build.path} has no int8 backbone that passed the accuracy gate: {again}")
-    if record.get("backbone_sha256") != manifest.backbone_sha256():
+    if not same_backbone(record.get("backbone_sha256"), manifest.backbone_sha256()):
         raise BuildError(
             f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported again since?): {again}"
         )
@@ -223,20 +224,6 @@ def read_verified(path: str | Path, sha256: str, what: str) -> bytes:
     return data
 
 
-def agreed(
-    answer_labels: Sequence[str],
-    answer_top: Sequence[int] | np.ndarray,
-    shadow_labels: Sequence[str],
-    shadow_top: Sequence[int] | np.ndarray,
-) -> int:
-    """How many images a shadow head gives the same top-1 label as the head that answered. Labels are compared by
-    name, not by class index: a shadow head trained on other classes, or on the same classes in another order, is
-    judged on what it says. Both servers count agreement with this rule."""
-    if tuple(shadow_labels) == tuple(answer_labels):
-        return int((np.asarray(shadow_top) == np.asarray(answer_top)).sum())
-    return int(sum(shadow_labels[i] == answer_labels[j] for i, j in zip(shadow_top, answer_top)))
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
@@ -298,11 +285,7 @@ def admit_head(
     (sha256 in ``gated``), a test run giving one finite logit per label."""
     what = f"head {source.key}"
     check_name(source.name)
-    if source.backbone_sha256 != backbone_sha256:
-        raise Conflict(
-            f"{what} was trained on another backbone (sha256 {source.backbone_sha256[:12]}…, "
-            f"this service runs {backbone_sha256[:12]}…)"
-        )
+    check_backbone(what, source.backbone_sha256, backbone_sha256, "this service")
     if gated is not None and source.sha256 not in gated:
         raise Refused(
             f"{what} was not measured by the accuracy gate of this int8 backbone: run `tl-models quantize` "

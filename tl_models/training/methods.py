@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -40,11 +40,10 @@ from .data import ImageFolderData, load_unlabeled_folder
 from .extract import resolve_device
 from .features import CachedEmbeddings, Features
 from .finetune import FineTuned, fine_tune
+from .options import BuildOptions, BuildReport
 from .semi import SelfTrainResult, self_train
+from .traffic import build_from_log
 from .train import Rows, TrainResult, fit
-
-if TYPE_CHECKING:
-    from .pipeline import BuildOptions, BuildReport
 
 Embed = Callable[[ImageFolderData], np.ndarray]  # a folder -> its embeddings (the build's engine and cache)
 
@@ -312,19 +311,13 @@ class CoralMethod(TrainingMethod):
         entry.data["target"] = folder_record(self.folder)
 
 
-def _build_from_log(options: BuildOptions) -> BuildReport:
-    from .traffic import build_from_log  # traffic builds on the pipeline, which imports this module
-
-    return build_from_log(options)
-
-
 @register_method
 class FromLogMethod(TrainingMethod):
     """`--from-log LOG` (`training.traffic`): a head version of an existing build from logged embeddings with
     feedback; no image is embedded, so it is the build's entry, not a step of it."""
 
     name = "from-log"
-    entry = staticmethod(_build_from_log)
+    entry = staticmethod(build_from_log)
 
     @staticmethod
     def wanted(options: BuildOptions) -> bool:

@@ -3,15 +3,11 @@ build directory."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import platform
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,88 +16,37 @@ import torch
 from .. import __version__
 from ..core.drift import EmbeddingReference
 from ..core.errors import BadRequest, BuildError
-from ..core.files import atomic_write_bytes, atomic_write_json
+from ..core.files import atomic_write_json
 from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import (
     BACKBONE_FP16,
     BACKBONE_INT8,
     BACKBONE_ONNX,
     BACKBONE_PT,
-    CONFUSION_PNG,
-    CURVES_PNG,
     EMBEDDING_REFERENCE,
-    EMBEDDING_REFERENCE_KEY,
     FUSED_FP16,
     FUSED_ONNX,
     HEAD_ONNX,
     HEAD_PT,
     HEADS_DIR,
-    HISTORY_JSON,
     PARITY_JSON,
     check_name,
 )
-from ..core.preprocess import Preprocessing
 from ..core.runtime import gpu_count
 from .architectures import HeadSpec, build_head
-from .backbones import LoadedBackbone, get_spec, load_backbone, load_saved_backbone
-from .config import FineTune, SelfTraining, TrainConfig
+from .backbones import LoadedBackbone, load_backbone
+from .build_backbone import extraction_engine, load_build_backbone
+from .commit import HeadWork, atomic_save_torch, commit_head, export_and_check
 from .data import ImageFolderData, load_data
-from .export import build_metadata, export_backbone, export_head, fuse, to_fp16
-from .extract import Engine, OrtEngine, StreamEngine, TorchEngine, extraction_sessions, resolve_device, resolve_engine
+from .export import build_metadata, fuse, to_fp16
+from .extract import resolve_device, resolve_engine
 from .features import FeatureCache, default_cache_dir
 from .methods import Run, TrainingMethod, checked, entry_point, trainer
+from .options import BuildOptions, BuildReport
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
-from .plots import plot_confusion, plot_curves
 from .quantize import int8_parity
 
 log = logging.getLogger(__name__)
-
-
-def atomic_save_torch(path: str | Path, obj: object) -> None:
-    """Atomically ``torch.save`` an object (state_dicts only: they load back with weights_only=True)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-@dataclass
-class BuildOptions:
-    """Everything `tl-models build` takes."""
-
-    data: Path | None
-    out: Path
-    backbone: str = "mobilenet_v2"
-    weights: str = "DEFAULT"
-    kind: str = "linear"
-    head: str = "default"
-    hidden: int = 512
-    dropout: float = 0.0
-    fine_tune: FineTune = field(default_factory=FineTune)  # stages 0: the backbone stays frozen
-    val_fraction: float = 0.2
-    train: TrainConfig = field(default_factory=TrainConfig)
-    cache_dir: Path | None = None
-    progress: bool = True
-    export: bool = True
-    fused: bool = False
-    tolerance: Tolerance = field(default_factory=Tolerance)
-    unlabeled: Path | None = None  # self-training on these images' embeddings (training.semi)
-    target: Path | None = None  # unlabelled target-domain images: align to them (training.adapt)
-    self_training: SelfTraining = field(default_factory=SelfTraining)
-    from_log: Path | None = None  # train from a service's embedding log instead (training.traffic)
-    engine: str = "auto"  # feature extraction: auto, onnxruntime or torch (training.extract)
-    device: str = "auto"  # auto, cpu or cuda: extraction and fine-tuning's stage 2
-    ray: str | None = None  # a Ray cluster's HOST:PORT: extraction there (training.distributed)
-    ray_actors: int = 2  # backbone sessions (actors) on the cluster
-
-
-@dataclass
-class BuildReport:
-    """What a build produced: the head entry, whether the feature cache was hit, the manifest."""
-
-    head: HeadEntry
-    cache_hit: bool
-    manifest: Manifest
-    extraction: dict = field(default_factory=dict)  # Features.summary() of the labelled images (not in the manifest)
 
 
 def _library_versions() -> dict:
@@ -296,167 +241,6 @@ def _build_locked(
     return BuildReport(entry, extraction.hit, manifest, extraction.summary())
 
 
-def extraction_engine(
-    options: BuildOptions, build_dir: BuildDir, manifest: Manifest, backbone: LoadedBackbone
-) -> tuple[Engine | StreamEngine, bool]:
-    """The engine that embeds this build's images, and whether it exported the build's backbone.onnx just now
-    (a first build on ONNX Runtime: exported before extraction, so that heads train on the graph serving runs)."""
-    device = resolve_device(options.device)
-    engine = resolve_engine(options.engine, device)
-    has_onnx = BACKBONE_ONNX in manifest.top_files
-    if engine == "onnxruntime" and not has_onnx and not options.export:
-        if options.engine == "onnxruntime":
-            raise BadRequest(
-                "--engine onnxruntime extracts with the build's backbone.onnx, which --no-export "
-                "does not write: drop one of them"
-            )
-        engine = "torch"
-    if engine == "torch" and options.ray is None:
-        return TorchEngine(backbone, device), False
-    path = build_dir.path / BACKBONE_ONNX
-    if not has_onnx:
-        export_backbone(
-            backbone.module,
-            manifest.input_size,
-            path,
-            build_metadata(manifest),
-            get_spec(manifest.backbone).onnx_exporter,
-        )
-    if options.ray is not None:
-        from .distributed import RayEngine, connect
-
-        connect(options.ray)  # joined already by build(); `build --from-log --data` joins here
-        return RayEngine(path, device, options.ray_actors), not has_onnx
-    return OrtEngine(path, device, extraction_sessions()), not has_onnx
-
-
-def commit_head(
-    build_dir: BuildDir,
-    manifest: Manifest,
-    options: BuildOptions,
-    spec: HeadSpec,
-    head: torch.nn.Module,
-    result,
-    data_record: dict,
-    backbone: torch.nn.Module,
-    reference: EmbeddingReference | None,
-    cache_hit: bool = False,
-    annotate: Callable[[Path, HeadEntry], None] | None = None,
-    backbone_exported: bool = False,
-) -> tuple[HeadEntry, Manifest]:
-    """Stage a trained head as the next version of ``options.head`` (files, curves, reference), export it and
-    check parity (the backbone too when the build has no backbone.onnx yet: exported here unless
-    ``backbone_exported`` says extraction already wrote the current one), then commit the manifest."""
-    version = build_dir.next_version(options.head, manifest)
-    staged = build_dir.staging_dir()
-    try:
-        entry = _stage_head(staged, options, spec, version, result, manifest.labels, data_record, cache_hit)
-        if reference is not None:
-            atomic_write_json(staged / EMBEDDING_REFERENCE, reference.to_dict())
-        if annotate is not None:
-            annotate(staged, entry)
-        entry.files = sorted(p.name for p in staged.iterdir())
-        if options.export:
-            new_backbone = BACKBONE_ONNX not in manifest.top_files
-            report = export_and_check(
-                build_dir,
-                manifest,
-                backbone,
-                [(entry, head, staged)],
-                new_backbone,
-                options.tolerance,
-                fused=options.fused,
-                exported=backbone_exported,
-            )
-            if new_backbone:
-                manifest.top_files.append(BACKBONE_ONNX)
-            entry.files = sorted(p.name for p in staged.iterdir())
-            entry.parity = {"passed": report.passed, "max_abs_diff": max(c.max_abs_diff for c in report.checks)}
-        manifest.heads.append(entry)
-        manifest = build_dir.commit(manifest, staged, entry.path)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    log.info("head %s v%d: val accuracy %.4f", options.head, version, result.metrics["val_accuracy"])
-    return entry, manifest
-
-
-def _stage_head(
-    staged: Path,
-    options: BuildOptions,
-    spec: HeadSpec,
-    version: int,
-    result,
-    classes: list[str],
-    data_record: dict,
-    cache_hit: bool,
-) -> HeadEntry:
-    atomic_save_torch(staged / HEAD_PT, result.head_state)
-    (staged / HISTORY_JSON).write_text(json.dumps(result.history, indent=1))
-    plot_curves(result.history, staged / CURVES_PNG)
-    plot_confusion(result.metrics["confusion_matrix"], classes, staged / CONFUSION_PNG)
-    return HeadEntry(
-        name=options.head,
-        version=version,
-        kind=spec.kind,
-        spec=spec.to_dict(),
-        path=f"{HEADS_DIR}/{options.head}/{version}",
-        files=sorted(p.name for p in staged.iterdir()),
-        metrics=result.metrics,
-        train={**options.train.__dict__, "fine_tune": None, "feature_cache_hit": cache_hit},
-        data=data_record,
-    )
-
-
-HeadWork = tuple[HeadEntry, torch.nn.Module, Path]  # an entry, its torch module, the folder its files go to
-
-
-def export_and_check(
-    build_dir: BuildDir,
-    manifest: Manifest,
-    backbone: torch.nn.Module,
-    heads: list[HeadWork],
-    with_backbone: bool,
-    tolerance: Tolerance,
-    batch_sizes: tuple[int, ...] = BATCH_SIZES,
-    fused: bool = False,
-    exported: bool = False,
-) -> ParityReport:
-    """Export backbone.onnx (if ``with_backbone``, unless ``exported``: it is there and current) and each head's
-    head.onnx into its folder, then run parity on what was exported and on the fused graph (backbone + head,
-    composed in memory; written as fused.onnx when ``fused``). ParityError past tolerance. Each head folder gets
-    its parity.json."""
-    backbone_path = build_dir.path / BACKBONE_ONNX
-    if with_backbone and not exported:
-        export_backbone(
-            backbone,
-            manifest.input_size,
-            backbone_path,
-            build_metadata(manifest),
-            get_spec(manifest.backbone).onnx_exporter,
-        )
-    graphs = {}
-    for entry, head, folder in heads:
-        meta = build_metadata(manifest, entry)
-        export_head(head, manifest.embedding_dim, folder / HEAD_ONNX, {**meta, **_reference_metadata(folder)})
-        fused_graph = fuse(backbone_path, folder / HEAD_ONNX, meta, folder / FUSED_ONNX if fused else None)
-        graphs[entry.key] = (head, str(folder / HEAD_ONNX), fused_graph)
-    report = run_parity(
-        backbone, manifest.input_size, str(backbone_path) if with_backbone else None, graphs, tolerance, batch_sizes
-    )
-    for entry, _, folder in heads:
-        own = [c for c in report.checks if c.graph == "backbone" or c.graph.startswith(entry.key + "/")]
-        atomic_write_json(folder / PARITY_JSON, ParityReport(tolerance, own, report.providers).to_dict())
-    log.info("parity (PyTorch vs ONNX Runtime):\n%s", report.table())
-    report.raise_on_failure()
-    return report
-
-
-def _reference_metadata(folder: Path) -> dict:
-    """A head's embedding reference for its head.onnx metadata (so it travels with the graph), if it has one."""
-    path = folder / EMBEDDING_REFERENCE
-    return {EMBEDDING_REFERENCE_KEY: json.loads(path.read_text())} if path.is_file() else {}
-
-
 def reexport(
     path: str | Path, tolerance: Tolerance = Tolerance(), fp16: bool = False, fused: bool = False
 ) -> ParityReport:
@@ -555,48 +339,3 @@ def load_head_module(build_dir: BuildDir, entry: HeadEntry) -> torch.nn.Module:
     head = build_head(HeadSpec.from_dict(entry.spec))
     head.load_state_dict(torch.load(build_dir.file(entry.rel(HEAD_PT)), map_location="cpu", weights_only=True))
     return head.eval()
-
-
-def load_build_backbone(build_dir: BuildDir, manifest: Manifest) -> LoadedBackbone:
-    """The build's backbone with its saved state_dict (no download: the build is self-contained)."""
-    return load_saved_backbone(
-        manifest.backbone,
-        build_dir.file(BACKBONE_PT),
-        manifest.weights,
-        Preprocessing.from_dict(manifest.preprocessing),
-    )
-
-
-def summary_line(report: BuildReport) -> str:
-    """One line for the terminal."""
-    head = report.head
-    tuned = head.train.get("fine_tune")
-    stage2 = (
-        ""
-        if not tuned
-        else (
-            f"; fine-tuned {tuned['stages']} stage(s): val {tuned['stage1_val_accuracy']:.4f} -> "
-            f"{tuned['stage2_val_accuracy']:.4f}" + ("" if tuned["kept"] else ", no better: backbone left frozen")
-        )
-    )
-    return (
-        f"{head.name} v{head.version} ({head.kind}) on {report.manifest.backbone} "
-        f"[{report.manifest.weights}]: val accuracy {head.metrics['val_accuracy']:.4f} "
-        f"(feature cache {_cache_word(report)}{stage2})"
-    )
-
-
-def _cache_word(report: BuildReport) -> str:
-    if "log" in report.head.data and "images" not in report.head.data:
-        return "not used: logged embeddings"
-    if report.cache_hit:
-        return "hit"
-    run = report.extraction
-    if run.get("shards_cached"):
-        return (
-            f"resumed: {run['shards_cached']} of {run['shards']} shards cached, {run['embedded']} of "
-            f"{run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}"
-        )
-    if not run:
-        return "miss"
-    return f"miss: {run['images']} images embedded by {run['engine']} on {run['device']}, {run['where']}"

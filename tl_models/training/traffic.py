@@ -19,12 +19,14 @@ import torch
 from ..core.drift import EmbeddingReference
 from ..core.embedding_log import read_log
 from ..core.errors import BadRequest, BuildError
+from ..core.identity import IDENTITY_KEY, check_backbone
 from ..core.manifest import BuildDir
-from ..core.names import BACKBONE_ONNX
 from .architectures import HeadSpec, build_head
+from .build_backbone import extraction_engine, load_build_backbone
+from .commit import commit_head
 from .data import load_data, stratified_split
 from .features import FeatureCache, default_cache_dir
-from .pipeline import BuildOptions, BuildReport, commit_head, extraction_engine, load_build_backbone
+from .options import BuildOptions, BuildReport
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,13 @@ def build_from_log(options: BuildOptions) -> BuildReport:
     with build_dir.lock():
         build_dir.clean_staging()
         manifest = build_dir.verify()
-        served = manifest.files.get(BACKBONE_ONNX)
-        if traffic.facts.get("backbone_sha256") != served:
-            raise BuildError(
-                f"the log {options.from_log} holds embeddings of backbone "
-                f"{str(traffic.facts.get('backbone_sha256'))[:12]}…, {options.out} has "
-                f"{str(served)[:12]}…: train from a log of a service of this build"
-            )
+        check_backbone(
+            f"the embedding log {options.from_log}",
+            traffic.facts.get(IDENTITY_KEY),
+            manifest.backbone_sha256(),
+            f"the build {options.out}",
+            "train from a log of a service of this build",
+        )
         embeddings, labels, times = traffic.labelled()
         if not len(labels):
             raise BuildError(

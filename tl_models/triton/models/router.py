@@ -1,7 +1,9 @@
 """Triton python-backend model ``NAME``: the A/B router over backbone -> head.
 
-Copied as ``model.py`` by ``tl-models triton package``. Per request it picks a head with ``tl_models.core.routing``
-(explicit ``route_head``, else the weighted split, sticky on ``route_key``), preprocesses the request's images
+Copied as ``model.py`` by ``tl-models triton package``. Each batch follows the serving plan BentoML's engine follows
+too (``tl_models.core.plan``): on the route read once per batch, each request gets its head version (explicit
+``route_head``, else the weighted split, sticky on ``route_key``) and its shadow heads drawn by their share, before the
+backbone pass. The router preprocesses the request's images
 itself (``tl_models.core.preprocess`` in a thread: one hop fewer than calling the ``preprocess`` model, which the
 ensembles use), runs the backbone once for the whole batch, then each chosen head version on its rows, and
 answers ``logits``, ``head`` ("name:version") and ``request_id`` (one per image). The route file is re-read every
@@ -10,8 +12,8 @@ just unloaded is retried once on the route in force. Bad requests get their own 
 batch is answered.
 
 Shadow heads named in the route (``tl-models triton shadow``) run on the same embeddings, concurrently with the
-answering heads, on each request drawn by their share; their top-1 agreement with the answering head (by label,
-``tl_models.core.heads.agreed``, the rule BentoML's judge uses) is counted in
+answering heads, on the requests that drew them; their top-1 agreement with the answering head (by label,
+``BatchPlan.agreement``, the rule BentoML's judge uses) is counted in
 Triton's custom metrics (``tl_models_shadow_scored`` / ``_agreed`` / ``_errors``, labels head and version, on the
 metrics port). A shadow head that fails is counted, dropped from this router's shadowing and from the route; the
 request is answered.
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -47,7 +48,6 @@ import triton_python_backend_utils as pb_utils
 
 from tl_models.core.errors import BadRequest, ModelFault, UserError
 from tl_models.core.feedback import request_ids
-from tl_models.core.heads import agreed
 from tl_models.core.names import (
     EMBEDDING,
     HEAD,
@@ -59,6 +59,7 @@ from tl_models.core.names import (
     ROUTE_KEY,
     VERSION_HEAD,
 )
+from tl_models.core.plan import BatchPlan, HeadKey, Planned, plan_request
 from tl_models.core.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, preprocess_many
 from tl_models.core.routing import Route, RoutingState, read_route
 from tl_models.core.runtime import CoreLock, available_cores, lane_sessions
@@ -71,19 +72,12 @@ class StepError(ModelFault):
 
 @dataclass
 class Routed:
-    """One request of a batch, routed and preprocessed: its place in the batch, the head version chosen for it and
-    its images, whose embeddings are rows ``start:stop`` of the batch's."""
+    """One request of a batch, planned and preprocessed: its place in the batch, its plan (the head version that
+    answers, the shadows drawn) and its images."""
 
     index: int
-    head: str
-    version: int
+    planned: Planned
     images: np.ndarray
-    start: int = 0
-    stop: int = 0
-
-    @property
-    def rows(self) -> np.ndarray:
-        return np.arange(self.start, self.stop)
 
 
 def _first_string(request: pb_utils.InferenceRequest, name: str) -> str | None:
@@ -171,12 +165,13 @@ class TritonPythonModel:
         return np.concatenate(parts)
 
     async def _prepare(self, route: Route, index: int, request: pb_utils.InferenceRequest) -> Routed:
-        """Route one request on ``route`` and preprocess its images; a UserError (its code from the table) for a
-        bad request."""
-        head, version = route.choose(_first_string(request, ROUTE_KEY), _first_string(request, ROUTE_HEAD))
+        """Plan one request on ``route`` (:func:`~tl_models.core.plan.plan_request`) and preprocess its images; a
+        UserError (its code from the table) for a bad request."""
+        key, head = _first_string(request, ROUTE_KEY), _first_string(request, ROUTE_HEAD)
+        planned = plan_request(route, key, head, self.dropped)
         data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy().reshape(-1)
         images = await asyncio.to_thread(self.decode, data)
-        return Routed(index, head, version, images)  # in a thread: PIL releases the GIL while it decodes and resizes
+        return Routed(index, planned, images)  # in a thread: PIL releases the GIL while it decodes and resizes
 
     async def _embed(self, images: np.ndarray) -> np.ndarray:
         """The backbone's embeddings of ``images``: a pass in this process, or BLS calls to the backbone model."""
@@ -256,46 +251,21 @@ class TritonPythonModel:
             )
         metric.increment(value)
 
-    def _shadow_rows(self, route: Route, routed: list[Routed]) -> dict[tuple[str, int], np.ndarray]:
-        """Per shadow head of the route, the embedding rows it scores: the requests drawn by its share, except
-        those its own version answers."""
-        chosen = {}
-        for name, version, share in route.shadows():
-            if f"{name}:{version}" in self.dropped:
-                continue
-            picked = [
-                r.rows
-                for r in routed
-                if (r.head, r.version) != (name, version) and (share >= 1 or random.random() < share)
-            ]
-            if picked:
-                chosen[(name, version)] = np.concatenate(picked)
-        return chosen
-
-    def _judge_shadows(self, shadows: dict, results: list, answers: list[tuple[str, int, int] | None]) -> None:
-        """Count agreement of each shadow head with the head that answered each row (:func:`agreed`: by label);
-        ``answers`` holds per embedding row the answering head, version and top-1 index, None where none did."""
-        for (name, version), result in zip(shadows, results):
-            rows = shadows[(name, version)]
+    def _judge_shadows(
+        self, plan: BatchPlan, results: list, answers: dict[HeadKey, tuple[tuple[str, ...], np.ndarray]]
+    ) -> None:
+        """Count each shadow head's agreement with the heads that answered its rows (:meth:`BatchPlan.agreement`,
+        the rule BentoML's judge counts with); ``answers``: per answering head version as planned, the labels of the
+        version that answered and its top-1 on the version's rows. A shadow head that failed is counted and
+        dropped."""
+        for (name, version), result in zip(plan.shadowing, results):
             if isinstance(result, BaseException):
                 self._count("errors", name, version, 1)
                 self._drop(name, version)
                 continue
-            top = result.argmax(axis=1)
-            by_head: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
-            for position, row in enumerate(rows):
-                answer = answers[row]
-                if answer is not None:
-                    tops = by_head.setdefault(answer[:2], ([], []))
-                    tops[0].append(int(answer[2]))
-                    tops[1].append(int(top[position]))
-            if by_head:
-                shadow_labels = self.labels(name, version)
-                same = sum(
-                    agreed(self.labels(*head), answer_top, shadow_labels, shadow_top)
-                    for head, (answer_top, shadow_top) in by_head.items()
-                )
-                self._count("scored", name, version, sum(len(t[0]) for t in by_head.values()))
+            scored, same = plan.agreement((name, version), self.labels(name, version), result.argmax(axis=1), answers)
+            if scored:
+                self._count("scored", name, version, scored)
                 self._count("agreed", name, version, same)
 
     def _drop(self, name: str, version: int) -> None:
@@ -324,43 +294,34 @@ class TritonPythonModel:
                 routed.append(item)
         if not routed:
             return responses
-        start = 0
-        for r in routed:
-            r.start, r.stop = start, start + len(r.images)
-            start = r.stop
+        plan = BatchPlan([r.planned for r in routed], [len(r.images) for r in routed])
         try:
             embeddings = await self._embed(np.concatenate([r.images for r in routed]))
         except StepError as exc:
             for r in routed:
                 responses[r.index] = error_response(exc)
             return responses
-        groups: dict[tuple[str, int], list[Routed]] = {}
-        for r in routed:
-            groups.setdefault((r.head, r.version), []).append(r)
-        rows = {key: np.concatenate([r.rows for r in members]) for key, members in groups.items()}
-        shadows = self._shadow_rows(route, routed)
         results = await asyncio.gather(
-            *(self._head(head, version, embeddings[rows[(head, version)]]) for head, version in groups),
-            *(self._logits(name, version, embeddings[r]) for (name, version), r in shadows.items()),
+            *(self._head(head, version, embeddings[rows]) for (head, version), rows in plan.answering.items()),
+            *(self._logits(name, version, embeddings[rows]) for (name, version), rows in plan.shadowing.items()),
             return_exceptions=True,
         )
-        answers: list[tuple[str, int, int] | None] = [None] * len(embeddings)
-        for (head, version), result in zip(groups, results):
-            members = groups[(head, version)]
+        answers: dict[HeadKey, tuple[tuple[str, ...], np.ndarray]] = {}
+        for (head, version), result in zip(plan.answering, results):
+            members = plan.members[(head, version)]
             if isinstance(result, BaseException):
-                for r in members:
-                    responses[r.index] = error_response(result)
+                for member in members:
+                    responses[routed[member].index] = error_response(result)
                 continue
             answered, logits = result
-            if shadows:
-                for row, top in zip(rows[(head, version)], logits.argmax(axis=1)):
-                    answers[row] = (head, answered, int(top))
+            if plan.shadowing:
+                answers[(head, version)] = (self.labels(head, answered), logits.argmax(axis=1))
             offset = 0
-            for r in members:
-                size = r.stop - r.start
+            for member in members:
+                size = len(routed[member].images)
                 label = np.array([[f"{head}:{answered}".encode()]] * size, dtype=np.object_)
                 ids = np.array([[rid.encode()] for rid in request_ids(size)], dtype=np.object_)
-                responses[r.index] = pb_utils.InferenceResponse(
+                responses[routed[member].index] = pb_utils.InferenceResponse(
                     output_tensors=[
                         pb_utils.Tensor(LOGITS, logits[offset : offset + size]),
                         pb_utils.Tensor(HEAD, label),
@@ -368,8 +329,8 @@ class TritonPythonModel:
                     ]
                 )
                 offset += size
-        if shadows:
-            self._judge_shadows(shadows, results[len(groups) :], answers)
+        if plan.shadowing:
+            self._judge_shadows(plan, results[len(plan.answering) :], answers)
         return responses
 
     def finalize(self) -> None:
