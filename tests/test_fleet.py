@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import shutil
 import threading
 import time
@@ -314,6 +315,54 @@ def test_replicas_follow_a_changed_route_file_by_polling_alone(fleet, deployment
     finally:
         RoutingState(fleet.route_file).update(weights={"a": 1, "b": 1})
         fleet.sync()
+
+
+def _until(condition, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def test_a_route_file_that_cannot_be_followed_shows_as_the_fleet_error_until_a_route_is_back(fleet, deployment, capsys):
+    """The route file turns to garbage (truncated JSON), then names a version no replica can find: every replica
+    keeps serving the route it followed, and its ``/heads`` and ``fleet status`` say it is not following the
+    fleet, with why; once a good route is back, the error clears by polling alone (TL_MODELS_FLEET_POLL=1)."""
+    fleet.at(1, deployment)
+    good = fleet.route_file.read_bytes()
+    revision = fleet.route().revision
+
+    def errors() -> list:
+        return [httpx.get(f"{url}/heads", timeout=30).json()["fleet"] for url in fleet.urls]
+
+    try:
+        fleet.route_file.write_bytes(good[: len(good) // 2])
+        assert _until(lambda: all(f["error"] for f in errors())), errors()
+        for state in errors():
+            assert state["in_sync"] is False and state["revision"] == revision
+            assert "is damaged" in state["error"] and str(fleet.route_file) in state["error"], state
+        image = deployment.images(1)[0]
+        for url in fleet.urls:  # still serving the route it followed
+            answer = httpx.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert (answer.json()["head"], answer.json()["version"]) in {("a", 1), ("b", 1)}
+        report = status(fleet.urls, fleet.route_file)
+        assert not report["agree"] and "is damaged" in report["route"]["error"]
+        assert all("is damaged" in r["fleet_error"] for r in report["replicas"])
+        capsys.readouterr()
+        assert cli_main(["fleet", "status", "--replicas", ",".join(fleet.urls)]) == 1
+        assert capsys.readouterr().out.count("not following the fleet route") == len(fleet.urls)
+
+        unknown = Route({"a": 1.0, "b": 1.0}, {"a": 99, "b": 1}, revision=revision + 1)
+        fleet.route_file.write_text(json.dumps(unknown.to_dict()))
+        assert _until(lambda: all(f["error"] and "99" in f["error"] for f in errors())), errors()
+        assert all(r["versions"] == {"a": 1, "b": 1} for r in status(fleet.urls)["replicas"])
+    finally:
+        fleet.route_file.write_bytes(good)
+    assert _until(lambda: all(f["in_sync"] and f["error"] is None for f in errors())), errors()
+    assert status(fleet.urls, fleet.route_file)["agree"]
 
 
 def test_a_replica_down_in_phase_1_refuses_the_swap_and_changes_nothing(fleet, deployment):

@@ -26,6 +26,7 @@ from tl_models.core.embedding_log import EmbeddingLogWriter, append_feedback, re
 from tl_models.core.errors import BadRequest, BuildError, Conflict, NotFound, Refused
 from tl_models.core.feedback import FeedbackStore, request_ids
 from tl_models.core.heads import sources_from_build
+from tl_models.core.identity import OtherBackbone
 from tl_models.core.manifest import BuildDir
 from tl_models.core.plan import Planned
 from tl_models.core.preprocess import preprocess_bytes
@@ -517,7 +518,7 @@ def test_from_log_refuses_a_log_of_another_backbone_and_a_log_without_labels(dep
     build = tmp_path / "build"
     shutil.copytree(deployment.build_dir, build)
     options = BuildOptions(data=None, out=build, head="a", from_log=tmp_path / "other", progress=False)
-    with pytest.raises(BuildError, match="embeddings of backbone ffffffffffff"):
+    with pytest.raises(OtherBackbone, match=r"made for another backbone \(sha256 ffffffffffff…\); the build "):
         build_from_log(options)
     writer = EmbeddingLogWriter(
         tmp_path / "unlabelled", {**facts, "backbone_sha256": BuildDir(build).manifest().files["backbone.onnx"]}

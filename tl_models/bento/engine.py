@@ -215,29 +215,42 @@ class ServingEngine:
         path = self.config.fleet_route
         if path is None:
             raise BadRequest("this service is not in a fleet: start it with TL_MODELS_FLEET_ROUTE")
-        target = read_route(path)
+        state = {
+            "route_file": str(path),
+            "revision": self.fleet.get("revision"),  # the revision followed, until another is
+            "in_sync": False,
+            "error": None,
+            "checked": time.time(),
+        }
+        try:
+            target = read_route(path)
+        except (UserError, OSError) as exc:  # not JSON, not a route, unreadable: keep serving the route followed
+            if pushed is None:
+                return self._fleet_error(state, exc.message if isinstance(exc, UserError) else f"{path}: {exc}")
+            target = Route()  # the pushed route is followed; the next poll reports the file again
         if pushed is not None and pushed.revision >= target.revision:
             target = pushed.validate()
         followed = self.fleet.get("revision", -1) if self.fleet.get("in_sync") else -1
         if target.revision < followed:  # an older file (a ConfigMap not yet updated): keep the newer pushed route
             return self.fleet
-        state = {
-            "route_file": str(path),
-            "revision": target.revision,
-            "in_sync": False,
-            "error": None,
-            "checked": time.time(),
-        }
+        state["revision"] = target.revision
         try:
             if not target.versions:
                 raise NotFound(f"the fleet route {path} is missing or names no head")
             self.heads.converge(target, self.find_head)
             state["in_sync"] = True
         except UserError as exc:
-            state["error"] = exc.message
-            log.error("cannot follow the fleet route (revision %d): %s", target.revision, exc.message)
+            return self._fleet_error(state, exc.message)
         self.fleet = state
         return state
+
+    def _fleet_error(self, state: dict, message: str) -> dict:
+        """The fleet state when the route cannot be followed: ``in_sync`` false and the error, in ``/heads`` and
+        ``fleet status`` until a route that can be followed comes back (logged once per new error)."""
+        if self.fleet.get("error") != message:
+            log.error("cannot follow the fleet route: %s", message)
+        self.fleet = {**state, "error": message}
+        return self.fleet
 
     def _follow_fleet(self) -> None:
         while True:
@@ -533,7 +546,7 @@ class ServingEngine:
                 raise BadRequest(f'route must be {{"weights", "versions", "revision"[, "shadow"]}}: {exc}') from None
         state = await asyncio.to_thread(self.sync_fleet, pushed)
         if state["error"]:
-            raise Refused(f"cannot follow the fleet route (revision {state['revision']}): {state['error']}")
+            raise Refused(f"cannot follow the fleet route: {state['error']}")
         return self.status()
 
     async def retire(self, name: str) -> dict:

@@ -35,8 +35,12 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     for r in report["replicas"]:
         lines.append(
             f"{r['url']:<28} {str(r['ready']):<6} {str(r.get('versions', '-')):<24} "
-            f"{str(r.get('weights', '-')):<28} {r.get('shadow', '-')}" + (f"  ({r['error']})" if r["error"] else "")
+            f"{str(r.get('weights', '-')):<28} {r.get('shadow', '-')}"
+            + (f"  ({r['error']})" if r["error"] else "")
+            + (f"  (not following the fleet route: {r['fleet_error']})" if r.get("fleet_error") else "")
         )
+    if (report.get("route") or {}).get("error"):
+        lines.append(f"route file: {report['route']['error']}")
     lines.append(
         "replicas agree" + (" with the route file" if args.route_file else "")
         if report["agree"]

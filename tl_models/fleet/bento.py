@@ -117,8 +117,9 @@ def _live(body: dict | None) -> dict:
 
 
 def status(urls: list[str], route_file: str | Path | None = None) -> dict:
-    """Every replica's readiness, live heads, versions, weights and shadow heads; whether they agree with each
-    other and with the route file."""
+    """Every replica's readiness, live heads, versions, weights and shadow heads, and whether it can follow the fleet
+    route (``fleet_error``: what its ``/heads`` reports, e.g. a route file that is not a route); whether they agree
+    with each other and with the route file (a route file that cannot be read: ``route.error``, no agreement)."""
     replies = _each(urls, lambda url: _call(url, "GET", "/heads", timeout=30))
     replicas = []
     for reply in replies:
@@ -131,12 +132,22 @@ def status(urls: list[str], route_file: str | Path | None = None) -> dict:
         }
         if reply.body:
             entry["fleet"] = reply.body.get("fleet")
+            entry["fleet_error"] = (entry["fleet"] or {}).get("error")
         replicas.append(entry)
     routes = {json.dumps(_live(r.body), sort_keys=True) for r in replies if r.ok}
-    figures: dict = {"replicas": replicas, "agree": len(routes) == 1 and all(r.ok for r in replies)}
+    following = not any(entry.get("fleet_error") for entry in replicas)
+    figures: dict = {"replicas": replicas, "agree": len(routes) == 1 and all(r.ok for r in replies) and following}
     if route_file is not None:
-        target = read_route(route_file)
-        figures["route"] = {**target.to_dict(), "file": str(route_file)}
+        try:
+            target = read_route(route_file)
+        except (UserError, OSError) as exc:
+            figures["route"] = {
+                "file": str(route_file),
+                "error": exc.message if isinstance(exc, UserError) else str(exc),
+            }
+            figures["agree"] = False
+            return figures
+        figures["route"] = {**target.to_dict(), "file": str(route_file), "error": None}
         wanted = {"versions": target.versions, "weights": target.weights, "shadow": target.shadow}
         for entry in replicas:
             entry["follows_route"] = all(entry.get(k) == v for k, v in wanted.items())
