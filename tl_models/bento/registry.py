@@ -36,11 +36,11 @@ def check_state(state_dir: Path, backbone: BackboneSource, heads: Sequence[HeadS
     )
     if foreign:
         check_backbone(
-            f"state directory {state_dir} (its heads {', '.join(foreign)})",
+            f"state directory {state_dir}",
             entries[foreign[0]].backbone_sha256,
             backbone.sha256,
             f"build {backbone.build!r}",
-            "point TL_MODELS_STATE_DIR elsewhere",
+            f"point TL_MODELS_STATE_DIR elsewhere (its heads {', '.join(foreign)} are that backbone's)",
         )
     sources = {**entries, **{source.key: source for source in heads}}  # bootstrap records the build's heads
     route_file = state_dir / ROUTE_FILE
