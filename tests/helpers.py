@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -310,3 +311,12 @@ def damage_bytes(path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.seek(handle.seek(0, 2) // 2)
         handle.write(b"\x00\xff" * 8)
+
+
+def subset(source: Path, target: Path, classes: list[str], per_class: int) -> Path:
+    """Copy the first ``per_class`` images of ``classes`` into a new ImageFolder."""
+    for cls in classes:
+        (target / cls).mkdir(parents=True)
+        for path in sorted((source / cls).iterdir())[:per_class]:
+            shutil.copyfile(path, target / cls / path.name)
+    return target

@@ -40,20 +40,13 @@ from tl_models.training.features import FeatureCache, load_images
 from tl_models.training.options import BuildReport
 from tl_models.training.train import fit
 
+from helpers import subset
+
 WEIGHTS_ID = "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 QuickBuild = Callable[..., BuildReport]
 TUNE = FineTune(stages=2, lr=3e-5, epochs=2, augment=("crop",))  # short and visible: stage 2 must move the weights
 RunCli = Callable[..., tuple[int, str, str]]
-
-
-def _subset(source: Path, target: Path, classes: list[str], per_class: int) -> Path:
-    """Copy the first ``per_class`` images of ``classes`` into a new ImageFolder."""
-    for cls in classes:
-        (target / cls).mkdir(parents=True)
-        for path in sorted((source / cls).iterdir())[:per_class]:
-            shutil.copyfile(path, target / cls / path.name)
-    return target
 
 
 def _fresh_state() -> dict[str, torch.Tensor]:
@@ -101,7 +94,7 @@ def test_backbone_state_is_bit_identical_after_training(base_build: Path) -> Non
 def test_fine_tune_moves_only_the_unfrozen_stages(demo_data: Path, quick_build: QuickBuild, tmp_path: Path) -> None:
     """--fine-tune 2: stage 2 trains the registry's last two stages of mobilenet_v2 (features.14..18) and nothing
     else; no BatchNorm statistic moves anywhere; the manifest records both stages."""
-    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    small = subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
     report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1)
     record = report.head.train["fine_tune"]
     assert record["kept"] is True and record["stages"] == 2 and record["augment"] == ["crop"]
@@ -162,7 +155,7 @@ def test_stage_2_is_kept_only_where_it_beats_stage_1_on_validation(
     validation split. A stage 2 at a rate that wrecks the backbone is dropped: the build is stage 1's probe, its
     backbone bit-identical to the original weights. (The default rate is 1/1000 of the head's.)"""
     assert FineTune(stages=1).learning_rate(1e-3) == pytest.approx(1e-6)
-    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    small = subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
     for name, tune, epochs in (("kept", TUNE, 1), ("wrecked", FineTune(stages=2, lr=5.0, epochs=2, augment=()), 10)):
         report = quick_build(small, tmp_path / name, fine_tune=tune, epochs=epochs)
         record = report.head.train["fine_tune"]
@@ -187,7 +180,7 @@ def test_a_fine_tuned_build_exports_its_fine_tuned_backbone_with_parity(
     demo_data: Path, quick_build: QuickBuild, tmp_path: Path
 ) -> None:
     """backbone.onnx is the fine-tuned backbone (parity against it passes; the original weights' embeddings differ)."""
-    small = _subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
+    small = subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8)
     report = quick_build(small, tmp_path / "out", fine_tune=TUNE, epochs=1, export=True)
     assert report.head.parity is not None
     assert report.head.train["fine_tune"]["kept"] and report.head.parity["passed"]
@@ -205,8 +198,8 @@ def test_chained_transfer_starts_from_another_builds_backbone(
 ) -> None:
     """--weights BUILD_DIR: the source build's (here fine-tuned) backbone, bit for bit, for another label set."""
     source = tmp_path / "source"
-    quick_build(_subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8), source, fine_tune=TUNE, epochs=1)
-    other = _subset(demo_data, tmp_path / "other", ["1", "7", "9"], per_class=4)
+    quick_build(subset(demo_data, tmp_path / "small", ["3", "8"], per_class=8), source, fine_tune=TUNE, epochs=1)
+    other = subset(demo_data, tmp_path / "other", ["1", "7", "9"], per_class=4)
     report = quick_build(other, tmp_path / "chained", weights=str(source))
     sha = BuildDir(source).manifest().files["backbone.pt"]
     assert report.manifest.weights == f"build:source:sha256={sha}" and report.manifest.labels == ["1", "7", "9"]
@@ -224,7 +217,7 @@ def test_chained_transfer_starts_from_another_builds_backbone(
 def test_second_head_hits_the_feature_cache(
     demo_data: Path, quick_build: QuickBuild, fresh_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = _subset(demo_data, tmp_path / "data", ["1", "7"], per_class=4)
+    data = subset(demo_data, tmp_path / "data", ["1", "7"], per_class=4)
     out = tmp_path / "out"
     first = quick_build(data, out, head="a")
     assert first.cache_hit is False

@@ -30,6 +30,7 @@ from ..core.heads import (
     HeadSource,
     backbone_from_build,
     check_precision,
+    frozen_versions,
     head_from_build,
     head_source_from_build,
     sources_from_build,
@@ -137,7 +138,7 @@ def package_build(path: str | Path, precision: str = "fp32") -> PackageReport:
         },
         report,
     )
-    for entry in manifest.heads:
+    for entry in frozen_versions(manifest):
         if entry.rel(HEAD_ONNX) not in manifest.files:
             continue
         head = head_from_build(build_dir, manifest, entry)

@@ -30,6 +30,7 @@ from .names import (
     HEAD_ONNX,
     LOGITS,
     METADATA_PREFIX,
+    TAIL_ONNX,
     check_name,
 )
 from .runtime import create_session
@@ -89,6 +90,7 @@ class HeadSource:
     labels: tuple[str, ...]
     backbone_sha256: str
     origin: str
+    tail: str | None = None  # a fine-tuned version's own tail.onnx (sha256): it runs on the trunk, not the backbone
 
     @property
     def key(self) -> str:
@@ -108,6 +110,7 @@ class HeadSource:
             labels=tuple(values["labels"]),
             backbone_sha256=values["backbone_sha256"],
             origin=values["origin"],
+            tail=values.get("tail"),
         )
 
 
@@ -180,7 +183,14 @@ def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> He
         labels=tuple(manifest.labels),
         backbone_sha256=manifest.backbone_sha256(),
         origin=f"build:{build.path.resolve()}",
+        tail=None if entry.tail is None else manifest.files.get(entry.rel(TAIL_ONNX), ""),
     )
+
+
+def frozen_versions(manifest: Manifest) -> list[HeadEntry]:
+    """The head versions that run on the build's backbone.onnx: all but the fine-tuned versions with a tail of their
+    own (``training.tails``), which the servers do not run yet (packaging leaves them out, admission refuses them)."""
+    return [entry for entry in manifest.heads if entry.tail is None]
 
 
 def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[BackboneSource, list[HeadSource]]:
@@ -189,7 +199,9 @@ def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[Backb
     build = BuildDir(path)
     manifest = build.manifest()
     backbone = backbone_from_build(build, manifest, precision)
-    heads = [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
+    heads = [
+        head_from_build(build, manifest, e) for e in frozen_versions(manifest) if e.rel(HEAD_ONNX) in manifest.files
+    ]
     return backbone, [h for h in heads if backbone.serves(h.sha256)]
 
 
@@ -285,6 +297,11 @@ def admit_head(
     (sha256 in ``gated``), a test run giving one finite logit per label."""
     what = f"head {source.key}"
     check_name(source.name)
+    if source.tail is not None:
+        raise Refused(
+            f"{what} is fine-tuned with a tail of its own (its build's manifest records the cut): this service runs "
+            "the frozen backbone only, and serving tuned tails beside it is not built yet"
+        )
     check_backbone(what, source.backbone_sha256, backbone_sha256, "this service")
     if gated is not None and source.sha256 not in gated:
         raise Refused(

@@ -72,6 +72,7 @@ class HeadEntry:
     data: dict
     created: str = field(default_factory=utc_now)
     parity: dict | None = None
+    tail: dict | None = None  # a fine-tuned version's own last stages on the build's trunk (training.tails)
 
     @property
     def key(self) -> str:

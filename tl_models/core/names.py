@@ -27,10 +27,25 @@ HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
 HEADS_DIR = "heads"  # heads/<name>/<version>/
+TAIL_PT = "tail.pt"  # per fine-tuned version with a tail of its own: the tail's state_dict (its last N stages)
+TAIL_ONNX = "tail.onnx"  # the same version's tail: activation -> embedding
+
+
+def trunk_onnx(stages: int) -> str:
+    """The build's trunk for tails of ``stages`` stages: image -> activation (shared by every such version)."""
+    return f"trunk-{stages}.onnx"
+
+
+def frozen_tail_onnx(stages: int) -> str:
+    """The build's frozen backbone's own last ``stages`` stages: activation -> embedding (the frozen heads' path
+    when a trunk runs)."""
+    return f"tail-{stages}.onnx"
+
 
 # ---------------------------------------------------------------- tensors (ONNX graphs and Triton models)
 IMAGE = "image"  # uint8 N×3×H×W RGB
 EMBEDDING = "embedding"  # float32 N×D
+ACTIVATION = "activation"  # float32 N×... : a trunk's output, a tail's input
 LOGITS = "logits"  # float32 N×C
 IMAGE_BYTES = "image_bytes"  # Triton: encoded image, BYTES
 ROUTE_KEY = "route_key"  # Triton router: sticky split key (optional)

@@ -4,7 +4,9 @@ and the fused graph (image -> logits), composed in memory for parity and written
 Images enter as uint8 RGB N×3×H×W; normalisation is inside the graph. Every graph has a dynamic batch axis,
 explicit input/output names, one file (no external data), passes ``onnx.checker`` (full check) and carries
 labels, preprocessing and head id in ``metadata_props``. The fused graph is the backbone and head graphs
-composed with ``onnx.compose`` (the same nodes, no second trace of the backbone).
+composed with ``onnx.compose`` (the same nodes, no second trace of the backbone). A fine-tuned version's path is
+a trunk (image -> activation), a tail (activation -> embedding) and its head, chained the same way
+(``training.tails``). Weights (``backbone.pt``, ``head.pt``, ``tail.pt``) are written with :func:`atomic_save_torch`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from onnx import compose
 
 from ..core.files import atomic_write_bytes
 from ..core.manifest import HeadEntry, Manifest
-from ..core.names import EMBEDDING, IMAGE, LOGITS, METADATA_PREFIX
+from ..core.names import ACTIVATION, EMBEDDING, IMAGE, LOGITS, METADATA_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,26 @@ def export_backbone(
     _finish(_trace(module, example, IMAGE, EMBEDDING, exporter), Path(path), {**metadata, "graph": "backbone"})
 
 
+def export_trunk(
+    module: torch.nn.Module, input_size: list[int], path: str | Path, metadata: dict, exporter: str = "torchscript"
+) -> None:
+    """A cut backbone's trunk: image uint8 N×3×H×W -> activation float32 (``training.cut``)."""
+    example = torch.randint(0, 256, (2, *input_size), dtype=torch.uint8)
+    _finish(_trace(module, example, IMAGE, ACTIVATION, exporter), Path(path), {**metadata, "graph": "trunk"})
+
+
+def export_tail(
+    module: torch.nn.Module,
+    activation: tuple[int, ...] | list[int],
+    path: str | Path,
+    metadata: dict,
+    exporter: str = "torchscript",
+) -> None:
+    """A cut backbone's tail: activation float32 N×``activation`` -> embedding float32 N×D."""
+    example = torch.randn(2, *activation)
+    _finish(_trace(module, example, ACTIVATION, EMBEDDING, exporter), Path(path), {**metadata, "graph": "tail"})
+
+
 def export_head(head: torch.nn.Module, embedding_dim: int, path: str | Path, metadata: dict) -> None:
     """embedding float32 N×D -> logits float32 N×C."""
     example = torch.randn(2, embedding_dim)
@@ -96,17 +118,27 @@ def export_head(head: torch.nn.Module, embedding_dim: int, path: str | Path, met
 def fuse(backbone_path: str | Path, head_path: str | Path, metadata: dict, path: str | Path | None = None) -> bytes:
     """Compose a backbone and a head graph into one image -> logits graph (the same nodes); its bytes, also
     written to ``path`` when given (it holds a copy of the backbone: write it only where one file is wanted)."""
-    backbone = onnx.load(str(backbone_path))
-    head = compose.add_prefix(onnx.load(str(head_path)), prefix="head/")
-    ir_version = max(backbone.ir_version, head.ir_version)
-    for model in (backbone, head):
+    return chain([backbone_path, head_path], {**metadata, "graph": "fused"}, path)
+
+
+def chain(graphs: list[str | Path | bytes], metadata: dict, path: str | Path | None = None) -> bytes:
+    """Compose graphs, each one's only output into the next one's only input (a trunk, a tail, a head: image ->
+    logits), into one graph with the first's input and the last's output names; its bytes, also written to ``path``
+    when given."""
+    models = [onnx.load_from_string(g) if isinstance(g, bytes) else onnx.load(str(g)) for g in graphs]
+    composed = models[0]
+    del composed.metadata_props[:]
+    for index, model in enumerate(models[1:], start=1):
+        output, wanted = composed.graph.output[0].name, model.graph.output[0].name
+        model = compose.add_prefix(model, prefix=f"g{index}/")
         del model.metadata_props[:]
-        model.ir_version = ir_version
-    fused = compose.merge_models(backbone, head, io_map=[(EMBEDDING, f"head/{EMBEDDING}")], outputs=[f"head/{LOGITS}"])
-    fused.graph.output[0].name = LOGITS
-    for node in fused.graph.node:
-        node.output[:] = [LOGITS if o == f"head/{LOGITS}" else o for o in node.output]
-    return _finish(fused, Path(path) if path is not None else None, {**metadata, "graph": "fused"})
+        composed.ir_version = model.ir_version = max(composed.ir_version, model.ir_version)
+        composed = compose.merge_models(composed, model, io_map=[(output, model.graph.input[0].name)])
+        prefixed = f"g{index}/{wanted}"
+        composed.graph.output[0].name = wanted
+        for node in composed.graph.node:
+            node.output[:] = [wanted if o == prefixed else o for o in node.output]
+    return _finish(composed, Path(path) if path is not None else None, {"graph": "chain", **metadata})
 
 
 def to_fp16(source: str | Path, path: str | Path, metadata: dict) -> None:
@@ -142,3 +174,10 @@ def read_metadata(path: str | Path) -> dict[str, object]:
             except json.JSONDecodeError:
                 out[key] = entry.value
     return out
+
+
+def atomic_save_torch(path: str | Path, obj: object) -> None:
+    """Atomically ``torch.save`` an object (state_dicts only: they load back with weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

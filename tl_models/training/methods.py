@@ -36,6 +36,7 @@ from ..core.names import PSEUDO_LABELS_JSON
 from .adapt import CORAL_EPS, coral
 from .architectures import HeadSpec, Standardise, build_head
 from .backbones import LoadedBackbone, stage_paths
+from .cut import Cut, cut_backbone
 from .data import ImageFolderData, load_unlabeled_folder
 from .extract import resolve_device
 from .features import CachedEmbeddings, Features
@@ -62,10 +63,12 @@ class Run:
     extraction: Features
     inputs: torch.Tensor | CachedEmbeddings  # the rows the head trains on (the cache's shards by default)
     exported: bool  # backbone.onnx exported by extraction and still current
+    shared_trunk: bool = False  # the build has heads already: a fine-tuned version keeps a tail of its own
     reference: EmbeddingReference | None = None  # None after ``prepare``: the labelled training split's
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std of a ``spec.standardise`` head
     head: torch.nn.Module | None = None
     result: TrainResult | None = None
+    tail: Cut | None = None  # a fine-tuned version's own last stages, on the build's trunk (training.tails)
 
     def make_head(self) -> torch.nn.Module:
         """A fresh head of ``spec``, seeded, with ``statistics`` in its standardisation layer."""
@@ -221,7 +224,12 @@ class FineTuneMethod(TrainingMethod):
         )
         run.result = self.tuned.result
         run.reference = EmbeddingReference.of(self.tuned.embeddings, run.train_idx, run.val_idx)
-        run.exported = run.exported and not self.tuned.record["kept"]  # the backbone changed: export it again
+        if not self.tuned.record["kept"]:
+            return
+        if run.shared_trunk:  # into a build with heads: the tuned stages become this version's tail
+            run.tail = cut_backbone(run.backbone, options.fine_tune.stages)
+        else:  # a build of its own: the tuned backbone is the build's, export it again
+            run.exported = False
 
     def annotate(self, run: Run, staged: Path, entry: HeadEntry) -> None:
         entry.train["fine_tune"] = self.tuned.record

@@ -166,15 +166,15 @@ def parity_inputs(batch: int, input_size: list[int], images: np.ndarray | None =
 def run_parity(
     backbone,
     input_size: list[int],
-    backbone_onnx: str | None,
+    backbone_onnx: str | bytes | None,
     heads: dict[str, tuple],
     tolerance: Tolerance = Tolerance(),
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     images: np.ndarray | None = None,
     providers: str | list[str] | None = None,
 ) -> ParityReport:
-    """Check backbone.onnx (if given), and per head ``label -> (torch head, head.onnx, fused graph: a path or its
-    bytes)``, at each batch size.
+    """Check backbone.onnx (if given: a path or a graph's bytes), and per head ``label -> (torch head, head.onnx,
+    fused graph: a path or its bytes)``, at each batch size.
 
     ``backbone`` is the PyTorch backbone module (uint8 image -> embedding); head inputs are its embeddings.
     """

@@ -36,15 +36,16 @@ from ..core.runtime import gpu_count
 from .architectures import HeadSpec, build_head
 from .backbones import LoadedBackbone, load_backbone
 from .build_backbone import extraction_engine, load_build_backbone
-from .commit import HeadWork, atomic_save_torch, commit_head, export_and_check
+from .commit import HeadWork, commit_head, export_and_check
 from .data import ImageFolderData, load_data
-from .export import build_metadata, fuse, to_fp16
+from .export import atomic_save_torch, build_metadata, fuse, to_fp16
 from .extract import resolve_device, resolve_engine
 from .features import FeatureCache, default_cache_dir
 from .methods import Run, TrainingMethod, checked, entry_point, trainer
 from .options import BuildOptions, BuildReport
 from .parity import BATCH_SIZES, FP16, ParityReport, Tolerance, run_parity
 from .quantize import int8_parity
+from .tails import shared_graphs, trunk_parity, tuned_backbone, tuned_parity
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,10 @@ def _check_compatible(manifest: Manifest, options: BuildOptions, backbone: Loade
             f"{options.out} has labels {manifest.labels}, the data has {labels}: "
             "heads of one build share their labels, use another --out"
         )
-    if options.fine_tune.stages:
+    if options.fine_tune.stages and not (options.export and BACKBONE_ONNX in manifest.top_files):
         raise BuildError(
-            f"--fine-tune changes the backbone, which the heads already in {options.out} share: use a new --out"
+            f"--fine-tune into {options.out} adds a version with a tail of its own on the build's trunk, exported "
+            f"beside backbone.onnx: export the build first (`tl-models export {options.out}`) and drop --no-export"
         )
     if any(fine_tuned(head) for head in manifest.heads):
         raise BuildError(
@@ -103,8 +105,11 @@ def _check_compatible(manifest: Manifest, options: BuildOptions, backbone: Loade
 
 
 def fine_tuned(head: HeadEntry) -> bool:
-    """Whether this head's build changed its backbone (``--fine-tune``; ``unfreeze_last`` in builds made before
-    the recipe replaced that flag)."""
+    """Whether this head's build changed its backbone (``--fine-tune`` in a build of its own; ``unfreeze_last`` in
+    builds made before the recipe replaced that flag). A version with a tail of its own (``training.tails``) left
+    the build's backbone as it was."""
+    if head.tail is not None:
+        return False
     return bool((head.train.get("fine_tune") or {}).get("kept") or head.train.get("unfreeze_last"))
 
 
@@ -173,6 +178,8 @@ def _build_locked(
     else:
         _check_compatible(manifest, options, backbone, data.classes)
         build_dir.verify(manifest)
+        if options.fine_tune.stages:  # a tail of its own on the build's trunk: tuned from backbone.pt, bit for bit
+            backbone = load_build_backbone(build_dir, manifest)
     spec = HeadSpec(options.kind, backbone.spec.embedding_dim, len(data.classes), options.hidden, options.dropout)
     train_idx, val_idx = data.split(options.val_fraction, options.train.seed)
     cache = FeatureCache(options.cache_dir or default_cache_dir())
@@ -190,6 +197,7 @@ def _build_locked(
         extraction,
         extraction.embeddings,
         exported,
+        shared_trunk=not first,
     )
 
     def embed(folder: ImageFolderData) -> np.ndarray:
@@ -237,6 +245,7 @@ def _build_locked(
         extraction.hit,
         annotate,
         backbone_exported=run.exported,
+        tail=run.tail,
     )
     return BuildReport(entry, extraction.hit, manifest, extraction.summary())
 
@@ -258,11 +267,24 @@ def reexport(
                 if EMBEDDING_REFERENCE in entry.files:  # the export puts it into head.onnx again
                     shutil.copy(build_dir.file(entry.rel(EMBEDDING_REFERENCE)), folders[entry.path])
             heads = [(e, load_head_module(build_dir, e), folders[e.path]) for e in manifest.heads]
+            tuned = {e.key: tuned_backbone(build_dir, manifest, e) for e in manifest.heads if e.tail is not None}
             fused = fused or any(FUSED_ONNX in e.files for e in manifest.heads)
-            report = export_and_check(BuildDir(scratch), manifest, backbone.module, heads, True, tolerance, fused=fused)
+            report = export_and_check(
+                BuildDir(scratch),
+                manifest,
+                backbone.module,
+                heads,
+                True,
+                tolerance,
+                fused=fused,
+                tuned=tuned,
+                frozen=backbone,
+            )
             top = [BACKBONE_ONNX] + ([BACKBONE_FP16] if fp16 else [])
-            if fp16:
-                export_fp16(scratch, manifest, backbone.module, heads, fused)
+            top += [name for stages in sorted({c.stages for c in tuned.values()}) for name in shared_graphs(stages)]
+            if fp16:  # a tuned version's path runs its own tail: no fp16 copy of it yet
+                plain = [work for work in heads if work[0].key not in tuned]
+                export_fp16(scratch, manifest, backbone.module, plain, fused)
             rewritten = list(top)
             for entry, _, folder in heads:
                 rewritten += [entry.rel(file.name) for file in folder.iterdir()]
@@ -319,6 +341,8 @@ def _check_parity(build_dir: BuildDir, tolerance: Tolerance, batch_sizes: tuple[
     backbone = load_build_backbone(build_dir, manifest)
     graphs = {}
     for entry in manifest.heads:
+        if entry.tail is not None:  # checked on its own path below
+            continue
         head_path = build_dir.file(entry.rel(HEAD_ONNX))
         graphs[entry.key] = (
             load_head_module(build_dir, entry),
@@ -328,6 +352,21 @@ def _check_parity(build_dir: BuildDir, tolerance: Tolerance, batch_sizes: tuple[
     report = run_parity(
         backbone.module, manifest.input_size, str(build_dir.file(BACKBONE_ONNX)), graphs, tolerance, batch_sizes
     )
+    tuned = [entry for entry in manifest.heads if entry.tail is not None]
+    for stages in sorted({entry.tail["stages"] for entry in tuned if entry.tail is not None}):
+        report.checks += trunk_parity(build_dir.path, stages, manifest.input_size, tolerance, batch_sizes)
+    for entry in tuned:
+        path = tuned_parity(
+            build_dir.path,
+            entry,
+            tuned_backbone(build_dir, manifest, entry),
+            load_head_module(build_dir, entry),
+            build_dir.file(entry.path),
+            manifest.input_size,
+            tolerance,
+            batch_sizes,
+        )
+        report.checks += path.checks
     if BACKBONE_INT8 in manifest.files:
         report.int8 = int8_parity(build_dir, manifest)
     atomic_write_json(build_dir.file(PARITY_JSON), report.to_dict())

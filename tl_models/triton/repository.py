@@ -35,8 +35,8 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..core.files import atomic_write_bytes
-from ..core.heads import backbone_from_build, head_from_build
-from ..core.manifest import BuildDir, Manifest
+from ..core.heads import backbone_from_build, frozen_versions, head_from_build
+from ..core.manifest import BuildDir, HeadEntry, Manifest
 from ..core.names import (
     CONFIG,
     EMBEDDING,
@@ -201,12 +201,13 @@ def _version_files(onnx_path: Path, options: RepositoryOptions, facts: dict[str,
     return files
 
 
-def _live_versions(route_path: Path, manifest: Manifest) -> dict[str, int]:
-    """Live version per head: the route file's where it names one the build has, else the latest."""
+def _live_versions(route_path: Path, served: list[HeadEntry]) -> dict[str, int]:
+    """Live version per head: the route file's where it names one of the ``served`` versions, else the latest."""
     routed = read_route(route_path).versions
-    built = {name: {h.version for h in manifest.heads if h.name == name} for name in manifest.head_names()}
-    latest = manifest.latest_versions()
-    return {name: routed[name] if routed.get(name) in built[name] else latest[name] for name in built}
+    built: dict[str, set[int]] = {}
+    for entry in served:
+        built.setdefault(entry.name, set()).add(entry.version)
+    return {name: routed[name] if routed.get(name) in versions else max(versions) for name, versions in built.items()}
 
 
 def _update_route(route_path: Path, live: dict[str, int], weights: dict[str, float] | None) -> None:
@@ -222,7 +223,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     options = (options or RepositoryOptions()).check()
     build = BuildDir(build_dir)
     manifest = build.verify()
-    name, heads = manifest.name, manifest.head_names()
+    served = frozen_versions(manifest)  # a tuned version's tail is not served yet
+    name, heads = manifest.name, sorted({entry.name for entry in served})
     if not heads:
         raise TritonConfigError(f"build {build.path} has no heads: run `tl-models build` first")
     if not manifest.is_exported():
@@ -234,7 +236,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     repo.mkdir(parents=True, exist_ok=True)
     _check_preprocess(repo, manifest)
     route_path = repo / name / ROUTE_FILE
-    live = _live_versions(route_path, manifest)
+    live = _live_versions(route_path, served)
     ungated = [
         f"{h}:{v}"
         for h, v in sorted(live.items())
@@ -253,7 +255,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, options: Repositor
     labels = _labels(manifest)
     for head in heads:
         versions = {}
-        for entry in (e for e in manifest.heads if e.name == head):
+        for entry in (e for e in served if e.name == head):
             source = head_from_build(build, manifest, entry).to_dict()
             facts = {k: source[k] for k in ("name", "version", "labels", "backbone_sha256", "origin")}
             versions[entry.version] = _version_files(build.file(entry.rel(HEAD_ONNX)), options, {VERSION_HEAD: facts})
