@@ -422,7 +422,7 @@ def test_incompatible_second_build_is_refused(
     (relabelled / "9").rename(relabelled / "nine")
     with pytest.raises(BuildError, match="labels"):
         quick_build(relabelled, out, head="b")
-    with pytest.raises(BuildError, match="--fine-tune changes the backbone"):
+    with pytest.raises(BuildError, match="--fine-tune into .* export the build first"):  # its tail needs a trunk graph
         quick_build(demo_data, out, head="b", fine_tune=TUNE)
     assert (out / MANIFEST).read_bytes() == manifest_bytes
     BuildDir(out).verify()

@@ -20,7 +20,7 @@ from .cpu import check_int8_machine
 from .drift import EmbeddingReference
 from .errors import BadRequest, BuildError, Forbidden, NotFound, Refused
 from .identity import check_backbone, same_backbone
-from .manifest import BuildDir, HeadEntry, Manifest
+from .manifest import BuildDir, HeadEntry, Manifest, latest_versions
 from .names import (
     BACKBONE_FILES,
     BACKBONE_INT8,
@@ -165,7 +165,7 @@ def int8_gated(build: BuildDir, manifest: Manifest) -> dict[str, str]:
             f"{build.path}: {BACKBONE_INT8} was quantized from another {BACKBONE_ONNX} (exported again since?): {again}"
         )
     gated: dict[str, str] = record["gated"]
-    latest = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
+    latest = latest_frozen(manifest)
     late = [h.key for h in latest if manifest.files.get(h.rel(HEAD_ONNX)) not in gated.values()]
     if late:
         raise BuildError(f"{build.path}: heads {late} were built after the int8 gate measured this build: {again}")
@@ -191,6 +191,12 @@ def frozen_versions(manifest: Manifest) -> list[HeadEntry]:
     """The head versions that run on the build's backbone.onnx: all but the fine-tuned versions with a tail of their
     own (``training.tails``), which the servers do not run yet (packaging leaves them out, admission refuses them)."""
     return [entry for entry in manifest.heads if entry.tail is None]
+
+
+def latest_frozen(manifest: Manifest) -> list[HeadEntry]:
+    """The latest of each head's :func:`frozen_versions`, in name order: what an int8 gate measures."""
+    latest = latest_versions(frozen_versions(manifest))
+    return [manifest.head(name, version) for name, version in sorted(latest.items())]
 
 
 def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[BackboneSource, list[HeadSource]]:

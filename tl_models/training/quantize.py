@@ -25,7 +25,7 @@ import numpy as np
 from ..core.cpu import has_vnni, isa_class, this_machine
 from ..core.errors import BadRequest, BuildError
 from ..core.files import atomic_write_bytes
-from ..core.heads import int8_gated
+from ..core.heads import int8_gated, latest_frozen
 from ..core.manifest import BuildDir, HeadEntry, Manifest, utc_now
 from ..core.names import BACKBONE_INT8, BACKBONE_ONNX, EMBEDDING, HEAD_ONNX, IMAGE, LOGITS
 from ..core.preprocess import Preprocessing
@@ -358,7 +358,7 @@ def _gated_heads(
     build: BuildDir, manifest: Manifest, calibration_images: int
 ) -> tuple[list[HeadEntry], dict[str, _Split]]:
     """The heads the gate measures (the latest version of each) and their images."""
-    heads = [manifest.head(name, version) for name, version in sorted(manifest.latest_versions().items())]
+    heads = latest_frozen(manifest)  # a tuned version runs its own tail, not this backbone
     missing = [h.key for h in heads if h.rel(HEAD_ONNX) not in manifest.files]
     if missing:
         raise BuildError(f"heads {missing} of {build.path} have no {HEAD_ONNX}: run `tl-models export` first")
