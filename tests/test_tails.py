@@ -5,21 +5,25 @@ tails."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tl_models.core.errors import BuildError, Refused
-from tl_models.core.heads import admit_head, head_source_from_build, sources_from_build
+from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.core.errors import BuildError
+from tl_models.core.heads import frozen_versions, head_source_from_build, sources_from_build
 from tl_models.core.manifest import BuildDir
 from tl_models.core.preprocess import Preprocessing
 from tl_models.core.runtime import create_session
 from tl_models.training.config import FineTune
 from tl_models.training.data import load_image_folder
 from tl_models.training.features import load_images
+from tl_models.training.options import BuildReport
 from tl_models.training.pipeline import check_parity, load_head_module, reexport
 from tl_models.training.tails import tuned_backbone
 
@@ -34,12 +38,19 @@ def small(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return subset(demo_data, tmp_path_factory.mktemp("tails") / "small", ["3", "8"], per_class=8)
 
 
-def test_a_fine_tuned_version_joins_the_build_on_its_trunk(small: Path, quick_build, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tuned(small: Path, quick_build, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, BuildReport]:
+    """A build with a frozen head a:1, then a:2 fine-tuned on its trunk (its last two stages): the folder, the
+    files and sha256s before a:2, a:2's report. Tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("tuned") / "out"
     quick_build(small, out, head="a", epochs=1, export=True)
     before = dict(BuildDir(out).manifest().files)
+    return out, before, quick_build(small, out, head="a", epochs=1, export=True, fine_tune=TUNE)
 
-    report = quick_build(small, out, head="a", epochs=1, export=True, fine_tune=TUNE)
+
+def test_a_fine_tuned_version_joins_the_build_on_its_trunk(small: Path, quick_build, tuned, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(tuned[0], tmp_path / "out"))
+    before, report = tuned[1], tuned[2]
     entry = report.head
     assert entry.key == "a:2" and entry.train["fine_tune"]["kept"] is True
     assert entry.tail == {
@@ -94,11 +105,8 @@ def test_a_fine_tuned_version_joins_the_build_on_its_trunk(small: Path, quick_bu
     assert third.head.tail["trunk"] == "trunk-1.onnx" and third.head.key == "b:2"
     assert {"trunk-1.onnx", "tail-1.onnx", "trunk-2.onnx"} <= set(BuildDir(out).verify().top_files)
 
-    # the servers do not run tails yet: left out of what a build serves, refused by name when asked for
-    backbone, heads = sources_from_build(out)
-    assert "a:2" not in {h.key for h in heads} and {"a:1", "b:1"} <= {h.key for h in heads}
-    with pytest.raises(Refused, match=r"head a:2 is fine-tuned with a tail of its own"):
-        admit_head(head_source_from_build(out, "a", 2), 1280, backbone.sha256)
+    # packaging takes the frozen versions only (the model store and Triton's repository do not hold tails yet)
+    assert [e.key for e in frozen_versions(BuildDir(out).manifest())] == ["a:1", "b:1"]
 
 
 def test_a_fine_tuned_version_needs_an_exported_build(small: Path, quick_build, tmp_path: Path) -> None:
@@ -108,3 +116,50 @@ def test_a_fine_tuned_version_needs_an_exported_build(small: Path, quick_build, 
     with pytest.raises(BuildError, match=r"--fine-tune into .* export the build first"):
         quick_build(small, out, head="a", epochs=1, fine_tune=TUNE)
     assert BuildDir(out).verify().files == before
+
+
+def _offline(build: Path, key: str, images: np.ndarray) -> np.ndarray:
+    """Top-1 of head version ``key`` on ``images``, its graphs run directly (ONNX Runtime, no server)."""
+    manifest = BuildDir(build).manifest()
+    entry = manifest.head(*key.split(":")[:1], int(key.split(":")[1]))
+    if entry.tail is None:
+        embedding = create_session(build / "backbone.onnx").run(["embedding"], {"image": images})[0]
+    else:
+        activation = create_session(build / entry.tail["trunk"]).run(["activation"], {"image": images})[0]
+        embedding = create_session(build / entry.path / "tail.onnx").run(["embedding"], {"activation": activation})[0]
+    return create_session(build / entry.path / "head.onnx").run(["logits"], {"embedding": embedding})[0].argmax(1)
+
+
+def test_a_worker_serves_a_tuned_version_beside_the_frozen_one(small: Path, tuned, tmp_path: Path) -> None:
+    """A BentoML worker on the build: a:2 (tuned) answers, then a:1 (frozen) answers with a:2 shadowed on every
+    request; each answer equals its graphs run directly, shadow agreement equals the offline count, and drift is
+    measured on each path's own embeddings."""
+    build = tuned[0]
+    backbone, heads = sources_from_build(build)
+    assert {h.key: h.tail is not None for h in heads} == {"a:1": False, "a:2": True}
+    engine = ServingEngine(backbone, heads, ServingConfig(state_dir=tmp_path / "state"))
+    files = sorted(p for p in small.rglob("*.png"))
+    data = [p.read_bytes() for p in files]
+    images = np.stack([engine.preprocess(d) for d in data])
+    labels = BuildDir(build).manifest().labels
+    tuned_top, frozen_top = _offline(build, "a:2", images), _offline(build, "a:1", images)
+
+    async def answers() -> list[dict]:
+        return list(await asyncio.gather(*(engine.classify(d, head="a") for d in data)))
+
+    assert engine.status()["heads"][0]["version"] == 2 and engine.status()["heads"][0]["tail_stages"] == 2
+    got = asyncio.run(answers())
+    assert [(a["version"], a["predictions"][0]["label"]) for a in got] == [(2, labels[i]) for i in tuned_top]
+    assert engine.paths.cut is not None and engine.paths.cut.stages == 2
+
+    asyncio.run(engine.load(head_source_from_build(build, "a", 1)))
+    asyncio.run(engine.set_shadow(head_source_from_build(build, "a", 2), "a", 2, 1.0))
+    got = asyncio.run(answers())
+    assert [(a["version"], a["predictions"][0]["label"]) for a in got] == [(1, labels[i]) for i in frozen_top]
+    assert engine.judge.settle(10)
+    status = engine.status()
+    (shadow,) = status["shadow"]
+    assert (shadow["name"], shadow["version"], shadow["scored"]) == ("a", 2, len(data))
+    assert round(shadow["agreement"] * shadow["scored"]) == int((tuned_top == frozen_top).sum())
+    assert status["drift"]["tuned"] == {"a:2": 2 * len(data)}  # answered once, shadowed once: its own window
+    engine.close()

@@ -46,9 +46,10 @@ from ..core.preprocess import (
 )
 from ..core.routing import Route, parse_route, parse_weights, read_route
 from ..core.runtime import CPU_RUN_ROWS, GPU_PROVIDERS, CoreLock, available_cores, lane_sessions, resolve_providers
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Prepare
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
+from .paths import FROZEN, TailPaths, graph_runner, run_graph
 from .registry import HeadRegistry, check_state
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,23 @@ class ServingEngine:
         self.backbone_sessions = lanes + ([solo] if solo is not None else [])
         self.spec = Preprocessing.from_dict(backbone.preprocessing)
         self.input_size = (3, self.spec.crop_size, self.spec.crop_size)
-        self.embedding_dim = int(_run_session(lanes[0], np.zeros((1, *self.input_size), np.uint8)).shape[1])
-        self.metrics = Metrics.get()
-        self.batcher = MicroBatcher(
-            [partial(_run_session, session) for session in lanes],
-            pass_size(config),
-            self.metrics.batch.observe,
-            solo=partial(_run_session, solo) if solo is not None else None,
-            core_lock=None if _on_gpu(config) else CoreLock,
+        self.embedding_dim = int(
+            run_graph(lanes[0], IMAGE, EMBEDDING, np.zeros((1, *self.input_size), np.uint8)).shape[1]
         )
-        self.heads = HeadRegistry(config.state_dir, self.embedding_dim, backbone, config.providers, config.route_poll)
+        self.metrics = Metrics.get()
+        self.batcher = self._batcher(lanes, solo, IMAGE, EMBEDDING)
+        self.paths = TailPaths(
+            partial(backbone_sessions, config=config), self._batcher, config.providers, config.threads or config.cores
+        )
+        self.heads = HeadRegistry(
+            config.state_dir,
+            self.embedding_dim,
+            backbone,
+            config.providers,
+            config.route_poll,
+            on_tail=self.paths.admit,
+            tail_threads=config.threads or config.cores,
+        )
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
         self.judge = Judge(
             config.state_dir,
@@ -200,6 +208,16 @@ class ServingEngine:
             backbone.precision,
             route.versions,
             route.weights,
+        )
+
+    def _batcher(self, lanes: list[Any], solo: Any | None, input_name: str, output_name: str) -> MicroBatcher:
+        """A batcher over a graph's sessions (lanes, and a solo session or None), the worker's pass size and locks."""
+        return MicroBatcher(
+            [graph_runner(session, input_name, output_name) for session in lanes],
+            pass_size(self.config),
+            self.metrics.batch.observe,
+            solo=graph_runner(solo, input_name, output_name) if solo is not None else None,
+            core_lock=None if _on_gpu(self.config) else CoreLock,
         )
 
     @staticmethod
@@ -263,13 +281,14 @@ class ServingEngine:
     def close(self) -> None:
         """Stop the backbone's lanes (passes running end first) and record what the judge has queued."""
         self.batcher.close()
+        self.paths.close()
         self.judge.close()
 
     def warm_up(self) -> None:
         """Run each backbone session at the warm-up batch sizes and every loaded head once; then the engine is ready."""
         for size in sorted({*self.config.warmup_batches, self.batcher.max_batch}):
             for session in self.backbone_sessions:
-                _run_session(session, np.zeros((size, *self.input_size), np.uint8))
+                run_graph(session, IMAGE, EMBEDDING, np.zeros((size, *self.input_size), np.uint8))
         for image_format in ("PNG", "JPEG"):  # loads PIL's decoders now rather than in the first request
             self.preprocess(blank_image(32, image_format))
         for head in self.heads.loaded():
@@ -289,7 +308,8 @@ class ServingEngine:
             self.metrics.errors.labels("", "", endpoint, reason).inc()
             raise
         answer = await self.resolve(planned.head, planned.version)
-        self.heads.follow(route)
+        if self.heads.follow(route):
+            self.paths.forget({head.source.key for head in self.heads.loaded()})
         shadows = []
         for name, version in planned.shadows:
             try:
@@ -378,9 +398,9 @@ class ServingEngine:
         routed = await self.route(key, head, "classify")
         chosen = routed.answer
         async with self._observed(chosen, "classify"):
-            embedding = await self.batcher.submit(data, self.preprocess_one)
-            logits = chosen.logits(embedding)
-            ids = self._judge(routed, embedding, logits)
+            embeddings = await self._embeddings(routed, data, self.preprocess_one)
+            logits = chosen.logits(embeddings[chosen.path])
+            ids = self._judge(routed, embeddings, logits)
             return {**chosen.answer(logits, k)[0], "request_id": ids[0]}
 
     async def predict(
@@ -392,10 +412,10 @@ class ServingEngine:
         chosen = routed.answer
         async with self._observed(chosen, "predict"):
             batch = self.tensor_input(tensor)
-            embedding = await self.batcher.submit(batch)
-            logits = chosen.logits(embedding)
+            embeddings = await self._embeddings(routed, batch, None)
+            logits = chosen.logits(embeddings[chosen.path])
             answers = chosen.answer(logits, k)
-            ids = self._judge(routed, embedding, logits)
+            ids = self._judge(routed, embeddings, logits)
             return {
                 "head": chosen.name,
                 "version": chosen.version,
@@ -405,15 +425,27 @@ class ServingEngine:
                 "request_ids": ids,
             }
 
-    def _judge(self, routed: Routed, embedding: np.ndarray, logits: np.ndarray) -> list[str]:
-        """Score the request's shadow heads on its embedding, queue it for recording; its request ids."""
-        ids = request_ids(len(embedding))
+    async def _embeddings(self, routed: Routed, item: Any, prepare: Prepare | None) -> dict[str, np.ndarray]:
+        """``path -> embeddings`` of one request for the paths its head versions take: the whole backbone when they
+        all take the frozen backbone's, else the trunk once and each tail it needs (:class:`TailPaths`)."""
+        heads = [routed.answer, *routed.shadows]
+        if all(head.tail is None for head in heads):
+            return {FROZEN: await self.batcher.submit(item, prepare)}
+        return await self.paths.embeddings(heads, item, prepare)
+
+    def _judge(self, routed: Routed, embeddings: dict[str, np.ndarray], logits: np.ndarray) -> list[str]:
+        """Score the request's shadow heads on their paths' embeddings, queue it for recording; its request ids."""
+        answered = routed.answer
+        ids = request_ids(len(logits))
         scored: list[tuple[LoadedHead, np.ndarray]] = []
         if routed.shadows:
-            scored, failed = self.judge.shadow(routed.planned, routed.answer, logits, embedding, routed.shadows)
+            scored, failed = self.judge.shadow(routed.planned, answered, logits, embeddings, routed.shadows)
             for key in failed:
                 self._unroute_shadow(key)
-        self.judge.submit(Scored(ids, time.time(), embedding, routed.answer, scored, logits))
+        scoring = Scored(
+            ids, time.time(), embeddings[answered.path], answered, scored, logits, answered.path, embeddings
+        )
+        self.judge.submit(scoring)
         return ids
 
     def _unroute_shadow(self, key: str) -> None:
@@ -464,6 +496,7 @@ class ServingEngine:
                     "requests": sum(by_version.values()),
                     "requests_by_version": by_version,
                     "origin": source.origin if source else None,
+                    "tail_stages": source.tail.stages if source and source.tail else None,  # a tuned version's
                 }
             )
         return {
@@ -553,7 +586,3 @@ class ServingEngine:
         """Take a head out of the route; its requests go to the other heads."""
         await asyncio.to_thread(self.heads.retire, name)
         return self.status()
-
-
-def _run_session(session: Any, images: np.ndarray) -> np.ndarray:
-    return session.run([EMBEDDING], {IMAGE: images})[0]

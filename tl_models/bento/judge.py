@@ -93,10 +93,12 @@ class Scored:
 
     request_ids: list[str]
     time: float
-    embedding: np.ndarray
+    embedding: np.ndarray  # on the answering head's path
     answered: LoadedHead
     shadows: list[tuple[LoadedHead, np.ndarray]]
     logits: np.ndarray
+    path: str = ""  # the answering head's path (``LoadedHead.path``): "" the frozen backbone's embeddings
+    embeddings: dict[str, np.ndarray] | None = None  # every path's embeddings the request computed (None: just one)
 
 
 def _top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +125,9 @@ class Judge:
         self.metrics = Metrics.get()
         self.top_k = top_k
         self.store = FeedbackStore(state_dir / FEEDBACK_DB, retention=config.retention_days * 86400)
-        self.drift_window = DriftWindow(embedding_dim, config.drift_window)
+        self.embedding_dim = embedding_dim
+        self.drift_window = DriftWindow(embedding_dim, config.drift_window)  # the frozen backbone's embeddings
+        self._windows: dict[str, DriftWindow] = {"": self.drift_window}  # per path: a tuned version's own
         self.log = None
         if config.log_share > 0:
             self.log = EmbeddingLogWriter(
@@ -160,15 +164,16 @@ class Judge:
         planned: Planned,
         answered: LoadedHead,
         logits: np.ndarray,
-        embedding: np.ndarray,
+        embeddings: dict[str, np.ndarray],
         shadows: list[LoadedHead],
     ) -> tuple[list[tuple[LoadedHead, np.ndarray]], list[str]]:
-        """Score the shadow heads the request's plan drew (``shadows``, loaded) on ``embedding``; agreement with
-        ``answered`` by the plan's rule (:meth:`~tl_models.core.plan.BatchPlan.agreement`). ``(head, logits)`` of
-        those that ran, and the keys of those that failed (dropped here; the caller takes them out of the route)."""
+        """Score the shadow heads the request's plan drew (``shadows``, loaded), each on its path's embeddings
+        (``embeddings``: path -> rows); agreement with ``answered`` by the plan's rule
+        (:meth:`~tl_models.core.plan.BatchPlan.agreement`). ``(head, logits)`` of those that ran, and the keys of
+        those that failed (dropped here; the caller takes them out of the route)."""
         scored, failed = [], []
         answer_top, answer_confidence = _top1(logits)
-        plan = BatchPlan([planned], [len(embedding)])
+        plan = BatchPlan([planned], [len(logits)])
         answers = {planned.key: (answered.source.labels, answer_top)}
         for head in shadows:
             key = head.source.key
@@ -176,9 +181,9 @@ class Judge:
                 continue
             start = time.perf_counter()
             try:
-                shadow_logits = head.logits(embedding)
-                if shadow_logits.shape[0] != len(embedding):
-                    raise ValueError(f"{shadow_logits.shape[0]} rows of logits for {len(embedding)} images")
+                shadow_logits = head.logits(embeddings[head.path])
+                if shadow_logits.shape[0] != len(logits):
+                    raise ValueError(f"{shadow_logits.shape[0]} rows of logits for {len(logits)} images")
                 top, confidence = _top1(shadow_logits)
             except Exception as exc:  # a shadow head never fails the request
                 self._shadow_metrics(head)[5].inc()
@@ -188,7 +193,7 @@ class Judge:
             _, same = plan.agreement((head.name, head.version), head.source.labels, top, answers)
             seconds, images, agreements, confidences, answer_confidences, _ = self._shadow_metrics(head)
             seconds.inc(time.perf_counter() - start)
-            images.inc(len(embedding))
+            images.inc(len(logits))
             agreements.inc(same)
             confidences.inc(float(confidence.sum()))
             answer_confidences.inc(float(answer_confidence.sum()))
@@ -280,7 +285,7 @@ class Judge:
             for head, _, role in heads:
                 for rid, top in zip(scored.request_ids, tops[head.source.key]):
                     rows.append((rid, head.source.key, role, top[0][0], top[0][1], scored.time))
-            if self.log is not None:
+            if self.log is not None and scored.path == "":  # the log holds the frozen backbone's embeddings
                 logged += [
                     (
                         rid,
@@ -296,7 +301,8 @@ class Judge:
             self.store.record(rows)
             self.metrics.recorded.inc(sum(len(s.request_ids) for s in batch))
         for scored in batch:
-            self.drift_window.add(scored.embedding)
+            for path, embedding in (scored.embeddings or {scored.path: scored.embedding}).items():
+                self._window(path).add(embedding)
         if self.log is not None:
             for record in logged:
                 self.log.add(*record)
@@ -338,12 +344,21 @@ class Judge:
             "heads": [{"head": key, "role": role, "correct": correct} for key, role, correct in judged],
         }
 
+    def _window(self, path: str) -> DriftWindow:
+        """The drift window of one path's embeddings (made on first use: a tuned version's own)."""
+        window = self._windows.get(path)
+        if window is None:
+            window = self._windows[path] = DriftWindow(self.embedding_dim, self.config.drift_window)
+        return window
+
     def drift(self, heads: Iterable[LoadedHead]) -> dict[str, float | None]:
-        """``"name:version" -> drift`` of the recent window against each head's training embeddings (None when the
-        head has no reference or the window is too small); also sets the gauge."""
-        mean, _ = self.drift_window.mean()
+        """``"name:version" -> drift`` of the recent window of its path's embeddings (the frozen backbone's, or a
+        tuned version's own) against each head's training embeddings (None when the head has no reference or the
+        window is too small); also sets the gauge."""
+        means = {path: window.mean()[0] for path, window in list(self._windows.items())}  # the recorder adds some
         values: dict[str, float | None] = {}
         for head in heads:
+            mean = means.get(head.path)
             value = None if mean is None or head.reference is None else head.reference.drift(mean)
             values[head.source.key] = value
             if value is not None:
@@ -410,6 +425,7 @@ class Judge:
                 "size": self.config.drift_window,
                 "threshold": self.config.drift_threshold,
                 "ready": window_mean is not None,
+                "tuned": {path: w.mean()[1] for path, w in list(self._windows.items()) if path},  # own windows
             },
             "recorder": {
                 "enabled": self.config.record,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.errors import BadRequest, BuildError, Conflict, NotFound, Unavailable, UserError
 from ..core.files import atomic_write_bytes, file_sha256
-from ..core.heads import BackboneSource, HeadSource, LoadedHead, admit_head, read_verified
+from ..core.heads import BackboneSource, HeadSource, LoadedHead, TailSource, admit_head, read_verified
 from ..core.identity import check_backbone, same_backbone
 from ..core.manifest import latest_versions
 from ..core.names import CATALOG_FILE, HEAD_ONNX, HEADS_DIR, ROUTE_FILE
@@ -62,8 +62,12 @@ class HeadRegistry:
         backbone: BackboneSource,
         providers: str | None = None,
         route_poll: float = 0.0,
+        on_tail: Callable[[TailSource, str], None] | None = None,
+        tail_threads: int | None = None,
     ):
         self.state_dir = state_dir
+        self.on_tail = on_tail  # a tuned version's cut, before it is admitted (the worker's trunk: one cut)
+        self.tail_threads = tail_threads
         self.embedding_dim = embedding_dim
         self.backbone = backbone
         self.providers = providers
@@ -96,7 +100,17 @@ class HeadRegistry:
         return route
 
     def _admit(self, source: HeadSource, data: bytes | None = None) -> LoadedHead:
-        return admit_head(source, self.embedding_dim, self.backbone.sha256, self.providers, data, self.backbone.gated)
+        if source.tail is not None and self.on_tail is not None:
+            self.on_tail(source.tail, f"head {source.key}")
+        return admit_head(
+            source,
+            self.embedding_dim,
+            self.backbone.sha256,
+            self.providers,
+            data,
+            self.backbone.gated,
+            self.tail_threads,
+        )
 
     def loaded(self) -> list[LoadedHead]:
         return list(self._loaded.values())
@@ -123,17 +137,18 @@ class HeadRegistry:
         """The loaded head version, or None when this worker has not loaded it yet."""
         return self._loaded.get((name, version))
 
-    def follow(self, route: Route) -> None:
+    def follow(self, route: Route) -> bool:
         """Drop head versions a newer route no longer names, live or shadow (requests in flight keep their
-        reference)."""
+        reference); whether the route was newer."""
         if route.revision == self._revision:
-            return
+            return False
         with self._lock:
             for key in [
                 k for k in self._loaded if route.versions.get(k[0]) != k[1] and f"{k[0]}:{k[1]}" not in route.shadow
             ]:
                 del self._loaded[key]
             self._revision = route.revision
+        return True
 
     # -- admin (each call runs under the catalog lock: changes from all workers are serialised)
 

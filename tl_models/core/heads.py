@@ -22,6 +22,7 @@ from .errors import BadRequest, BuildError, Forbidden, NotFound, Refused
 from .identity import check_backbone, same_backbone
 from .manifest import BuildDir, HeadEntry, Manifest, latest_versions
 from .names import (
+    ACTIVATION,
     BACKBONE_FILES,
     BACKBONE_INT8,
     BACKBONE_ONNX,
@@ -80,6 +81,25 @@ class BackboneSource:
 
 
 @dataclass(frozen=True)
+class TailSource:
+    """A fine-tuned version's own tail (activation -> embedding) and the graphs of its cut that it runs on, each
+    with its sha256: the build's trunk (image -> activation) and the frozen backbone's own tail for that cut (the
+    frozen heads' path when a server runs the trunk)."""
+
+    stages: int
+    path: str
+    sha256: str
+    trunk: str
+    trunk_sha256: str
+    frozen_tail: str
+    frozen_tail_sha256: str
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> TailSource | None:
+        return None if data is None else cls(**{**data, "stages": int(data["stages"])})
+
+
+@dataclass(frozen=True)
 class HeadSource:
     """Where one head version's graph lives, its sha256, labels and the backbone (sha256) it was trained on."""
 
@@ -90,7 +110,7 @@ class HeadSource:
     labels: tuple[str, ...]
     backbone_sha256: str
     origin: str
-    tail: str | None = None  # a fine-tuned version's own tail.onnx (sha256): it runs on the trunk, not the backbone
+    tail: TailSource | None = None  # a fine-tuned version's own tail: it runs on the trunk, not the whole backbone
 
     @property
     def key(self) -> str:
@@ -110,7 +130,9 @@ class HeadSource:
             labels=tuple(values["labels"]),
             backbone_sha256=values["backbone_sha256"],
             origin=values["origin"],
-            tail=values.get("tail"),
+            tail=values["tail"]
+            if isinstance(values.get("tail"), TailSource)
+            else TailSource.from_dict(values.get("tail")),
         )
 
 
@@ -183,13 +205,28 @@ def head_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> He
         labels=tuple(manifest.labels),
         backbone_sha256=manifest.backbone_sha256(),
         origin=f"build:{build.path.resolve()}",
-        tail=None if entry.tail is None else manifest.files.get(entry.rel(TAIL_ONNX), ""),
+        tail=None if entry.tail is None else _tail_from_build(build, manifest, entry),
+    )
+
+
+def _tail_from_build(build: BuildDir, manifest: Manifest, entry: HeadEntry) -> TailSource:
+    assert entry.tail is not None  # only tuned versions have a tail
+    trunk, frozen_tail, rel = entry.tail["trunk"], entry.tail["frozen_tail"], entry.rel(TAIL_ONNX)
+    return TailSource(
+        stages=int(entry.tail["stages"]),
+        path=str(build.file(rel)),
+        sha256=manifest.files[rel],
+        trunk=str(build.file(trunk)),
+        trunk_sha256=manifest.files[trunk],
+        frozen_tail=str(build.file(frozen_tail)),
+        frozen_tail_sha256=manifest.files[frozen_tail],
     )
 
 
 def frozen_versions(manifest: Manifest) -> list[HeadEntry]:
     """The head versions that run on the build's backbone.onnx: all but the fine-tuned versions with a tail of their
-    own (``training.tails``), which the servers do not run yet (packaging leaves them out, admission refuses them)."""
+    own (``training.tails``), which a BentoML service runs from a build directory but packaging does not take yet
+    (the model store and Triton's repository hold the frozen versions)."""
     return [entry for entry in manifest.heads if entry.tail is None]
 
 
@@ -205,9 +242,7 @@ def sources_from_build(path: str | Path, precision: str = "fp32") -> tuple[Backb
     build = BuildDir(path)
     manifest = build.manifest()
     backbone = backbone_from_build(build, manifest, precision)
-    heads = [
-        head_from_build(build, manifest, e) for e in frozen_versions(manifest) if e.rel(HEAD_ONNX) in manifest.files
-    ]
+    heads = [head_from_build(build, manifest, e) for e in manifest.heads if e.rel(HEAD_ONNX) in manifest.files]
     return backbone, [h for h in heads if backbone.serves(h.sha256)]
 
 
@@ -258,10 +293,16 @@ class LoadedHead:
     source: HeadSource
     session: Any  # an onnxruntime.InferenceSession
     reference: EmbeddingReference | None = None
+    tail: Any | None = None  # a fine-tuned version's tail session: activation -> embedding
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    @property
+    def path(self) -> str:
+        """Which embeddings it takes: ``""`` the frozen backbone's, else its own key (a tuned version's tail)."""
+        return "" if self.tail is None else self.source.key
 
     @property
     def version(self) -> int:
@@ -295,19 +336,16 @@ def admit_head(
     providers: str | None = None,
     data: bytes | None = None,
     gated: frozenset[str] | None = None,
+    tail_threads: int | None = None,
 ) -> LoadedHead:
     """Read ``source`` (unless its verified ``data`` is given) and admit it; Refused or Conflict with the reason.
 
     The one admission of both servers: sha256, ONNX Runtime load, input ``embedding`` N×``embedding_dim`` and
     output ``logits``, trained on the backbone with ``backbone_sha256``, on an int8 backbone one its gate measured
-    (sha256 in ``gated``), a test run giving one finite logit per label."""
+    (sha256 in ``gated``), a test run giving one finite logit per label. A fine-tuned version's tail too
+    (:func:`admit_tail`: its session gets ``tail_threads``)."""
     what = f"head {source.key}"
     check_name(source.name)
-    if source.tail is not None:
-        raise Refused(
-            f"{what} is fine-tuned with a tail of its own (its build's manifest records the cut): this service runs "
-            "the frozen backbone only, and serving tuned tails beside it is not built yet"
-        )
     check_backbone(what, source.backbone_sha256, backbone_sha256, "this service")
     if gated is not None and source.sha256 not in gated:
         raise Refused(
@@ -332,7 +370,8 @@ def admit_head(
         raise Refused(
             f"{what}: takes input of shape {shape}, the backbone produces embeddings of dimension {embedding_dim}"
         )
-    head = LoadedHead(source, session, _reference(session, what))
+    tail = None if source.tail is None else admit_tail(source.tail, what, embedding_dim, providers, tail_threads)
+    head = LoadedHead(source, session, _reference(session, what), tail)
     try:
         logits = head.logits(np.zeros((2, embedding_dim), dtype=np.float32))
     except Exception as exc:
@@ -340,6 +379,32 @@ def admit_head(
     if logits.shape != (2, len(source.labels)) or not np.isfinite(logits).all():
         raise Refused(f"{what}: produced logits of shape {logits.shape} for {len(source.labels)} labels")
     return head
+
+
+def admit_tail(
+    tail: TailSource, what: str, embedding_dim: int, providers: str | None = None, threads: int | None = None
+) -> Any:
+    """A tuned version's tail session after its checks: sha256, ONNX Runtime load, one input ``activation`` and one
+    output ``embedding`` of ``embedding_dim``, a test run giving finite embeddings; Refused with the reason."""
+    what = f"{what}'s tail"
+    data = read_verified(tail.path, tail.sha256, what)
+    try:
+        session = create_session(data, providers=providers, threads=threads, name=what)
+    except Exception as exc:  # ORT raises its own exception types for malformed graphs
+        raise Refused(f"{what}: not a loadable ONNX model: {exc}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [ACTIVATION] or [o.name for o in outputs] != [EMBEDDING]:
+        raise Refused(f"{what}: expected one input {ACTIVATION!r} and one output {EMBEDDING!r}")
+    shape = inputs[0].shape[1:]
+    if not all(isinstance(d, int) for d in shape):
+        raise Refused(f"{what}: its activation shape {inputs[0].shape} is not fixed past the batch axis")
+    try:
+        embedding = session.run([EMBEDDING], {ACTIVATION: np.zeros((2, *shape), np.float32)})[0]
+    except Exception as exc:
+        raise Refused(f"{what}: test run failed: {exc}") from None
+    if embedding.shape != (2, embedding_dim) or not np.isfinite(embedding).all():
+        raise Refused(f"{what}: produced embeddings of shape {embedding.shape}, the backbone's are {embedding_dim}-d")
+    return session
 
 
 def _reference(session: Any, what: str) -> EmbeddingReference | None:
