@@ -214,7 +214,7 @@ def test_with_the_recorder_off_answers_are_judged_but_nothing_is_recorded(deploy
     judge = Judge(tmp_path / "state", JudgeConfig.from_env(tmp_path / "state"), backbone, 1280)
     embedding = np.zeros((1, 1280), np.float32)
     logits = head.logits(embedding)
-    scored, failed = judge.shadow(Planned("a", 1, (("b", 1),)), head, logits, embedding, [shadow])
+    scored, failed = judge.shadow(Planned("a", 1, (("b", 1),)), head, logits, {"": embedding}, [shadow])
     assert [h.source.key for h, _ in scored] == ["b:1"] and failed == []  # shadow heads are still scored
     dropped_before = judge.metrics.dropped._value.get()
     assert not judge.submit(Scored(["r1"], time.time(), embedding, head, scored, logits))

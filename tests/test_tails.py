@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
+from tl_models.bento import launcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
-from tl_models.core.errors import BuildError
+from tl_models.core.errors import BuildError, Refused
 from tl_models.core.heads import frozen_versions, head_source_from_build, sources_from_build
 from tl_models.core.manifest import BuildDir
-from tl_models.core.preprocess import Preprocessing
+from tl_models.core.preprocess import Preprocessing, preprocess_bytes
+from tl_models.core.routing import RoutingState
 from tl_models.core.runtime import create_session
 from tl_models.training.config import FineTune
 from tl_models.training.data import load_image_folder
@@ -27,7 +31,7 @@ from tl_models.training.options import BuildReport
 from tl_models.training.pipeline import check_parity, load_head_module, reexport
 from tl_models.training.tails import tuned_backbone
 
-from helpers import subset
+from helpers import FEEDBACK, FEEDBACK_TOKEN, sticky_head, subset
 
 pytestmark = pytest.mark.slow
 TUNE = FineTune(stages=2, lr=3e-5, epochs=2, augment=("crop",))  # short and visible: stage 2 must move the weights
@@ -121,7 +125,8 @@ def test_a_fine_tuned_version_needs_an_exported_build(small: Path, quick_build, 
 def _offline(build: Path, key: str, images: np.ndarray) -> np.ndarray:
     """Top-1 of head version ``key`` on ``images``, its graphs run directly (ONNX Runtime, no server)."""
     manifest = BuildDir(build).manifest()
-    entry = manifest.head(*key.split(":")[:1], int(key.split(":")[1]))
+    name, _, version = key.partition(":")
+    entry = manifest.head(name, int(version))
     if entry.tail is None:
         embedding = create_session(build / "backbone.onnx").run(["embedding"], {"image": images})[0]
     else:
@@ -163,3 +168,91 @@ def test_a_worker_serves_a_tuned_version_beside_the_frozen_one(small: Path, tune
     assert round(shadow["agreement"] * shadow["scored"]) == int((tuned_top == frozen_top).sum())
     assert status["drift"]["tuned"] == {"a:2": 2 * len(data)}  # answered once, shadowed once: its own window
     engine.close()
+
+
+def test_a_tuned_version_a_worker_cannot_run_is_refused_in_one_line_and_the_route_stays(
+    small: Path, quick_build, tuned, tmp_path: Path
+) -> None:
+    """Phase 1 refusals of a tuned version: its tail file damaged, or a cut other than the one this worker runs
+    (one cut per worker); each a one-line Refused naming the version, the route and answers unchanged."""
+    build = Path(shutil.copytree(tuned[0], tmp_path / "out"))
+    other = quick_build(small, build, head="b", epochs=1, export=True, fine_tune=FineTune(stages=1, lr=3e-5, epochs=2))
+    assert other.head.key == "b:1" and other.head.tail is not None and other.head.tail["stages"] == 1
+    backbone, heads = sources_from_build(build)
+    engine = ServingEngine(backbone, [h for h in heads if h.key == "a:2"], ServingConfig(state_dir=tmp_path / "s"))
+    image = next(small.rglob("*.png")).read_bytes()
+    before = engine.status()["revision"]
+    with pytest.raises(Refused, match=r"^head b:1 is cut before its last 1 stage\(s\) .* one cut per service$"):
+        asyncio.run(engine.load(head_source_from_build(build, "b", 1)))
+    tail = build / "heads" / "a" / "2" / "tail.onnx"
+    tail.write_bytes(tail.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(Refused, match=r"^head a:2's tail: .*tail.onnx fails its sha256 check"):
+        asyncio.run(engine.load(head_source_from_build(build, "a", 2), live=False))
+    assert engine.status()["revision"] == before
+    assert asyncio.run(engine.classify(image, head="a"))["version"] == 2  # the loaded session still answers
+    engine.close()
+
+
+def test_bentoml_serve_splits_and_judges_a_tuned_head_against_the_frozen_one(
+    small: Path, quick_build, tuned, tmp_path: Path
+) -> None:
+    """A real `bentoml serve` on the build: head `a` at its frozen a:1 and head `tuned` (fine-tuned on the trunk)
+    split 50/50 on sticky keys; every answer equals its head's graphs run directly, and feedback accuracy per head in
+    `/heads` equals the offline count."""
+    build = Path(shutil.copytree(tuned[0], tmp_path / "out"))
+    assert quick_build(small, build, head="tuned", epochs=1, export=True, fine_tune=TUNE).head.tail is not None
+    env = {
+        **os.environ,
+        "TL_MODELS_BUILD": str(build),
+        "TL_MODELS_STATE_DIR": str(tmp_path / "state"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TL_MODELS_WORKERS": "1",
+        "TL_MODELS_ACCESS_LOG": "0",
+        "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
+    }
+    RoutingState(tmp_path / "state" / "route.json").update(weights={"a": 1, "tuned": 1}, versions={"a": 1, "tuned": 1})
+    manifest = BuildDir(build).manifest()
+    spec = Preprocessing.from_dict(manifest.preprocessing)
+    files = sorted(small.rglob("*.png"))
+    images = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in files])
+    offline = {"a:1": _offline(build, "a:1", images), "tuned:1": _offline(build, "tuned:1", images)}
+    server = launcher.start(env, log_path=tmp_path / "serve.log", timeout=600)
+    try:
+        heads = httpx.get(f"{server.url}/heads", timeout=30).json()
+        assert {(h["name"], h["version"], h["tail_stages"]) for h in heads["heads"]} == {
+            ("a", 1, None),
+            ("tuned", 1, 2),
+        }
+        answered: dict[str, list[int]] = {"a:1": [], "tuned:1": []}
+        correct: dict[str, int] = {"a:1": 0, "tuned:1": 0}
+        with httpx.Client(timeout=60) as client:
+            for round_ in range(2):  # sticky: the same key gets the same head both times
+                for index, path in enumerate(files):
+                    key = f"user-{index}"
+                    reply = client.post(
+                        f"{server.url}/classify",
+                        files={"image": (path.name, path.read_bytes(), "image/png")},
+                        headers={"X-TL-Key": key},
+                    ).json()
+                    head = f"{reply['head']}:{reply['version']}"
+                    assert head == sticky_head({"a": 1.0, "tuned": 1.0}, {"a": 1, "tuned": 1}, key)
+                    label = manifest.labels[offline[head][index]]
+                    assert reply["predictions"][0]["label"] == label, (head, path)
+                    if round_ == 0:
+                        answered[head].append(index)
+                        truth = path.parent.name
+                        response = client.post(
+                            f"{server.url}/feedback",
+                            json={"request_id": reply["request_id"], "label": truth},
+                            headers=FEEDBACK,
+                        )
+                        assert response.status_code == 200, response.text
+                        correct[head] += label == truth
+        assert all(answered.values()), answered  # both heads answered some keys
+        heads = {f"{h['name']}:{h['version']}": h for h in httpx.get(f"{server.url}/heads", timeout=30).json()["heads"]}
+        for key, rows in answered.items():
+            assert heads[key]["feedback"]["labelled"] == len(rows)
+            assert heads[key]["feedback"]["correct"] == correct[key]
+    finally:
+        server.stop()

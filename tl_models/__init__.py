@@ -1,3 +1,3 @@
 """tl-models: fine-tune heads on frozen torchvision backbones, export to ONNX, prove parity, serve."""
 
-__version__ = "0.11.3"
+__version__ = "0.12.0"

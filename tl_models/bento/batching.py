@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -91,8 +92,15 @@ class MicroBatcher:
                 self._lane_free.notify()
         return await future
 
-    def close(self) -> None:
-        """Stop the ways' threads once their passes end; requests still waiting are cancelled."""
+    def close(self, drain: float = 0.0) -> None:
+        """Stop the ways' threads once their passes end; requests still waiting after ``drain`` seconds (0: at
+        once) are cancelled."""
+        deadline = time.monotonic() + drain
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending and not self._busy:
+                    break
+            time.sleep(0.01)
         with self._lock:
             self._closed = True
             if self._solo_turn and self._solo_lock is not None:  # taken for a pass that will not run

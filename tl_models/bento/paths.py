@@ -31,6 +31,7 @@ from .batching import MicroBatcher, Prepare
 log = logging.getLogger(__name__)
 
 FROZEN = ""  # the frozen backbone's path (``LoadedHead.path``)
+DRAIN = 60.0  # seconds a tail batcher of a version swapped out may take to answer what it was given
 
 # sessions (lanes, solo) of a graph -> a batcher over them; the engine's layout and locks
 MakeBatcher = Callable[[list[Any], Any | None, str, str], MicroBatcher]
@@ -92,8 +93,8 @@ class TailPaths:
             with self._lock:
                 held = self._tails.get(key)
                 if held is None or held[0] is not head.tail:
-                    if held is not None:
-                        held[1].close()
+                    if held is not None:  # its requests in flight are answered first
+                        threading.Thread(target=held[1].close, args=(DRAIN,), daemon=True).start()
                     held = self._tails[key] = (head.tail, self._make_batcher([head.tail], None, ACTIVATION, EMBEDDING))
         return held[1]
 
@@ -109,10 +110,12 @@ class TailPaths:
         return dict(zip(paths, results))
 
     def forget(self, keep: set[str]) -> None:
-        """Close the tail batchers of versions this worker no longer holds (a swap or an unload took them out)."""
+        """Close the tail batchers of versions this worker no longer holds (a swap or an unload took them out), in
+        the background once the requests that chose them before the change are answered."""
         with self._lock:
-            for key in [key for key in self._tails if key not in keep]:
-                self._tails.pop(key)[1].close()
+            gone = [self._tails.pop(key)[1] for key in [key for key in self._tails if key not in keep]]
+        for batcher in gone:
+            threading.Thread(target=batcher.close, args=(DRAIN,), name="tail-close", daemon=True).start()
 
     def close(self) -> None:
         """Stop every batcher's threads (passes running end first)."""
