@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
 from tl_models.core.errors import BuildError, Refused
@@ -31,7 +34,7 @@ from tl_models.training.options import BuildReport
 from tl_models.training.pipeline import check_parity, load_head_module, reexport
 from tl_models.training.tails import tuned_backbone
 
-from helpers import FEEDBACK, FEEDBACK_TOKEN, sticky_head, subset
+from helpers import ADMIN, FEEDBACK, FEEDBACK_TOKEN, TOKEN, sticky_head, subset
 
 pytestmark = pytest.mark.slow
 TUNE = FineTune(stages=2, lr=3e-5, epochs=2, augment=("crop",))  # short and visible: stage 2 must move the weights
@@ -210,6 +213,8 @@ def test_bentoml_serve_splits_and_judges_a_tuned_head_against_the_frozen_one(
         "TL_MODELS_WORKERS": "1",
         "TL_MODELS_ACCESS_LOG": "0",
         "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
+        "TL_MODELS_ADMIN_TOKEN": TOKEN,
+        "TL_MODELS_BUILD_ROOTS": str(tmp_path),
     }
     RoutingState(tmp_path / "state" / "route.json").update(weights={"a": 1, "tuned": 1}, versions={"a": 1, "tuned": 1})
     manifest = BuildDir(build).manifest()
@@ -254,5 +259,28 @@ def test_bentoml_serve_splits_and_judges_a_tuned_head_against_the_frozen_one(
         for key, rows in answered.items():
             assert heads[key]["feedback"]["labelled"] == len(rows)
             assert heads[key]["feedback"]["correct"] == correct[key]
+
+        # head a swapped from its frozen version to the tuned a:2 and back, under load: no request fails
+        stop = threading.Event()
+        records: list = []
+        load = threading.Thread(
+            target=lambda: records.extend(
+                drive(lambda: BentoCaller(server.url), [p.read_bytes() for p in files], 4, stop=stop)[0]
+            )
+        )
+        load.start()
+        try:
+            for version in (2, 1):
+                time.sleep(1.0)
+                body = {"build_dir": str(build), "head": "a", "version": version}
+                response = httpx.post(f"{server.url}/admin/load", json=body, headers=ADMIN, timeout=120)
+                assert response.status_code == 200, response.text
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            load.join()
+        assert records and not [r.error for r in records if r.error], [r.error for r in records if r.error][:3]
+        served = {(r.answer["head"], r.answer["version"]) for r in records}
+        assert {("a", 1), ("a", 2), ("tuned", 1)} <= served, served
     finally:
         server.stop()
