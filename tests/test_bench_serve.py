@@ -16,6 +16,7 @@ import pytest
 
 from tl_models.bench.loadgen import BentoCaller, TritonCaller, drive, summarize
 from tl_models.bench.serve import BenchServeError, ServeBenchOptions, bench_serve
+from tl_models.core.manifest import BuildDir
 from tl_models.core.process import free_port
 from tl_models.core.runtime import available_cores
 from tl_models.training.quantize import Calibration, Gate, quantize
@@ -269,3 +270,33 @@ def test_rounds_compare_each_server_point_with_its_own_rounds_onnx_runtime(built
     assert "median of" in out and "2 server processes" in out
     log = (tmp_path / "work" / "bento-main.log").read_text()  # --processes 2: two workers answered
     assert "[entry_service:Classifier:2] Service Classifier initialized" in log
+
+
+def test_the_variant_part_serves_a_tuned_version_four_ways_and_judges_its_targets(built, tmp_path, capsys):
+    """--variant 2: a head fine-tuned on a copy of the build's trunk; frozen only, a 50/50 split, the tuned
+    version shadowed on every request and two services split by the client, each measured with its server CPU; the
+    ratios against frozen-only and the memory against the tail's bytes, with their targets; the build untouched."""
+    before = BuildDir(built / "build").manifest().files
+    options = _one_point(built, tmp_path, stacks=("onnxruntime", "bentoml-http"), variant=2, seconds=0.3)
+    figures = bench_serve(options)
+    variant = figures["variant_cost"]
+    assert variant["stages"] == 2 and variant["tuned"] == "tuned:1" and variant["tail_bytes"] > 0
+    for mode in ("frozen", "split", "shadow", "naive"):
+        point = variant[mode]
+        assert point["errors"] == 0 and point["throughput"] > 0 and len(point["rounds"]) == 2, (mode, point)
+        assert point["server_cpu_ms_per_request"] > 0, (mode, point)
+    for mode in ("split", "shadow", "naive"):
+        assert variant[mode]["throughput_ratio"] == pytest.approx(
+            variant[mode]["throughput"] / variant["frozen"]["throughput"]
+        )
+    assert variant["memory_over_tail"] == pytest.approx(
+        (variant["rss_bytes"]["split"] - variant["rss_bytes"]["frozen"]) / variant["tail_bytes"]
+    )
+    judged = [t for t in figures["targets"] if "tuned" in t["target"] or "tail" in t["target"]]
+    assert len(judged) == 3 and all(isinstance(t["met"], bool) for t in judged)
+    assert [s["server"] for s in figures["servers_started"]][-4:] == [
+        f"bentoml (variant {name})" for name in ("frozen", "split", "shadow", "tuned")
+    ]
+    assert BuildDir(built / "build").manifest().files == before  # the part works on a copy
+    out = capsys.readouterr().out
+    assert "bentoml variant shadow" in out and "target: the tuned version shadowed on every request" in out

@@ -64,6 +64,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         plot_path=args.plot,
         int8=args.int8,
         judging=args.judging,
+        variant=args.variant,
         profile=args.profile,
         rounds=args.rounds,
         processes=args.processes,
@@ -187,6 +188,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also BentoML throughput at the top concurrency with the recorder off (TL_MODELS_RECORD=0), on (the "
         "default), and on with a shadow head and 10%% of requests in the embedding log (three services, measured "
         "in turns)",
+    )
+    p.add_argument(
+        "--variant",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a head fine-tuned on the build's trunk (its last N stages its own) served beside the first head: "
+        "frozen only, a 50/50 split, the tuned version shadowed on every request, and two services each with its "
+        "own whole model (four BentoML services, measured in turns at the top concurrency)",
     )
     p.add_argument(
         "--profile",

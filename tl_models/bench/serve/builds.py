@@ -76,3 +76,15 @@ def int8_backbone(build_dir: Path, own: bool, progress: Callable[[str], None]) -
     chosen = report.chosen
     assert chosen is not None  # quantize refuses when no setting passed
     progress(f"[bench serve] int8: {chosen.calibration.label()}, {chosen.speedup:.2f}x fp32 at batch 32")
+
+
+def weights_argument(weights_id: str) -> tuple[str, int]:
+    """The ``--weights`` value and seed that reproduce a manifest's weights id (new heads must match it)."""
+    if weights_id.startswith("none:seed="):
+        return "none", int(weights_id.split("=", 1)[1])
+    if weights_id.startswith("torchvision:"):
+        return weights_id.rsplit(".", 1)[-1], 0
+    raise BenchServeError(
+        f"the heads and variant parts add heads to a copy of the build, which needs its weights again; "
+        f"{weights_id!r} cannot be reloaded by name: use --heads 0 and no --variant"
+    )

@@ -15,32 +15,22 @@ from ...core import process
 from ...core.manifest import BuildDir, Manifest
 from ...core.names import ROUTE_FILE
 from ..loadgen import BentoCaller, drive
+from .builds import weights_argument
 from .loopback import bento_env, measure
 from .options import BenchServeError, ServeBenchOptions
 
 
-def _weights_argument(weights_id: str) -> tuple[str, int]:
-    """The ``--weights`` value and seed that reproduce a manifest's weights id (new heads must match it)."""
-    if weights_id.startswith("none:seed="):
-        return "none", int(weights_id.split("=", 1)[1])
-    if weights_id.startswith("torchvision:"):
-        return weights_id.rsplit(".", 1)[-1], 0
-    raise BenchServeError(
-        f"the heads part adds heads to a copy of the build, which needs its weights again; "
-        f"{weights_id!r} cannot be reloaded by name: use --heads 0"
-    )
-
-
 def check_heads_data(manifest: Manifest, data: Path) -> None:
-    """The heads part adds heads trained on ``data`` to a copy of the build: its classes must be the labels."""
+    """The heads and variant parts add heads trained on ``data`` to a copy of the build: its classes must be the
+    labels."""
     from ...training.data import load_image_folder
 
-    _weights_argument(manifest.weights)
+    weights_argument(manifest.weights)
     classes = load_image_folder(data).classes
     if classes != manifest.labels:
         raise BenchServeError(
             f"the heads part trains new heads on {data}, whose classes {classes} are not the "
-            f"build's labels {manifest.labels}: pass --data with the build's data, or --heads 0"
+            f"build's labels {manifest.labels}: pass --data with the build's data, or --heads 0 (and no --variant)"
         )
 
 
@@ -57,7 +47,7 @@ def _heads_build(
     copy = workdir / "heads-build"
     shutil.copytree(build_dir, copy)
     manifest = BuildDir(copy).manifest()
-    weights, seed = _weights_argument(manifest.weights)
+    weights, seed = weights_argument(manifest.weights)
     live = manifest.latest_versions()
 
     def add(name: str, epochs: int) -> int:

@@ -54,6 +54,7 @@ class ServeBenchOptions:
     plot_path: Path | None = None
     int8: bool = False
     judging: bool = False
+    variant: int = 0  # fine-tune this many last stages into a head on the build's trunk and measure it; 0: skip
     profile: bool = False  # py-spy samples each server started here at the top concurrency (first round)
     rounds: int = 1  # in-process and server points measured this many times in turn; targets on the median
     processes: int | None = None  # BentoML workers and Triton router instances of the servers started here
@@ -70,6 +71,8 @@ class ServeBenchOptions:
             raise BenchServeError(f"seconds must be > 0 and max requests >= 1, got {self.seconds}, {self.max_requests}")
         if self.rounds < 1 or (self.processes is not None and self.processes < 1):
             raise BenchServeError(f"rounds and processes must be at least 1, got {self.rounds}, {self.processes}")
+        if self.variant < 0:
+            raise BenchServeError(f"variant takes a number of stages to fine-tune (0: skip), got {self.variant}")
         if self.heads == 1 or self.heads < 0:
             raise BenchServeError(f"heads must be 0 (skip the heads part) or at least 2, got {self.heads}")
         if self.build_dir is not None and not BuildDir(self.build_dir).exists():

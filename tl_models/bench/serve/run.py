@@ -17,6 +17,7 @@ from .heads import check_heads_data, heads_cost
 from .judging import judging_cost
 from .loopback import serve_points
 from .options import ServeBenchOptions
+from .variants import variant_cost
 from .verdict import add_ratios, format_figures, targets
 
 
@@ -41,7 +42,7 @@ def bench_serve(options: ServeBenchOptions) -> dict:
         if options.int8:
             int8_backbone(build_dir, own=options.build_dir is None, progress=options.progress)
         images = sample_images(data)
-        if options.heads:
+        if options.heads or options.variant:
             check_heads_data(manifest, data)  # before minutes of measurements, not after
         started: list[dict] = []
         figures: dict = {
@@ -77,6 +78,8 @@ def bench_serve(options: ServeBenchOptions) -> dict:
             figures["heads_cost"] = heads_cost(build_dir, data, options.heads, images, options, workdir, started)
         if options.judging:
             figures["judging_cost"] = judging_cost(build_dir, images, options, workdir, started)
+        if options.variant:
+            figures["variant_cost"] = variant_cost(build_dir, data, options.variant, images, options, workdir, started)
         add_ratios(figures)
         figures["targets"] = targets(figures)
     print(format_figures(figures))

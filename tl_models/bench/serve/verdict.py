@@ -7,6 +7,7 @@ import numpy as np
 from ..report import format_table
 from .loopback import fmt_ms, stack_label
 from .options import JUDGING_LOG_SHARE, MODES, TARGETS
+from .variants import variant_rows, variant_targets
 
 
 def add_ratios(figures: dict) -> None:
@@ -131,6 +132,8 @@ def targets(figures: dict) -> list[dict]:
                 "met": judging["ratio"] >= TARGETS["judging_ratio"] and judging["judged"]["errors"] == 0,
             }
         )
+    if figures.get("variant_cost"):
+        out += variant_targets(figures["variant_cost"], figures["backbone"])
     return out
 
 
@@ -213,6 +216,8 @@ def format_figures(figures: dict) -> str:
                     f"{fmt_ms(judging[mode]['p50_ms'])}, {judging[mode]['errors']} errors",
                 )
             )
+    if figures.get("variant_cost"):
+        rows += variant_rows(figures["variant_cost"], fmt_ms)
     for target in figures["targets"]:
         each = target.get("rounds", [])
         spread = f"; median of {', '.join(f'{v:.2f}' for v in each)}" if len(each) > 1 else ""
