@@ -280,7 +280,7 @@ def test_the_variant_part_serves_a_tuned_version_four_ways_and_judges_its_target
     options = _one_point(built, tmp_path, stacks=("onnxruntime", "bentoml-http"), variant=2, seconds=0.3)
     figures = bench_serve(options)
     variant = figures["variant_cost"]
-    assert variant["stages"] == 2 and variant["tuned"] == "tuned:1" and variant["tail_bytes"] > 0
+    assert variant["stages"] == 2 and variant["tuned_head"] == "tuned:1" and variant["tail_bytes"] > 0
     for mode in ("frozen", "split", "shadow", "naive"):
         point = variant[mode]
         assert point["errors"] == 0 and point["throughput"] > 0 and len(point["rounds"]) == 2, (mode, point)

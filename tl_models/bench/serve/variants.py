@@ -140,8 +140,8 @@ def variant_cost(
     figures: dict = {
         "stages": stages,
         "concurrency": clients,
-        "frozen": f"{frozen}:{fv}",
-        "tuned": f"{tuned}:{tv}",
+        "frozen_head": f"{frozen}:{fv}",
+        "tuned_head": f"{tuned}:{tv}",
         "tail_bytes": (copy / BuildDir(copy).manifest().head(tuned, tv).rel(TAIL_ONNX)).stat().st_size,
         "rss_bytes": rss,
     }
@@ -231,7 +231,7 @@ def variant_rows(figures: dict, fmt_ms: Callable[[float | None], str]) -> list[t
         ratio = f", x{point['throughput_ratio']:.2f} frozen" if "throughput_ratio" in point else ""
         rows.append(
             (
-                f"bentoml variant {mode} ({figures['tuned']} beside {figures['frozen']}), concurrency "
+                f"bentoml variant {mode} ({figures['tuned_head']} beside {figures['frozen_head']}), concurrency "
                 f"{figures['concurrency']}",
                 f"{point['throughput']:.1f} req/s{ratio}, "
                 + (f"{cpu:.1f} CPU-ms/req, " if cpu is not None else "")
