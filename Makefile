@@ -31,7 +31,7 @@ test: $(STAMP)
 # the environment table, the docs site, fleet discovery through a DNS server on loopback):
 # about 10 s, for contributors between edits; `make test` (and CI) runs everything
 FAST_TESTS := test_preprocess test_limits test_errors test_version test_data test_runtime test_layers test_settings \
-	test_docs test_cpu test_plan test_identity test_bench_verdict test_route_file test_profile test_locks test_discovery test_batching
+	test_docs test_cpu test_plan test_identity test_bench_verdict test_paths test_route_file test_profile test_locks test_discovery test_batching
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(FAST_TESTS:%=tests/%.py)
 

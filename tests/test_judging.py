@@ -109,6 +109,39 @@ def test_embedding_log_rotates_within_its_bound_and_joins_feedback(tmp_path):
         EmbeddingLogWriter(tmp_path / "log", {**facts, "build": "other"})
 
 
+def test_the_log_names_each_records_path_and_training_from_it_keeps_to_the_frozen_one(tmp_path):
+    """The ``path`` column: whose embeddings a record holds (a fine-tuned version's own, or the frozen backbone's);
+    a shard written before the column existed reads as the frozen backbone's; ``labelled`` keeps to one path."""
+    facts = {"build": "b", "backbone_sha256": "0" * 64, "embedding_dim": 2}
+    folder = tmp_path / "log"
+    writer = EmbeddingLogWriter(folder, facts)
+    writer.add("frozen-1", 1000.0, np.full(2, 1.0, np.float32), "a:1", {"a:1": [["3", 0.9]]})
+    writer.add("tuned-1", 1001.0, np.full(2, 2.0, np.float32), "a:2", {"a:2": [["3", 0.9]]}, path="a:2")
+    assert writer.flush() == 2
+    legacy = {  # a shard as written before the path column existed
+        "request_id": np.asarray(["old-1"]),
+        "time": np.asarray([999.0]),
+        "embedding": np.full((1, 2), 3.0, np.float32),
+        "head": np.asarray(["a:1"]),
+        "predictions": np.asarray(['{"a:1":[["3",0.9]]}']),
+    }
+    np.savez(folder / "shard-00000000T000000-1-000001.npz", **legacy)
+    index = json.loads((folder / "index.json").read_text())
+    index["shards"].append(
+        {"file": "shard-00000000T000000-1-000001.npz", "records": 1, "first": 999.0, "last": 999.0, "bytes": 1}
+    )
+    (folder / "index.json").write_text(json.dumps(index))
+    for rid in ("frozen-1", "tuned-1", "old-1"):
+        append_feedback(folder, rid, "3", 1010.0)
+    log = read_log(folder)
+    paths = dict(zip(log.columns["request_id"].tolist(), log.columns["path"].tolist()))
+    assert paths == {"frozen-1": "", "tuned-1": "a:2", "old-1": ""}
+    frozen, labels, _ = log.labelled()
+    assert sorted(frozen[:, 0].tolist()) == [1.0, 3.0] and labels == ["3", "3"]
+    tuned, _, _ = log.labelled("a:2")
+    assert tuned.tolist() == [[2.0, 2.0]]
+
+
 def test_a_damaged_log_shard_or_feedback_line_is_skipped_and_named(tmp_path, caplog):
     facts = {"build": "b", "backbone_sha256": "0" * 64, "embedding_dim": 4}
     writer = EmbeddingLogWriter(tmp_path / "log", facts)

@@ -21,6 +21,7 @@ import torch
 from tl_models.bench.loadgen import BentoCaller, drive
 from tl_models.bento import launcher
 from tl_models.bento.engine import ServingConfig, ServingEngine
+from tl_models.core.embedding_log import read_log
 from tl_models.core.errors import BuildError, Refused
 from tl_models.core.heads import frozen_versions, head_source_from_build, sources_from_build
 from tl_models.core.manifest import BuildDir
@@ -215,6 +216,7 @@ def test_bentoml_serve_splits_and_judges_a_tuned_head_against_the_frozen_one(
         "TL_MODELS_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
         "TL_MODELS_ADMIN_TOKEN": TOKEN,
         "TL_MODELS_BUILD_ROOTS": str(tmp_path),
+        "TL_MODELS_LOG_SHARE": "1",
     }
     RoutingState(tmp_path / "state" / "route.json").update(weights={"a": 1, "tuned": 1}, versions={"a": 1, "tuned": 1})
     manifest = BuildDir(build).manifest()
@@ -284,3 +286,7 @@ def test_bentoml_serve_splits_and_judges_a_tuned_head_against_the_frozen_one(
         assert {("a", 1), ("a", 2), ("tuned", 1)} <= served, served
     finally:
         server.stop()
+    # the embedding log says whose embeddings each record holds: a tuned version's own, or the frozen backbone's
+    log = read_log(tmp_path / "state" / "embedding-log")
+    pairs = set(zip(log.columns["head"].tolist(), log.columns["path"].tolist()))
+    assert pairs == {("a:1", ""), ("a:2", "a:2"), ("tuned:1", "tuned:1")}, pairs

@@ -16,19 +16,23 @@ import httpx
 import numpy as np
 
 from .core.drift import DRIFT_THRESHOLD, MIN_WINDOW, EmbeddingReference
-from .core.embedding_log import EmbeddingLog
+from .core.embedding_log import FROZEN_PATH, EmbeddingLog
 from .core.errors import BadRequest
 from .core.manifest import BuildDir
 from .core.names import EMBEDDING_REFERENCE
 
 
-def _references(build: Path | None, heads: list[str]) -> dict[str, EmbeddingReference]:
-    """The embedding references of ``heads`` ("name:version") found in the build directory."""
+def _references(build: Path | None, heads: list[str]) -> dict[str, tuple[EmbeddingReference, str]]:
+    """The embedding references of ``heads`` ("name:version") found in the build directory, each with the log
+    ``path`` of the embeddings it is compared with (a fine-tuned version's own, else the frozen backbone's)."""
     if build is None:
         return {}
     build_dir = BuildDir(build)
     return {
-        entry.key: EmbeddingReference.from_dict(json.loads(build_dir.file(entry.rel(EMBEDDING_REFERENCE)).read_text()))
+        entry.key: (
+            EmbeddingReference.from_dict(json.loads(build_dir.file(entry.rel(EMBEDDING_REFERENCE)).read_text())),
+            FROZEN_PATH if entry.tail is None else entry.key,
+        )
         for entry in build_dir.verify().heads
         if entry.key in heads and EMBEDDING_REFERENCE in entry.files
     }
@@ -42,6 +46,7 @@ def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -
     order = np.argsort(columns["time"], kind="stable")
     embeddings = columns["embedding"][order]
     times, answered = columns["time"][order], [str(h) for h in columns["head"][order]]
+    paths = np.asarray([str(path) for path in columns["path"][order]])
     predictions = [json.loads(str(p)) for p in columns["predictions"][order]]
     labels = [log.labels.get(str(r)) for r in columns["request_id"][order]]
     top1 = [{key: top[0][0] for key, top in p.items() if top} for p in predictions]
@@ -66,15 +71,17 @@ def log_report(log: EmbeddingLog, build: Path | None = None, slices: int = 10) -
     timeline = []
     for chunk in np.array_split(np.arange(len(times)), min(slices, len(times))):
         rows = chunk.tolist()
-        mean = embeddings[chunk].mean(axis=0)
+        drift = {}
+        for key, (reference, path) in references.items():
+            own = chunk[paths[chunk] == path]  # a head against its own path's embeddings
+            if len(own) >= MIN_WINDOW:  # fewer: sampling noise dominates
+                drift[key] = reference.drift(embeddings[own].mean(axis=0))
         timeline.append(
             {
                 "start": float(times[chunk[0]]),
                 "end": float(times[chunk[-1]]),
                 "records": len(rows),
-                "drift": {
-                    key: ref.drift(mean) for key, ref in references.items() if len(rows) >= MIN_WINDOW
-                },  # fewer: sampling noise dominates
+                "drift": drift,
                 "heads": judge(rows),
             }
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -16,7 +15,7 @@ import numpy as np
 
 from ..core.runtime import CoreLock
 
-Run = Callable[[np.ndarray], np.ndarray]
+Run = Callable[..., Any]  # batch -> outputs; with ``parts``: (batch, [(rows, need) per request]) -> per request
 Prepare = Callable[[Any], np.ndarray]
 
 
@@ -26,6 +25,7 @@ class _Job:
     prepare: Prepare | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    need: Any = None  # with ``parts``: what the request needs of the pass (handed to the way with its rows)
 
 
 class MicroBatcher:
@@ -42,7 +42,9 @@ class MicroBatcher:
     pass runs go to the lanes; requests that wait share the next pass.
     Images are decoded in the way's thread (``prepare``) right before the pass. A request whose input cannot be
     prepared fails alone; if a pass fails anyway, its requests are re-run one by one so that only the culprit
-    fails.
+    fails. With ``parts``, each request also says what it needs of the pass (``submit(..., need=...)``) and a way is
+    called with the batch and every request's (rows, need), returning each request's answer: a pass whose requests
+    need different things of it (a trunk, then the tails each needs, :mod:`tl_models.bento.paths`).
     """
 
     def __init__(
@@ -52,10 +54,12 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         solo: Run | None = None,
         core_lock: Callable[[], CoreLock] | None = None,
+        parts: bool = False,
     ):
         if not lanes:
             raise ValueError("a batcher needs at least one lane")
         self.max_batch = max_batch
+        self._parts = parts
         self._on_batch = on_batch
         self._lock = threading.Lock()
         self._lane_free = threading.Condition(self._lock)
@@ -76,15 +80,16 @@ class MicroBatcher:
         for thread in self._threads:
             thread.start()
 
-    async def submit(self, item: Any, prepare: Prepare | None = None) -> np.ndarray:
+    async def submit(self, item: Any, prepare: Prepare | None = None, need: Any = None) -> Any:
         """Run ``item`` (an N×... batch, or ``prepare(item)`` in the way's thread) through a pass together with
-        whatever else waits; returns its N outputs, or raises what preparing or the pass raised for it."""
+        whatever else waits; returns its N outputs (with ``parts``: what the way gives it for ``need``), or raises
+        what preparing or the pass raised for it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._pending.append(_Job(item, prepare, future, loop))
+            self._pending.append(_Job(item, prepare, future, loop, need))
             if self._has_solo and self._busy == 0 and self._machine_idle():  # the solo way's turn
                 self._solo_turn = True
                 self._solo_free.notify()
@@ -92,15 +97,8 @@ class MicroBatcher:
                 self._lane_free.notify()
         return await future
 
-    def close(self, drain: float = 0.0) -> None:
-        """Stop the ways' threads once their passes end; requests still waiting after ``drain`` seconds (0: at
-        once) are cancelled."""
-        deadline = time.monotonic() + drain
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending and not self._busy:
-                    break
-            time.sleep(0.01)
+    def close(self) -> None:
+        """Stop the ways' threads once their passes end; requests still waiting are cancelled."""
         with self._lock:
             self._closed = True
             if self._solo_turn and self._solo_lock is not None:  # taken for a pass that will not run
@@ -139,7 +137,7 @@ class MicroBatcher:
                         return
                     jobs = self._start()
             try:
-                done = jobs, self._run_jobs(run, [(job.item, job.prepare) for job in jobs])
+                done = jobs, self._run_jobs(run, [(job.item, job.prepare, job.need) for job in jobs])
             except BaseException as exc:  # a bug here: the requests fail, the way goes on
                 done = jobs, [exc] * len(jobs)
 
@@ -175,12 +173,12 @@ class MicroBatcher:
             size += images
         return jobs
 
-    def _run_jobs(self, run: Run, work: list[tuple[Any, Prepare | None]]) -> list[Any]:
-        """Prepare each job's input, run the pass, split its outputs by job; per job its outputs or the exception
-        that failed it."""
+    def _run_jobs(self, run: Run, work: list[tuple[Any, Prepare | None, Any]]) -> list[Any]:
+        """Prepare each job's input, run the pass, split its outputs by job (with ``parts``: the way does, from each
+        job's rows and need); per job its outputs or the exception that failed it."""
         results: list[Any] = [None] * len(work)
         inputs: dict[int, np.ndarray] = {}
-        for index, (item, prepare) in enumerate(work):
+        for index, (item, prepare, _) in enumerate(work):
             try:
                 inputs[index] = prepare(item) if prepare is not None else item
             except Exception as exc:
@@ -188,17 +186,24 @@ class MicroBatcher:
         if not inputs:
             return results
         arrays = list(inputs.values())
+        needs = [(len(array), work[index][2]) for index, array in inputs.items()] if self._parts else None
         try:
-            outputs = self._forward(run, arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+            outputs = self._forward(run, arrays[0] if len(arrays) == 1 else np.concatenate(arrays), needs)
         except Exception as exc:
             if len(inputs) == 1:
                 results[next(iter(inputs))] = exc
                 return results
             for index, array in inputs.items():  # isolate the failure: neighbours still get answers
                 try:
-                    results[index] = self._forward(run, array)
+                    alone = [(len(array), work[index][2])] if self._parts else None
+                    output = self._forward(run, array, alone)
+                    results[index] = output[0] if self._parts else output
                 except Exception as single:
                     results[index] = single
+            return results
+        if self._parts:
+            for index, output in zip(inputs, outputs):
+                results[index] = output
             return results
         start = 0
         for index, array in inputs.items():
@@ -206,16 +211,16 @@ class MicroBatcher:
             start += len(array)
         return results
 
-    def _forward(self, run: Run, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, run: Run, batch: np.ndarray, needs: list[tuple[int, Any]] | None) -> Any:
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        return run(batch)
+        return run(batch) if needs is None else run(batch, needs)
 
 
-def _on_shared_cores(run: Run, cores: CoreLock, batch: np.ndarray) -> np.ndarray:
+def _on_shared_cores(run: Run, cores: CoreLock, *args: Any) -> Any:
     """A lane's pass, once no solo pass runs on the machine."""
     with cores.lane():
-        return run(batch)
+        return run(*args)
 
 
 def _settle(jobs: list[_Job], results: list[Any]) -> None:

@@ -46,7 +46,7 @@ from ..core.preprocess import (
 )
 from ..core.routing import Route, parse_route, parse_weights, read_route
 from ..core.runtime import CPU_RUN_ROWS, GPU_PROVIDERS, CoreLock, available_cores, lane_sessions, resolve_providers
-from .batching import MicroBatcher, Prepare
+from .batching import MicroBatcher, Prepare, Run
 from .judge import Judge, JudgeConfig, Scored
 from .metrics import Metrics
 from .paths import FROZEN, TailPaths, graph_runner, run_graph
@@ -175,10 +175,12 @@ class ServingEngine:
             run_graph(lanes[0], IMAGE, EMBEDDING, np.zeros((1, *self.input_size), np.uint8)).shape[1]
         )
         self.metrics = Metrics.get()
-        self.batcher = self._batcher(lanes, solo, IMAGE, EMBEDDING)
-        self.paths = TailPaths(
-            partial(backbone_sessions, config=config), self._batcher, config.providers, config.threads or config.cores
+        self.batcher = self._batcher(
+            [graph_runner(lane, IMAGE, EMBEDDING) for lane in lanes],
+            graph_runner(solo, IMAGE, EMBEDDING) if solo is not None else None,
         )
+        tail_threads = None if _on_gpu(config) else 1  # a tail runs in a lane's pass, as the lane's session does
+        self.paths = TailPaths(partial(backbone_sessions, config=config), self._batcher, config.providers, tail_threads)
         self.heads = HeadRegistry(
             config.state_dir,
             self.embedding_dim,
@@ -186,7 +188,7 @@ class ServingEngine:
             config.providers,
             config.route_poll,
             on_tail=self.paths.admit,
-            tail_threads=config.threads or config.cores,
+            tail_threads=tail_threads,
         )
         route = self.heads.bootstrap(heads, config.weights, backbone.build)
         self.judge = Judge(
@@ -210,14 +212,15 @@ class ServingEngine:
             route.weights,
         )
 
-    def _batcher(self, lanes: list[Any], solo: Any | None, input_name: str, output_name: str) -> MicroBatcher:
-        """A batcher over a graph's sessions (lanes, and a solo session or None), the worker's pass size and locks."""
+    def _batcher(self, lanes: list[Run], solo: Run | None, parts: bool = False) -> MicroBatcher:
+        """A batcher over passes (lanes, and a solo way or None), with the worker's pass size and locks."""
         return MicroBatcher(
-            [graph_runner(session, input_name, output_name) for session in lanes],
+            lanes,
             pass_size(self.config),
             self.metrics.batch.observe,
-            solo=graph_runner(solo, input_name, output_name) if solo is not None else None,
+            solo=solo,
             core_lock=None if _on_gpu(self.config) else CoreLock,
+            parts=parts,
         )
 
     @staticmethod
@@ -308,8 +311,7 @@ class ServingEngine:
             self.metrics.errors.labels("", "", endpoint, reason).inc()
             raise
         answer = await self.resolve(planned.head, planned.version)
-        if self.heads.follow(route):
-            self.paths.forget({head.source.key for head in self.heads.loaded()})
+        self.heads.follow(route)
         shadows = []
         for name, version in planned.shadows:
             try:

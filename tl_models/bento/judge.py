@@ -285,7 +285,7 @@ class Judge:
             for head, _, role in heads:
                 for rid, top in zip(scored.request_ids, tops[head.source.key]):
                     rows.append((rid, head.source.key, role, top[0][0], top[0][1], scored.time))
-            if self.log is not None and scored.path == "":  # the log holds the frozen backbone's embeddings
+            if self.log is not None:
                 logged += [
                     (
                         rid,
@@ -293,6 +293,7 @@ class Judge:
                         scored.embedding[i],
                         scored.answered.source.key,
                         {key: top[i] for key, top in tops.items()},
+                        scored.path,  # whose embeddings they are: the log's path column
                     )
                     for i, rid in enumerate(scored.request_ids)
                     if random.random() < self.config.log_share

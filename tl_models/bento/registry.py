@@ -137,18 +137,17 @@ class HeadRegistry:
         """The loaded head version, or None when this worker has not loaded it yet."""
         return self._loaded.get((name, version))
 
-    def follow(self, route: Route) -> bool:
+    def follow(self, route: Route) -> None:
         """Drop head versions a newer route no longer names, live or shadow (requests in flight keep their
-        reference); whether the route was newer."""
+        reference)."""
         if route.revision == self._revision:
-            return False
+            return
         with self._lock:
             for key in [
                 k for k in self._loaded if route.versions.get(k[0]) != k[1] and f"{k[0]}:{k[1]}" not in route.shadow
             ]:
                 del self._loaded[key]
             self._revision = route.revision
-        return True
 
     # -- admin (each call runs under the catalog lock: changes from all workers are serialised)
 

@@ -5,8 +5,10 @@ Layout of a log folder (the format is numpy shards with a JSON index: no depende
 column is an array a data person loads with ``np.load``):
 
 * ``shard-<utc time>-<pid>-<n>.npz``: one shard per flush, columns ``request_id`` (str), ``time`` (float64,
-  Unix seconds), ``embedding`` (float32 N×D), ``head`` (str, "name:version" that answered) and ``predictions``
-  (str, JSON ``{"name:version": [[label, score], ...]}`` for every head scored on that request);
+  Unix seconds), ``embedding`` (float32 N×D), ``head`` (str, "name:version" that answered), ``predictions``
+  (str, JSON ``{"name:version": [[label, score], ...]}`` for every head scored on that request) and ``path``
+  (str: whose embeddings ``embedding`` is: ``""`` the frozen backbone's, else the fine-tuned version's key whose
+  own tail made them; shards written before the column existed read as ``""``);
 * ``index.json``: the build, backbone sha256, embedding size, and the shards with their record counts, time
   ranges and sizes (written under a lock, so several workers can share one folder);
 * ``feedback.jsonl``: one JSON line per label received: ``{"request_id", "label", "time"}``.
@@ -33,7 +35,8 @@ from .files import atomic_write_bytes, atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("request_id", "time", "embedding", "head", "predictions")  # of every shard (LogRecords.columns)
+COLUMNS = ("request_id", "time", "embedding", "head", "predictions", "path")  # of every shard (LogRecords.columns)
+FROZEN_PATH = ""  # the ``path`` of the frozen backbone's embeddings
 LOG_INDEX = "index.json"
 LOG_FEEDBACK = "feedback.jsonl"
 LOG_FORMAT = 1
@@ -48,6 +51,7 @@ class LogRecords:
     embedding: list[np.ndarray] = field(default_factory=list)
     head: list[str] = field(default_factory=list)
     predictions: list[str] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -59,6 +63,7 @@ class LogRecords:
             "embedding": np.stack(self.embedding).astype(np.float32),
             "head": np.asarray(self.head, dtype=str),
             "predictions": np.asarray(self.predictions, dtype=str),
+            "path": np.asarray(self.path, dtype=str),
         }
 
 
@@ -81,14 +86,17 @@ class EmbeddingLogWriter:
                 )
             atomic_write_json(self.folder / LOG_INDEX, {**index, **facts})
 
-    def add(self, request_id: str, when: float, embedding: np.ndarray, head: str, predictions: dict) -> None:
-        """Buffer one record (written at the next :meth:`flush`)."""
+    def add(
+        self, request_id: str, when: float, embedding: np.ndarray, head: str, predictions: dict, path: str = FROZEN_PATH
+    ) -> None:
+        """Buffer one record (written at the next :meth:`flush`); ``path``: whose embeddings ``embedding`` is."""
         records = self.pending
         records.request_id.append(request_id)
         records.time.append(when)
         records.embedding.append(embedding)
         records.head.append(head)
         records.predictions.append(json.dumps(predictions, separators=(",", ":")))
+        records.path.append(path)
 
     def flush(self) -> int:
         """Write the buffered records as a new shard (nothing when none); deletes the oldest shards past
@@ -155,9 +163,13 @@ class EmbeddingLog:
     columns: dict[str, np.ndarray]
     labels: dict[str, str]
 
-    def labelled(self) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """``(embeddings N×D, labels, times)`` of the records that got feedback."""
-        keep = [i for i, rid in enumerate(self.columns["request_id"]) if str(rid) in self.labels]
+    def labelled(self, path: str = FROZEN_PATH) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """``(embeddings N×D, labels, times)`` of the records of one ``path`` (the frozen backbone's embeddings by
+        default) that got feedback."""
+        paths = self.columns["path"]
+        keep = [
+            i for i, rid in enumerate(self.columns["request_id"]) if str(rid) in self.labels and str(paths[i]) == path
+        ]
         return (
             self.columns["embedding"][keep],
             [self.labels[str(self.columns["request_id"][i])] for i in keep],
@@ -183,7 +195,10 @@ def read_log(folder: str | Path) -> EmbeddingLog:
         if path.is_file():
             try:
                 with np.load(path) as data:
-                    parts.append({key: data[key] for key in COLUMNS})
+                    part = {key: data[key] for key in COLUMNS if key != "path"}
+                    count = len(part["request_id"])
+                    part["path"] = data["path"] if "path" in data.files else np.full(count, FROZEN_PATH, dtype=str)
+                    parts.append(part)
             except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
                 log.warning("skipping damaged shard %s of the embedding log: %s: %s", path, type(exc).__name__, exc)
                 skipped.append(name)
