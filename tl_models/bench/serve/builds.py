@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ...core.errors import UserError
 from ...core.manifest import BuildDir, HeadEntry, Manifest
@@ -87,4 +88,30 @@ def weights_argument(weights_id: str) -> tuple[str, int]:
     raise BenchServeError(
         f"the heads and variant parts add heads to a copy of the build, which needs its weights again; "
         f"{weights_id!r} cannot be reloaded by name: use --heads 0 and no --variant"
+    )
+
+
+def head_into(copy: Path, data: Path, workdir: Path, head: str, epochs: int, fine_tune: Any = None) -> Any:
+    """Train a linear head (a new version of ``head``) on ``data`` into the benchmark's copy of a build, on the
+    build's own backbone and weights (its ``BuildReport``); ``fine_tune``: a ``FineTune`` for a version on the
+    build's trunk."""
+    from ...training.config import FineTune, TrainConfig
+    from ...training.options import BuildOptions
+    from ...training.pipeline import build
+
+    manifest = BuildDir(copy).manifest()
+    weights, seed = weights_argument(manifest.weights)
+    return build(
+        BuildOptions(
+            data=data,
+            out=copy,
+            backbone=manifest.backbone,
+            weights=weights,
+            kind="linear",
+            head=head,
+            train=TrainConfig(epochs=epochs, seed=seed),
+            fine_tune=fine_tune or FineTune(),
+            cache_dir=workdir / "cache",
+            progress=False,
+        )
     )

@@ -15,7 +15,7 @@ from ...core import process
 from ...core.manifest import BuildDir, Manifest
 from ...core.names import ROUTE_FILE
 from ..loadgen import BentoCaller, drive
-from .builds import weights_argument
+from .builds import head_into, weights_argument
 from .loopback import bento_env, measure
 from .options import BenchServeError, ServeBenchOptions
 
@@ -40,31 +40,15 @@ def _heads_build(
     """A copy of the build with at least ``count`` heads (new linear heads trained on ``data``'s cached
     features) and one new version of its first head. Returns the copy, the live version of each head before
     the swap, and the (head, version) to swap in."""
-    from ...training.config import TrainConfig
-    from ...training.options import BuildOptions
-    from ...training.pipeline import build
 
     copy = workdir / "heads-build"
     shutil.copytree(build_dir, copy)
     manifest = BuildDir(copy).manifest()
-    weights, seed = weights_argument(manifest.weights)
     live = manifest.latest_versions()
 
     def add(name: str, epochs: int) -> int:
-        report = build(
-            BuildOptions(
-                data=data,
-                out=copy,
-                backbone=manifest.backbone,
-                weights=weights,
-                kind="linear",
-                head=name,
-                train=TrainConfig(epochs=epochs, seed=seed),
-                cache_dir=workdir / "cache",
-                progress=False,
-            )
-        )
-        return report.head.version
+        version: int = head_into(copy, data, workdir, name, epochs).head.version
+        return version
 
     for index in range(len(live), count):
         progress(f"[bench serve] heads part: training head {index + 1} of {count}")

@@ -30,7 +30,7 @@ from ...core.heads import latest_frozen
 from ...core.manifest import BuildDir
 from ...core.names import BACKBONE_ONNX, ROUTE_FILE, TAIL_ONNX
 from ..loadgen import BentoCaller, Caller
-from .builds import weights_argument
+from .builds import head_into, weights_argument
 from .loopback import bento_env, measure
 from .options import BenchServeError, ServeBenchOptions
 
@@ -62,33 +62,19 @@ def tuned_build(
 ) -> tuple[Path, tuple[str, int], tuple[str, int]]:
     """A copy of the build with head ``tuned`` fine-tuned on its trunk (last ``stages`` stages); the copy, the
     frozen head version to compare with (the first head's latest frozen one) and the tuned one."""
-    from ...training.config import FineTune, TrainConfig
-    from ...training.options import BuildOptions
-    from ...training.pipeline import build
+    from ...training.config import FineTune
 
     manifest = BuildDir(build_dir).manifest()
     if BACKBONE_ONNX not in manifest.top_files:
         raise BenchServeError(f"--variant serves a tuned version beside {build_dir}'s heads: export the build first")
     frozen = latest_frozen(manifest)[0]
-    weights, seed = weights_argument(manifest.weights)
+    weights_argument(manifest.weights)  # a build whose weights cannot be loaded again: refused before the copy
     copy = workdir / "variant-build"
     shutil.copytree(build_dir, copy)
     progress(f"[bench serve] variant part: fine-tuning the last {stages} stage(s) of a head {TUNED_HEAD!r}")
-    report = build(
-        BuildOptions(
-            data=data,
-            out=copy,
-            backbone=manifest.backbone,
-            weights=weights,
-            kind="linear",
-            head=TUNED_HEAD,
-            # a weak stage 1 and a quick stage 2 that beats it, so that the tail is kept (cost, not accuracy)
-            train=TrainConfig(epochs=1, seed=seed),
-            fine_tune=FineTune(stages=stages, lr=3e-5, epochs=2, augment=("crop",)),
-            cache_dir=workdir / "cache",
-            progress=False,
-        )
-    )
+    # a weak stage 1 and a quick stage 2 that beats it, so that the tail is kept (cost, not accuracy)
+    tune = FineTune(stages=stages, lr=3e-5, epochs=2, augment=("crop",))
+    report = head_into(copy, data, workdir, TUNED_HEAD, 1, tune)
     if report.head.tail is None:
         raise BenchServeError(
             f"fine-tuning {manifest.backbone}'s last {stages} stage(s) on {data} did not beat the frozen head, so "
