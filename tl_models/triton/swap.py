@@ -305,6 +305,7 @@ def swap(
         route = _repoint(client, repo, name, head, model, model_dir, old, version, state, weights, undo)
     except BaseException:
         _roll_back(client, undo)
+        _settle(client)  # the rolled-back version's unload leaves Triton not ready for a moment, as a swap's does
         raise
     if old is not None and old != version and old not in _in_use(repo, name, head, route):  # a shadow stays
         _drain(client, model, old, quiet=max(drain, 0.5), timeout=timeout)
