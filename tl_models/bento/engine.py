@@ -444,10 +444,7 @@ class ServingEngine:
             scored, failed = self.judge.shadow(routed.planned, answered, logits, embeddings, routed.shadows)
             for key in failed:
                 self._unroute_shadow(key)
-        scoring = Scored(
-            ids, time.time(), embeddings[answered.path], answered, scored, logits, answered.path, embeddings
-        )
-        self.judge.submit(scoring)
+        self.judge.submit(Scored(ids, time.time(), embeddings[answered.path], answered, scored, logits, embeddings))
         return ids
 
     def _unroute_shadow(self, key: str) -> None:

@@ -93,11 +93,10 @@ class Scored:
 
     request_ids: list[str]
     time: float
-    embedding: np.ndarray  # on the answering head's path
+    embedding: np.ndarray  # on the answering head's path (``answered.path``)
     answered: LoadedHead
     shadows: list[tuple[LoadedHead, np.ndarray]]
     logits: np.ndarray
-    path: str = ""  # the answering head's path (``LoadedHead.path``): "" the frozen backbone's embeddings
     embeddings: dict[str, np.ndarray] | None = None  # every path's embeddings the request computed (None: just one)
 
 
@@ -293,7 +292,7 @@ class Judge:
                         scored.embedding[i],
                         scored.answered.source.key,
                         {key: top[i] for key, top in tops.items()},
-                        scored.path,  # whose embeddings they are: the log's path column
+                        scored.answered.path,  # whose embeddings they are: the log's path column
                     )
                     for i, rid in enumerate(scored.request_ids)
                     if random.random() < self.config.log_share
@@ -302,7 +301,7 @@ class Judge:
             self.store.record(rows)
             self.metrics.recorded.inc(sum(len(s.request_ids) for s in batch))
         for scored in batch:
-            for path, embedding in (scored.embeddings or {scored.path: scored.embedding}).items():
+            for path, embedding in (scored.embeddings or {scored.answered.path: scored.embedding}).items():
                 self._window(path).add(embedding)
         if self.log is not None:
             for record in logged:

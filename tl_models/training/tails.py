@@ -35,7 +35,8 @@ def shared_graphs(stages: int) -> list[str]:
 
 def tail_record(cut: Cut) -> dict:
     """A tuned version's ``tail`` in the manifest: the cut, and the shared graphs its path runs."""
-    return {**cut.record(), "trunk": trunk_onnx(cut.stages), "frozen_tail": frozen_tail_onnx(cut.stages)}
+    trunk, frozen_tail = shared_graphs(cut.stages)
+    return {**cut.record(), "trunk": trunk, "frozen_tail": frozen_tail}
 
 
 def check_trunk_unchanged(frozen: LoadedBackbone, tuned: Cut) -> None:
@@ -64,18 +65,17 @@ def tuned_backbone(build_dir: BuildDir, manifest: Manifest, entry: HeadEntry) ->
     return cut
 
 
-def export_trunk_files(root: Path, manifest: Manifest, frozen: LoadedBackbone, stages: int) -> list[str]:
+def export_trunk_files(root: Path, manifest: Manifest, frozen: LoadedBackbone, stages: int) -> None:
     """``trunk-N.onnx`` and ``tail-N.onnx`` of the frozen backbone under ``root``, unless both are there and in the
-    manifest already; the names written."""
-    names = [trunk_onnx(stages), frozen_tail_onnx(stages)]
+    manifest already."""
+    names = shared_graphs(stages)
     if all(name in manifest.top_files and (root / name).is_file() for name in names):
-        return []
+        return
     cut = cut_backbone(frozen, stages)
     exporter = get_spec(manifest.backbone).onnx_exporter
     meta = {**build_metadata(manifest), "cut": cut.record()}
     export_trunk(cut.trunk, manifest.input_size, root / names[0], meta, exporter)
     export_tail(cut.tail, cut.activation, root / names[1], meta, exporter)
-    return names
 
 
 def trunk_parity(
@@ -83,7 +83,7 @@ def trunk_parity(
 ) -> list[OutputCheck]:
     """``trunk-N.onnx`` then ``tail-N.onnx`` against ``backbone.onnx`` under ``root``, ONNX Runtime on both sides: the
     frozen heads' answers must not depend on whether a server runs the trunk."""
-    trunk, frozen_tail = trunk_onnx(stages), frozen_tail_onnx(stages)
+    trunk, frozen_tail = shared_graphs(stages)
     composed = chain([root / trunk, root / frozen_tail], {"graph": "trunk+tail"})
     largest = parity_inputs(max(batch_sizes), input_size)
     reference = create_session(str(root / BACKBONE_ONNX)).run([EMBEDDING], {IMAGE: largest})[0]
